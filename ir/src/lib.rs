@@ -1,0 +1,19 @@
+//! ringjit's bottom layer: the graph IR, the model DSL that builds it, the reference
+//! interpreter that defines what it means, and HF checkpoints.
+//!
+//! Pipeline order (docs/layout.md): `dsl` → `graph` → `interp`; `config` and `checkpoint`
+//! feed the DSL's sizes and the interpreter's weights.
+
+pub mod dtype;
+pub mod graph;
+pub mod op;
+pub mod param;
+pub mod shape;
+pub mod tensor;
+
+pub use dtype::DType;
+pub use graph::{Graph, IrError, SrcLoc, TensorType, Value};
+pub use op::Op;
+pub use param::ParamSpec;
+pub use shape::{Dim, DimEnv, Shape};
+pub use tensor::Tensor;
