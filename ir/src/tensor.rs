@@ -77,3 +77,69 @@ impl Tensor {
         }
     }
 }
+
+/// Row-major strides (in elements) of a contiguous tensor of `shape`.
+pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+impl Tensor {
+    /// A scalar (shape `[]`) of `dtype` holding `value`: floats rounded to the dtype, ints
+    /// truncated toward zero (saturating, like `as`; i32 to its range), bools `value != 0`.
+    pub fn scalar(dtype: DType, value: f64) -> Tensor {
+        let data = match dtype {
+            d if d.is_float() => Data::F32(vec![d.round(value as f32)]),
+            DType::I32 => Data::I64(vec![value as i32 as i64]),
+            DType::I64 => Data::I64(vec![value as i64]),
+            _ => Data::Bool(vec![value != 0.0]),
+        };
+        Tensor { dtype, shape: Vec::new(), data }
+    }
+
+    /// Row-major strides of this tensor's shape.
+    pub fn strides(&self) -> Vec<usize> {
+        row_major_strides(&self.shape)
+    }
+
+    /// The type as the IR prints it, e.g. `bf16[2, 3]`.
+    pub fn type_str(&self) -> String {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        format!("{}[{}]", self.dtype, dims.join(", "))
+    }
+
+    /// Checks the invariants the constructors establish (the fields are public, so a tensor
+    /// built by hand may break them): the data variant matches the dtype and holds exactly
+    /// `numel` elements. Does not check that floats are rounded to a narrow dtype.
+    pub fn check(&self) -> Result<(), String> {
+        let (kind_ok, len) = match &self.data {
+            Data::F32(v) => (self.dtype.is_float(), v.len()),
+            Data::I64(v) => (self.dtype.is_int(), v.len()),
+            Data::Bool(v) => (self.dtype == DType::Bool, v.len()),
+        };
+        if !kind_ok {
+            return Err(format!("{} tensor holds the wrong kind of data", self.dtype));
+        }
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format!("shape {:?} overflows", self.shape))?;
+        if len != numel {
+            return Err(format!("{} holds {len} elements, expected {numel}", self.type_str()));
+        }
+        Ok(())
+    }
+
+    /// Every element as f64 (bools as 0/1), row-major: for comparisons in tests and tools.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match &self.data {
+            Data::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Data::I64(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::Bool(v) => v.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect(),
+        }
+    }
+}

@@ -1,1 +1,51 @@
-//! placeholder
+//! ringjit's runtime: loads a model (DSL file + config + weights), runs it on a device with
+//! per-sequence inference state, samples tokens and measures speed.
+//!
+//! Devices: `reference` runs the graph through `ir::interp` (the oracle). The Cranelift CPU
+//! backend and the CUDA backend arrive with their own issues; asking for them says so.
+
+pub mod bench;
+pub mod engine;
+pub mod model;
+pub mod sample;
+
+pub use engine::{Device, Engine, State};
+pub use model::{LoadedModel, ModelSpec};
+
+use std::fmt;
+
+/// A runtime error: a message meant for the person at the terminal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Error(pub String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<ir::IrError> for Error {
+    fn from(e: ir::IrError) -> Self {
+        Error(e.to_string())
+    }
+}
+
+impl From<ir::dsl::elab::DslError> for Error {
+    fn from(e: ir::dsl::elab::DslError) -> Self {
+        Error(e.to_string())
+    }
+}
+
+impl From<ir::checkpoint::CheckpointError> for Error {
+    fn from(e: ir::checkpoint::CheckpointError) -> Self {
+        Error(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error(msg.into()))
+}

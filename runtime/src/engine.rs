@@ -1,0 +1,166 @@
+//! Running a model step by step with per-sequence inference state.
+//!
+//! The graph's symbolic dims are `batch`, `seq` (new tokens this step) and `past` (tokens
+//! already in the state). Its `state` inputs (KV caches of softmax layers, [H, d, d] f32 states
+//! of linear layers) are fed from [`State`] and replaced by the step's carried outputs.
+
+use crate::model::LoadedModel;
+use crate::{err, Error, Result};
+use ir::interp::Interpreter;
+use ir::op::{InputKind, Op};
+use ir::{DType, DimEnv, Shape, Tensor};
+use std::collections::HashMap;
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// `ir::interp`: plain loops in f32, the oracle.
+    Reference,
+    /// Cranelift-compiled CPU kernels (issue: CPU backend).
+    Cpu,
+    /// PTX kernels on an NVIDIA GPU (issue: PTX codegen + CUDA runtime).
+    Cuda,
+}
+
+impl Device {
+    /// Parse `--device`. `auto` picks the fastest backend available: today the reference.
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "reference" | "ref" => Ok(Device::Reference),
+            "auto" => Ok(Device::Reference),
+            "cpu" => err("--device cpu: the Cranelift CPU backend is not built yet; use --device reference (or auto)"),
+            "cuda" | "gpu" => err("--device cuda: the PTX/CUDA backend is not built yet; use --device reference (or auto)"),
+            other => err(format!("unknown device `{other}`: expected reference, cpu, cuda or auto")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Reference => "reference",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+struct StateSpec {
+    name: String,
+    dtype: DType,
+    shape: Shape,
+}
+
+/// Inference state of a batch of sequences that all hold `past` tokens.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub batch: usize,
+    pub past: usize,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+pub struct Engine {
+    interp: Interpreter,
+    states: Vec<StateSpec>,
+    pub device: Device,
+    pub vocab: usize,
+}
+
+impl Engine {
+    pub fn new(m: &LoadedModel, device: Device) -> Result<Engine> {
+        if device != Device::Reference {
+            return err(format!("device {device} is not available yet"));
+        }
+        let graph = &m.model.graph;
+        let mut states = Vec::new();
+        let mut has_tokens = false;
+        for &n in &graph.inputs {
+            if let Op::Input { name, kind, dtype, shape } = &graph.node(n).op {
+                match kind {
+                    InputKind::State => states.push(StateSpec { name: name.clone(), dtype: *dtype, shape: shape.clone() }),
+                    InputKind::Data if name == "tokens" => has_tokens = true,
+                    InputKind::Data => return err(format!("the model needs an input `{name}` that the runtime does not provide")),
+                }
+            }
+        }
+        if !has_tokens {
+            return err("the model has no `tokens` input");
+        }
+        let logits = graph.output("logits").ok_or_else(|| Error("the model has no `logits` output".into()))?;
+        let vocab = graph
+            .ty(logits.value)
+            .shape
+            .last()
+            .and_then(|d| d.as_const())
+            .ok_or_else(|| Error("the logits' last dimension (vocabulary) must be fixed".into()))? as usize;
+        let interp = Interpreter::new(graph, &m.weights)?;
+        Ok(Engine { interp, states, device, vocab })
+    }
+
+    /// Fresh state for `batch` sequences: zero linear-attention states, empty KV caches.
+    pub fn new_state(&self, batch: usize) -> Result<State> {
+        let env: DimEnv = [("batch".to_string(), batch as i64), ("past".to_string(), 0)].into();
+        let mut tensors = HashMap::new();
+        for s in &self.states {
+            let shape = ir::shape::eval_shape(&s.shape, &env)
+                .map_err(|e| Error(format!("state `{}`: {e} (states may use only `batch` and `past`)", s.name)))?;
+            tensors.insert(s.name.clone(), Tensor::zeros(s.dtype, shape));
+        }
+        Ok(State { batch, past: 0, tensors })
+    }
+
+    /// Run `seq` new tokens per sequence (`tokens` is [batch, seq] row-major) and advance the
+    /// state; returns the logits [batch, seq, vocab].
+    pub fn step(&self, state: &mut State, tokens: &[i64], seq: usize) -> Result<Tensor> {
+        if tokens.len() != state.batch * seq {
+            return err(format!("{} tokens given for batch {} x {seq}", tokens.len(), state.batch));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.vocab) {
+            return err(format!("token id {t} is outside the vocabulary (0..{})", self.vocab));
+        }
+        let mut inputs = std::mem::take(&mut state.tensors);
+        inputs.insert("tokens".into(), Tensor::from_i64(DType::I64, vec![state.batch, seq], tokens.to_vec()));
+        let result = self.interp.run(&inputs);
+        inputs.remove("tokens");
+        let mut outs = match result {
+            Ok(o) => o,
+            Err(e) => {
+                state.tensors = inputs; // nothing lost on failure
+                return Err(e.into());
+            }
+        };
+        for s in &self.states {
+            let t = outs.remove(&s.name).ok_or_else(|| Error(format!("the step did not carry state `{}`", s.name)))?;
+            inputs.insert(s.name.clone(), t);
+        }
+        state.tensors = inputs;
+        state.past += seq;
+        outs.remove("logits").ok_or_else(|| Error("the step produced no logits".into()))
+    }
+
+    /// Logits [T, vocab] of every position of one sequence. With `decode_from = Some(n)`, the
+    /// first n tokens run as one prefill and the rest one at a time through the state.
+    pub fn forward(&self, tokens: &[i64], decode_from: Option<usize>) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            return err("no tokens");
+        }
+        let n = decode_from.unwrap_or(t);
+        if n == 0 || n > t {
+            return err(format!("--decode-from {n} must be in 1..={t}"));
+        }
+        let mut state = self.new_state(1)?;
+        let mut data = Vec::with_capacity(t * self.vocab);
+        let first = self.step(&mut state, &tokens[..n], n)?;
+        data.extend_from_slice(first.as_f32().expect("logits are f32"));
+        for &tok in &tokens[n..] {
+            let l = self.step(&mut state, &[tok], 1)?;
+            data.extend_from_slice(l.as_f32().expect("logits are f32"));
+        }
+        Ok(Tensor::from_f32(DType::F32, vec![t, self.vocab], data))
+    }
+}
