@@ -44,6 +44,8 @@ config tie_word_embeddings: bool = false;
 config torch_dtype: str = "bfloat16";
 config max_position_embeddings: int = 0;
 config ringjit_decay_convention: str = "A";
+# activations' dtype; by default the checkpoint's. `float32` runs a bf16 checkpoint in f32.
+config ringjit_compute_dtype: str = torch_dtype;
 
 let D = hidden_size;
 let H = num_attention_heads;
@@ -54,7 +56,8 @@ let G = layer_group_size;
 let E = num_experts;
 let K = num_experts_per_tok;
 let eps = rms_norm_eps;
-let dt = dtype(torch_dtype);
+let dt = dtype(torch_dtype);              # weights as stored
+let act = dtype(ringjit_compute_dtype);   # activations, residual stream, KV cache
 let r = int(d * partial_rotary_factor);   # rotary dims, §2.5
 
 require vocab_size > 0 && D > 0 && L > 0 && H > 0 && d > 0, "sizes must be positive";
@@ -70,6 +73,7 @@ require score_function == "sigmoid", "only score_function \"sigmoid\" is defined
 require !linear_silu, "linear_silu = true is not supported (no reference agrees on its meaning, §2.4.2)";
 require !use_bias && !use_qkv_bias, "Ring-linear has no biases; use_bias/use_qkv_bias must be false";
 require is_null(rope_scaling), "rope_scaling (YaRN) is not supported yet; set it to null";
+require act == dt || act == f32, "ringjit_compute_dtype must be the checkpoint's dtype or float32";
 require ringjit_decay_convention == "A" || ringjit_decay_convention == "B", "ringjit_decay_convention must be \"A\" or \"B\"";
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ fn linear_attention(x, l, s0) {
     let og = og * rsqrt(mean(og * og, axis = -1, keepdim = true) + eps);
     let y = reshape(og, [batch, seq, H * d]) * g_norm;
     let gate = sigmoid(cast(x @ transpose(w_g), f32));
-    (cast(y * gate, dt) @ transpose(w_o), s1)
+    (cast(y * gate, act) @ transpose(w_o), s1)
 }
 
 # ---- softmax (GQA) attention, §2.3 --------------------------------------------------------------
@@ -206,7 +210,7 @@ fn softmax_attention(x, l, k_past, v_past) {
     let probs = softmax(where(causal, scores, -inf), -1);
     let o = probs @ cast(unsqueeze(v_all, 2), f32);                     # [batch, Hkv, H/Hkv, seq, d]
     let o = reshape(permute(reshape(o, [batch, H, seq, d]), [0, 2, 1, 3]), [batch, seq, H * d]);
-    (cast(o, dt) @ transpose(w_o), k_all, v_all)
+    (cast(o, act) @ transpose(w_o), k_all, v_all)
 }
 
 # ---- mixture of experts, §2.6 ---------------------------------------------------------------------
@@ -247,16 +251,16 @@ fn moe(x, l) {
     let routed = sum(cast(y, f32) * unsqueeze(permute(combine, [0, 2, 1]), -1), axis = 1);
     if num_shared_experts > 0 {
         let shared = swiglu_mlp(x, "{p}.shared_experts", num_shared_experts * moe_shared_expert_intermediate_size);
-        cast(routed + shared, dt)
+        cast(routed + shared, act)
     } else {
-        cast(routed, dt)
+        cast(routed, act)
     }
 }
 
 # ---- the decoder, §2.1 ----------------------------------------------------------------------------
 
 param embed: dt[vocab_size, D] = "model.word_embeddings.weight";
-let h = take(embed, tokens, axis = 0);                                       # [batch, seq, D]
+let h = cast(take(embed, tokens, axis = 0), act);                                      # [batch, seq, D]
 
 for l in 0..L {
     let pl = "model.layers.{l}";
@@ -265,8 +269,8 @@ for l in 0..L {
     let x = rms_norm(h, ln_in);
     # §1.3: the last layer of every group is softmax attention (and any trailing layers)
     let a = if (l + 1) % G == 0 || l >= L // G * G {
-        state k_cache: dt[batch, Hkv, past, d] = "{pl}.k_cache";
-        state v_cache: dt[batch, Hkv, past, d] = "{pl}.v_cache";
+        state k_cache: act[batch, Hkv, past, d] = "{pl}.k_cache";
+        state v_cache: act[batch, Hkv, past, d] = "{pl}.v_cache";
         let (a, k_all, v_all) = softmax_attention(x, l, k_cache, v_cache);
         carry k_cache = k_all;
         carry v_cache = v_all;

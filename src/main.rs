@@ -140,7 +140,13 @@ struct GenerateArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Prompt token ids, comma separated.
-    #[arg(long, value_name = "IDS", value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+    #[arg(
+        long,
+        value_name = "IDS",
+        value_delimiter = ',',
+        conflicts_with = "prompt",
+        required_unless_present = "prompt"
+    )]
     tokens: Vec<i64>,
     /// Prompt text (needs tokenizer.json in the model folder).
     #[arg(long, value_name = "TEXT")]
@@ -204,7 +210,10 @@ struct BenchArgs {
 }
 
 fn debug_level() -> u32 {
-    std::env::var("RINGJIT_DEBUG").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    std::env::var("RINGJIT_DEBUG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn spinner(msg: &str) -> ProgressBar {
@@ -226,7 +235,10 @@ fn load(model: &ModelArgs, device: &DeviceArgs) -> Result<(LoadedModel, Engine)>
                 eprintln!("ringjit: {n} parameters, {} graph nodes", m.model.graph.node_count());
             }
             if !m.model.unused_config_keys.is_empty() {
-                eprintln!("ringjit: config keys not used: {}", m.model.unused_config_keys.join(", "));
+                eprintln!(
+                    "ringjit: config keys not used: {}",
+                    m.model.unused_config_keys.join(", ")
+                );
             }
         });
     }
@@ -238,8 +250,13 @@ fn load(model: &ModelArgs, device: &DeviceArgs) -> Result<(LoadedModel, Engine)>
 
 /// Write `bytes` to `path` atomically: a temporary file beside it, then a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let res = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
     if res.is_err() {
@@ -251,7 +268,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// A little-endian f32 .npy file (format 1.0).
 fn npy_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_txt = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
@@ -288,17 +309,38 @@ fn cmd_init(a: InitArgs) -> Result<()> {
         bail!("f16 checkpoints are not written; choose --dtype f32 or bf16");
     }
     if let Some(o) = config.as_object_mut() {
-        o.insert("torch_dtype".into(), serde_json::Value::String(if dtype == DType::F32 { "float32" } else { "bfloat16" }.into()));
+        o.insert(
+            "torch_dtype".into(),
+            serde_json::Value::String(if dtype == DType::F32 { "float32" } else { "bfloat16" }.into()),
+        );
     }
     let model = runtime::model::build_model(&config, None)?;
     let params = model.graph.params().map_err(|e| anyhow!(e))?;
-    let total: u64 = params.iter().map(|p| (p.numel() * if p.dtype == DType::F32 && p.name.ends_with("expert_bias") { 4 } else { dtype.size_bytes() }) as u64).sum();
+    let total: u64 = params
+        .iter()
+        .map(|p| {
+            (p.numel()
+                * if p.dtype == DType::F32 && p.name.ends_with("expert_bias") {
+                    4
+                } else {
+                    dtype.size_bytes()
+                }) as u64
+        })
+        .sum();
     let pb = ProgressBar::new(total);
     pb.set_style(
         ProgressStyle::with_template("writing {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})").unwrap(),
     );
     let mut progress = |done: u64, _total: u64| pb.set_position(done);
-    ir::checkpoint::write_checkpoint(&a.out, &config, &params, a.seed, dtype, a.shard_size_mib << 20, &mut progress)?;
+    ir::checkpoint::write_checkpoint(
+        &a.out,
+        &config,
+        &params,
+        a.seed,
+        dtype,
+        a.shard_size_mib << 20,
+        &mut progress,
+    )?;
     pb.finish_and_clear();
     let n: usize = params.iter().map(|p| p.numel()).sum();
     eprintln!(
@@ -321,7 +363,11 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
     let logits = engine.forward(&a.tokens, a.decode_from)?;
     let secs = t0.elapsed().as_secs_f64();
     let data = logits.as_f32().expect("logits are f32");
-    let bytes = if ext == "npy" { npy_bytes(&logits.shape, data) } else { safetensors_bytes("logits", &logits.shape, data)? };
+    let bytes = if ext == "npy" {
+        npy_bytes(&logits.shape, data)
+    } else {
+        safetensors_bytes("logits", &logits.shape, data)?
+    };
     write_atomic(&a.out, &bytes)?;
     eprintln!(
         "wrote {} f32{:?} ({} tokens in {:.3} s on {})",
@@ -342,7 +388,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let prompt: Vec<i64> = match (&a.prompt, &tokenizer) {
         (Some(text), Some(tok)) => {
-            let enc = tok.encode(text.as_str(), false).map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
+            let enc = tok
+                .encode(text.as_str(), false)
+                .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
             enc.get_ids().iter().map(|&i| i as i64).collect()
         }
         (Some(_), None) => bail!(
@@ -354,7 +402,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let sampling = Sampling { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k };
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+    };
     if !(0.0..=1.0).contains(&a.top_p) || a.top_p == 0.0 {
         bail!("--top-p must be in (0, 1]");
     }
@@ -428,8 +480,24 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (m, engine) = load(&a.model, &a.device)?;
     let reference = engine.device == Device::Reference;
     let cfg = BenchConfig {
-        prefill: if a.prefill.is_empty() { if reference { vec![128, 512] } else { vec![4096, 16384] } } else { a.prefill.clone() },
-        decode_batch: if a.decode_batch.is_empty() { if reference { vec![1, 8] } else { vec![1, 64] } } else { a.decode_batch.clone() },
+        prefill: if a.prefill.is_empty() {
+            if reference {
+                vec![128, 512]
+            } else {
+                vec![4096, 16384]
+            }
+        } else {
+            a.prefill.clone()
+        },
+        decode_batch: if a.decode_batch.is_empty() {
+            if reference {
+                vec![1, 8]
+            } else {
+                vec![1, 64]
+            }
+        } else {
+            a.decode_batch.clone()
+        },
         context: a.context.unwrap_or(if reference { 128 } else { 2048 }),
         steps: a.steps,
         repeats: a.repeats,
@@ -443,8 +511,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let report = bench::run(&engine, &cfg, &mut |what| pb.set_message(what.to_string()))?;
     pb.finish_and_clear();
     let params = m.param_count().unwrap_or(0);
-    println!("ringjit bench: {} on {} [{}], {} parameters", m.source, engine.device, device_name, params);
-    println!("{:<28} {:>12} {:>12} {:>12} {:>14}", "what", "median", "min", "max", "tokens/s");
+    println!(
+        "ringjit bench: {} on {} [{}], {} parameters",
+        m.source, engine.device, device_name, params
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>12} {:>14}",
+        "what", "median", "min", "max", "tokens/s"
+    );
     for p in &report.prefill {
         println!(
             "{:<28} {:>10.3} s {:>10.3} s {:>10.3} s {:>14.1}",

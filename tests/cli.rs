@@ -8,7 +8,16 @@ use runtime::{Device, Engine};
 
 #[test]
 fn generate_streams_tokens_on_the_tiny_config() {
-    let out = run_ok(ringjit().args(["generate", "--config", "tiny", "--tokens", "1,2,3", "--max-new-tokens", "8", "--ignore-eos"]));
+    let out = run_ok(ringjit().args([
+        "generate",
+        "--config",
+        "tiny",
+        "--tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+    ]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let ids: Vec<i64> = stdout.split_whitespace().map(|s| s.parse().unwrap()).collect();
     assert_eq!(ids.len(), 8, "{stdout}");
@@ -17,7 +26,11 @@ fn generate_streams_tokens_on_the_tiny_config() {
     assert!(stderr.contains("tok/s"), "{stderr}");
 
     // greedy generation is the argmax chain of the library's own forward
-    let m = LoadedModel::load(&ModelSpec { config: Some("tiny".into()), ..Default::default() }).unwrap();
+    let m = LoadedModel::load(&ModelSpec {
+        config: Some("tiny".into()),
+        ..Default::default()
+    })
+    .unwrap();
     let e = Engine::new(&m, Device::Reference).unwrap();
     let mut seq = vec![1i64, 2, 3];
     for &want in &ids {
@@ -28,7 +41,22 @@ fn generate_streams_tokens_on_the_tiny_config() {
     }
 
     // sampling is seeded: same seed, same tokens
-    let args = ["generate", "--config", "tiny", "--tokens", "5", "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "20", "--ignore-eos", "--seed", "4"];
+    let args = [
+        "generate",
+        "--config",
+        "tiny",
+        "--tokens",
+        "5",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "20",
+        "--ignore-eos",
+        "--seed",
+        "4",
+    ];
     let a = run_ok(ringjit().args(args));
     let b = run_ok(ringjit().args(args));
     assert_eq!(a.stdout, b.stdout);
@@ -38,35 +66,82 @@ fn generate_streams_tokens_on_the_tiny_config() {
 fn forward_writes_npy_and_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
     let npy = tmp.path().join("l.npy");
-    run_ok(ringjit().args(["forward", "--config", "tiny", "--tokens", "3,17,5,9", "--out"]).arg(&npy));
+    run_ok(
+        ringjit()
+            .args(["forward", "--config", "tiny", "--tokens", "3,17,5,9", "--out"])
+            .arg(&npy),
+    );
     let (shape, data) = read_npy(&npy);
     assert_eq!(shape, vec![4, 256]);
-    let m = LoadedModel::load(&ModelSpec { config: Some("tiny".into()), ..Default::default() }).unwrap();
+    let m = LoadedModel::load(&ModelSpec {
+        config: Some("tiny".into()),
+        ..Default::default()
+    })
+    .unwrap();
     let e = Engine::new(&m, Device::Reference).unwrap();
     let lib = e.forward(&[3, 17, 5, 9], None).unwrap();
     assert_eq!(data, lib.as_f32().unwrap());
 
     let st = tmp.path().join("l.safetensors");
-    run_ok(ringjit().args(["forward", "--config", "tiny", "--tokens", "3,17,5,9", "--decode-from", "2", "--out"]).arg(&st));
+    run_ok(
+        ringjit()
+            .args([
+                "forward",
+                "--config",
+                "tiny",
+                "--tokens",
+                "3,17,5,9",
+                "--decode-from",
+                "2",
+                "--out",
+            ])
+            .arg(&st),
+    );
     let bytes = std::fs::read(&st).unwrap();
     let f = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = f.tensor("logits").unwrap();
     assert_eq!(t.shape(), &[4, 256]);
-    let dec: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    check("decode-from 2 vs forward", &dec, lib.as_f32().unwrap(), Tol::F32.model()).unwrap();
+    let dec: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    check(
+        "decode-from 2 vs forward",
+        &dec,
+        lib.as_f32().unwrap(),
+        Tol::F32.model(),
+    )
+    .unwrap();
 }
 
 #[test]
 fn init_writes_a_checkpoint_that_loads_back() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ckpt");
-    run_ok(ringjit().args(["init", "--config", "tiny", "--seed", "4", "--out"]).arg(&dir));
+    run_ok(
+        ringjit()
+            .args(["init", "--config", "tiny", "--seed", "4", "--out"])
+            .arg(&dir),
+    );
     assert!(dir.join("config.json").exists() && dir.join("model.safetensors").exists());
     // same seed: the checkpoint computes what the in-memory random weights compute
     let a = tmp.path().join("a.npy");
     let b = tmp.path().join("b.npy");
-    run_ok(ringjit().args(["forward", "--model"]).arg(&dir).args(["--tokens", "1,2,3", "--out"]).arg(&a));
-    run_ok(ringjit().args(["forward", "--config", "tiny", "--seed", "4", "--tokens", "1,2,3", "--out"]).arg(&b));
+    run_ok(
+        ringjit()
+            .args(["forward", "--model"])
+            .arg(&dir)
+            .args(["--tokens", "1,2,3", "--out"])
+            .arg(&a),
+    );
+    run_ok(
+        ringjit()
+            .args([
+                "forward", "--config", "tiny", "--seed", "4", "--tokens", "1,2,3", "--out",
+            ])
+            .arg(&b),
+    );
     assert_eq!(read_npy(&a), read_npy(&b));
     // writing over an existing checkpoint is refused and loses nothing
     let e = run_err(ringjit().args(["init", "--config", "tiny", "--out"]).arg(&dir));
@@ -74,9 +149,28 @@ fn init_writes_a_checkpoint_that_loads_back() {
     assert!(dir.join("model.safetensors").exists());
     // bf16, sharded
     let dir2 = tmp.path().join("bf16");
-    run_ok(ringjit().args(["init", "--config", "tiny", "--dtype", "bf16", "--shard-size-mib", "0", "--out"]).arg(&dir2));
+    run_ok(
+        ringjit()
+            .args([
+                "init",
+                "--config",
+                "tiny",
+                "--dtype",
+                "bf16",
+                "--shard-size-mib",
+                "0",
+                "--out",
+            ])
+            .arg(&dir2),
+    );
     assert!(dir2.join("model.safetensors.index.json").exists());
-    run_ok(ringjit().args(["forward", "--model"]).arg(&dir2).args(["--tokens", "7", "--out"]).arg(tmp.path().join("c.npy")));
+    run_ok(
+        ringjit()
+            .args(["forward", "--model"])
+            .arg(&dir2)
+            .args(["--tokens", "7", "--out"])
+            .arg(tmp.path().join("c.npy")),
+    );
 }
 
 #[test]
@@ -89,8 +183,18 @@ fn mismatched_checkpoints_name_every_tensor() {
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["intermediate_size"] = 96.into();
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
-    let e = run_err(ringjit().args(["forward", "--model"]).arg(&dir).args(["--tokens", "1", "--out"]).arg(tmp.path().join("x.npy")));
-    for name in ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"] {
+    let e = run_err(
+        ringjit()
+            .args(["forward", "--model"])
+            .arg(&dir)
+            .args(["--tokens", "1", "--out"])
+            .arg(tmp.path().join("x.npy")),
+    );
+    for name in [
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ] {
         assert!(e.contains(name), "{name} not named in: {e}");
     }
     assert!(e.contains("96"), "{e}");
@@ -102,7 +206,13 @@ fn mismatched_checkpoints_name_every_tensor() {
     let len = std::fs::metadata(&st).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&st).unwrap();
     f.set_len(len / 2).unwrap();
-    let e = run_err(ringjit().args(["forward", "--model"]).arg(&dir).args(["--tokens", "1", "--out"]).arg(tmp.path().join("x.npy")));
+    let e = run_err(
+        ringjit()
+            .args(["forward", "--model"])
+            .arg(&dir)
+            .args(["--tokens", "1", "--out"])
+            .arg(tmp.path().join("x.npy")),
+    );
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
@@ -111,14 +221,38 @@ fn bad_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.npy");
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["forward", "--config", "nope", "--tokens", "1"], "unknown config `nope`"),
-        (vec!["forward", "--config", "tiny", "--tokens", "1", "--device", "cpu"], "--device cpu"),
-        (vec!["forward", "--config", "tiny", "--tokens", "1", "--device", "cuda"], "--device cuda"),
-        (vec!["forward", "--config", "tiny", "--tokens", "999"], "token id 999 is outside the vocabulary"),
-        (vec!["forward", "--config", "tiny", "--tokens", "1,2", "--decode-from", "3"], "--decode-from 3"),
-        (vec!["forward", "--config", "tiny", "--tokens", "1", "--set", "n_group=3"], "requirement failed"),
-        (vec!["generate", "--config", "tiny", "--prompt", "hello"], "needs a tokenizer"),
-        (vec!["forward", "--model", "/nonexistent/dir", "--tokens", "1"], "/nonexistent/dir"),
+        (
+            vec!["forward", "--config", "nope", "--tokens", "1"],
+            "unknown config `nope`",
+        ),
+        (
+            vec!["forward", "--config", "tiny", "--tokens", "1", "--device", "cpu"],
+            "--device cpu",
+        ),
+        (
+            vec!["forward", "--config", "tiny", "--tokens", "1", "--device", "cuda"],
+            "--device cuda",
+        ),
+        (
+            vec!["forward", "--config", "tiny", "--tokens", "999"],
+            "token id 999 is outside the vocabulary",
+        ),
+        (
+            vec!["forward", "--config", "tiny", "--tokens", "1,2", "--decode-from", "3"],
+            "--decode-from 3",
+        ),
+        (
+            vec!["forward", "--config", "tiny", "--tokens", "1", "--set", "n_group=3"],
+            "requirement failed",
+        ),
+        (
+            vec!["generate", "--config", "tiny", "--prompt", "hello"],
+            "needs a tokenizer",
+        ),
+        (
+            vec!["forward", "--model", "/nonexistent/dir", "--tokens", "1"],
+            "/nonexistent/dir",
+        ),
     ];
     for (args, expect) in cases {
         let mut cmd = ringjit();
@@ -143,8 +277,15 @@ fn bad_input_gets_a_clear_error() {
 fn graph_and_bench_commands() {
     let out = run_ok(ringjit().args(["graph", "--config", "tiny"]));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("scan") && text.contains("output \"logits\""), "{}", &text[..text.len().min(400)]);
-    assert!(text.contains("models/ring_linear.ring:"), "nodes carry their DSL location");
+    assert!(
+        text.contains("scan") && text.contains("output \"logits\""),
+        "{}",
+        &text[..text.len().min(400)]
+    );
+    assert!(
+        text.contains("models/ring_linear.ring:"),
+        "nodes carry their DSL location"
+    );
     let out = run_ok(ringjit().args(["graph", "--config", "tiny", "--format", "dot"]));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("digraph"));
 
@@ -152,11 +293,29 @@ fn graph_and_bench_commands() {
     let json = tmp.path().join("b.json");
     let out = run_ok(
         ringjit()
-            .args(["bench", "--config", "tiny", "--prefill", "8", "--decode-batch", "1,2", "--context", "4", "--steps", "2", "--repeats", "1", "--json"])
+            .args([
+                "bench",
+                "--config",
+                "tiny",
+                "--prefill",
+                "8",
+                "--decode-batch",
+                "1,2",
+                "--context",
+                "4",
+                "--steps",
+                "2",
+                "--repeats",
+                "1",
+                "--json",
+            ])
             .arg(&json),
     );
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("prefill 8 tok") && table.contains("decode batch 2"), "{table}");
+    assert!(
+        table.contains("prefill 8 tok") && table.contains("decode batch 2"),
+        "{table}"
+    );
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(j["decode"].as_array().unwrap().len(), 2);
     assert!(j["prefill"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);

@@ -20,7 +20,10 @@ pub fn python() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = root().join(".venv/bin/python");
-    assert!(p.exists(), "no Python with numpy: run ./scripts/setup.sh (or set RINGJIT_PYTHON)");
+    assert!(
+        p.exists(),
+        "no Python with numpy: run ./scripts/setup.sh (or set RINGJIT_PYTHON)"
+    );
     p
 }
 
@@ -93,8 +96,15 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     assert!(header.contains("'<f4'"), "{header}");
     assert!(header.contains("'fortran_order': False"), "{header}");
     let shape_txt = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape: Vec<usize> = shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
-    let data: Vec<f32> = b[start + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let shape: Vec<usize> = shape_txt
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let data: Vec<f32> = b[start + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     assert_eq!(data.len(), shape.iter().product::<usize>());
     (shape, data)
 }

@@ -16,7 +16,12 @@ use runtime::{Device, Engine};
 use std::collections::HashMap;
 
 fn engine(name: &str) -> Engine {
-    let m = LoadedModel::load(&ModelSpec { config: Some(name.into()), seed: 3, ..Default::default() }).unwrap();
+    let m = LoadedModel::load(&ModelSpec {
+        config: Some(name.into()),
+        seed: 3,
+        ..Default::default()
+    })
+    .unwrap();
     Engine::new(&m, Device::Reference).unwrap()
 }
 
@@ -41,9 +46,11 @@ fn every_config_elaborates_with_the_spec_sizes() {
             .inputs
             .iter()
             .filter_map(|&i| match &m.graph.node(i).op {
-                Op::Input { name, kind: InputKind::State, .. } if name.ends_with(".k_cache") => {
-                    name.split('.').nth(2).and_then(|l| l.parse().ok())
-                }
+                Op::Input {
+                    name,
+                    kind: InputKind::State,
+                    ..
+                } if name.ends_with(".k_cache") => name.split('.').nth(2).and_then(|l| l.parse().ok()),
                 _ => None,
             })
             .collect();
@@ -52,21 +59,39 @@ fn every_config_elaborates_with_the_spec_sizes() {
     }
     // a real checkpoint's extra keys are accepted and reported as unused
     let mini = model(&config("ring-mini-linear-2.0", &[]));
-    assert!(mini.unused_config_keys.contains(&"auto_map".to_string()), "{:?}", mini.unused_config_keys);
+    assert!(
+        mini.unused_config_keys.contains(&"auto_map".to_string()),
+        "{:?}",
+        mini.unused_config_keys
+    );
 }
 
 /// λ_h = exp(−base_h·f(l)) for power-of-two H (spec §2.4.4), computed here independently.
 fn decay(h: usize, n_heads: usize, l: usize, n_layers: usize, conv: &str) -> f64 {
     let base = 2f64.powf(-8.0 * (h as f64 + 1.0) / n_heads as f64);
     let (l, nl) = (l as f64, n_layers as f64);
-    let f = if conv == "A" { 1.0 - l / (nl - 1.0) + 1e-5 } else { 1.0 - (l - 1.0) / (nl - 1.0) + 1e-5 };
+    let f = if conv == "A" {
+        1.0 - l / (nl - 1.0) + 1e-5
+    } else {
+        1.0 - (l - 1.0) / (nl - 1.0) + 1e-5
+    };
     (-base * f).exp()
 }
 
 /// Spec §4.3 chunked form in f64: per head, chunk n of length c ≤ C,
 /// O = ((Q Kᵀ) ⊙ M) V + diag(λ^{i+1}) Q S,   S ← λ^c S + (diag(λ^{c−1−j}) K)ᵀ V.
 #[allow(clippy::too_many_arguments)]
-fn chunked(q: &[f32], k: &[f32], v: &[f32], s0: &[f32], lam: &[f64], t: usize, h: usize, d: usize, chunk: usize) -> (Vec<f64>, Vec<f64>) {
+fn chunked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s0: &[f32],
+    lam: &[f64],
+    t: usize,
+    h: usize,
+    d: usize,
+    chunk: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let at = |x: &[f32], tt: usize, hh: usize, i: usize| x[(tt * h + hh) * d + i] as f64;
     let mut o = vec![0.0; t * h * d];
     let mut s: Vec<f64> = s0.iter().map(|&x| x as f64).collect();
@@ -112,16 +137,33 @@ fn lightning_scan_equals_the_chunked_closed_form() {
     let g = model(&cfg).graph;
     let (h, d, n_layers, layer) = (4usize, 16usize, 6usize, 3usize);
     // the model's own scan (a linear layer's recurrence), lifted into a graph of its own
-    let scan = g.g.node_indices().find(|&n| matches!(g.node(n).op, Op::Scan { .. })).expect("the model has a scan");
+    let scan =
+        g.g.node_indices()
+            .find(|&n| matches!(g.node(n).op, Op::Scan { .. }))
+            .expect("the model has a scan");
     let operands = g.operands(scan);
-    assert_eq!(operands.len(), 5, "scan operands: state, q, k, v, and the captured decay");
+    assert_eq!(
+        operands.len(),
+        5,
+        "scan operands: state, q, k, v, and the captured decay"
+    );
     let mut t = Graph::new();
     let args: Vec<Value> = operands
         .iter()
         .enumerate()
         .map(|(i, v)| {
             let ty = g.ty(*v);
-            t.add1(Op::Input { name: format!("in{i}"), kind: InputKind::Data, dtype: ty.dtype, shape: ty.shape.clone() }, &[], None).unwrap()
+            t.add1(
+                Op::Input {
+                    name: format!("in{i}"),
+                    kind: InputKind::Data,
+                    dtype: ty.dtype,
+                    shape: ty.shape.clone(),
+                },
+                &[],
+                None,
+            )
+            .unwrap()
         })
         .collect();
     let outs = t.add(g.node(scan).op.clone(), &args, None).unwrap();
@@ -135,13 +177,21 @@ fn lightning_scan_equals_the_chunked_closed_form() {
     for conv in ["A", "B"] {
         for seq in [37usize, 16, 1] {
             let lam: Vec<f64> = (0..h).map(|hh| decay(hh, h, layer, n_layers, conv)).collect();
-            let (q, k, v, s0) = (rand_vec(seq * h * d), rand_vec(seq * h * d), rand_vec(seq * h * d), rand_vec(h * d * d));
+            let (q, k, v, s0) = (
+                rand_vec(seq * h * d),
+                rand_vec(seq * h * d),
+                rand_vec(seq * h * d),
+                rand_vec(h * d * d),
+            );
             let inputs: HashMap<String, Tensor> = [
                 ("in0", Tensor::from_f32(DType::F32, vec![1, h, d, d], s0.clone())),
                 ("in1", Tensor::from_f32(DType::F32, vec![1, seq, h, d], q.clone())),
                 ("in2", Tensor::from_f32(DType::F32, vec![1, seq, h, d], k.clone())),
                 ("in3", Tensor::from_f32(DType::F32, vec![1, seq, h, d], v.clone())),
-                ("in4", Tensor::from_f32(DType::F32, vec![h, 1, 1], lam.iter().map(|&x| x as f32).collect())),
+                (
+                    "in4",
+                    Tensor::from_f32(DType::F32, vec![h, 1, 1], lam.iter().map(|&x| x as f32).collect()),
+                ),
             ]
             .into_iter()
             .map(|(n, t)| (n.to_string(), t))
@@ -150,8 +200,20 @@ fn lightning_scan_equals_the_chunked_closed_form() {
             let (o_ref, s_ref) = chunked(&q, &k, &v, &s0, &lam, seq, h, d, 16);
             let o_ref: Vec<f32> = o_ref.iter().map(|&x| x as f32).collect();
             let s_ref: Vec<f32> = s_ref.iter().map(|&x| x as f32).collect();
-            check(&format!("scan output, T={seq}, {conv}"), r["o"].as_f32().unwrap(), &o_ref, Tol::F32.op()).unwrap();
-            check(&format!("scan final state, T={seq}, {conv}"), r["state"].as_f32().unwrap(), &s_ref, Tol::F32.op()).unwrap();
+            check(
+                &format!("scan output, T={seq}, {conv}"),
+                r["o"].as_f32().unwrap(),
+                &o_ref,
+                Tol::F32.op(),
+            )
+            .unwrap();
+            check(
+                &format!("scan final state, T={seq}, {conv}"),
+                r["state"].as_f32().unwrap(),
+                &s_ref,
+                Tol::F32.op(),
+            )
+            .unwrap();
         }
     }
 }
@@ -163,7 +225,13 @@ fn prefill_then_decode_equals_forward() {
     let full = e.forward(&tokens, None).unwrap();
     for n in [37, 1, 41] {
         let dec = e.forward(&tokens, Some(n)).unwrap();
-        check(&format!("tiny prefill {n} + decode"), dec.as_f32().unwrap(), full.as_f32().unwrap(), Tol::F32.model()).unwrap();
+        check(
+            &format!("tiny prefill {n} + decode"),
+            dec.as_f32().unwrap(),
+            full.as_f32().unwrap(),
+            Tol::F32.model(),
+        )
+        .unwrap();
     }
     // chunks of prefill through the state (continued prefill) give the same logits too
     let mut st = e.new_state(1).unwrap();
@@ -178,7 +246,13 @@ fn prefill_then_decode_equals_forward() {
     let tokens = random_tokens(2, 12, e.vocab);
     let full = e.forward(&tokens, None).unwrap();
     let dec = e.forward(&tokens, Some(8)).unwrap();
-    check("small prefill 8 + decode 4", dec.as_f32().unwrap(), full.as_f32().unwrap(), Tol::BF16.model()).unwrap();
+    check(
+        "small prefill 8 + decode 4",
+        dec.as_f32().unwrap(),
+        full.as_f32().unwrap(),
+        Tol::BF16.model(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -192,15 +266,33 @@ fn batched_sequences_are_independent() {
     let la = e.forward(&a, None).unwrap();
     let lb = e.forward(&b, None).unwrap();
     let half = 9 * e.vocab;
-    check("batch row 0", &l.as_f32().unwrap()[..half], la.as_f32().unwrap(), Tol::F32.model()).unwrap();
-    check("batch row 1", &l.as_f32().unwrap()[half..], lb.as_f32().unwrap(), Tol::F32.model()).unwrap();
+    check(
+        "batch row 0",
+        &l.as_f32().unwrap()[..half],
+        la.as_f32().unwrap(),
+        Tol::F32.model(),
+    )
+    .unwrap();
+    check(
+        "batch row 1",
+        &l.as_f32().unwrap()[half..],
+        lb.as_f32().unwrap(),
+        Tol::F32.model(),
+    )
+    .unwrap();
 }
 
 /// Values labelled `label` by the DSL (`let label = ...`), first one (layer 1's MoE) first.
 fn labelled(g: &Graph, label: &str, port: u32) -> Value {
-    let mut nodes: Vec<_> = g.g.node_indices().filter(|&n| g.node(n).label.as_deref() == Some(label)).collect();
+    let mut nodes: Vec<_> =
+        g.g.node_indices()
+            .filter(|&n| g.node(n).label.as_deref() == Some(label))
+            .collect();
     nodes.sort();
-    Value { node: *nodes.first().unwrap_or_else(|| panic!("no node labelled {label}")), port }
+    Value {
+        node: *nodes.first().unwrap_or_else(|| panic!("no node labelled {label}")),
+        port,
+    }
 }
 
 #[test]
@@ -220,20 +312,42 @@ fn moe_routing_matches_an_independent_implementation() {
     let run = |bias: Option<Vec<f32>>| {
         let mut replace = HashMap::new();
         if let Some(b) = bias {
-            replace.insert("model.layers.1.mlp.gate.expert_bias".to_string(), Tensor::from_f32(DType::F32, vec![e], b));
+            replace.insert(
+                "model.layers.1.mlp.gate.expert_bias".to_string(),
+                Tensor::from_f32(DType::F32, vec![e], b),
+            );
         }
-        let src = Patched { base: RandomWeights { seed: 8 }, replace };
+        let src = Patched {
+            base: RandomWeights { seed: 8 },
+            replace,
+        };
         let interp = Interpreter::new(&g, &src).unwrap();
         let mut inputs = HashMap::new();
-        inputs.insert("tokens".to_string(), Tensor::from_i64(DType::I64, vec![1, tokens.len()], tokens.clone()));
+        inputs.insert(
+            "tokens".to_string(),
+            Tensor::from_i64(DType::I64, vec![1, tokens.len()], tokens.clone()),
+        );
         for &i in &g.inputs {
-            if let Op::Input { name, kind: InputKind::State, dtype, shape } = &g.node(i).op {
+            if let Op::Input {
+                name,
+                kind: InputKind::State,
+                dtype,
+                shape,
+            } = &g.node(i).op
+            {
                 let env = [("batch".to_string(), 1i64), ("past".to_string(), 0)].into();
-                inputs.insert(name.clone(), Tensor::zeros(*dtype, ir::shape::eval_shape(shape, &env).unwrap()));
+                inputs.insert(
+                    name.clone(),
+                    Tensor::zeros(*dtype, ir::shape::eval_shape(shape, &env).unwrap()),
+                );
             }
         }
         let r = interp.run(&inputs).unwrap();
-        (r["probs"].as_f32().unwrap().to_vec(), r["chosen"].as_i64().unwrap().to_vec(), r["weights"].as_f32().unwrap().to_vec())
+        (
+            r["probs"].as_f32().unwrap().to_vec(),
+            r["chosen"].as_i64().unwrap().to_vec(),
+            r["weights"].as_f32().unwrap().to_vec(),
+        )
     };
 
     let bias: Vec<f32> = {
@@ -261,26 +375,49 @@ fn moe_routing_matches_an_independent_implementation() {
             })
             .collect();
         let kept: Vec<usize> = order(&group_scores).into_iter().take(topk_group).collect();
-        let masked: Vec<f64> = (0..e).map(|x| if kept.contains(&(x / per)) { biased[x] } else { f64::NEG_INFINITY }).collect();
+        let masked: Vec<f64> = (0..e)
+            .map(|x| {
+                if kept.contains(&(x / per)) {
+                    biased[x]
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
+            .collect();
         let expect: Vec<i64> = order(&masked).into_iter().take(k).map(|x| x as i64).collect();
         let got = &c1[t * k..(t + 1) * k];
         assert_eq!(got, expect.as_slice(), "token {t}: chosen experts");
         for &x in got {
-            assert!(kept.contains(&(x as usize / per)), "token {t}: expert {x} from a dropped group");
+            assert!(
+                kept.contains(&(x as usize / per)),
+                "token {t}: expert {x} from a dropped group"
+            );
         }
         if order(&biased)[..k].iter().map(|&x| x as i64).collect::<Vec<_>>() != expect {
             group_limit_mattered += 1;
         }
         // weights from the unbiased probabilities, normalised and scaled (spec §2.6)
         let sum: f64 = got.iter().map(|&x| probs[x as usize] as f64).sum();
-        let w_expect: Vec<f32> = got.iter().map(|&x| (rsf * probs[x as usize] as f64 / (sum + 1e-20)) as f32).collect();
-        check(&format!("token {t} weights"), &w1[t * k..(t + 1) * k], &w_expect, Tol::F32.op()).unwrap();
+        let w_expect: Vec<f32> = got
+            .iter()
+            .map(|&x| (rsf * probs[x as usize] as f64 / (sum + 1e-20)) as f32)
+            .collect();
+        check(
+            &format!("token {t} weights"),
+            &w1[t * k..(t + 1) * k],
+            &w_expect,
+            Tol::F32.op(),
+        )
+        .unwrap();
         if c0[t * k..(t + 1) * k] != *got {
             differs += 1;
         }
     }
     assert!(differs > 0, "a non-zero expert bias never changed the selection");
-    assert!(group_limit_mattered > 0, "the group limit never mattered: the test proves nothing");
+    assert!(
+        group_limit_mattered > 0,
+        "the group limit never mattered: the test proves nothing"
+    );
 }
 
 #[test]
@@ -293,7 +430,10 @@ fn config_mistakes_are_named() {
 
     let c = config("tiny", &[("num_experts", 10.into())]);
     let e = runtime::model::build_model(&c, None).unwrap_err().to_string();
-    assert!(e.contains("requirement failed: num_experts (10) must be divisible by n_group (4)"), "{e}");
+    assert!(
+        e.contains("requirement failed: num_experts (10) must be divisible by n_group (4)"),
+        "{e}"
+    );
 
     let c = config("tiny", &[("ringjit_decay_convention", "C".into())]);
     let e = runtime::model::build_model(&c, None).unwrap_err().to_string();
@@ -301,9 +441,15 @@ fn config_mistakes_are_named() {
 
     let c = config("tiny", &[("hidden_size", "wide".into())]);
     let e = runtime::model::build_model(&c, None).unwrap_err().to_string();
-    assert!(e.contains("config.json's `hidden_size` must be an integer, found \"wide\""), "{e}");
+    assert!(
+        e.contains("config.json's `hidden_size` must be an integer, found \"wide\""),
+        "{e}"
+    );
 
-    let c = config("tiny", &[("rope_scaling", serde_json::json!({"type": "yarn", "factor": 4.0}))]);
+    let c = config(
+        "tiny",
+        &[("rope_scaling", serde_json::json!({"type": "yarn", "factor": 4.0}))],
+    );
     let e = runtime::model::build_model(&c, None).unwrap_err().to_string();
     assert!(e.contains("rope_scaling (YaRN) is not supported"), "{e}");
 }

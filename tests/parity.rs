@@ -36,7 +36,11 @@ fn tiny_matches_numpy_reference_in_both_decay_conventions() {
         let params = model(&cfg).graph.params().unwrap();
         ir::checkpoint::write_checkpoint(&dir, &cfg, &params, 11, ir::DType::F32, 1 << 30, &mut |_, _| {}).unwrap();
 
-        let m = LoadedModel::load(&ModelSpec { dir: Some(dir.clone()), ..Default::default() }).unwrap();
+        let m = LoadedModel::load(&ModelSpec {
+            dir: Some(dir.clone()),
+            ..Default::default()
+        })
+        .unwrap();
         let engine = Engine::new(&m, Device::Reference).unwrap();
         let ours_full = engine.forward(&tokens, None).unwrap();
         let ours_dec = engine.forward(&tokens, Some(20)).unwrap();
@@ -44,13 +48,34 @@ fn tiny_matches_numpy_reference_in_both_decay_conventions() {
         let ref_dec = reference_logits(&dir, &tokens, Some(20));
 
         let ours_full = ours_full.as_f32().unwrap();
-        check(&format!("forward vs reference ({conv})"), ours_full, &ref_full, Tol::F32.model()).unwrap();
-        check(&format!("prefill+decode vs reference ({conv})"), ours_dec.as_f32().unwrap(), &ref_dec, Tol::F32.model()).unwrap();
-        check(&format!("reference's own paths ({conv})"), &ref_dec, &ref_full, Tol::F32.model()).unwrap();
+        check(
+            &format!("forward vs reference ({conv})"),
+            ours_full,
+            &ref_full,
+            Tol::F32.model(),
+        )
+        .unwrap();
+        check(
+            &format!("prefill+decode vs reference ({conv})"),
+            ours_dec.as_f32().unwrap(),
+            &ref_dec,
+            Tol::F32.model(),
+        )
+        .unwrap();
+        check(
+            &format!("reference's own paths ({conv})"),
+            &ref_dec,
+            &ref_full,
+            Tol::F32.model(),
+        )
+        .unwrap();
         full_by_conv.push(ours_full.to_vec());
     }
     // the switch matters: the conventions give measurably different logits
-    assert!(rel_err(&full_by_conv[0], &full_by_conv[1]) > 1e-3, "decay conventions A and B agree: the switch did nothing");
+    assert!(
+        rel_err(&full_by_conv[0], &full_by_conv[1]) > 1e-3,
+        "decay conventions A and B agree: the switch did nothing"
+    );
 }
 
 #[test]
@@ -61,12 +86,28 @@ fn sharded_bf16_checkpoint_matches_reference() {
     let cfg = config("tiny", &[]);
     let params = model(&cfg).graph.params().unwrap();
     ir::checkpoint::write_checkpoint(&dir, &cfg, &params, 5, ir::DType::BF16, 200_000, &mut |_, _| {}).unwrap();
-    assert!(dir.join("model.safetensors.index.json").exists(), "expected a sharded checkpoint");
+    assert!(
+        dir.join("model.safetensors.index.json").exists(),
+        "expected a sharded checkpoint"
+    );
     let tokens = random_tokens(9, 19, 256);
-    let m = LoadedModel::load(&ModelSpec { dir: Some(dir.clone()), ..Default::default() }).unwrap();
+    // bf16 weights, f32 activations: both implementations compute on the same weights, so the
+    // f32 tier applies. (With bf16 activations a near-tie in the router can pick another expert
+    // than the f64 reference does; such flips are discontinuous, no tier bounds them.)
+    let m = LoadedModel::load(&ModelSpec {
+        dir: Some(dir.clone()),
+        overrides: vec!["ringjit_compute_dtype=float32".into()],
+        ..Default::default()
+    })
+    .unwrap();
     let engine = Engine::new(&m, Device::Reference).unwrap();
     let ours = engine.forward(&tokens, None).unwrap();
     let reference = reference_logits(&dir, &tokens, None);
-    // the checkpoint says bfloat16, so our activations are bf16 too: the bf16 model tier
-    check("bf16 checkpoint vs f64 reference", ours.as_f32().unwrap(), &reference, Tol::BF16.model()).unwrap();
+    check(
+        "bf16 checkpoint vs f64 reference",
+        ours.as_f32().unwrap(),
+        &reference,
+        Tol::F32.model(),
+    )
+    .unwrap();
 }

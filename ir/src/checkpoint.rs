@@ -76,31 +76,21 @@ pub enum CheckpointError {
         second: PathBuf,
     },
     #[error("{file}: truncated: the file has {size} bytes, its header needs {needed}")]
-    Truncated {
-        file: PathBuf,
-        needed: u64,
-        size: u64,
-    },
-    #[error("{file}: corrupt header length: {header_len} bytes of header, but the file has only {size} bytes")]
-    HeaderPastEof {
-        file: PathBuf,
-        header_len: u64,
-        size: u64,
-    },
+    Truncated { file: PathBuf, needed: u64, size: u64 },
+    #[error("{file}: truncated or corrupt header length: it says {header_len} bytes of header, but the file has only {size} bytes")]
+    HeaderPastEof { file: PathBuf, header_len: u64, size: u64 },
     #[error("{file}: corrupt safetensors header: {msg}")]
     CorruptHeader { file: PathBuf, msg: String },
     #[error("{file}: tensor {tensor}: {msg}")]
-    BadTensor {
-        file: PathBuf,
-        tensor: String,
-        msg: String,
-    },
+    BadTensor { file: PathBuf, tensor: String, msg: String },
     #[error("{}", mismatch_message(.dir, .problems))]
     Mismatch { dir: PathBuf, problems: Vec<String> },
     #[error("{dir}: no tensor named {tensor}")]
     NotFound { dir: PathBuf, tensor: String },
     #[error("tensor {tensor} has dtype {found}; only F32, BF16 and F16 weights can be loaded")]
     UnsupportedDType { tensor: String, found: String },
+    #[error("tensor {tensor} has dtype {found}, which ringjit has no type for")]
+    UnknownDType { tensor: String, found: String },
     #[error("parameter {name}: {msg}")]
     BadSpec { name: String, msg: String },
     #[error("{dir} exists and is not empty; refusing to write a checkpoint over it")]
@@ -188,9 +178,7 @@ impl StDType {
 
     /// The ringjit dtype, if ringjit has one.
     fn dtype(self) -> Option<DType> {
-        DType::ALL
-            .into_iter()
-            .find(|d| d.safetensors_name() == self.tag())
+        DType::ALL.into_iter().find(|d| d.safetensors_name() == self.tag())
     }
 
     /// Lower-case ringjit name where there is one ("bf16"), else the safetensors tag.
@@ -294,8 +282,8 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<Parsed>> {
         });
     }
     let data_start = 8 + header_len as usize;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|e| corrupt(format!("not a JSON object: {e}")))?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| corrupt(format!("not a JSON object: {e}")))?;
 
     let mut tensors = Vec::with_capacity(header.len());
     for (name, value) in header {
@@ -305,16 +293,13 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<Parsed>> {
             }
             continue;
         }
-        let entry: HeaderEntry = serde_json::from_value(value)
-            .map_err(|e| bad(&name, format!("bad header entry: {e}")))?;
-        let dtype = StDType::from_tag(&entry.dtype)
-            .ok_or_else(|| bad(&name, format!("unknown dtype \"{}\"", entry.dtype)))?;
+        let entry: HeaderEntry =
+            serde_json::from_value(value).map_err(|e| bad(&name, format!("bad header entry: {e}")))?;
+        let dtype =
+            StDType::from_tag(&entry.dtype).ok_or_else(|| bad(&name, format!("unknown dtype \"{}\"", entry.dtype)))?;
         let [begin, end] = entry.data_offsets;
         if end < begin {
-            return Err(bad(
-                &name,
-                format!("data_offsets [{begin}, {end}] run backwards"),
-            ));
+            return Err(bad(&name, format!("data_offsets [{begin}, {end}] run backwards")));
         }
         let bits = entry
             .shape
@@ -358,9 +343,7 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<Parsed>> {
             } else {
                 "leaves a gap after"
             };
-            let prev = previous.map_or("the start of the data".to_string(), |p| {
-                format!("tensor {p}")
-            });
+            let prev = previous.map_or("the start of the data".to_string(), |p| format!("tensor {p}"));
             return Err(bad(
                 name,
                 format!("data_offsets [{begin}, {end}] {what} {prev} (which ends at {covered})"),
@@ -409,15 +392,11 @@ impl Checkpoint {
     /// the data is mapped but not read.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         if !dir.is_dir() {
-            return Err(CheckpointError::NoDirectory {
-                dir: dir.to_path_buf(),
-            });
+            return Err(CheckpointError::NoDirectory { dir: dir.to_path_buf() });
         }
         let config_path = dir.join(CONFIG_FILE);
         if !config_path.is_file() {
-            return Err(CheckpointError::NoConfig {
-                dir: dir.to_path_buf(),
-            });
+            return Err(CheckpointError::NoConfig { dir: dir.to_path_buf() });
         }
         let config = read_json(&config_path)?;
 
@@ -435,9 +414,7 @@ impl Checkpoint {
         } else if index_path.is_file() {
             ckpt.add_shards(&index_path)?;
         } else {
-            return Err(CheckpointError::NoWeights {
-                dir: dir.to_path_buf(),
-            });
+            return Err(CheckpointError::NoWeights { dir: dir.to_path_buf() });
         }
         Ok(ckpt)
     }
@@ -484,9 +461,9 @@ impl Checkpoint {
         // shard file name -> tensors the index puts there
         let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (tensor, shard) in weight_map {
-            let shard = shard.as_str().ok_or_else(|| {
-                bad_index(format!("weight_map entry for {tensor} is not a file name"))
-            })?;
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| bad_index(format!("weight_map entry for {tensor} is not a file name")))?;
             if shard.is_empty() || shard.contains(['/', '\\']) || shard == "." || shard == ".." {
                 return Err(bad_index(format!(
                     "weight_map puts {tensor} in \"{shard}\", which is not a file name in the folder"
@@ -550,23 +527,18 @@ impl Checkpoint {
     /// One tensor as stored: dtype, shape and its little-endian bytes (borrowed from the map).
     pub fn raw(&self, name: &str) -> Result<(DType, &[usize], &[u8])> {
         let e = self.entry(name)?;
-        let dtype = e
-            .dtype
-            .dtype()
-            .ok_or_else(|| CheckpointError::UnsupportedDType {
-                tensor: name.to_string(),
-                found: e.dtype.tag().to_string(),
-            })?;
+        let dtype = e.dtype.dtype().ok_or_else(|| CheckpointError::UnknownDType {
+            tensor: name.to_string(),
+            found: e.dtype.tag().to_string(),
+        })?;
         Ok((dtype, &e.shape, self.bytes(e)))
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| CheckpointError::NotFound {
-                dir: self.dir.clone(),
-                tensor: name.to_string(),
-            })
+        self.tensors.get(name).ok_or_else(|| CheckpointError::NotFound {
+            dir: self.dir.clone(),
+            tensor: name.to_string(),
+        })
     }
 
     fn bytes(&self, e: &Entry) -> &[u8] {
@@ -642,11 +614,7 @@ impl Checkpoint {
 
     /// Loads every parameter, in spec order, calling `progress(done_bytes, total_bytes)` at the
     /// start and after each checkpoint tensor (bytes as stored).
-    pub fn load_all(
-        &self,
-        specs: &[ParamSpec],
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Vec<Tensor>> {
+    pub fn load_all(&self, specs: &[ParamSpec], progress: &mut dyn FnMut(u64, u64)) -> Result<Vec<Tensor>> {
         let total: u64 = specs
             .iter()
             .flat_map(ParamSpec::member_names)
@@ -676,7 +644,8 @@ impl Checkpoint {
         let (names, member_shape) = spec_members(spec)?;
         let member_numel: usize = member_shape.iter().product();
         let mut data = vec![0f32; member_numel * names.len()];
-        for (name, out) in names.iter().zip(data.chunks_mut(member_numel.max(1))) {
+        for (i, name) in names.iter().enumerate() {
+            let out = &mut data[i * member_numel..(i + 1) * member_numel];
             let e = self.entry(name)?;
             if e.shape != member_shape {
                 return Err(CheckpointError::Mismatch {
@@ -754,10 +723,7 @@ fn spec_members(spec: &ParamSpec) -> Result<(Vec<String>, &[usize])> {
         .try_fold(4usize, |acc, &d| acc.checked_mul(d))
         .filter(|&b| isize::try_from(b).is_ok());
     if bytes.is_none() {
-        return Err(bad(format!(
-            "shape {} is too large",
-            shape_str(&spec.shape)
-        )));
+        return Err(bad(format!("shape {} is too large", shape_str(&spec.shape))));
     }
     Ok((spec.member_names(), spec.member_shape()))
 }
@@ -784,13 +750,10 @@ fn decode_floats(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Encodes `values` as little-endian F32, BF16 or F16 (rounding to nearest even).
-fn encode_floats(dtype: DType, values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size_bytes());
+/// Appends `values` to `out` as little-endian F32, BF16 or F16 (rounding to nearest even).
+fn encode_floats(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
     match dtype {
-        DType::F32 => values
-            .iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        DType::F32 => values.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         DType::BF16 => values
             .iter()
             .for_each(|&x| out.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes())),
@@ -799,7 +762,6 @@ fn encode_floats(dtype: DType, values: &[f32]) -> Vec<u8> {
             .for_each(|&x| out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())),
         _ => unreachable!("encode_floats({dtype})"),
     }
-    out
 }
 
 // ---- random weights --------------------------------------------------------------------------
@@ -821,10 +783,7 @@ impl RandomWeights {
         if !spec.dtype.is_float() {
             return Err(CheckpointError::BadSpec {
                 name: spec.name.clone(),
-                msg: format!(
-                    "only float parameters have random weights, not {}",
-                    spec.dtype
-                ),
+                msg: format!("only float parameters have random weights, not {}", spec.dtype),
             });
         }
         spec_members(spec)?;
@@ -861,17 +820,37 @@ fn init_std(name: &str, shape: &[usize]) -> Option<(f32, f32)> {
     }
 }
 
-/// Fills `out` with the random values of checkpoint tensor `name` (one stack member, or an
-/// unstacked parameter) of shape `shape`, rounded to `dtype`.
-fn fill_random(name: &str, shape: &[usize], dtype: DType, seed: u64, out: &mut [f32]) {
-    let Some((mean, std)) = init_std(name, shape) else {
-        out.fill(0.0);
-        return;
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(fnv1a(&[&seed.to_le_bytes(), name.as_bytes()]));
-    for x in out.iter_mut() {
-        let z: f32 = rng.sample(StandardNormal);
-        *x = dtype.round(mean + std * z);
+/// The random value stream of one checkpoint tensor (one stack member, or an unstacked
+/// parameter), rounded to `dtype`; filling in pieces gives the same values as all at once.
+struct Sampler {
+    /// None for a tensor of zeros.
+    rng: Option<ChaCha8Rng>,
+    mean: f32,
+    std: f32,
+    dtype: DType,
+}
+
+impl Sampler {
+    fn new(name: &str, shape: &[usize], dtype: DType, seed: u64) -> Sampler {
+        let (rng, (mean, std)) = match init_std(name, shape) {
+            None => (None, (0.0, 0.0)),
+            Some(ms) => {
+                let key = fnv1a(&[&seed.to_le_bytes(), name.as_bytes()]);
+                (Some(ChaCha8Rng::seed_from_u64(key)), ms)
+            }
+        };
+        Sampler { rng, mean, std, dtype }
+    }
+
+    fn fill(&mut self, out: &mut [f32]) {
+        let Some(rng) = &mut self.rng else {
+            out.fill(0.0);
+            return;
+        };
+        for x in out.iter_mut() {
+            let z: f32 = rng.sample(StandardNormal);
+            *x = self.dtype.round(self.mean + self.std * z);
+        }
     }
 }
 
@@ -900,8 +879,9 @@ pub fn random_tensor(spec: &ParamSpec, seed: u64) -> Tensor {
     let (names, member_shape) = spec_members(spec).unwrap_or_else(|e| panic!("{e}"));
     let member_numel: usize = member_shape.iter().product();
     let mut data = vec![0f32; member_numel * names.len()];
-    for (name, out) in names.iter().zip(data.chunks_mut(member_numel.max(1))) {
-        fill_random(name, member_shape, spec.dtype, seed, out);
+    for (i, name) in names.iter().enumerate() {
+        let out = &mut data[i * member_numel..(i + 1) * member_numel];
+        Sampler::new(name, member_shape, spec.dtype, seed).fill(out);
     }
     Tensor {
         dtype: spec.dtype,
@@ -1041,9 +1021,7 @@ pub fn write_checkpoint(
             Value::Array(_) => "an array",
             Value::Object(_) => "an object",
         };
-        return Err(CheckpointError::BadConfig {
-            found: found.into(),
-        });
+        return Err(CheckpointError::BadConfig { found: found.into() });
     };
     obj.insert("torch_dtype".into(), Value::String(torch_dtype.into()));
     let planned = plan(specs, dtype)?;
@@ -1051,9 +1029,7 @@ pub fn write_checkpoint(
     if dir.exists() {
         let empty = dir.is_dir() && fs::read_dir(dir).map_err(io_err(dir))?.next().is_none();
         if !empty {
-            return Err(CheckpointError::OutputExists {
-                dir: dir.to_path_buf(),
-            });
+            return Err(CheckpointError::OutputExists { dir: dir.to_path_buf() });
         }
     }
     let Some(file_name) = dir.file_name() else {
@@ -1135,12 +1111,7 @@ fn write_files(
 
 /// Writes one safetensors file, generating the tensors' values a batch at a time (one tensor
 /// per thread) and streaming them to disk.
-fn write_safetensors(
-    path: &Path,
-    mut tensors: Vec<&Planned>,
-    seed: u64,
-    written: &mut dyn FnMut(u64),
-) -> Result<()> {
+fn write_safetensors(path: &Path, mut tensors: Vec<&Planned>, seed: u64, written: &mut dyn FnMut(u64)) -> Result<()> {
     tensors.sort_by(|a, b| {
         StDType::of(b.dtype)
             .cmp(&StDType::of(a.dtype))
@@ -1150,9 +1121,7 @@ fn write_safetensors(
     let file = File::create(path).map_err(io_err(path))?;
     let mut w = BufWriter::with_capacity(1 << 22, file);
     let io = io_err(path);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(16);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
     let result = (|| {
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
@@ -1161,10 +1130,7 @@ fn write_safetensors(
                 vec![random_bytes(batch[0], seed)]
             } else {
                 std::thread::scope(|s| {
-                    let handles: Vec<_> = batch
-                        .iter()
-                        .map(|&t| s.spawn(move || random_bytes(t, seed)))
-                        .collect();
+                    let handles: Vec<_> = batch.iter().map(|&t| s.spawn(move || random_bytes(t, seed))).collect();
                     handles
                         .into_iter()
                         .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
@@ -1182,11 +1148,20 @@ fn write_safetensors(
     result.map_err(io)
 }
 
-/// The stored bytes of one planned tensor's random values.
+/// The stored bytes of one planned tensor's random values, generated in pieces so that only
+/// the stored form of the whole tensor is held.
 fn random_bytes(t: &Planned, seed: u64) -> Vec<u8> {
-    let mut values = vec![0f32; t.shape.iter().product()];
-    fill_random(&t.name, &t.shape, t.spec_dtype, seed, &mut values);
-    encode_floats(t.dtype, &values)
+    let mut sampler = Sampler::new(&t.name, &t.shape, t.spec_dtype, seed);
+    let mut left: usize = t.shape.iter().product();
+    let mut out = Vec::with_capacity(left * t.dtype.size_bytes());
+    let mut piece = vec![0f32; left.min(1 << 16)];
+    while left > 0 {
+        let n = left.min(piece.len());
+        sampler.fill(&mut piece[..n]);
+        encode_floats(t.dtype, &piece[..n], &mut out);
+        left -= n;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1226,11 +1201,7 @@ mod tests {
             spec("model.word_embeddings.weight", dtype, &[16, 8]),
             spec("model.norm.weight", dtype, &[8]),
             spec("model.layers.0.attention.g_norm.weight", dtype, &[8]),
-            spec(
-                "model.layers.0.attention.query_key_value.weight",
-                dtype,
-                &[24, 8],
-            ),
+            spec("model.layers.0.attention.query_key_value.weight", dtype, &[24, 8]),
             spec("model.layers.1.mlp.gate.expert_bias", DType::F32, &[4]),
             stacked(EXPERTS, "e", dtype, &[4, 6, 8]),
             spec("lm_head.weight", dtype, &[16, 8]),
@@ -1242,15 +1213,7 @@ mod tests {
     }
 
     fn write(dir: &Path, specs: &[ParamSpec], dtype: DType, max_shard_bytes: u64) -> Result<()> {
-        write_checkpoint(
-            dir,
-            &config(),
-            specs,
-            7,
-            dtype,
-            max_shard_bytes,
-            &mut |_, _| {},
-        )
+        write_checkpoint(dir, &config(), specs, 7, dtype, max_shard_bytes, &mut |_, _| {})
     }
 
     fn entries(dir: &Path) -> Vec<String> {
@@ -1275,11 +1238,7 @@ mod tests {
             calls.push((d, t))
         })
         .unwrap();
-        assert_eq!(
-            entries(tmp.path()),
-            ["ckpt"],
-            "temporary folder left behind"
-        );
+        assert_eq!(entries(tmp.path()), ["ckpt"], "temporary folder left behind");
         assert_eq!(entries(&dir), [CONFIG_FILE, SINGLE_FILE]);
 
         let size = dtype.size_bytes() as u64;
@@ -1289,11 +1248,7 @@ mod tests {
         assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
 
         let ck = Checkpoint::open(&dir).unwrap();
-        let torch = if dtype == DType::F32 {
-            "float32"
-        } else {
-            "bfloat16"
-        };
+        let torch = if dtype == DType::F32 { "float32" } else { "bfloat16" };
         assert_eq!(ck.config()["torch_dtype"], torch);
         assert_eq!(ck.config()["hidden_size"], 8);
         assert_eq!(ck.total_bytes(), total);
@@ -1301,8 +1256,7 @@ mod tests {
         assert!(ck.contains("model.layers.1.mlp.experts.3.gate_proj.weight"));
         ck.validate(&specs).unwrap();
 
-        let (bias_dtype, bias_shape, bias_bytes) =
-            ck.raw("model.layers.1.mlp.gate.expert_bias").unwrap();
+        let (bias_dtype, bias_shape, bias_bytes) = ck.raw("model.layers.1.mlp.gate.expert_bias").unwrap();
         assert_eq!(
             (bias_dtype, bias_shape, bias_bytes),
             (DType::F32, &[4][..], &[0u8; 16][..])
@@ -1367,8 +1321,7 @@ mod tests {
             assert_eq!(a.load(s).unwrap(), b.load(s).unwrap(), "{}", s.name);
         }
 
-        let index: Value =
-            serde_json::from_slice(&fs::read(sharded.join(INDEX_FILE)).unwrap()).unwrap();
+        let index: Value = serde_json::from_slice(&fs::read(sharded.join(INDEX_FILE)).unwrap()).unwrap();
         assert_eq!(index["metadata"]["total_size"], b.total_bytes());
         let weight_map = index["weight_map"].as_object().unwrap();
         assert!(weight_map.keys().map(String::as_str).eq(b.tensor_names()));
@@ -1376,11 +1329,7 @@ mod tests {
         for f in b.files() {
             let (_, parsed) = map_safetensors(f).unwrap();
             let bytes: usize = parsed.iter().map(|p| p.end - p.start).sum();
-            assert!(
-                bytes <= 200 || parsed.len() == 1,
-                "{}: {bytes}",
-                f.display()
-            );
+            assert!(bytes <= 200 || parsed.len() == 1, "{}: {bytes}", f.display());
         }
     }
 
@@ -1403,8 +1352,7 @@ mod tests {
         assert_eq!(bytes.len(), 8 + n + 16);
         assert_eq!(bytes[8 + n..8 + n + 8], [0; 8]);
 
-        let config: Value =
-            serde_json::from_slice(&fs::read(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        let config: Value = serde_json::from_slice(&fs::read(dir.join(CONFIG_FILE)).unwrap()).unwrap();
         assert_eq!(config["torch_dtype"], "bfloat16");
         assert!(fs::read_to_string(dir.join(CONFIG_FILE))
             .unwrap()
@@ -1467,25 +1415,17 @@ mod tests {
 
     #[test]
     fn random_weights_are_seeded_and_shaped_by_name() {
-        let m = spec(
-            "model.layers.0.mlp.down_proj.weight",
-            DType::F32,
-            &[256, 64],
-        );
+        let m = spec("model.layers.0.mlp.down_proj.weight", DType::F32, &[256, 64]);
         let a = random_tensor(&m, 1);
         assert_eq!(a, random_tensor(&m, 1));
         assert_ne!(a, random_tensor(&m, 2));
         assert!(values(&a).iter().any(|&x| x != 0.0));
-        let std = |v: &[f32], mean: f32| {
-            (v.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32).sqrt()
-        };
+        let std =
+            |v: &[f32], mean: f32| (v.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32).sqrt();
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
         assert!((std(values(&a), 0.0) - 0.125).abs() < 0.01, "1/sqrt(64)");
 
-        let emb = random_tensor(
-            &spec("model.word_embeddings.weight", DType::F32, &[128, 64]),
-            1,
-        );
+        let emb = random_tensor(&spec("model.word_embeddings.weight", DType::F32, &[128, 64]), 1);
         assert!((std(values(&emb), 0.0) - 1.0).abs() < 0.05);
 
         for name in [
@@ -1498,18 +1438,11 @@ mod tests {
             assert!((mean(v) - 1.0).abs() < 0.01, "{name}");
             assert!((std(v, 1.0) - 0.1).abs() < 0.01, "{name}");
             assert!(v.iter().any(|&x| x != 1.0));
-            assert!(
-                v.iter().all(|&x| DType::BF16.round(x) == x),
-                "{name}: rounded to bf16"
-            );
+            assert!(v.iter().all(|&x| DType::BF16.round(x) == x), "{name}: rounded to bf16");
         }
 
         let bias = RandomWeights::new(3)
-            .load(&spec(
-                "model.layers.1.mlp.gate.expert_bias",
-                DType::F32,
-                &[256],
-            ))
+            .load(&spec("model.layers.1.mlp.gate.expert_bias", DType::F32, &[256]))
             .unwrap();
         assert!(values(&bias).iter().all(|&x| x == 0.0));
     }
@@ -1520,11 +1453,7 @@ mod tests {
         let dir = tmp.path().join("ckpt");
         let mut written = tiny_specs(DType::BF16);
         written.push(spec("model.mtp.layers.0.weight", DType::BF16, &[2]));
-        written.push(spec(
-            "model.layers.0.attention.rotary_emb.inv_freq",
-            DType::BF16,
-            &[2],
-        ));
+        written.push(spec("model.layers.0.attention.rotary_emb.inv_freq", DType::BF16, &[2]));
         written.push(spec("model.layers.0.attention.slope", DType::BF16, &[2]));
         write(&dir, &written, DType::BF16, u64::MAX).unwrap();
         let ck = Checkpoint::open(&dir).unwrap();
@@ -1534,11 +1463,7 @@ mod tests {
         wanted[3].dtype = DType::F32; // query_key_value: wrong dtype
         wanted[5] = stacked(EXPERTS, "e", DType::BF16, &[5, 6, 8]); // expert 4 missing
         wanted.remove(6); // lm_head.weight: unexpected
-        wanted.push(spec(
-            "model.layers.0.attention.dense.weight",
-            DType::BF16,
-            &[8, 8],
-        )); // missing
+        wanted.push(spec("model.layers.0.attention.dense.weight", DType::BF16, &[8, 8])); // missing
 
         let err = ck.validate(&wanted).unwrap_err();
         let CheckpointError::Mismatch { problems, .. } = &err else {
@@ -1600,12 +1525,7 @@ mod tests {
         let (dir, file) = small_checkpoint(tmp.path());
         let len = fs::metadata(&file).unwrap().len();
         for cut in [len - 1, len - 100, 5] {
-            File::options()
-                .write(true)
-                .open(&file)
-                .unwrap()
-                .set_len(cut)
-                .unwrap();
+            File::options().write(true).open(&file).unwrap().set_len(cut).unwrap();
             let err = Checkpoint::open(&dir).unwrap_err();
             assert!(
                 matches!(&err, CheckpointError::Truncated { file: f, size, .. } if *f == file && *size == cut),
@@ -1648,7 +1568,10 @@ mod tests {
                 matches!(&err, CheckpointError::HeaderPastEof { file: f, header_len: n, .. } if *f == file && *n == header_len),
                 "{err}"
             );
-            assert!(err.to_string().contains("corrupt header length"), "{err}");
+            assert!(
+                err.to_string().contains("truncated or corrupt header length: it says"),
+                "{err}"
+            );
         }
     }
 
@@ -1720,11 +1643,7 @@ mod tests {
                 4,
                 "truncated: the file has",
             ),
-            (
-                "[1, 2]".to_string(),
-                0,
-                "corrupt safetensors header: not a JSON object",
-            ),
+            ("[1, 2]".to_string(), 0, "corrupt safetensors header: not a JSON object"),
             (
                 r#"{"__metadata__": 3}"#.to_string(),
                 0,
@@ -1733,9 +1652,7 @@ mod tests {
             ("{\"\u{1F600}\": 3}".to_string(), 0, "bad header entry"),
         ];
         for (header, data_len, want) in cases {
-            let err = crafted(tmp.path(), &header, data_len)
-                .unwrap_err()
-                .to_string();
+            let err = crafted(tmp.path(), &header, data_len).unwrap_err().to_string();
             assert!(err.contains("crafted/model.safetensors"), "{err}");
             assert!(err.contains(want), "{header}: {err}");
         }
@@ -1743,10 +1660,7 @@ mod tests {
         let empty = r#"{"x":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}}"#;
         let ck = crafted(tmp.path(), empty, 0).unwrap();
         assert_eq!(ck.raw("x").unwrap(), (DType::F32, &[0, 3][..], &[][..]));
-        assert_eq!(
-            crafted(tmp.path(), "{}", 0).unwrap().tensor_names().len(),
-            0
-        );
+        assert_eq!(crafted(tmp.path(), "{}", 0).unwrap().tensor_names().len(), 0);
     }
 
     #[test]
@@ -1761,19 +1675,13 @@ mod tests {
         let err = Checkpoint::open(&dir).unwrap_err().to_string();
         assert_eq!(
             err,
-            format!(
-                "{}: not an HF model folder: it has no config.json",
-                dir.display()
-            )
+            format!("{}: not an HF model folder: it has no config.json", dir.display())
         );
 
         fs::write(dir.join(CONFIG_FILE), "{\"a\": ").unwrap();
         let err = Checkpoint::open(&dir).unwrap_err().to_string();
         assert!(
-            err.starts_with(&format!(
-                "{}: not valid JSON",
-                dir.join(CONFIG_FILE).display()
-            )),
+            err.starts_with(&format!("{}: not valid JSON", dir.join(CONFIG_FILE).display())),
             "{err}"
         );
 
@@ -1800,8 +1708,7 @@ mod tests {
         let last = format!("model-{n:05}-of-{n:05}.safetensors");
 
         // A tensor the index lists but its shard lacks.
-        index["weight_map"]["model.fake.weight"] =
-            json!(format!("model-00001-of-{n:05}.safetensors"));
+        index["weight_map"]["model.fake.weight"] = json!(format!("model-00001-of-{n:05}.safetensors"));
         fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
         let err = Checkpoint::open(&dir).unwrap_err();
         assert!(
@@ -1823,11 +1730,7 @@ mod tests {
             matches!(&err, CheckpointError::MissingShard { shard, .. } if *shard == last),
             "{err}"
         );
-        assert!(
-            err.to_string()
-                .contains(&format!("but {last} does not exist")),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&format!("but {last} does not exist")), "{err}");
 
         // A shard name that leaves the folder, and an index without a weight map.
         fs::write(&index_path, r#"{"weight_map": {"a": "../x.safetensors"}}"#).unwrap();
@@ -1864,6 +1767,22 @@ mod tests {
             .validate(&tiny_specs(DType::BF16))
             .unwrap();
 
+        // A failure part-way (here: the folder fills up before the final rename) leaves nothing.
+        let late = tmp.path().join("late");
+        fs::create_dir(&late).unwrap();
+        let mut intrude = |_, _| {
+            let _ = fs::write(late.join("intruder"), "x");
+        };
+        let specs = tiny_specs(DType::BF16);
+        let err = write_checkpoint(&late, &config(), &specs, 7, DType::BF16, 200, &mut intrude);
+        let err = err.unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::Io { path, .. } if *path == late),
+            "{err}"
+        );
+        assert_eq!(entries(&late), ["intruder"]);
+        assert_eq!(entries(tmp.path()), ["ckpt", "empty", "late"]);
+
         // Bad arguments fail before anything is written.
         let other = tmp.path().join("other");
         let err = write(&other, &tiny_specs(DType::BF16), DType::I32, u64::MAX).unwrap_err();
@@ -1871,19 +1790,12 @@ mod tests {
             err.to_string(),
             "cannot write a checkpoint in i32: use f32, bf16 or f16"
         );
-        let err = write_checkpoint(&other, &json!([1]), &[], 0, DType::F32, 1, &mut |_, _| {})
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "the model config must be a JSON object, not an array"
-        );
+        let err = write_checkpoint(&other, &json!([1]), &[], 0, DType::F32, 1, &mut |_, _| {}).unwrap_err();
+        assert_eq!(err.to_string(), "the model config must be a JSON object, not an array");
         let dup = [spec("a", DType::F32, &[1]), spec("a", DType::F32, &[1])];
         let err = write(&other, &dup, DType::F32, u64::MAX).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "parameter a: two parameters write this tensor"
-        );
-        assert_eq!(entries(tmp.path()), ["ckpt", "empty"]);
+        assert_eq!(err.to_string(), "parameter a: two parameters write this tensor");
+        assert_eq!(entries(tmp.path()), ["ckpt", "empty", "late"]);
     }
 
     #[test]
@@ -1895,10 +1807,7 @@ mod tests {
         assert!(parse_safetensors(&file, &good).is_ok());
         // Every truncation, and a few values at every header byte: errors, never panics.
         for cut in 0..good.len() {
-            assert!(
-                parse_safetensors(&file, &good[..cut]).is_err(),
-                "cut at {cut}"
-            );
+            assert!(parse_safetensors(&file, &good[..cut]).is_err(), "cut at {cut}");
         }
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for pos in 0..header_end {
@@ -1906,9 +1815,7 @@ mod tests {
                 let mut bytes = good.clone();
                 bytes[pos] = byte;
                 if let Ok(parsed) = parse_safetensors(&file, &bytes) {
-                    assert!(parsed
-                        .iter()
-                        .all(|p| p.start <= p.end && p.end <= bytes.len()));
+                    assert!(parsed.iter().all(|p| p.start <= p.end && p.end <= bytes.len()));
                 }
             }
         }
@@ -1948,16 +1855,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ckpt");
         let t = Instant::now();
-        write_checkpoint(
-            &dir,
-            &config(),
-            &specs,
-            1,
-            DType::BF16,
-            300 << 20,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        write_checkpoint(&dir, &config(), &specs, 1, DType::BF16, 300 << 20, &mut |_, _| {}).unwrap();
         let write_s = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -1980,5 +1878,17 @@ mod tests {
             validate_s * 1e3,
             (open_s + validate_s) * 1e3,
         );
+    }
+}
+
+impl crate::interp::ParamSource for Checkpoint {
+    fn load(&self, spec: &ParamSpec) -> Result<Tensor, String> {
+        Checkpoint::load(self, spec).map_err(|e| e.to_string())
+    }
+}
+
+impl crate::interp::ParamSource for RandomWeights {
+    fn load(&self, spec: &ParamSpec) -> Result<Tensor, String> {
+        RandomWeights::load(self, spec).map_err(|e| e.to_string())
     }
 }

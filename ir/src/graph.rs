@@ -99,7 +99,11 @@ pub struct IrError {
 
 impl IrError {
     pub fn new(msg: impl Into<String>) -> Self {
-        IrError { msg: msg.into(), loc: None, node: None }
+        IrError {
+            msg: msg.into(),
+            loc: None,
+            node: None,
+        }
     }
 }
 
@@ -146,7 +150,15 @@ impl Graph {
         let mut ops: Vec<(u32, Value)> = self
             .g
             .edges_directed(n, Direction::Incoming)
-            .map(|e| (e.weight().slot, Value { node: e.source(), port: e.weight().port }))
+            .map(|e| {
+                (
+                    e.weight().slot,
+                    Value {
+                        node: e.source(),
+                        port: e.weight().port,
+                    },
+                )
+            })
             .collect();
         ops.sort_by_key(|(s, _)| *s);
         ops.into_iter().map(|(_, v)| v).collect()
@@ -162,14 +174,31 @@ impl Graph {
         })?;
         let is_input = matches!(op, Op::Input { .. });
         let n_out = outputs.len();
-        let idx = self.g.add_node(Node { op, outputs, loc, label: None });
+        let idx = self.g.add_node(Node {
+            op,
+            outputs,
+            loc,
+            label: None,
+        });
         for (slot, a) in args.iter().enumerate() {
-            self.g.add_edge(a.node, idx, Operand { slot: slot as u32, port: a.port });
+            self.g.add_edge(
+                a.node,
+                idx,
+                Operand {
+                    slot: slot as u32,
+                    port: a.port,
+                },
+            );
         }
         if is_input {
             self.inputs.push(idx);
         }
-        Ok((0..n_out).map(|p| Value { node: idx, port: p as u32 }).collect())
+        Ok((0..n_out)
+            .map(|p| Value {
+                node: idx,
+                port: p as u32,
+            })
+            .collect())
     }
 
     /// [`Graph::add`] for single-output ops.
@@ -186,7 +215,11 @@ impl Graph {
     }
 
     pub fn add_output(&mut self, name: &str, value: Value, kind: InputKind) {
-        self.outputs.push(Output { name: name.to_string(), value, kind });
+        self.outputs.push(Output {
+            name: name.to_string(),
+            value,
+            kind,
+        });
     }
 
     pub fn output(&self, name: &str) -> Option<&Output> {
@@ -195,8 +228,7 @@ impl Graph {
 
     /// Nodes in a topological order (operands before users; ties by index, so deterministic).
     pub fn topo_order(&self) -> Vec<NodeIndex> {
-        let mut indeg: std::collections::HashMap<NodeIndex, usize> =
-            self.g.node_indices().map(|n| (n, 0)).collect();
+        let mut indeg: std::collections::HashMap<NodeIndex, usize> = self.g.node_indices().map(|n| (n, 0)).collect();
         for e in self.g.edge_references() {
             *indeg.get_mut(&e.target()).unwrap() += 1;
         }
@@ -253,9 +285,9 @@ impl Graph {
                 return Err(IrError::new(format!("output `{}` refers to a removed node", o.name)));
             }
             if o.kind == InputKind::State {
-                let matching = self.inputs.iter().any(|&i| {
-                    matches!(&self.g[i].op, Op::Input { name, kind: InputKind::State, .. } if *name == o.name)
-                });
+                let matching = self.inputs.iter().any(
+                    |&i| matches!(&self.g[i].op, Op::Input { name, kind: InputKind::State, .. } if *name == o.name),
+                );
                 if !matching {
                     return Err(IrError::new(format!(
                         "state output `{}` has no state input of the same name",
@@ -340,7 +372,13 @@ impl Graph {
         }
         for e in self.g.edge_references() {
             let t = &self.g[e.source()].outputs[e.weight().port as usize];
-            let _ = writeln!(s, "  n{} -> n{} [label=\"{}\"];", e.source().index(), e.target().index(), t);
+            let _ = writeln!(
+                s,
+                "  n{} -> n{} [label=\"{}\"];",
+                e.source().index(),
+                e.target().index(),
+                t
+            );
         }
         for (i, o) in self.outputs.iter().enumerate() {
             let _ = writeln!(s, "  out{i} [label=\"{}\", shape=oval];", o.name);
@@ -425,7 +463,11 @@ pub fn infer(op: &Op, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
             expect_args(op, tys, 2)?;
             let (x, y) = (tys[0], tys[1]);
             let shape = broadcast(&x.shape, &y.shape).ok_or_else(|| {
-                format!("shapes {} and {} do not broadcast", shape_str(&x.shape), shape_str(&y.shape))
+                format!(
+                    "shapes {} and {} do not broadcast",
+                    shape_str(&x.shape),
+                    shape_str(&y.shape)
+                )
             })?;
             let dtype = if b.is_logical() {
                 if x.dtype != DType::Bool || y.dtype != DType::Bool {
@@ -433,9 +475,8 @@ pub fn infer(op: &Op, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
                 }
                 DType::Bool
             } else {
-                let p = DType::promote(x.dtype, y.dtype).ok_or_else(|| {
-                    format!("operand dtypes {} and {} do not mix; cast one", x.dtype, y.dtype)
-                })?;
+                let p = DType::promote(x.dtype, y.dtype)
+                    .ok_or_else(|| format!("operand dtypes {} and {} do not mix; cast one", x.dtype, y.dtype))?;
                 if b.is_comparison() {
                     DType::Bool
                 } else {
@@ -513,7 +554,10 @@ pub fn infer(op: &Op, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
             if sorted != (0..t.rank()).collect::<Vec<_>>() {
                 return Err(format!("{perm:?} is not a permutation of {} axes", t.rank()));
             }
-            one(TensorType::new(t.dtype, perm.iter().map(|&p| t.shape[p].clone()).collect()))
+            one(TensorType::new(
+                t.dtype,
+                perm.iter().map(|&p| t.shape[p].clone()).collect(),
+            ))
         }
         Op::Expand { shape } => {
             expect_args(op, tys, 1)?;
@@ -590,7 +634,10 @@ pub fn infer(op: &Op, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
             let (x, idx, src) = (tys[0], tys[1], tys[2]);
             check_along(x, idx, *axis)?;
             if src.shape != idx.shape || src.dtype != x.dtype {
-                return Err(format!("scatter source {src} must have the indices' shape and {}'s dtype", x));
+                return Err(format!(
+                    "scatter source {src} must have the indices' shape and {}'s dtype",
+                    x
+                ));
             }
             one(x.clone())
         }
@@ -605,7 +652,10 @@ pub fn infer(op: &Op, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
             }
             let mut shape = x.shape.clone();
             shape[*axis] = Dim::constant(*k as i64);
-            Ok(vec![TensorType::new(x.dtype, shape.clone()), TensorType::new(DType::I64, shape)])
+            Ok(vec![
+                TensorType::new(x.dtype, shape.clone()),
+                TensorType::new(DType::I64, shape),
+            ])
         }
         Op::ArgMax { axis } => {
             expect_args(op, tys, 1)?;
@@ -640,7 +690,12 @@ pub fn infer(op: &Op, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
             expect_args(op, tys, 1)?;
             one(TensorType::new(*to, tys[0].shape.clone()))
         }
-        Op::Scan { body, axis, n_carry, n_seq } => infer_scan(body, *axis, *n_carry, *n_seq, tys),
+        Op::Scan {
+            body,
+            axis,
+            n_carry,
+            n_seq,
+        } => infer_scan(body, *axis, *n_carry, *n_seq, tys),
     }
 }
 
@@ -707,7 +762,10 @@ fn infer_scan(
     let mut result = Vec::new();
     for i in 0..n_carry {
         if outs[i] != tys[i] {
-            return Err(format!("scan carry {i} enters as {} but the body returns {}", tys[i], outs[i]));
+            return Err(format!(
+                "scan carry {i} enters as {} but the body returns {}",
+                tys[i], outs[i]
+            ));
         }
         result.push(tys[i].clone());
     }
@@ -734,15 +792,41 @@ mod tests {
     #[test]
     fn construction_checks_types_and_names_the_location() {
         let mut g = Graph::new();
-        let loc = SrcLoc { file: "m.ring".into(), line: 3, col: 7 };
+        let loc = SrcLoc {
+            file: "m.ring".into(),
+            line: 3,
+            col: 7,
+        };
         let a = g
-            .add1(Op::Input { name: "a".into(), kind: InputKind::Data, dtype: DType::F32, shape: f32s(&[2, 3]) }, &[], None)
+            .add1(
+                Op::Input {
+                    name: "a".into(),
+                    kind: InputKind::Data,
+                    dtype: DType::F32,
+                    shape: f32s(&[2, 3]),
+                },
+                &[],
+                None,
+            )
             .unwrap();
         let b = g
-            .add1(Op::Input { name: "b".into(), kind: InputKind::Data, dtype: DType::F32, shape: f32s(&[4, 5]) }, &[], None)
+            .add1(
+                Op::Input {
+                    name: "b".into(),
+                    kind: InputKind::Data,
+                    dtype: DType::F32,
+                    shape: f32s(&[4, 5]),
+                },
+                &[],
+                None,
+            )
             .unwrap();
         let e = g.add1(Op::Matmul, &[a, b], Some(loc)).unwrap_err();
-        assert!(e.to_string().starts_with("m.ring:3:7: matmul: matmul inner dimensions differ"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("m.ring:3:7: matmul: matmul inner dimensions differ"),
+            "{e}"
+        );
         let c = g.add1(Op::Binary(BinaryOp::Add), &[a, a], None).unwrap();
         g.add_output("c", c, InputKind::Data);
         g.validate().unwrap();
@@ -754,9 +838,28 @@ mod tests {
     fn validate_finds_a_corrupted_node() {
         let mut g = Graph::new();
         let a = g
-            .add1(Op::Input { name: "a".into(), kind: InputKind::Data, dtype: DType::F32, shape: f32s(&[2, 3]) }, &[], None)
+            .add1(
+                Op::Input {
+                    name: "a".into(),
+                    kind: InputKind::Data,
+                    dtype: DType::F32,
+                    shape: f32s(&[2, 3]),
+                },
+                &[],
+                None,
+            )
             .unwrap();
-        let s = g.add1(Op::Unary(UnaryOp::Exp), &[a], Some(SrcLoc { file: "x.ring".into(), line: 9, col: 1 })).unwrap();
+        let s = g
+            .add1(
+                Op::Unary(UnaryOp::Exp),
+                &[a],
+                Some(SrcLoc {
+                    file: "x.ring".into(),
+                    line: 9,
+                    col: 1,
+                }),
+            )
+            .unwrap();
         g.g[s.node].outputs[0].shape = f32s(&[3, 2]);
         let e = g.validate().unwrap_err();
         assert!(e.to_string().starts_with("x.ring:9:1: %1 (exp): stored type"), "{e}");

@@ -133,9 +133,7 @@ impl Interpreter {
             .inputs
             .iter()
             .map(|&n| match &graph.node(n).op {
-                Op::Input {
-                    name, dtype, shape, ..
-                } => Ok(InputDecl {
+                Op::Input { name, dtype, shape, .. } => Ok(InputDecl {
                     name: name.clone(),
                     dtype: *dtype,
                     shape: shape.clone(),
@@ -158,10 +156,7 @@ impl Interpreter {
     }
 
     /// Evaluates the graph on `inputs` (by input name) and returns every graph output by name.
-    pub fn run(
-        &self,
-        inputs: &HashMap<String, Tensor>,
-    ) -> Result<HashMap<String, Tensor>, IrError> {
+    pub fn run(&self, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, IrError> {
         let env = self.bind(inputs)?;
         let shapes = resolve(&self.plan, &env)?;
         let mut values = Vec::with_capacity(self.inputs.len());
@@ -200,23 +195,15 @@ impl Interpreter {
             let t = inputs
                 .get(&d.name)
                 .ok_or_else(|| d.err(format!("missing input `{}` ({declared})", d.name)))?;
-            t.check()
-                .map_err(|m| d.err(format!("input `{}`: {m}", d.name)))?;
+            t.check().map_err(|m| d.err(format!("input `{}`: {m}", d.name)))?;
             if t.dtype != d.dtype || t.shape.len() != d.shape.len() {
-                return Err(d.err(format!(
-                    "input `{}` must be {declared} but is {}",
-                    d.name,
-                    t.type_str()
-                )));
+                return Err(d.err(format!("input `{}` must be {declared} but is {}", d.name, t.type_str())));
             }
             for (i, (dim, &size)) in d.shape.iter().zip(&t.shape).enumerate() {
                 let size = size as i64;
                 if let Some(c) = dim.as_const() {
                     if c != size {
-                        return Err(d.err(format!(
-                            "input `{}`: dimension {i} is {size}, expected {c}",
-                            d.name
-                        )));
+                        return Err(d.err(format!("input `{}`: dimension {i} is {size}, expected {c}", d.name)));
                     }
                 } else if let Some(sym) = dim.as_sym() {
                     match env.get(sym) {
@@ -241,9 +228,9 @@ impl Interpreter {
                 if dim.as_const().is_some() || dim.as_sym().is_some() {
                     continue;
                 }
-                let want = dim.eval(&env).map_err(|m| {
-                    d.err(format!("input `{}`: dimension {i} ({dim}): {m}", d.name))
-                })?;
+                let want = dim
+                    .eval(&env)
+                    .map_err(|m| d.err(format!("input `{}`: dimension {i} ({dim}): {m}", d.name)))?;
                 if want != size as i64 {
                     return Err(d.err(format!(
                         "input `{}`: dimension {i} is {size}, but {dim} = {want}",
@@ -390,17 +377,14 @@ impl Interpreter {
             .zip(&out_shapes[n_carry..])
             .map(|(ty, shape)| Tensor::zeros(ty.dtype, shape.clone()))
             .collect();
-        let mut carries: Vec<Cow<Tensor>> =
-            args[..n_carry].iter().map(|&t| Cow::Borrowed(t)).collect();
+        let mut carries: Vec<Cow<Tensor>> = args[..n_carry].iter().map(|&t| Cow::Borrowed(t)).collect();
         for t in 0..len {
             let mut ins: Vec<Cow<Tensor>> = carries.iter().map(|c| Cow::Borrowed(&**c)).collect();
             for s in seqs {
                 ins.push(Cow::Owned(take_step(s, axis, t).map_err(|m| step.err(m))?));
             }
             ins.extend(args[n_carry + n_seq..].iter().map(|&c| Cow::Borrowed(c)));
-            let mut outs = self
-                .exec(body, &body_shapes, env, ins)
-                .map_err(|e| nest(e, Some(t)))?;
+            let mut outs = self.exec(body, &body_shapes, env, ins).map_err(|e| nest(e, Some(t)))?;
             if outs.len() != n_carry + stacked.len() {
                 return Err(step.err("internal: scan body returned the wrong number of values"));
             }
@@ -491,10 +475,7 @@ fn compile(graph: &Graph, params: &HashMap<ParamSpec, usize>) -> Result<Plan, Ir
     stack.extend(graph.inputs.iter().copied());
     for &n in &stack {
         if !graph.g.contains_node(n) {
-            return Err(IrError::new(format!(
-                "graph refers to a removed node %{}",
-                n.index()
-            )));
+            return Err(IrError::new(format!("graph refers to a removed node %{}", n.index())));
         }
     }
     while let Some(n) = stack.pop() {
@@ -525,10 +506,11 @@ fn compile(graph: &Graph, params: &HashMap<ParamSpec, usize>) -> Result<Plan, Ir
             .ok_or_else(|| err("internal: operand not yet computed".into()))?;
         let kind = match &node.op {
             Op::Input { .. } => {
-                let pos =
-                    graph.inputs.iter().position(|&i| i == n).ok_or_else(|| {
-                        err("input node missing from the graph's input list".into())
-                    })?;
+                let pos = graph
+                    .inputs
+                    .iter()
+                    .position(|&i| i == n)
+                    .ok_or_else(|| err("input node missing from the graph's input list".into()))?;
                 inputs[pos] = n_slots;
                 Kind::Input
             }
@@ -544,9 +526,7 @@ fn compile(graph: &Graph, params: &HashMap<ParamSpec, usize>) -> Result<Plan, Ir
                 n_carry,
                 n_seq,
             } => Kind::Scan {
-                body: Box::new(
-                    compile(body, params).map_err(|e| err(format!("in scan body: {e}")))?,
-                ),
+                body: Box::new(compile(body, params).map_err(|e| err(format!("in scan body: {e}")))?),
                 axis: *axis,
                 n_carry: *n_carry,
                 n_seq: *n_seq,
@@ -576,10 +556,7 @@ fn compile(graph: &Graph, params: &HashMap<ParamSpec, usize>) -> Result<Plan, Ir
             if (o.value.port as usize) < n_ports {
                 Ok(base[&o.value.node] + o.value.port as usize)
             } else {
-                Err(IrError::new(format!(
-                    "output `{}` refers to a missing port",
-                    o.name
-                )))
+                Err(IrError::new(format!("output `{}` refers to a missing port", o.name)))
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -653,11 +630,7 @@ fn eval(
         if args.len() == n {
             Ok(())
         } else {
-            Err(format!(
-                "{} takes {n} operand(s), got {}",
-                op.name(),
-                args.len()
-            ))
+            Err(format!("{} takes {n} operand(s), got {}", op.name(), args.len()))
         }
     };
     let one = |t: Tensor| Ok(vec![t]);
@@ -837,16 +810,9 @@ fn product(dims: &[usize]) -> usize {
 /// `shape` around `axis`: (product before it, its size, product after it).
 fn split_at_axis(shape: &[usize], axis: usize) -> Result<(usize, usize, usize), String> {
     if axis >= shape.len() {
-        return Err(format!(
-            "axis {axis} is out of range for rank {}",
-            shape.len()
-        ));
+        return Err(format!("axis {axis} is out of range for rank {}", shape.len()));
     }
-    Ok((
-        product(&shape[..axis]),
-        shape[axis],
-        product(&shape[axis + 1..]),
-    ))
+    Ok((product(&shape[..axis]), shape[axis], product(&shape[axis + 1..])))
 }
 
 // ---- strided traversal ------------------------------------------------------------------------
@@ -990,12 +956,7 @@ impl Walk {
             let (pa, pb) = (o[0], o[1]);
             // the common stride patterns get slice loops (bounds checks hoisted, vectorisable)
             match (sa, sb) {
-                (1, 1) => out.extend(
-                    a[pa..pa + len]
-                        .iter()
-                        .zip(&b[pb..pb + len])
-                        .map(|(&x, &y)| f(x, y)),
-                ),
+                (1, 1) => out.extend(a[pa..pa + len].iter().zip(&b[pb..pb + len]).map(|(&x, &y)| f(x, y))),
                 (1, 0) => {
                     let y = b[pb];
                     out.extend(a[pa..pa + len].iter().map(|&x| f(x, y)));
@@ -1011,13 +972,7 @@ impl Walk {
     }
 
     /// `[f(a[i], b[i], c[i]) for each position]` with `a`, `b`, `c` as operands 0, 1, 2.
-    fn map3<A: Copy, B: Copy, C: Copy, O>(
-        &self,
-        a: &[A],
-        b: &[B],
-        c: &[C],
-        f: impl Fn(A, B, C) -> O,
-    ) -> Vec<O> {
+    fn map3<A: Copy, B: Copy, C: Copy, O>(&self, a: &[A], b: &[B], c: &[C], f: impl Fn(A, B, C) -> O) -> Vec<O> {
         let (len, sa, sb, sc) = (self.len(), self.inner(0), self.inner(1), self.inner(2));
         let mut out = Vec::with_capacity(self.numel);
         self.rows(|o| {
@@ -1160,13 +1115,7 @@ fn floor_mod(a: i64, b: i64) -> i64 {
     }
 }
 
-fn binary(
-    op: BinaryOp,
-    a: &Tensor,
-    b: &Tensor,
-    dtype: DType,
-    shape: &[usize],
-) -> Result<Tensor, String> {
+fn binary(op: BinaryOp, a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> Result<Tensor, String> {
     let walk = Walk::new(
         shape,
         &[
@@ -1174,12 +1123,7 @@ fn binary(
             (0, broadcast_strides(&b.shape, shape)?),
         ],
     );
-    let undefined = || {
-        Err(format!(
-            "{op:?} is not defined on {} and {}",
-            a.dtype, b.dtype
-        ))
-    };
+    let undefined = || Err(format!("{op:?} is not defined on {} and {}", a.dtype, b.dtype));
     let data = match (&a.data, &b.data) {
         (Data::F32(x), Data::F32(y)) => {
             if let Some(f) = comparison::<f32>(op) {
@@ -1217,9 +1161,7 @@ fn binary(
                     BinaryOp::Mod => walk.map2(x, y, floor_mod),
                     BinaryOp::Max => walk.map2(x, y, i64::max),
                     BinaryOp::Min => walk.map2(x, y, i64::min),
-                    BinaryOp::Pow => {
-                        walk.map2(x, y, |p, q| p.wrapping_pow(q.min(u32::MAX as i64) as u32))
-                    }
+                    BinaryOp::Pow => walk.map2(x, y, |p, q| p.wrapping_pow(q.min(u32::MAX as i64) as u32)),
                     _ => return undefined(),
                 })
             }
@@ -1238,13 +1180,7 @@ fn binary(
 }
 
 /// `where(cond, a, b)` with broadcasting.
-fn select(
-    cond: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    dtype: DType,
-    shape: &[usize],
-) -> Result<Tensor, String> {
+fn select(cond: &Tensor, a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> Result<Tensor, String> {
     let walk = Walk::new(
         shape,
         &[
@@ -1254,8 +1190,7 @@ fn select(
         ],
     );
     let c = bools(cond)?;
-    let data =
-        each_data!(&a.data, x => walk.map3(c, x, same_as(x, b)?, |c, p, q| if c { p } else { q }));
+    let data = each_data!(&a.data, x => walk.map3(c, x, same_as(x, b)?, |c, p, q| if c { p } else { q }));
     Ok(finish(dtype, shape.to_vec(), data))
 }
 
@@ -1263,13 +1198,7 @@ fn select(
 
 /// Folds `x` (operand 0 of `walk`) into `n_out` accumulators (operand 1, stride 0 along the
 /// reduced dims), starting from `init`.
-fn fold<A: Copy, S: Copy>(
-    walk: &Walk,
-    x: &[A],
-    n_out: usize,
-    init: S,
-    f: impl Fn(S, A) -> S,
-) -> Vec<S> {
+fn fold<A: Copy, S: Copy>(walk: &Walk, x: &[A], n_out: usize, init: S, f: impl Fn(S, A) -> S) -> Vec<S> {
     let mut acc = vec![init; n_out];
     let (len, si, so) = (walk.len(), walk.inner(0), walk.inner(1));
     walk.rows(|o| {
@@ -1290,13 +1219,7 @@ fn fold<A: Copy, S: Copy>(
     acc
 }
 
-fn reduce(
-    op: ReduceOp,
-    x: &Tensor,
-    axes: &[usize],
-    dtype: DType,
-    shape: &[usize],
-) -> Result<Tensor, String> {
+fn reduce(op: ReduceOp, x: &Tensor, axes: &[usize], dtype: DType, shape: &[usize]) -> Result<Tensor, String> {
     let mut kept = x.shape.clone();
     for &a in axes {
         *kept
@@ -1317,9 +1240,7 @@ fn reduce(
             let acc = fold(&walk, v, n_out, 0f64, |s, a| s + f64::from(a));
             Data::F32(acc.into_iter().map(|s| s as f32).collect())
         }
-        (Data::F32(v), ReduceOp::Max) => {
-            Data::F32(fold(&walk, v, n_out, f32::NEG_INFINITY, max_nan))
-        }
+        (Data::F32(v), ReduceOp::Max) => Data::F32(fold(&walk, v, n_out, f32::NEG_INFINITY, max_nan)),
         (Data::I64(v), ReduceOp::Sum) => Data::I64(fold(&walk, v, n_out, 0, i64::wrapping_add)),
         (Data::I64(v), ReduceOp::Max) => Data::I64(fold(&walk, v, n_out, i64::MIN, i64::max)),
         (Data::Bool(_), _) => return Err(format!("reduce {op:?} is not defined on bool")),
@@ -1360,19 +1281,11 @@ fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
     let mut sorted = perm.to_vec();
     sorted.sort_unstable();
     if sorted != (0..x.shape.len()).collect::<Vec<_>>() {
-        return Err(format!(
-            "{perm:?} is not a permutation of {} axes",
-            x.shape.len()
-        ));
+        return Err(format!("{perm:?} is not a permutation of {} axes", x.shape.len()));
     }
     let strides = x.strides();
     let shape = perm.iter().map(|&p| x.shape[p]).collect();
-    Ok(gather_strided(
-        x,
-        shape,
-        0,
-        perm.iter().map(|&p| strides[p]).collect(),
-    ))
+    Ok(gather_strided(x, shape, 0, perm.iter().map(|&p| strides[p]).collect()))
 }
 
 fn expand(x: &Tensor, shape: &[usize]) -> Result<Tensor, String> {
@@ -1387,19 +1300,12 @@ fn expand(x: &Tensor, shape: &[usize]) -> Result<Tensor, String> {
 fn slice(x: &Tensor, axis: usize, start: i64, end: i64) -> Result<Tensor, String> {
     let (_, n, _) = split_at_axis(&x.shape, axis)?;
     if start < 0 || end < start || end > n as i64 {
-        return Err(format!(
-            "slice {start}..{end} is out of range for dimension {n}"
-        ));
+        return Err(format!("slice {start}..{end} is out of range for dimension {n}"));
     }
     let strides = x.strides();
     let mut shape = x.shape.clone();
     shape[axis] = (end - start) as usize;
-    Ok(gather_strided(
-        x,
-        shape,
-        start as usize * strides[axis],
-        strides,
-    ))
+    Ok(gather_strided(x, shape, start as usize * strides[axis], strides))
 }
 
 fn concat(xs: &[&Tensor], axis: usize, shape: &[usize]) -> Result<Tensor, String> {
@@ -1430,13 +1336,7 @@ fn concat(xs: &[&Tensor], axis: usize, shape: &[usize]) -> Result<Tensor, String
     })
 }
 
-fn concat_t<T: Elem>(
-    like: &[T],
-    xs: &[&Tensor],
-    axis: usize,
-    outer: usize,
-    inner: usize,
-) -> Result<Vec<T>, String> {
+fn concat_t<T: Elem>(like: &[T], xs: &[&Tensor], axis: usize, outer: usize, inner: usize) -> Result<Vec<T>, String> {
     let parts = xs
         .iter()
         .map(|x| Ok((same_as(like, x)?, x.shape[axis] * inner)))
@@ -1463,9 +1363,7 @@ fn data_len(d: &Data) -> usize {
 /// Checks that every index lies in `0..n`.
 fn check_indices(ids: &[i64], n: usize, axis: usize) -> Result<(), String> {
     match ids.iter().find(|&&i| i < 0 || i as u64 >= n as u64) {
-        Some(i) => Err(format!(
-            "index {i} is out of range for axis {axis} of size {n}"
-        )),
+        Some(i) => Err(format!("index {i} is out of range for axis {axis} of size {n}")),
         None => Ok(()),
     }
 }
@@ -1497,11 +1395,7 @@ fn index_select(x: &Tensor, idx: &Tensor, axis: usize) -> Result<Tensor, String>
 
 /// Shapes of x and idx for the along-axis ops: (pre, n, m, post) where x is [pre, n, post] and
 /// idx is [pre, m, post] around `axis`.
-fn along_dims(
-    x: &Tensor,
-    idx: &Tensor,
-    axis: usize,
-) -> Result<(usize, usize, usize, usize), String> {
+fn along_dims(x: &Tensor, idx: &Tensor, axis: usize) -> Result<(usize, usize, usize, usize), String> {
     let (pre, n, post) = split_at_axis(&x.shape, axis)?;
     let agree = idx.shape.len() == x.shape.len()
         && x.shape
@@ -1544,12 +1438,7 @@ fn gather_along(x: &Tensor, idx: &Tensor, axis: usize) -> Result<Tensor, String>
 }
 
 /// `out = x; out[p, idx[p, j, q], q] += src[p, j, q]`; float sums in f64, rounded once.
-fn scatter_add_along(
-    x: &Tensor,
-    idx: &Tensor,
-    src: &Tensor,
-    axis: usize,
-) -> Result<Tensor, String> {
+fn scatter_add_along(x: &Tensor, idx: &Tensor, src: &Tensor, axis: usize) -> Result<Tensor, String> {
     let ids = ints(idx)?;
     let (pre, n, m, post) = along_dims(x, idx, axis)?;
     if src.shape != idx.shape {
@@ -1581,12 +1470,7 @@ fn scatter_add_along(
             }
             Data::I64(acc)
         }
-        _ => {
-            return Err(format!(
-                "scatter-add is not defined on {} and {}",
-                x.dtype, src.dtype
-            ))
-        }
+        _ => return Err(format!("scatter-add is not defined on {} and {}", x.dtype, src.dtype)),
     };
     Ok(finish(x.dtype, x.shape.clone(), data))
 }
@@ -1615,12 +1499,7 @@ fn topk(x: &Tensor, k: usize, axis: usize) -> Result<Vec<Tensor>, String> {
     ])
 }
 
-fn topk_t<T: Elem>(
-    v: &[T],
-    (pre, n, post): (usize, usize, usize),
-    k: usize,
-    ids: &mut [i64],
-) -> Vec<T> {
+fn topk_t<T: Elem>(v: &[T], (pre, n, post): (usize, usize, usize), k: usize, ids: &mut [i64]) -> Vec<T> {
     let mut vals = vec![T::default(); pre * k * post];
     let mut order: Vec<usize> = Vec::with_capacity(n);
     for p in 0..pre {
@@ -1736,11 +1615,7 @@ fn gemm(a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize), c: &mut [f32]) {
         let w = width.min(n - j0);
         panel.clear();
         for kk in 0..k {
-            panel.extend(
-                b[kk * n + j0..kk * n + j0 + w]
-                    .iter()
-                    .map(|&v| f64::from(v)),
-            );
+            panel.extend(b[kk * n + j0..kk * n + j0 + w].iter().map(|&v| f64::from(v)));
         }
         for i0 in (0..m).step_by(ROWS) {
             let rows = ROWS.min(m - i0);
@@ -1987,8 +1862,7 @@ mod tests {
     fn assert_close(got: &[f32], want: &[f64], tol: f64) {
         assert_eq!(got.len(), want.len(), "lengths differ");
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let ok =
-                (f64::from(g) - w).abs() <= tol * (1.0 + w.abs()) || (g.is_nan() && w.is_nan());
+            let ok = (f64::from(g) - w).abs() <= tol * (1.0 + w.abs()) || (g.is_nan() && w.is_nan());
             assert!(ok, "element {i}: got {g}, want {w}");
         }
     }
@@ -2027,11 +1901,7 @@ mod tests {
             (UnaryOp::Abs, f64::abs, false),
         ];
         for (op, reference, needs_positive) in cases {
-            let data = if needs_positive {
-                xp.clone()
-            } else {
-                xs.clone()
-            };
+            let data = if needs_positive { xp.clone() } else { xs.clone() };
             let mut g = Graph::new();
             let x = input(&mut g, "x", DType::F32, dims(&[3, 5]));
             let y = node(&mut g, Op::Unary(op), &[x]);
@@ -2044,11 +1914,7 @@ mod tests {
         let mut g = Graph::new();
         let x = input(&mut g, "x", DType::F32, dims(&[4]));
         let y = node(&mut g, Op::Unary(UnaryOp::Sigmoid), &[x]);
-        let got = eval1(
-            &g,
-            y,
-            vec![("x", ft(&[4], vec![-100.0, -20.0, 20.0, 100.0]))],
-        );
+        let got = eval1(&g, y, vec![("x", ft(&[4], vec![-100.0, -20.0, 20.0, 100.0]))]);
         let want: Vec<f64> = [-100.0f64, -20.0, 20.0, 100.0]
             .iter()
             .map(|x| 1.0 / (1.0 + (-x).exp()))
@@ -2078,18 +1944,11 @@ mod tests {
             i(&eval1(&g, neg, vec![("x", it(&[4], xv.clone()))])),
             &[-3, 4, -7, i64::MIN]
         );
-        assert_eq!(
-            i(&eval1(&g, abs, vec![("x", it(&[4], xv))])),
-            &[3, 4, 7, i64::MIN]
-        );
+        assert_eq!(i(&eval1(&g, abs, vec![("x", it(&[4], xv))])), &[3, 4, 7, i64::MIN]);
         let mut g = Graph::new();
         let x = input(&mut g, "x", DType::Bool, dims(&[3]));
         let y = node(&mut g, Op::Unary(UnaryOp::Not), &[x]);
-        let got = eval1(
-            &g,
-            y,
-            vec![("x", Tensor::from_bool(vec![3], vec![true, false, true]))],
-        );
+        let got = eval1(&g, y, vec![("x", Tensor::from_bool(vec![3], vec![true, false, true]))]);
         assert_eq!(b(&got), &[false, true, false]);
     }
 
@@ -2104,10 +1963,7 @@ mod tests {
         let pairs: Vec<(f64, f64)> = (0..n)
             .map(|k| {
                 let idx = unravel(k, &so);
-                (
-                    f64::from(av[bidx(&idx, &sa)]),
-                    f64::from(bv[bidx(&idx, &sb)]),
-                )
+                (f64::from(av[bidx(&idx, &sa)]), f64::from(bv[bidx(&idx, &sb)]))
             })
             .collect();
         type F = fn(f64, f64) -> f64;
@@ -2128,11 +1984,7 @@ mod tests {
                 a = node(&mut g, Op::Unary(UnaryOp::Abs), &[a]);
             }
             let y = node(&mut g, Op::Binary(op), &[a, bb]);
-            let got = eval1(
-                &g,
-                y,
-                vec![("a", ft(&sa, av.clone())), ("b", ft(&sb, bv.clone()))],
-            );
+            let got = eval1(&g, y, vec![("a", ft(&sa, av.clone())), ("b", ft(&sb, bv.clone()))]);
             assert_eq!(got.shape, so.to_vec(), "{op:?}");
             let want: Vec<f64> = pairs.iter().map(|&(x, y)| reference(x, y)).collect();
             assert_close(f(&got), &want, 1e-6);
@@ -2151,11 +2003,7 @@ mod tests {
             let a = input(&mut g, "a", DType::F32, dims(&[2, 3, 1, 5]));
             let bb = input(&mut g, "b", DType::F32, dims(&[4, 1]));
             let y = node(&mut g, Op::Binary(op), &[a, bb]);
-            let got = eval1(
-                &g,
-                y,
-                vec![("a", ft(&sa, av.clone())), ("b", ft(&sb, bv.clone()))],
-            );
+            let got = eval1(&g, y, vec![("a", ft(&sa, av.clone())), ("b", ft(&sb, bv.clone()))]);
             assert_eq!(got.dtype, DType::Bool);
             let want: Vec<bool> = pairs.iter().map(|&(x, y)| reference(x, y)).collect();
             assert_eq!(b(&got), &want[..], "{op:?}");
@@ -2216,11 +2064,7 @@ mod tests {
             let x = input(&mut g, "a", DType::I64, dims(&[3, 1]));
             let y = input(&mut g, "b", DType::I64, dims(&[4]));
             let z = node(&mut g, Op::Binary(op), &[x, y]);
-            let got = eval1(
-                &g,
-                z,
-                vec![("a", it(&[3, 1], av.clone())), ("b", it(&[4], bv.clone()))],
-            );
+            let got = eval1(&g, z, vec![("a", it(&[3, 1], av.clone())), ("b", it(&[4], bv.clone()))]);
             let want: Vec<i64> = (0..12).map(|k| reference(av[k / 4], bv[k % 4])).collect();
             assert_eq!(i(&got), &want[..], "{op:?}");
         }
@@ -2228,11 +2072,7 @@ mod tests {
         let x = input(&mut g, "a", DType::I64, dims(&[3, 1]));
         let y = input(&mut g, "b", DType::I64, dims(&[4]));
         let z = node(&mut g, Op::Binary(BinaryOp::Ge), &[x, y]);
-        let got = eval1(
-            &g,
-            z,
-            vec![("a", it(&[3, 1], av.clone())), ("b", it(&[4], bv.clone()))],
-        );
+        let got = eval1(&g, z, vec![("a", it(&[3, 1], av.clone())), ("b", it(&[4], bv.clone()))]);
         let want: Vec<bool> = (0..12).map(|k| av[k / 4] >= bv[k % 4]).collect();
         assert_eq!(b(&got), &want[..]);
         // division by zero is an error naming the node, not a panic
@@ -2251,11 +2091,7 @@ mod tests {
             )
             .unwrap();
         g.add_output("y", z, InputKind::Data);
-        let e = run(
-            &g,
-            vec![("a", it(&[2], vec![1, 2])), ("b", it(&[2], vec![1, 0]))],
-        )
-        .unwrap_err();
+        let e = run(&g, vec![("a", it(&[2], vec![1, 2])), ("b", it(&[2], vec![1, 0]))]).unwrap_err();
         assert_eq!(e.node.as_deref(), Some("%2 (div)"));
         assert!(
             e.to_string()
@@ -2313,13 +2149,7 @@ mod tests {
         );
         assert_eq!(got.shape, vec![3, 4]);
         let want: Vec<f64> = (0..12)
-            .map(|k| {
-                if cv[k / 4] {
-                    f64::from(av[k % 4])
-                } else {
-                    -5.0
-                }
-            })
+            .map(|k| if cv[k / 4] { f64::from(av[k % 4]) } else { -5.0 })
             .collect();
         assert_close(f(&got), &want, 0.0);
     }
@@ -2334,10 +2164,7 @@ mod tests {
         let mut out = vec![init; out_shape.iter().product()];
         for (k, &v) in x.iter().enumerate() {
             let idx = unravel(k, shape);
-            let o = ravel(
-                &kept.iter().map(|&d| idx[d]).collect::<Vec<_>>(),
-                &out_shape,
-            );
+            let o = ravel(&kept.iter().map(|&d| idx[d]).collect::<Vec<_>>(), &out_shape);
             out[o] = if max {
                 out[o].max(f64::from(v))
             } else {
@@ -2376,11 +2203,7 @@ mod tests {
                 );
                 let got = eval1(&g, y, vec![("x", ft(&shape, xv.clone()))]);
                 assert_eq!(got.shape, out_shape.to_vec(), "{op:?} {axes:?}");
-                assert_close(
-                    f(&got),
-                    &naive_reduce(&xv, &shape, axes, op == ReduceOp::Max),
-                    1e-6,
-                );
+                assert_close(f(&got), &naive_reduce(&xv, &shape, axes, op == ReduceOp::Max), 1e-6);
             }
         }
         // ints
@@ -2407,10 +2230,7 @@ mod tests {
         let xi = it(&[2, 3], vec![4, -2, 9, -7, 5, 1]);
         assert_eq!(i(&eval1(&g, s, vec![("x", xi.clone())])), &[11, -1]);
         let got = eval1(&g, m, vec![("x", xi)]);
-        assert_eq!(
-            (got.shape.clone(), i(&got).to_vec()),
-            (vec![1, 3], vec![4, 5, 9])
-        );
+        assert_eq!((got.shape.clone(), i(&got).to_vec()), (vec![1, 3], vec![4, 5, 9]));
         // bf16: accumulated wide, rounded once
         let mut g = Graph::new();
         let x = input(&mut g, "x", DType::BF16, dims(&[60]));
@@ -2453,13 +2273,7 @@ mod tests {
         let xv = nonzero(&mut r, 120);
         let mut g = Graph::new();
         let x = input(&mut g, "x", DType::F32, dims(&[2, 3, 4, 5]));
-        let p = node(
-            &mut g,
-            Op::Permute {
-                perm: perm.to_vec(),
-            },
-            &[x],
-        );
+        let p = node(&mut g, Op::Permute { perm: perm.to_vec() }, &[x]);
         let got = eval1(&g, p, vec![("x", ft(&shape, xv.clone()))]);
         let out_shape: Vec<usize> = perm.iter().map(|&q| shape[q]).collect();
         assert_eq!(got.shape, out_shape);
@@ -2472,13 +2286,7 @@ mod tests {
             assert_eq!(v, xv[ravel(&src, &shape)], "at {o:?}");
         }
         // reshape keeps row-major order
-        let rs = node(
-            &mut g,
-            Op::Reshape {
-                shape: dims(&[6, 20]),
-            },
-            &[x],
-        );
+        let rs = node(&mut g, Op::Reshape { shape: dims(&[6, 20]) }, &[x]);
         let got = eval1(&g, rs, vec![("x", ft(&shape, xv.clone()))]);
         assert_eq!((got.shape.clone(), f(&got)), (vec![6, 20], &xv[..]));
         // expand [3, 1] -> [2, 3, 4]
@@ -2566,12 +2374,7 @@ mod tests {
                 None,
             )
             .unwrap();
-        let new = input(
-            &mut g,
-            "new",
-            DType::F32,
-            vec![seq.clone(), Dim::constant(4)],
-        );
+        let new = input(&mut g, "new", DType::F32, vec![seq.clone(), Dim::constant(4)]);
         let cat = node(&mut g, Op::Concat { axis: 0 }, &[cache, new]);
         let kt = node(&mut g, Op::Permute { perm: vec![1, 0] }, &[cat]);
         let scores = node(&mut g, Op::Matmul, &[new, kt]);
@@ -2662,10 +2465,7 @@ mod tests {
         let got = eval1(
             &g,
             y,
-            vec![
-                ("emb", ft(&[5, 4], ev.clone())),
-                ("ids", it(&[2, 3], idv.clone())),
-            ],
+            vec![("emb", ft(&[5, 4], ev.clone())), ("ids", it(&[2, 3], idv.clone()))],
         );
         assert_eq!(got.shape, vec![2, 3, 4]);
         let want: Vec<f64> = (0..24)
@@ -2743,11 +2543,7 @@ mod tests {
             ]))
             .unwrap_err();
         assert_eq!(e.node.as_deref(), Some("%4 (gather)"));
-        assert!(
-            e.msg
-                .contains("index 4 is out of range for axis 1 of size 4"),
-            "{e}"
-        );
+        assert!(e.msg.contains("index 4 is out of range for axis 1 of size 4"), "{e}");
     }
 
     #[test]
@@ -2770,9 +2566,7 @@ mod tests {
                 ("src", ft(&[3, 4], sv.clone())),
             ]
         };
-        let want_g: Vec<f64> = (0..12)
-            .map(|k| f64::from(xv[(k / 4) * 5 + idv[k] as usize]))
-            .collect();
+        let want_g: Vec<f64> = (0..12).map(|k| f64::from(xv[(k / 4) * 5 + idv[k] as usize])).collect();
         assert_close(f(&eval1(&g, ga, ins())), &want_g, 0.0);
         let mut want_s: Vec<f64> = xv.iter().map(|&v| f64::from(v)).collect();
         for k in 0..12 {
@@ -2795,9 +2589,7 @@ mod tests {
                 ("src", ft(&[2, 5], sv0.clone())),
             ]
         };
-        let want_g: Vec<f64> = (0..10)
-            .map(|k| f64::from(xv[idv0[k] as usize * 5 + k % 5]))
-            .collect();
+        let want_g: Vec<f64> = (0..10).map(|k| f64::from(xv[idv0[k] as usize * 5 + k % 5])).collect();
         assert_close(f(&eval1(&g, ga, ins())), &want_g, 0.0);
         let mut want_s: Vec<f64> = xv.iter().map(|&v| f64::from(v)).collect();
         for k in 0..10 {
@@ -2870,21 +2662,10 @@ mod tests {
         let tk = g.add(Op::TopK { k: 1, axis: 0 }, &[x], None).unwrap();
         let am = node(&mut g, Op::ArgMax { axis: 0 }, &[x]);
         assert_eq!(
-            i(&eval1(
-                &g,
-                tk[1],
-                vec![("x", ft(&[3], vec![1.0, f32::NAN, 3.0]))]
-            )),
+            i(&eval1(&g, tk[1], vec![("x", ft(&[3], vec![1.0, f32::NAN, 3.0]))])),
             &[1]
         );
-        assert_eq!(
-            i(&eval1(
-                &g,
-                am,
-                vec![("x", ft(&[3], vec![1.0, f32::NAN, 3.0]))]
-            )),
-            &[1]
-        );
+        assert_eq!(i(&eval1(&g, am, vec![("x", ft(&[3], vec![1.0, f32::NAN, 3.0]))])), &[1]);
     }
 
     // ---- matmul / cast ------------------------------------------------------------------------
@@ -2915,20 +2696,12 @@ mod tests {
         let mut r = rng(seed);
         let av = nonzero(&mut r, sa.iter().product());
         let bv = nonzero(&mut r, sb.iter().product());
-        let to = |s: &[usize]| {
-            s.iter()
-                .map(|&d| Dim::constant(d as i64))
-                .collect::<Shape>()
-        };
+        let to = |s: &[usize]| s.iter().map(|&d| Dim::constant(d as i64)).collect::<Shape>();
         let mut g = Graph::new();
         let a = input(&mut g, "a", DType::F32, to(sa));
         let b = input(&mut g, "b", DType::F32, to(sb));
         let y = node(&mut g, Op::Matmul, &[a, b]);
-        let got = eval1(
-            &g,
-            y,
-            vec![("a", ft(sa, av.clone())), ("b", ft(sb, bv.clone()))],
-        );
+        let got = eval1(&g, y, vec![("a", ft(sa, av.clone())), ("b", ft(sb, bv.clone()))]);
         assert_eq!(got.shape, so.to_vec());
         assert_close(f(&got), &naive_matmul(&av, sa, &bv, sb, so), 1e-6);
     }
@@ -2949,15 +2722,8 @@ mod tests {
         let a = input(&mut g, "a", DType::F32, vec![Dim::constant(2), sym("k")]);
         let b = input(&mut g, "b", DType::F32, vec![sym("k"), Dim::constant(3)]);
         let y = node(&mut g, Op::Matmul, &[a, b]);
-        let got = eval1(
-            &g,
-            y,
-            vec![("a", ft(&[2, 0], vec![])), ("b", ft(&[0, 3], vec![]))],
-        );
-        assert_eq!(
-            (got.shape.clone(), f(&got).to_vec()),
-            (vec![2, 3], vec![0.0; 6])
-        );
+        let got = eval1(&g, y, vec![("a", ft(&[2, 0], vec![])), ("b", ft(&[0, 3], vec![]))]);
+        assert_eq!((got.shape.clone(), f(&got).to_vec()), (vec![2, 3], vec![0.0; 6]));
     }
 
     #[test]
@@ -2977,11 +2743,7 @@ mod tests {
         let b = input(&mut g, "b", DType::BF16, dims(&[64, 3]));
         let y = node(&mut g, Op::Matmul, &[a, b]);
         let bf = |s: &[usize], v: &[f32]| Tensor::from_f32(DType::BF16, s.to_vec(), v.to_vec());
-        let got = eval1(
-            &g,
-            y,
-            vec![("a", bf(&[m, k], &av)), ("b", bf(&[k, n], &bv))],
-        );
+        let got = eval1(&g, y, vec![("a", bf(&[m, k], &av)), ("b", bf(&[k, n], &bv))]);
         assert_eq!(got.dtype, DType::BF16);
         let exact = naive_matmul(&av, &[m, k], &bv, &[k, n], &[m, n]);
         let want: Vec<f32> = exact.iter().map(|&s| DType::BF16.round(s as f32)).collect();
@@ -2990,9 +2752,7 @@ mod tests {
         let stepwise: Vec<f32> = (0..m * n)
             .map(|o| {
                 let (i, j) = (o / n, o % n);
-                (0..k).fold(0f32, |s, p| {
-                    DType::BF16.round(s + av[i * k + p] * bv[p * n + j])
-                })
+                (0..k).fold(0f32, |s, p| DType::BF16.round(s + av[i * k + p] * bv[p * n + j]))
             })
             .collect();
         assert_ne!(f(&got), &stepwise[..]);
@@ -3008,10 +2768,7 @@ mod tests {
         let to_bool = node(&mut g, Op::Cast { to: DType::Bool }, &[x]);
         let to_bf16 = node(&mut g, Op::Cast { to: DType::BF16 }, &[x]);
         let ins = || vec![("x", ft(&[8], xv.clone()))];
-        assert_eq!(
-            i(&eval1(&g, to_i64, ins())),
-            &[-2, 0, 0, 2, 3_000_000_000, 0, 0, 257]
-        );
+        assert_eq!(i(&eval1(&g, to_i64, ins())), &[-2, 0, 0, 2, 3_000_000_000, 0, 0, 257]);
         let got = eval1(&g, to_i32, ins());
         assert_eq!(got.dtype, DType::I32);
         assert_eq!(i(&got), &[-2, 0, 0, 2, i32::MAX as i64, 0, 0, 257]);
@@ -3150,13 +2907,7 @@ mod tests {
             &[q],
         );
         let o3 = node(&mut body, Op::Matmul, &[q3, s2]);
-        let o = node(
-            &mut body,
-            Op::Reshape {
-                shape: dims(&[h, d]),
-            },
-            &[o3],
-        );
+        let o = node(&mut body, Op::Reshape { shape: dims(&[h, d]) }, &[o3]);
         body.add_output("S", s2, InputKind::Data);
         body.add_output("o", o, InputKind::Data);
 
@@ -3236,9 +2987,7 @@ mod tests {
                         }
                     }
                     for j in 0..D {
-                        let val: f64 = (0..D)
-                            .map(|i| at(&q, t, h, i) * s[(h * D + i) * D + j])
-                            .sum();
+                        let val: f64 = (0..D).map(|i| at(&q, t, h, i) * s[(h * D + i) * D + j]).sum();
                         let pos = if axis == 0 {
                             (t * H + h) * D + j
                         } else {
@@ -3290,23 +3039,14 @@ mod tests {
             col: 5,
         };
         let row = body
-            .add1(
-                Op::IndexSelect { axis: 0 },
-                &[table, idx],
-                Some(loc.clone()),
-            )
+            .add1(Op::IndexSelect { axis: 0 }, &[table, idx], Some(loc.clone()))
             .unwrap();
         let row = node(&mut body, Op::Reshape { shape: dims(&[2]) }, &[row]);
         let c2 = node(&mut body, Op::Binary(BinaryOp::Add), &[c, row]);
         body.add_output("c", c2, InputKind::Data);
         let mut g = Graph::new();
         let c0 = input(&mut g, "c0", DType::F32, dims(&[2]));
-        let ids = input(
-            &mut g,
-            "ids",
-            DType::I64,
-            vec![sym("seq"), Dim::constant(1)],
-        );
+        let ids = input(&mut g, "ids", DType::I64, vec![sym("seq"), Dim::constant(1)]);
         let table = input(&mut g, "table", DType::F32, dims(&[3, 2]));
         let outs = g
             .add(
@@ -3389,10 +3129,7 @@ mod tests {
         let mut ins = good();
         ins[2].1 = it(&[3, 2], vec![1; 6]);
         let e = err(ins);
-        assert!(
-            e.contains("input `c`: dimension 0 is 3, but seq + 1 = 4"),
-            "{e}"
-        );
+        assert!(e.contains("input `c`: dimension 0 is 3, but seq + 1 = 4"), "{e}");
         let mut ins = good();
         ins[2].1 = it(&[4, 3], vec![1; 12]);
         assert!(err(ins).contains("input `c`: dimension 1 is 3, expected 2"));
@@ -3417,10 +3154,7 @@ mod tests {
         // the error carries the input node's name
         let mut ins = good();
         ins[1].1 = ft(&[4], vec![2.0; 4]);
-        assert_eq!(
-            interp.run(&feed(ins)).unwrap_err().node.as_deref(),
-            Some("%1 (input)")
-        );
+        assert_eq!(interp.run(&feed(ins)).unwrap_err().node.as_deref(), Some("%1 (input)"));
     }
 
     #[test]
@@ -3468,27 +3202,16 @@ mod tests {
                 .into(),
             )
         };
-        let interp = Interpreter::new(
-            &g,
-            &table(Tensor::from_f32(DType::BF16, vec![2, 3], wv.clone())),
-        )
-        .unwrap();
-        let out = interp
-            .run(&feed(vec![("x", ft(&[3], vec![2.0, 4.0, -1.0]))]))
-            .unwrap();
+        let interp = Interpreter::new(&g, &table(Tensor::from_f32(DType::BF16, vec![2, 3], wv.clone()))).unwrap();
+        let out = interp.run(&feed(vec![("x", ft(&[3], vec![2.0, 4.0, -1.0]))])).unwrap();
         let wb: Vec<f32> = wv.iter().map(|&v| DType::BF16.round(v)).collect();
         assert_eq!(f(&out["w"]), &wb[..]);
-        let want: Vec<f32> = (0..6)
-            .map(|k| wb[k] * [2.0, 4.0, -1.0][k % 3] + 0.5)
-            .collect();
+        let want: Vec<f32> = (0..6).map(|k| wb[k] * [2.0, 4.0, -1.0][k % 3] + 0.5).collect();
         assert_eq!(f(&out["y"]), &want[..]);
         // what the source returns is checked
-        let e = Interpreter::new(
-            &g,
-            &table(Tensor::from_f32(DType::BF16, vec![3, 2], wv.clone())),
-        )
-        .err()
-        .unwrap();
+        let e = Interpreter::new(&g, &table(Tensor::from_f32(DType::BF16, vec![3, 2], wv.clone())))
+            .err()
+            .unwrap();
         assert_eq!(
             e.msg,
             "parameter `layers.{i}.w`: the source returned bf16[3, 2], expected bf16[2, 3]"
@@ -3496,10 +3219,7 @@ mod tests {
         let e = Interpreter::new(&g, &table(Tensor::from_f32(DType::F32, vec![2, 3], wv)))
             .err()
             .unwrap();
-        assert!(
-            e.msg.contains("returned f32[2, 3], expected bf16[2, 3]"),
-            "{e}"
-        );
+        assert!(e.msg.contains("returned f32[2, 3], expected bf16[2, 3]"), "{e}");
         let e = Interpreter::new(&g, &NoParams).err().unwrap();
         assert_eq!(e.msg, "parameter `bias`: no parameter `bias`");
     }
@@ -3623,9 +3343,7 @@ mod tests {
             ("lam", ft(&[H], vec![0.5, 0.25])),
         ]);
         let results: Vec<_> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..2)
-                .map(|_| s.spawn(|| interp.run(&ins).unwrap()))
-                .collect();
+            let hs: Vec<_> = (0..2).map(|_| s.spawn(|| interp.run(&ins).unwrap())).collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert_eq!(results[0], results[1]);
@@ -3644,10 +3362,7 @@ mod tests {
         let y = node(&mut g, Op::Matmul, &[a, b]);
         g.add_output("y", y, InputKind::Data);
         let interp = Interpreter::new(&g, &NoParams).unwrap();
-        let ins = feed(vec![
-            ("a", ft(&[m, k], av.clone())),
-            ("b", ft(&[k, n], bv.clone())),
-        ]);
+        let ins = feed(vec![("a", ft(&[m, k], av.clone())), ("b", ft(&[k, n], bv.clone()))]);
         let t0 = std::time::Instant::now();
         let out = interp.run(&ins).unwrap();
         let dt = t0.elapsed();

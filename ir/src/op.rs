@@ -86,52 +86,104 @@ pub struct Stack {
 pub enum Op {
     // ---- defines -------------------------------------------------------------------------
     /// A runtime input (tokens, or a carried state when `kind == State`).
-    Input { name: String, kind: InputKind, dtype: DType, shape: Shape },
+    Input {
+        name: String,
+        kind: InputKind,
+        dtype: DType,
+        shape: Shape,
+    },
     /// A weight from the checkpoint; `name` is the HF tensor name (a pattern when stacked).
-    Param { name: String, stack: Option<Stack>, dtype: DType, shape: Shape },
+    Param {
+        name: String,
+        stack: Option<Stack>,
+        dtype: DType,
+        shape: Shape,
+    },
     /// A scalar constant (shape []); broadcasting makes it any shape.
-    Const { value: f64, dtype: DType },
+    Const {
+        value: f64,
+        dtype: DType,
+    },
     /// The value of a symbolic dimension expression as an i64 scalar (`past` as a number).
-    DimValue { dim: Dim },
+    DimValue {
+        dim: Dim,
+    },
     /// `[0, 1, ..., len-1]`, shape [len].
-    Iota { len: Dim, dtype: DType },
+    Iota {
+        len: Dim,
+        dtype: DType,
+    },
     // ---- unary / binary / ternary (elementwise, numpy broadcasting) ------------------------
     Unary(UnaryOp),
     Binary(BinaryOp),
     /// `where(cond, a, b)`
     Where,
     // ---- reduce --------------------------------------------------------------------------
-    Reduce { op: ReduceOp, axes: Vec<usize>, keepdim: bool },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdim: bool,
+    },
     // ---- movement ------------------------------------------------------------------------
-    Reshape { shape: Shape },
-    Permute { perm: Vec<usize> },
+    Reshape {
+        shape: Shape,
+    },
+    Permute {
+        perm: Vec<usize>,
+    },
     /// broadcast to `shape` (numpy rules)
-    Expand { shape: Shape },
+    Expand {
+        shape: Shape,
+    },
     /// `x[start:end]` along `axis` (step 1)
-    Slice { axis: usize, start: Dim, end: Dim },
-    Concat { axis: usize },
+    Slice {
+        axis: usize,
+        start: Dim,
+        end: Dim,
+    },
+    Concat {
+        axis: usize,
+    },
     // ---- indexing ------------------------------------------------------------------------
     /// `take(x, idx, axis)`: out shape = x[..axis] ++ idx ++ x[axis+1..] (embedding lookup).
-    IndexSelect { axis: usize },
+    IndexSelect {
+        axis: usize,
+    },
     /// `take_along_axis(x, idx, axis)`: idx has x's rank; out has idx's shape.
-    GatherAlong { axis: usize },
+    GatherAlong {
+        axis: usize,
+    },
     /// `out = x; out[.., idx[i], ..] += src[i]` along `axis` (the derivative of GatherAlong).
-    ScatterAddAlong { axis: usize },
+    ScatterAddAlong {
+        axis: usize,
+    },
     /// Two outputs: values (x's dtype) and indices (i64) of the `k` largest along `axis`,
     /// descending; ties prefer the lower index (deterministic routing, spec §5.3).
-    TopK { k: usize, axis: usize },
+    TopK {
+        k: usize,
+        axis: usize,
+    },
     /// Index (i64) of the largest element along `axis`, ties to the lower index; axis removed.
-    ArgMax { axis: usize },
+    ArgMax {
+        axis: usize,
+    },
     // ---- matmul / cast -------------------------------------------------------------------
     /// `[.., M, K] @ [.., K, N] -> [.., M, N]` with broadcast batch dims; f32 accumulation.
     Matmul,
-    Cast { to: DType },
+    Cast {
+        to: DType,
+    },
     // ---- control -------------------------------------------------------------------------
     /// A recurrence along `axis` of the sequence inputs. Inputs: `n_carry` initial carries,
     /// `n_seq` sequences (sliced at step t along `axis`, axis removed), then captured values.
     /// The body's inputs are in that order; its outputs are the new carries then the per-step
     /// outputs. Outputs: the final carries, then the per-step outputs stacked along `axis`.
-    Scan { body: Box<Graph>, axis: usize, n_carry: usize, n_seq: usize },
+    Scan {
+        body: Box<Graph>,
+        axis: usize,
+        n_carry: usize,
+        n_seq: usize,
+    },
 }
 
 /// How an op's derivative is defined (the autodiff pass will implement these rules).
@@ -149,8 +201,12 @@ impl Op {
     /// Short name, as printed in the IR text and DOT.
     pub fn name(&self) -> String {
         match self {
-            Op::Input { kind: InputKind::Data, .. } => "input".into(),
-            Op::Input { kind: InputKind::State, .. } => "state".into(),
+            Op::Input {
+                kind: InputKind::Data, ..
+            } => "input".into(),
+            Op::Input {
+                kind: InputKind::State, ..
+            } => "state".into(),
             Op::Param { .. } => "param".into(),
             Op::Const { .. } => "const".into(),
             Op::DimValue { .. } => "dim_value".into(),
@@ -198,7 +254,12 @@ impl Op {
             | Op::ArgMax { axis } => format!("axis={axis}"),
             Op::TopK { k, axis } => format!("k={k} axis={axis}"),
             Op::Cast { to } => format!("to={to}"),
-            Op::Scan { axis, n_carry, n_seq, body } => format!(
+            Op::Scan {
+                axis,
+                n_carry,
+                n_seq,
+                body,
+            } => format!(
                 "axis={axis} carries={n_carry} seqs={n_seq} body_nodes={}",
                 body.node_count()
             ),
@@ -211,9 +272,7 @@ impl Op {
         use Derivative::*;
         match self {
             Op::Input { .. } | Op::Param { .. } => Leaf,
-            Op::Const { .. } | Op::DimValue { .. } | Op::Iota { .. } => {
-                None("constant: no gradient")
-            }
+            Op::Const { .. } | Op::DimValue { .. } | Op::Iota { .. } => None("constant: no gradient"),
             Op::Unary(u) => match u {
                 UnaryOp::Neg => Rule("-g"),
                 UnaryOp::Exp => Rule("g*y"),

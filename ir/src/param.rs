@@ -55,7 +55,12 @@ impl Graph {
     fn collect_params(&self, out: &mut Vec<ParamSpec>) -> Result<(), String> {
         for n in self.g.node_indices() {
             match &self.g[n].op {
-                Op::Param { name, stack, dtype, shape } => {
+                Op::Param {
+                    name,
+                    stack,
+                    dtype,
+                    shape,
+                } => {
                     let shape = shape
                         .iter()
                         .map(|d| {
@@ -64,7 +69,12 @@ impl Graph {
                                 .ok_or_else(|| format!("parameter `{name}` has a symbolic dimension {d}"))
                         })
                         .collect::<Result<Vec<_>, _>>()?;
-                    out.push(ParamSpec { name: name.clone(), stack: stack.clone(), dtype: *dtype, shape });
+                    out.push(ParamSpec {
+                        name: name.clone(),
+                        stack: stack.clone(),
+                        dtype: *dtype,
+                        shape,
+                    });
                 }
                 Op::Scan { body, .. } => body.collect_params(out)?,
                 _ => {}

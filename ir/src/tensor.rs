@@ -33,26 +33,50 @@ impl Tensor {
                 *x = dtype.round(*x);
             }
         }
-        Tensor { dtype, shape, data: Data::F32(data) }
+        Tensor {
+            dtype,
+            shape,
+            data: Data::F32(data),
+        }
     }
 
     pub fn from_i64(dtype: DType, shape: Vec<usize>, data: Vec<i64>) -> Tensor {
         assert!(dtype.is_int(), "from_i64 with {dtype}");
         assert_eq!(shape.iter().product::<usize>(), data.len(), "shape/data mismatch");
-        Tensor { dtype, shape, data: Data::I64(data) }
+        Tensor {
+            dtype,
+            shape,
+            data: Data::I64(data),
+        }
     }
 
     pub fn from_bool(shape: Vec<usize>, data: Vec<bool>) -> Tensor {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "shape/data mismatch");
-        Tensor { dtype: DType::Bool, shape, data: Data::Bool(data) }
+        Tensor {
+            dtype: DType::Bool,
+            shape,
+            data: Data::Bool(data),
+        }
     }
 
     pub fn zeros(dtype: DType, shape: Vec<usize>) -> Tensor {
         let n = shape.iter().product();
         match dtype {
-            d if d.is_float() => Tensor { dtype, shape, data: Data::F32(vec![0.0; n]) },
-            d if d.is_int() => Tensor { dtype, shape, data: Data::I64(vec![0; n]) },
-            _ => Tensor { dtype, shape, data: Data::Bool(vec![false; n]) },
+            d if d.is_float() => Tensor {
+                dtype,
+                shape,
+                data: Data::F32(vec![0.0; n]),
+            },
+            d if d.is_int() => Tensor {
+                dtype,
+                shape,
+                data: Data::I64(vec![0; n]),
+            },
+            _ => Tensor {
+                dtype,
+                shape,
+                data: Data::Bool(vec![false; n]),
+            },
         }
     }
 
@@ -97,7 +121,11 @@ impl Tensor {
             DType::I64 => Data::I64(vec![value as i64]),
             _ => Data::Bool(vec![value != 0.0]),
         };
-        Tensor { dtype, shape: Vec::new(), data }
+        Tensor {
+            dtype,
+            shape: Vec::new(),
+            data,
+        }
     }
 
     /// Row-major strides of this tensor's shape.

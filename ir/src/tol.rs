@@ -61,7 +61,11 @@ pub fn check(what: &str, a: &[f32], b: &[f32], bound: f64) -> Result<f64, String
     if e <= bound {
         Ok(e)
     } else {
-        Err(format!("{what}: relative error {e:.3e} exceeds {bound:.0e} ({} vs {} values)", a.len(), b.len()))
+        Err(format!(
+            "{what}: relative error {e:.3e} exceeds {bound:.0e} ({} vs {} values)",
+            a.len(),
+            b.len()
+        ))
     }
 }
 

@@ -29,8 +29,17 @@ impl Stats {
     pub fn of(mut xs: Vec<f64>) -> Stats {
         xs.sort_by(f64::total_cmp);
         let n = xs.len();
-        let median = if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 };
-        Stats { median, min: xs[0], max: xs[n - 1], n }
+        let median = if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+        };
+        Stats {
+            median,
+            min: xs[0],
+            max: xs[n - 1],
+            n,
+        }
     }
 }
 
@@ -79,7 +88,11 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -
             }
         }
         let seconds = Stats::of(times);
-        prefill.push(PrefillResult { tokens: t, tokens_per_s: t as f64 / seconds.median, seconds });
+        prefill.push(PrefillResult {
+            tokens: t,
+            tokens_per_s: t as f64 / seconds.median,
+            seconds,
+        });
     }
     let mut decode = Vec::new();
     for &b in &cfg.decode_batch {
@@ -99,7 +112,12 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -
             }
         }
         let seconds = Stats::of(times);
-        decode.push(DecodeResult { batch: b, context: cfg.context, tokens_per_s: b as f64 / seconds.median, seconds });
+        decode.push(DecodeResult {
+            batch: b,
+            context: cfg.context,
+            tokens_per_s: b as f64 / seconds.median,
+            seconds,
+        });
     }
     Ok(BenchReport { prefill, decode })
 }
@@ -108,7 +126,11 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -
 pub fn cpu_name() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     format!("{model} ({cores} cores)")

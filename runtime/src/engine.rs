@@ -29,8 +29,12 @@ impl Device {
             "reference" | "ref" => Ok(Device::Reference),
             "auto" => Ok(Device::Reference),
             "cpu" => err("--device cpu: the Cranelift CPU backend is not built yet; use --device reference (or auto)"),
-            "cuda" | "gpu" => err("--device cuda: the PTX/CUDA backend is not built yet; use --device reference (or auto)"),
-            other => err(format!("unknown device `{other}`: expected reference, cpu, cuda or auto")),
+            "cuda" | "gpu" => {
+                err("--device cuda: the PTX/CUDA backend is not built yet; use --device reference (or auto)")
+            }
+            other => err(format!(
+                "unknown device `{other}`: expected reference, cpu, cuda or auto"
+            )),
         }
     }
 
@@ -79,26 +83,48 @@ impl Engine {
         let mut states = Vec::new();
         let mut has_tokens = false;
         for &n in &graph.inputs {
-            if let Op::Input { name, kind, dtype, shape } = &graph.node(n).op {
+            if let Op::Input {
+                name,
+                kind,
+                dtype,
+                shape,
+            } = &graph.node(n).op
+            {
                 match kind {
-                    InputKind::State => states.push(StateSpec { name: name.clone(), dtype: *dtype, shape: shape.clone() }),
+                    InputKind::State => states.push(StateSpec {
+                        name: name.clone(),
+                        dtype: *dtype,
+                        shape: shape.clone(),
+                    }),
                     InputKind::Data if name == "tokens" => has_tokens = true,
-                    InputKind::Data => return err(format!("the model needs an input `{name}` that the runtime does not provide")),
+                    InputKind::Data => {
+                        return err(format!(
+                            "the model needs an input `{name}` that the runtime does not provide"
+                        ))
+                    }
                 }
             }
         }
         if !has_tokens {
             return err("the model has no `tokens` input");
         }
-        let logits = graph.output("logits").ok_or_else(|| Error("the model has no `logits` output".into()))?;
+        let logits = graph
+            .output("logits")
+            .ok_or_else(|| Error("the model has no `logits` output".into()))?;
         let vocab = graph
             .ty(logits.value)
             .shape
             .last()
             .and_then(|d| d.as_const())
-            .ok_or_else(|| Error("the logits' last dimension (vocabulary) must be fixed".into()))? as usize;
+            .ok_or_else(|| Error("the logits' last dimension (vocabulary) must be fixed".into()))?
+            as usize;
         let interp = Interpreter::new(graph, &m.weights)?;
-        Ok(Engine { interp, states, device, vocab })
+        Ok(Engine {
+            interp,
+            states,
+            device,
+            vocab,
+        })
     }
 
     /// Fresh state for `batch` sequences: zero linear-attention states, empty KV caches.
@@ -106,24 +132,39 @@ impl Engine {
         let env: DimEnv = [("batch".to_string(), batch as i64), ("past".to_string(), 0)].into();
         let mut tensors = HashMap::new();
         for s in &self.states {
-            let shape = ir::shape::eval_shape(&s.shape, &env)
-                .map_err(|e| Error(format!("state `{}`: {e} (states may use only `batch` and `past`)", s.name)))?;
+            let shape = ir::shape::eval_shape(&s.shape, &env).map_err(|e| {
+                Error(format!(
+                    "state `{}`: {e} (states may use only `batch` and `past`)",
+                    s.name
+                ))
+            })?;
             tensors.insert(s.name.clone(), Tensor::zeros(s.dtype, shape));
         }
-        Ok(State { batch, past: 0, tensors })
+        Ok(State {
+            batch,
+            past: 0,
+            tensors,
+        })
     }
 
     /// Run `seq` new tokens per sequence (`tokens` is [batch, seq] row-major) and advance the
     /// state; returns the logits [batch, seq, vocab].
     pub fn step(&self, state: &mut State, tokens: &[i64], seq: usize) -> Result<Tensor> {
         if tokens.len() != state.batch * seq {
-            return err(format!("{} tokens given for batch {} x {seq}", tokens.len(), state.batch));
+            return err(format!(
+                "{} tokens given for batch {} x {seq}",
+                tokens.len(),
+                state.batch
+            ));
         }
         if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.vocab) {
             return err(format!("token id {t} is outside the vocabulary (0..{})", self.vocab));
         }
         let mut inputs = std::mem::take(&mut state.tensors);
-        inputs.insert("tokens".into(), Tensor::from_i64(DType::I64, vec![state.batch, seq], tokens.to_vec()));
+        inputs.insert(
+            "tokens".into(),
+            Tensor::from_i64(DType::I64, vec![state.batch, seq], tokens.to_vec()),
+        );
         let result = self.interp.run(&inputs);
         inputs.remove("tokens");
         let mut outs = match result {
@@ -134,12 +175,15 @@ impl Engine {
             }
         };
         for s in &self.states {
-            let t = outs.remove(&s.name).ok_or_else(|| Error(format!("the step did not carry state `{}`", s.name)))?;
+            let t = outs
+                .remove(&s.name)
+                .ok_or_else(|| Error(format!("the step did not carry state `{}`", s.name)))?;
             inputs.insert(s.name.clone(), t);
         }
         state.tensors = inputs;
         state.past += seq;
-        outs.remove("logits").ok_or_else(|| Error("the step produced no logits".into()))
+        outs.remove("logits")
+            .ok_or_else(|| Error("the step produced no logits".into()))
     }
 
     /// Logits [T, vocab] of every position of one sequence. With `decode_from = Some(n)`, the

@@ -15,8 +15,14 @@ pub const RING_LINEAR_FILE: &str = "models/ring_linear.ring";
 pub const BUILTIN_CONFIGS: &[(&str, &str)] = &[
     ("tiny", include_str!("../../models/configs/tiny.json")),
     ("small", include_str!("../../models/configs/small.json")),
-    ("ring-mini-linear-2.0", include_str!("../../models/configs/ring-mini-linear-2.0.json")),
-    ("ring-flash-linear-2.0", include_str!("../../models/configs/ring-flash-linear-2.0.json")),
+    (
+        "ring-mini-linear-2.0",
+        include_str!("../../models/configs/ring-mini-linear-2.0.json"),
+    ),
+    (
+        "ring-flash-linear-2.0",
+        include_str!("../../models/configs/ring-flash-linear-2.0.json"),
+    ),
 ];
 
 /// What to load: a checkpoint folder, or a named config with random weights.
@@ -43,8 +49,8 @@ pub enum Weights {
 impl ParamSource for Weights {
     fn load(&self, spec: &ParamSpec) -> std::result::Result<Tensor, String> {
         match self {
-            Weights::Checkpoint(c) => c.load(spec).map_err(|e| e.to_string()),
-            Weights::Random(r) => r.load(spec).map_err(|e| e.to_string()),
+            Weights::Checkpoint(c) => ParamSource::load(c.as_ref(), spec),
+            Weights::Random(r) => ParamSource::load(r, spec),
         }
     }
 }
@@ -64,7 +70,11 @@ pub fn resolve_config(name: &str) -> Result<serde_json::Value> {
         return serde_json::from_str(text).map_err(|e| Error(format!("built-in config {name}: {e}")));
     }
     let p = Path::new(name);
-    let file = if p.is_dir() { p.join("config.json") } else { p.to_path_buf() };
+    let file = if p.is_dir() {
+        p.join("config.json")
+    } else {
+        p.to_path_buf()
+    };
     if !file.exists() {
         let names: Vec<&str> = BUILTIN_CONFIGS.iter().map(|(n, _)| *n).collect();
         return err(format!(
@@ -92,7 +102,10 @@ pub fn apply_overrides(config: &mut serde_json::Value, overrides: &[String]) -> 
             return err(format!("--set expects key=value, got `{o}`"));
         };
         let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
-        config.as_object_mut().expect("configs are objects").insert(k.trim().to_string(), value);
+        config
+            .as_object_mut()
+            .expect("configs are objects")
+            .insert(k.trim().to_string(), value);
     }
     Ok(())
 }
@@ -111,7 +124,9 @@ impl LoadedModel {
     pub fn load(spec: &ModelSpec) -> Result<LoadedModel> {
         match (&spec.dir, &spec.config) {
             (Some(_), Some(_)) => err("give either --model DIR or --config NAME, not both"),
-            (None, None) => err("no model: give --model DIR (an HF checkpoint folder) or --config NAME (random weights; e.g. tiny)"),
+            (None, None) => {
+                err("no model: give --model DIR (an HF checkpoint folder) or --config NAME (random weights; e.g. tiny)")
+            }
             (Some(dir), None) => {
                 let ckpt = Checkpoint::open(dir)?;
                 let mut config = ckpt.config().clone();
@@ -154,7 +169,10 @@ impl LoadedModel {
     }
 
     pub fn vocab_size(&self) -> Option<usize> {
-        self.config.get("vocab_size").and_then(|v| v.as_u64()).map(|v| v as usize)
+        self.config
+            .get("vocab_size")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
     }
 
     pub fn eos_token(&self) -> Option<i64> {

@@ -14,7 +14,11 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { temperature: 0.0, top_p: 1.0, top_k: 0 }
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        }
     }
 }
 
@@ -40,7 +44,10 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> usize {
         idx.truncate(s.top_k);
     }
     let m = logits[idx[0]] as f64;
-    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - m) / s.temperature as f64).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - m) / s.temperature as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if s.top_p < 1.0 {
@@ -80,19 +87,31 @@ mod tests {
         let l = [0.5, 3.0, 3.0, -1.0];
         assert_eq!(sample(&l, &Sampling::default(), &mut rng), 1);
         // top_k = 2 never yields tokens 0 or 3
-        let s = Sampling { temperature: 1.0, top_p: 1.0, top_k: 2 };
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 2,
+        };
         for _ in 0..200 {
             let t = sample(&l, &s, &mut rng);
             assert!(t == 1 || t == 2);
         }
         // a tiny top_p keeps only the best token
-        let s = Sampling { temperature: 1.0, top_p: 0.01, top_k: 0 };
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 0.01,
+            top_k: 0,
+        };
         let l2 = [0.0, 5.0, 1.0];
         for _ in 0..50 {
             assert_eq!(sample(&l2, &s, &mut rng), 1);
         }
         // high temperature reaches every token
-        let s = Sampling { temperature: 100.0, top_p: 1.0, top_k: 0 };
+        let s = Sampling {
+            temperature: 100.0,
+            top_p: 1.0,
+            top_k: 0,
+        };
         let mut seen = [false; 4];
         for _ in 0..400 {
             seen[sample(&l, &s, &mut rng)] = true;

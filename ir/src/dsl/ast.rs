@@ -31,7 +31,11 @@ pub struct Stmt {
 pub enum StmtKind {
     /// `config NAME: TYPE [= DEFAULT];` — TYPE is `int`, `float`, `bool`, `str` or `any`
     /// (`any` accepts any JSON value, `null` included).
-    Config { name: Ident, ty: Ident, default: Option<Expr> },
+    Config {
+        name: Ident,
+        ty: Ident,
+        default: Option<Expr>,
+    },
     /// `require COND, MESSAGE;`
     Require { cond: Expr, message: Expr },
     /// `dim batch, seq;` — symbolic dimensions
@@ -42,15 +46,29 @@ pub enum StmtKind {
     State { name: Ident, ty: Expr, key: Expr },
     /// `param NAME: TYPE = KEY [for VAR in START..END];` — a checkpoint tensor (a stacked
     /// family when `for` is given)
-    Param { name: Ident, ty: Expr, key: Expr, stack: Option<StackClause> },
+    Param {
+        name: Ident,
+        ty: Expr,
+        key: Expr,
+        stack: Option<StackClause>,
+    },
     /// `let PATTERN = EXPR;`
     Let { pat: Pattern, value: Expr },
     /// `NAME = EXPR;` — rebinds an existing variable of an enclosing scope
     Assign { name: Ident, value: Expr },
     /// `fn NAME(PARAMS) BLOCK`
-    Fn { name: Ident, params: Vec<FnParam>, body: Block },
+    Fn {
+        name: Ident,
+        params: Vec<FnParam>,
+        body: Block,
+    },
     /// `for VAR in START..END BLOCK` — unrolled at compile time
-    For { var: Ident, start: Expr, end: Expr, body: Block },
+    For {
+        var: Ident,
+        start: Expr,
+        end: Expr,
+        body: Block,
+    },
     /// `output NAME = EXPR;` — NAME is a (string) expression
     Output { name: Expr, value: Expr },
     /// `carry NAME = EXPR;` — the next step's value of the state NAME
@@ -130,7 +148,10 @@ pub struct Arg {
 pub enum IndexItem {
     Expr(Expr),
     /// `start:end`, either side optional
-    Slice { start: Option<Expr>, end: Option<Expr> },
+    Slice {
+        start: Option<Expr>,
+        end: Option<Expr>,
+    },
     /// `...`
     Ellipsis,
 }
@@ -148,20 +169,42 @@ pub enum ExprKind {
     Str(String),
     Bool(bool),
     Name(String),
-    Unary { op: UnOp, expr: Box<Expr> },
-    Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
+    Unary {
+        op: UnOp,
+        expr: Box<Expr>,
+    },
+    Binary {
+        op: BinOp,
+        lhs: Box<Expr>,
+        rhs: Box<Expr>,
+    },
     /// `f(a, b, axis = -1)`
-    Call { func: Ident, args: Vec<Arg> },
+    Call {
+        func: Ident,
+        args: Vec<Arg>,
+    },
     /// `x[items]` — slicing a tensor, or a tensor type when `x` is a dtype (`bf16[D, V]`)
-    Index { base: Box<Expr>, items: Vec<IndexItem> },
+    Index {
+        base: Box<Expr>,
+        items: Vec<IndexItem>,
+    },
     /// `[a, b, c]`
     List(Vec<Expr>),
     /// `(a, b)` — never of length 1 (`(a)` is just `a`); `()` is the empty tuple
     Tuple(Vec<Expr>),
     /// `if COND BLOCK [else (BLOCK | if ...)]`; the else branch is an Expr of kind Block or If
-    If { cond: Box<Expr>, then: Block, els: Option<Box<Expr>> },
+    If {
+        cond: Box<Expr>,
+        then: Block,
+        els: Option<Box<Expr>>,
+    },
     Block(Block),
     /// `scan (c = init, ...; x in seq, ...; axis = A) BLOCK` — the block's value is a tuple:
     /// new carries, then per-step outputs. The carry list may be empty; `axis` is optional.
-    Scan { carries: Vec<ScanBinding>, seqs: Vec<ScanBinding>, axis: Option<Box<Expr>>, body: Block },
+    Scan {
+        carries: Vec<ScanBinding>,
+        seqs: Vec<ScanBinding>,
+        axis: Option<Box<Expr>>,
+        body: Block,
+    },
 }

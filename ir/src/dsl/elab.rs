@@ -56,7 +56,13 @@ pub struct Model {
 /// Parse and elaborate `src` (named `file` in errors) against `config` (an HF config.json).
 pub fn elaborate(file: &str, src: &str, config: &serde_json::Value) -> Result<Model, DslError> {
     let lines: Vec<&str> = src.lines().collect();
-    let line_of = |l: u32| lines.get(l.saturating_sub(1) as usize).copied().unwrap_or("").to_string();
+    let line_of = |l: u32| {
+        lines
+            .get(l.saturating_sub(1) as usize)
+            .copied()
+            .unwrap_or("")
+            .to_string()
+    };
     let prog = super::parser::parse(file, src).map_err(|e| DslError {
         file: file.to_string(),
         line: e.line,
@@ -79,7 +85,10 @@ pub fn elaborate(file: &str, src: &str, config: &serde_json::Value) -> Result<Mo
     graph.validate().map_err(|e| to_dsl(el.ir_err(e, Span::default())))?;
     let mut unused: Vec<String> = cfg.keys().filter(|k| !el.used_keys.contains(*k)).cloned().collect();
     unused.sort();
-    Ok(Model { graph, unused_config_keys: unused })
+    Ok(Model {
+        graph,
+        unused_config_keys: unused,
+    })
 }
 
 /// Read a model file from disk and elaborate it.
@@ -197,7 +206,10 @@ impl<'a> Elab<'a> {
             cfg,
             used_keys: BTreeSet::new(),
             scopes: vec![globals],
-            graphs: vec![GraphCtx { graph: Graph::new(), captures: vec![] }],
+            graphs: vec![GraphCtx {
+                graph: Graph::new(),
+                captures: vec![],
+            }],
             states: HashMap::new(),
             state_of_value: HashMap::new(),
             outputs: BTreeSet::new(),
@@ -206,11 +218,22 @@ impl<'a> Elab<'a> {
     }
 
     fn loc(&self, span: Span) -> Option<SrcLoc> {
-        Some(SrcLoc { file: self.file.clone(), line: span.line, col: span.col })
+        Some(SrcLoc {
+            file: self.file.clone(),
+            line: span.line,
+            col: span.col,
+        })
     }
 
     fn ir_err(&self, e: IrError, span: Span) -> Err0 {
-        let span = e.loc.as_ref().map(|l| Span { line: l.line, col: l.col }).unwrap_or(span);
+        let span = e
+            .loc
+            .as_ref()
+            .map(|l| Span {
+                line: l.line,
+                col: l.col,
+            })
+            .unwrap_or(span);
         Err0 { span, msg: e.msg }
     }
 
@@ -261,7 +284,12 @@ impl<'a> Elab<'a> {
         let v = ctx
             .graph
             .add1(
-                Op::Input { name: format!("capture{n}"), kind: InputKind::Data, dtype: ty.dtype, shape: ty.shape },
+                Op::Input {
+                    name: format!("capture{n}"),
+                    kind: InputKind::Data,
+                    dtype: ty.dtype,
+                    shape: ty.shape,
+                },
                 &[],
                 None,
             )
@@ -278,7 +306,10 @@ impl<'a> Elab<'a> {
         let vals: Vec<Value> = args.iter().map(|t| self.use_t(*t)).collect();
         let loc = self.loc(span);
         let cur = self.cur();
-        let outs = self.graphs[cur].graph.add(op, &vals, loc).map_err(|e| Err0 { span, msg: e.msg })?;
+        let outs = self.graphs[cur]
+            .graph
+            .add(op, &vals, loc)
+            .map_err(|e| Err0 { span, msg: e.msg })?;
         Ok(outs.into_iter().map(|v| TRef { graph: cur, v }).collect())
     }
 
@@ -355,12 +386,20 @@ impl<'a> Elab<'a> {
                 let msg = self.expr(message)?;
                 let msg = match msg {
                     Val::Str(m) => self.interpolate(&m, message.span, None, false)?,
-                    other => return err(message.span, format!("require's message must be a string, found {}", other.kind())),
+                    other => {
+                        return err(
+                            message.span,
+                            format!("require's message must be a string, found {}", other.kind()),
+                        )
+                    }
                 };
                 match c {
                     Val::Bool(true) => Ok(()),
                     Val::Bool(false) => err(cond.span, format!("requirement failed: {msg}")),
-                    other => err(cond.span, format!("require needs a compile-time bool, found {}", other.kind())),
+                    other => err(
+                        cond.span,
+                        format!("require needs a compile-time bool, found {}", other.kind()),
+                    ),
                 }
             }
             StmtKind::Dim { names } => {
@@ -375,7 +414,12 @@ impl<'a> Elab<'a> {
                     return err(s.span, "inputs are declared outside scan bodies");
                 }
                 let t = self.add1(
-                    Op::Input { name: name.name.clone(), kind: InputKind::Data, dtype: ty.dtype, shape: ty.shape },
+                    Op::Input {
+                        name: name.name.clone(),
+                        kind: InputKind::Data,
+                        dtype: ty.dtype,
+                        shape: ty.shape,
+                    },
                     &[],
                     name.span,
                 )?;
@@ -392,11 +436,24 @@ impl<'a> Elab<'a> {
                     return err(s.span, format!("state \"{key}\" is declared twice"));
                 }
                 let t = self.add1(
-                    Op::Input { name: key.clone(), kind: InputKind::State, dtype: ty.dtype, shape: ty.shape.clone() },
+                    Op::Input {
+                        name: key.clone(),
+                        kind: InputKind::State,
+                        dtype: ty.dtype,
+                        shape: ty.shape.clone(),
+                    },
                     &[],
                     name.span,
                 )?;
-                self.states.insert(key.clone(), StateDecl { key: key.clone(), ty, carried: false, span: s.span });
+                self.states.insert(
+                    key.clone(),
+                    StateDecl {
+                        key: key.clone(),
+                        ty,
+                        carried: false,
+                        span: s.span,
+                    },
+                );
                 self.state_of_value.insert(t, key);
                 self.bind(&name.name, Val::Tensor(t));
                 Ok(())
@@ -404,7 +461,7 @@ impl<'a> Elab<'a> {
             StmtKind::Param { name, ty, key, stack } => self.param(name, ty, key, stack.as_ref()),
             StmtKind::Let { pat, value } => {
                 let v = self.expr(value)?;
-                self.bind_pattern(pat, v, value.span)
+                self.bind_pattern(pat, v)
             }
             StmtKind::Assign { name, value } => {
                 let v = self.expr(value)?;
@@ -414,10 +471,22 @@ impl<'a> Elab<'a> {
                         return Ok(());
                     }
                 }
-                err(name.span, format!("`{}` is not defined; use `let {} = ...` to define it", name.name, name.name))
+                err(
+                    name.span,
+                    format!(
+                        "`{}` is not defined; use `let {} = ...` to define it",
+                        name.name, name.name
+                    ),
+                )
             }
             StmtKind::Fn { name, params, body } => {
-                self.bind(&name.name, Val::Fn(Rc::new(FnDef { params: params.clone(), body: body.clone() })));
+                self.bind(
+                    &name.name,
+                    Val::Fn(Rc::new(FnDef {
+                        params: params.clone(),
+                        body: body.clone(),
+                    })),
+                );
                 Ok(())
             }
             StmtKind::For { var, start, end, body } => {
@@ -462,7 +531,10 @@ impl<'a> Elab<'a> {
                     return err(s.span, format!("state \"{key}\" is carried twice"));
                 }
                 if new_ty.dtype != st.ty.dtype || new_ty.rank() != st.ty.rank() {
-                    return err(value.span, format!("state \"{key}\" is {} but is carried as {}", st.ty, new_ty));
+                    return err(
+                        value.span,
+                        format!("state \"{key}\" is {} but is carried as {}", st.ty, new_ty),
+                    );
                 }
                 st.carried = true;
                 self.graphs[0].graph.add_output(&key, t.v, InputKind::State);
@@ -480,12 +552,20 @@ impl<'a> Elab<'a> {
             None => match default {
                 Some(d) => self.expr(d)?,
                 None if ty.name == "any" => Val::Json(serde_json::Value::Null),
-                None => return err(name.span, format!("config.json has no `{key}` (a required {})", ty.name)),
+                None => {
+                    return err(
+                        name.span,
+                        format!("config.json has no `{key}` (a required {})", ty.name),
+                    )
+                }
             },
             Some(j) => {
                 let bad = |what: &str| err(name.span, format!("config.json's `{key}` must be {what}, found {j}"));
                 match ty.name.as_str() {
-                    "int" => match j.as_i64().or_else(|| j.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)) {
+                    "int" => match j
+                        .as_i64()
+                        .or_else(|| j.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+                    {
                         Some(i) => Val::Int(i),
                         None => return bad("an integer"),
                     },
@@ -502,7 +582,12 @@ impl<'a> Elab<'a> {
                         None => return bad("a string"),
                     },
                     "any" => Val::Json(j.clone()),
-                    other => return err(ty.span, format!("unknown config type `{other}` (int, float, bool, str, any)")),
+                    other => {
+                        return err(
+                            ty.span,
+                            format!("unknown config type `{other}` (int, float, bool, str, any)"),
+                        )
+                    }
                 }
             }
         };
@@ -518,26 +603,47 @@ impl<'a> Elab<'a> {
                 let a = self.int(&sc.start)?;
                 let b = self.int(&sc.end)?;
                 if a != 0 || b <= 0 {
-                    return err(sc.start.span, format!("a stacked parameter runs over 0..N with N > 0, found {a}..{b}"));
+                    return err(
+                        sc.start.span,
+                        format!("a stacked parameter runs over 0..N with N > 0, found {a}..{b}"),
+                    );
                 }
-                Some(Stack { var: sc.var.name.clone(), count: b as usize })
+                Some(Stack {
+                    var: sc.var.name.clone(),
+                    count: b as usize,
+                })
             }
         };
         let pattern = self.string(key, stack.as_ref().map(|s| s.var.as_str()))?;
         if let Some(s) = &stack {
             if !pattern.contains(&format!("{{{}}}", s.var)) {
-                return err(key.span, format!("stacked parameter name \"{pattern}\" does not mention {{{}}}", s.var));
+                return err(
+                    key.span,
+                    format!("stacked parameter name \"{pattern}\" does not mention {{{}}}", s.var),
+                );
             }
         }
         if let Some(d) = ty.shape.iter().find(|d| d.is_symbolic()) {
-            return err(name.span, format!("parameter shapes are fixed by the config; `{d}` is symbolic"));
+            return err(
+                name.span,
+                format!("parameter shapes are fixed by the config; `{d}` is symbolic"),
+            );
         }
-        let t = self.add1(Op::Param { name: pattern, stack, dtype: ty.dtype, shape: ty.shape }, &[], name.span)?;
+        let t = self.add1(
+            Op::Param {
+                name: pattern,
+                stack,
+                dtype: ty.dtype,
+                shape: ty.shape,
+            },
+            &[],
+            name.span,
+        )?;
         self.bind(&name.name, Val::Tensor(t));
         Ok(())
     }
 
-    fn bind_pattern(&mut self, pat: &Pattern, v: Val, span: Span) -> R<()> {
+    fn bind_pattern(&mut self, pat: &Pattern, v: Val) -> R<()> {
         match pat {
             Pattern::Name(id) => {
                 self.bind(&id.name, v);
@@ -546,13 +652,21 @@ impl<'a> Elab<'a> {
             Pattern::Tuple(pats, pspan) => {
                 let items = match v {
                     Val::Tuple(items) | Val::List(items) => items,
-                    other => return err(*pspan, format!("cannot destructure {} into {} names", other.kind(), pats.len())),
+                    other => {
+                        return err(
+                            *pspan,
+                            format!("cannot destructure {} into {} names", other.kind(), pats.len()),
+                        )
+                    }
                 };
                 if items.len() != pats.len() {
-                    return err(*pspan, format!("cannot destructure {} values into {} names", items.len(), pats.len()));
+                    return err(
+                        *pspan,
+                        format!("cannot destructure {} values into {} names", items.len(), pats.len()),
+                    );
                 }
                 for (p, item) in pats.iter().zip(items) {
-                    self.bind_pattern(p, item, span)?;
+                    self.bind_pattern(p, item)?;
                 }
                 Ok(())
             }
@@ -577,7 +691,10 @@ impl<'a> Elab<'a> {
         match self.expr(e)? {
             Val::Int(i) => Ok(i),
             Val::Dim(d) if d.as_const().is_some() => Ok(d.as_const().unwrap()),
-            other => err(e.span, format!("expected a compile-time integer, found {}", other.kind())),
+            other => err(
+                e.span,
+                format!("expected a compile-time integer, found {}", other.kind()),
+            ),
         }
     }
 
@@ -620,7 +737,10 @@ impl<'a> Elab<'a> {
         match self.expr(e)? {
             Val::Type(t) => Ok(t),
             Val::DType(d) => Ok(TensorType::scalar(d)),
-            other => err(e.span, format!("expected a tensor type like `f32[batch, seq]`, found {}", other.kind())),
+            other => err(
+                e.span,
+                format!("expected a tensor type like `f32[batch, seq]`, found {}", other.kind()),
+            ),
         }
     }
 
@@ -679,11 +799,19 @@ impl<'a> Elab<'a> {
                     Some(e) => self.expr(e),
                     None => Ok(Val::Unit),
                 },
-                Val::Tensor(_) => err(cond.span, "`if` decides at compile time; use where(cond, a, b) to select between tensors"),
+                Val::Tensor(_) => err(
+                    cond.span,
+                    "`if` decides at compile time; use where(cond, a, b) to select between tensors",
+                ),
                 other => err(cond.span, format!("`if` needs a bool, found {}", other.kind())),
             },
             ExprKind::Block(b) => self.block(b),
-            ExprKind::Scan { carries, seqs, axis, body } => self.scan(carries, seqs, axis.as_deref(), body, span),
+            ExprKind::Scan {
+                carries,
+                seqs,
+                axis,
+                body,
+            } => self.scan(carries, seqs, axis.as_deref(), body, span),
         }
     }
 
@@ -695,7 +823,14 @@ impl<'a> Elab<'a> {
             (UnOp::Not, Val::Bool(b)) => Ok(Val::Bool(!b)),
             (UnOp::Neg, Val::Tensor(t)) => Ok(Val::Tensor(self.add1(Op::Unary(UnaryOp::Neg), &[t], span)?)),
             (UnOp::Not, Val::Tensor(t)) => Ok(Val::Tensor(self.add1(Op::Unary(UnaryOp::Not), &[t], span)?)),
-            (op, v) => err(span, format!("cannot apply {} to {}", if op == UnOp::Neg { "-" } else { "!" }, v.kind())),
+            (op, v) => err(
+                span,
+                format!(
+                    "cannot apply {} to {}",
+                    if op == UnOp::Neg { "-" } else { "!" },
+                    v.kind()
+                ),
+            ),
         }
     }
 
@@ -715,7 +850,10 @@ impl<'a> Elab<'a> {
                 _ => unreachable!(),
             }
         };
-        let is_cmp = matches!(op, BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge);
+        let is_cmp = matches!(
+            op,
+            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
+        );
         // constant dims behave as integers
         let norm = |v: Val| match v {
             Dim(d) if d.as_const().is_some() => Int(d.as_const().unwrap()),
@@ -729,6 +867,11 @@ impl<'a> Elab<'a> {
                 BinOp::Eq => Ok(Bool(x == y)),
                 BinOp::Ne => Ok(Bool(x != y)),
                 _ => err(span, "bools support only &&, ||, == and !="),
+            },
+            (DType(x), DType(y)) => match op {
+                BinOp::Eq => Ok(Bool(x == y)),
+                BinOp::Ne => Ok(Bool(x != y)),
+                _ => err(span, "dtypes support only == and !="),
             },
             (Str(x), Str(y)) => match op {
                 BinOp::Eq => Ok(Bool(x == y)),
@@ -801,7 +944,10 @@ impl<'a> Elab<'a> {
                     },
                     BinOp::Eq => Ok(Bool(dx == dy)),
                     BinOp::Ne => Ok(Bool(dx != dy)),
-                    _ => err(span, format!("{op:?} is not defined on symbolic dimensions (they are only known at run time)")),
+                    _ => err(
+                        span,
+                        format!("{op:?} is not defined on symbolic dimensions (they are only known at run time)"),
+                    ),
                 }
             }
             (x, y) => err(span, format!("cannot apply {op:?} to {} and {}", x.kind(), y.kind())),
@@ -936,7 +1082,15 @@ impl<'a> Elab<'a> {
                     let v = self.expr(e)?;
                     let d = ty.shape[axis].clone();
                     let i = self.bound(&v, &d, e.span)?;
-                    cur = self.add1(Op::Slice { axis, start: i.clone(), end: i.add(&Dim::constant(1)) }, &[cur], span)?;
+                    cur = self.add1(
+                        Op::Slice {
+                            axis,
+                            start: i.clone(),
+                            end: i.add(&Dim::constant(1)),
+                        },
+                        &[cur],
+                        span,
+                    )?;
                     remove.push(axis);
                     axis += 1;
                 }
@@ -957,7 +1111,15 @@ impl<'a> Elab<'a> {
                         None => d.clone(),
                     };
                     if s != Dim::constant(0) || en != d {
-                        cur = self.add1(Op::Slice { axis, start: s, end: en }, &[cur], span)?;
+                        cur = self.add1(
+                            Op::Slice {
+                                axis,
+                                start: s,
+                                end: en,
+                            },
+                            &[cur],
+                            span,
+                        )?;
                     }
                     axis += 1;
                 }
@@ -988,7 +1150,14 @@ impl<'a> Elab<'a> {
         }
     }
 
-    fn scan(&mut self, carries: &[ScanBinding], seqs: &[ScanBinding], axis: Option<&Expr>, body: &Block, span: Span) -> R<Val> {
+    fn scan(
+        &mut self,
+        carries: &[ScanBinding],
+        seqs: &[ScanBinding],
+        axis: Option<&Expr>,
+        body: &Block,
+        span: Span,
+    ) -> R<Val> {
         let mut inits = Vec::new();
         for c in carries {
             let v = self.expr(&c.value)?;
@@ -1003,12 +1172,17 @@ impl<'a> Elab<'a> {
         let axis = match axis {
             Some(e) => {
                 let a = self.int(e)?;
-                norm_axis(a, rank).ok_or(()).or_else(|_| err(e.span, format!("axis {a} out of range for rank {rank}")))?
+                norm_axis(a, rank)
+                    .ok_or(())
+                    .or_else(|_| err(e.span, format!("axis {a} out of range for rank {rank}")))?
             }
             None => 0,
         };
         // the body graph
-        self.graphs.push(GraphCtx { graph: Graph::new(), captures: vec![] });
+        self.graphs.push(GraphCtx {
+            graph: Graph::new(),
+            captures: vec![],
+        });
         let body_id = self.cur();
         let mut vars = HashMap::new();
         for (c, t) in carries.iter().zip(&inits) {
@@ -1016,7 +1190,16 @@ impl<'a> Elab<'a> {
             let loc = self.loc(c.name.span);
             let v = self.graphs[body_id]
                 .graph
-                .add1(Op::Input { name: c.name.name.clone(), kind: InputKind::Data, dtype: ty.dtype, shape: ty.shape }, &[], loc)
+                .add1(
+                    Op::Input {
+                        name: c.name.name.clone(),
+                        kind: InputKind::Data,
+                        dtype: ty.dtype,
+                        shape: ty.shape,
+                    },
+                    &[],
+                    loc,
+                )
                 .expect("inputs are well-typed");
             vars.insert(c.name.name.clone(), Val::Tensor(TRef { graph: body_id, v }));
         }
@@ -1030,7 +1213,16 @@ impl<'a> Elab<'a> {
             let loc = self.loc(s.name.span);
             let v = self.graphs[body_id]
                 .graph
-                .add1(Op::Input { name: s.name.name.clone(), kind: InputKind::Data, dtype: ty.dtype, shape: ty.shape }, &[], loc)
+                .add1(
+                    Op::Input {
+                        name: s.name.name.clone(),
+                        kind: InputKind::Data,
+                        dtype: ty.dtype,
+                        shape: ty.shape,
+                    },
+                    &[],
+                    loc,
+                )
                 .expect("inputs are well-typed");
             vars.insert(s.name.name.clone(), Val::Tensor(TRef { graph: body_id, v }));
         }
@@ -1047,12 +1239,25 @@ impl<'a> Elab<'a> {
             Val::Tensor(t) => vec![Val::Tensor(t)],
             other => {
                 self.graphs.pop();
-                return err(body.span, format!("a scan body returns (new carries..., outputs...), found {}", other.kind()));
+                return err(
+                    body.span,
+                    format!(
+                        "a scan body returns (new carries..., outputs...), found {}",
+                        other.kind()
+                    ),
+                );
             }
         };
         if items.len() <= carries.len() {
             self.graphs.pop();
-            return err(body.span, format!("a scan body returns its {} carries then at least one output; it returned {} values", carries.len(), items.len()));
+            return err(
+                body.span,
+                format!(
+                    "a scan body returns its {} carries then at least one output; it returned {} values",
+                    carries.len(),
+                    items.len()
+                ),
+            );
         }
         let mut outs = Vec::new();
         for it in &items {
@@ -1060,19 +1265,31 @@ impl<'a> Elab<'a> {
                 Val::Tensor(t) => outs.push(self.use_t(*t)),
                 other => {
                     self.graphs.pop();
-                    return err(body.span, format!("a scan body returns tensors, found {}", other.kind()));
+                    return err(
+                        body.span,
+                        format!("a scan body returns tensors, found {}", other.kind()),
+                    );
                 }
             }
         }
         for (i, v) in outs.iter().enumerate() {
-            let name = if i < carries.len() { carries[i].name.name.clone() } else { format!("out{}", i - carries.len()) };
+            let name = if i < carries.len() {
+                carries[i].name.name.clone()
+            } else {
+                format!("out{}", i - carries.len())
+            };
             self.graphs[body_id].graph.add_output(&name, *v, InputKind::Data);
         }
         let ctx = self.graphs.pop().unwrap();
         let mut args = inits;
         args.extend(seq_ts);
         args.extend(ctx.captures.iter().map(|(o, _)| *o));
-        let op = Op::Scan { body: Box::new(ctx.graph), axis, n_carry: carries.len(), n_seq: seqs.len() };
+        let op = Op::Scan {
+            body: Box::new(ctx.graph),
+            axis,
+            n_carry: carries.len(),
+            n_seq: seqs.len(),
+        };
         let res = self.add(op, &args, span)?;
         Ok(Val::Tuple(res.into_iter().map(Val::Tensor).collect()))
     }
@@ -1097,7 +1314,12 @@ impl<'a> Elab<'a> {
                 Some(n) => kw.push((n.name.clone(), v, n.span)),
             }
         }
-        let mut a = Args { name: func.name.clone(), pos, kw, span };
+        let mut a = Args {
+            name: func.name.clone(),
+            pos,
+            kw,
+            span,
+        };
         let v = self.builtin(&mut a, span)?;
         a.finish()?;
         Ok(v)
@@ -1105,7 +1327,10 @@ impl<'a> Elab<'a> {
 
     fn call_user(&mut self, name: &str, f: &FnDef, args: &[Arg], span: Span) -> R<Val> {
         if self.depth >= MAX_CALL_DEPTH {
-            return err(span, format!("calls nested deeper than {MAX_CALL_DEPTH} (recursion in `{name}`?)"));
+            return err(
+                span,
+                format!("calls nested deeper than {MAX_CALL_DEPTH} (recursion in `{name}`?)"),
+            );
         }
         let mut vals: Vec<Option<Val>> = vec![None; f.params.len()];
         let mut next = 0;
@@ -1185,17 +1410,23 @@ impl<'a> Elab<'a> {
             Val::Int(x) => x,
             other => return err(sp, format!("axis must be an integer, found {}", other.kind())),
         };
-        norm_axis(ax, rank).ok_or(()).or_else(|_| err(sp, format!("axis {ax} is out of range for rank {rank}")))
+        norm_axis(ax, rank)
+            .ok_or(())
+            .or_else(|_| err(sp, format!("axis {ax} is out of range for rank {rank}")))
     }
 
     fn axes_arg(&mut self, a: &mut Args, rank: usize) -> R<Vec<usize>> {
         match a.opt(1, "axis") {
             None => Ok((0..rank).collect()),
-            Some((Val::Int(x), sp)) => Ok(vec![norm_axis(x, rank).ok_or(()).or_else(|_| err(sp, format!("axis {x} out of range")))?]),
+            Some((Val::Int(x), sp)) => Ok(vec![norm_axis(x, rank)
+                .ok_or(())
+                .or_else(|_| err(sp, format!("axis {x} out of range")))?]),
             Some((Val::List(xs), sp)) => xs
                 .iter()
                 .map(|x| match x {
-                    Val::Int(x) => norm_axis(*x, rank).ok_or(()).or_else(|_| err(sp, format!("axis {x} out of range"))),
+                    Val::Int(x) => norm_axis(*x, rank)
+                        .ok_or(())
+                        .or_else(|_| err(sp, format!("axis {x} out of range"))),
                     _ => err(sp, "axes must be integers"),
                 })
                 .collect(),
@@ -1218,7 +1449,15 @@ impl<'a> Elab<'a> {
         let axes = self.axes_arg(a, ty.rank())?;
         let keepdim = self.bool_kw(a, 2, "keepdim", false)?;
         let span = a.span;
-        let r = self.add1(Op::Reduce { op, axes: axes.clone(), keepdim }, &[t], span)?;
+        let r = self.add1(
+            Op::Reduce {
+                op,
+                axes: axes.clone(),
+                keepdim,
+            },
+            &[t],
+            span,
+        )?;
         if !mean {
             return Ok(Val::Tensor(r));
         }
@@ -1257,7 +1496,11 @@ impl<'a> Elab<'a> {
                 };
                 let tx = self.lift(&x, like, span)?;
                 let ty = self.lift(&y, like, span)?;
-                let op = if name == "maximum" { BinaryOp::Max } else { BinaryOp::Min };
+                let op = if name == "maximum" {
+                    BinaryOp::Max
+                } else {
+                    BinaryOp::Min
+                };
                 Ok(Val::Tensor(self.add1(Op::Binary(op), &[tx, ty], span)?))
             }
             "where" => {
@@ -1297,7 +1540,11 @@ impl<'a> Elab<'a> {
                     Val::List(items) => items.iter().map(|v| self.dim_of(v, ss)).collect::<R<Vec<_>>>()?,
                     other => return err(ss, format!("shape must be a list, found {}", other.kind())),
                 };
-                let op = if name == "reshape" { Op::Reshape { shape } } else { Op::Expand { shape } };
+                let op = if name == "reshape" {
+                    Op::Reshape { shape }
+                } else {
+                    Op::Expand { shape }
+                };
                 Ok(Val::Tensor(self.add1(op, &[t], span)?))
             }
             "permute" => {
@@ -1309,7 +1556,9 @@ impl<'a> Elab<'a> {
                     Val::List(items) => items
                         .iter()
                         .map(|v| match v {
-                            Val::Int(i) => norm_axis(*i, rank).ok_or(()).or_else(|_| err(sp, format!("axis {i} out of range"))),
+                            Val::Int(i) => norm_axis(*i, rank)
+                                .ok_or(())
+                                .or_else(|_| err(sp, format!("axis {i} out of range"))),
                             _ => err(sp, "perm must list integers"),
                         })
                         .collect::<R<Vec<_>>>()?,
@@ -1325,12 +1574,16 @@ impl<'a> Elab<'a> {
                     return err(sx, "transpose needs rank >= 2");
                 }
                 let i = match a.opt(1, "a") {
-                    Some((Val::Int(i), sp)) => norm_axis(i, rank).ok_or(()).or_else(|_| err(sp, "axis out of range"))?,
+                    Some((Val::Int(i), sp)) => {
+                        norm_axis(i, rank).ok_or(()).or_else(|_| err(sp, "axis out of range"))?
+                    }
                     None => rank - 2,
                     Some((_, sp)) => return err(sp, "axes must be integers"),
                 };
                 let j = match a.opt(2, "b") {
-                    Some((Val::Int(j), sp)) => norm_axis(j, rank).ok_or(()).or_else(|_| err(sp, "axis out of range"))?,
+                    Some((Val::Int(j), sp)) => {
+                        norm_axis(j, rank).ok_or(()).or_else(|_| err(sp, "axis out of range"))?
+                    }
                     None => rank - 1,
                     Some((_, sp)) => return err(sp, "axes must be integers"),
                 };
@@ -1386,7 +1639,11 @@ impl<'a> Elab<'a> {
                 let idx = self.tensor(&i, si)?;
                 let rank = self.ty(t).rank();
                 let axis = self.axis_arg(a, 2, rank, if name == "take" { Some(0) } else { None })?;
-                let op = if name == "take" { Op::IndexSelect { axis } } else { Op::GatherAlong { axis } };
+                let op = if name == "take" {
+                    Op::IndexSelect { axis }
+                } else {
+                    Op::GatherAlong { axis }
+                };
                 Ok(Val::Tensor(self.add1(op, &[t, idx], span)?))
             }
             "scatter_add" => {
@@ -1398,7 +1655,11 @@ impl<'a> Elab<'a> {
                 let src = self.tensor(&s, ss)?;
                 let rank = self.ty(t).rank();
                 let axis = self.axis_arg(a, 3, rank, None)?;
-                Ok(Val::Tensor(self.add1(Op::ScatterAddAlong { axis }, &[t, idx, src], span)?))
+                Ok(Val::Tensor(self.add1(
+                    Op::ScatterAddAlong { axis },
+                    &[t, idx, src],
+                    span,
+                )?))
             }
             "topk" => {
                 let (x, sx) = a.req(0, "x")?;
@@ -1529,7 +1790,10 @@ impl<'a> Elab<'a> {
                 let (v, _) = a.req(0, "x")?;
                 Ok(Val::Bool(matches!(v, Val::Json(serde_json::Value::Null))))
             }
-            _ => err(a.span, format!("`{name}` is not a function (see docs/dsl.md for the built-ins)")),
+            _ => err(
+                a.span,
+                format!("`{name}` is not a function (see docs/dsl.md for the built-ins)"),
+            ),
         }
     }
 }
@@ -1564,7 +1828,9 @@ impl Args {
     fn req(&mut self, i: usize, name: &str) -> R<(Val, Span)> {
         let span = self.span;
         let f = self.name.clone();
-        self.take(i, name).ok_or(()).or_else(|_| err(span, format!("`{f}` needs its argument `{name}`")))
+        self.take(i, name)
+            .ok_or(())
+            .or_else(|_| err(span, format!("`{f}` needs its argument `{name}`")))
     }
 
     fn opt(&mut self, i: usize, name: &str) -> Option<(Val, Span)> {

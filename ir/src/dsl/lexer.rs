@@ -207,18 +207,33 @@ pub struct Token {
 /// Split `src` (named `file` in errors) into tokens. The last token is always [`Tok::Eof`],
 /// placed just after the last real token (at 1:1 for an empty file).
 pub fn lex(file: &str, src: &str) -> Result<Vec<Token>, ParseError> {
-    let mut lx = Lexer { file, src, chars: src.chars().collect(), pos: 0, line: 1, col: 1 };
+    let mut lx = Lexer {
+        file,
+        src,
+        chars: src.chars().collect(),
+        pos: 0,
+        line: 1,
+        col: 1,
+    };
     let mut toks: Vec<Token> = Vec::new();
     loop {
         lx.skip_trivia();
         let span = lx.here();
         let Some(c) = lx.peek(0) else {
             let end = toks.last().map_or(Span { line: 1, col: 1 }, |t| t.end);
-            toks.push(Token { kind: Tok::Eof, span: end, end });
+            toks.push(Token {
+                kind: Tok::Eof,
+                span: end,
+                end,
+            });
             return Ok(toks);
         };
         let kind = lx.token(c, span)?;
-        toks.push(Token { kind, span, end: lx.here() });
+        toks.push(Token {
+            kind,
+            span,
+            end: lx.here(),
+        });
     }
 }
 
@@ -254,7 +269,10 @@ impl Lexer<'_> {
     }
 
     fn here(&self) -> Span {
-        Span { line: self.line, col: self.col }
+        Span {
+            line: self.line,
+            col: self.col,
+        }
     }
 
     fn bump(&mut self) -> Option<char> {
@@ -424,9 +442,7 @@ impl Lexer<'_> {
         let mut value = String::new();
         loop {
             match self.peek(0) {
-                None | Some('\n') => {
-                    return Err(self.error(span, "a closing `\"`", "unterminated string".to_string()))
-                }
+                None | Some('\n') => return Err(self.error(span, "a closing `\"`", "unterminated string".to_string())),
                 Some('"') => {
                     self.bump();
                     return Ok(Tok::Str(value));
@@ -439,11 +455,7 @@ impl Lexer<'_> {
                         Some('n') => '\n',
                         Some('t') => '\t',
                         None | Some('\n') => {
-                            return Err(self.error(
-                                span,
-                                "a closing `\"`",
-                                "unterminated string".to_string(),
-                            ))
+                            return Err(self.error(span, "a closing `\"`", "unterminated string".to_string()))
                         }
                         Some(other) => {
                             let shown = if other.is_control() {
@@ -489,10 +501,30 @@ mod tests {
         use Tok::*;
         assert_eq!(kinds("0..4"), vec![Int(0), DotDot, Int(4), Eof]);
         assert_eq!(kinds("x[..., 0:2]"), {
-            vec![Ident("x".into()), LBracket, Ellipsis, Comma, Int(0), Colon, Int(2), RBracket, Eof]
+            vec![
+                Ident("x".into()),
+                LBracket,
+                Ellipsis,
+                Comma,
+                Int(0),
+                Colon,
+                Int(2),
+                RBracket,
+                Eof,
+            ]
         });
         assert_eq!(kinds("1_000 1.5 1e-6 1.0e+6 2E3 0.5..1"), {
-            vec![Int(1000), Float(1.5), Float(1e-6), Float(1.0e6), Float(2000.0), Float(0.5), DotDot, Int(1), Eof]
+            vec![
+                Int(1000),
+                Float(1.5),
+                Float(1e-6),
+                Float(1.0e6),
+                Float(2000.0),
+                Float(0.5),
+                DotDot,
+                Int(1),
+                Eof,
+            ]
         });
     }
 
@@ -530,7 +562,10 @@ mod tests {
                 Eof,
             ]
         });
-        assert_eq!(kinds(r#""a \"q\" \\ {l}\n\t""#), vec![Str("a \"q\" \\ {l}\n\t".into()), Eof]);
+        assert_eq!(
+            kinds(r#""a \"q\" \\ {l}\n\t""#),
+            vec![Str("a \"q\" \\ {l}\n\t".into()), Eof]
+        );
         for (w, t) in KEYWORDS {
             assert_eq!(kinds(w), vec![t.clone(), Eof]);
             assert_eq!(t.describe(), format!("`{w}`"));
@@ -551,16 +586,36 @@ mod tests {
         assert_eq!(lex_err("a & b"), (1, 3, "`&&`".into(), "`&`".into()));
         assert_eq!(lex_err("a | b"), (1, 3, "`||`".into(), "`|`".into()));
         assert_eq!(lex_err("x.y"), (1, 2, "`..` or `...`".into(), "`.`".into()));
-        assert_eq!(lex_err("\n  1e"), (2, 3, "a number".into(), "malformed number `1e`".into()));
-        assert_eq!(lex_err("1e+x"), (1, 1, "a number".into(), "malformed number `1e+x`".into()));
-        assert_eq!(lex_err("3abc"), (1, 1, "a number".into(), "malformed number `3abc`".into()));
+        assert_eq!(
+            lex_err("\n  1e"),
+            (2, 3, "a number".into(), "malformed number `1e`".into())
+        );
+        assert_eq!(
+            lex_err("1e+x"),
+            (1, 1, "a number".into(), "malformed number `1e+x`".into())
+        );
+        assert_eq!(
+            lex_err("3abc"),
+            (1, 1, "a number".into(), "malformed number `3abc`".into())
+        );
         assert_eq!(
             lex_err("99999999999999999999"),
-            (1, 1, "an integer that fits in 64 bits".into(), "`99999999999999999999`".into())
+            (
+                1,
+                1,
+                "an integer that fits in 64 bits".into(),
+                "`99999999999999999999`".into()
+            )
         );
         assert_eq!(lex_err("1e999"), (1, 1, "a finite float".into(), "`1e999`".into()));
-        assert_eq!(lex_err("x = \"abc\ny\";"), (1, 5, "a closing `\"`".into(), "unterminated string".into()));
-        assert_eq!(lex_err("\"abc\\"), (1, 1, "a closing `\"`".into(), "unterminated string".into()));
+        assert_eq!(
+            lex_err("x = \"abc\ny\";"),
+            (1, 5, "a closing `\"`".into(), "unterminated string".into())
+        );
+        assert_eq!(
+            lex_err("\"abc\\"),
+            (1, 1, "a closing `\"`".into(), "unterminated string".into())
+        );
         assert_eq!(
             lex_err("\"a\\qb\""),
             (1, 3, "an escape `\\\"`, `\\\\`, `\\n` or `\\t`".into(), "`\\q`".into())

@@ -28,15 +28,12 @@ pub struct ParseError {
 
 impl ParseError {
     /// An error at `span` of `src`; the source line is taken from `src`.
-    pub fn new(
-        file: &str,
-        src: &str,
-        span: Span,
-        expected: impl Into<String>,
-        found: impl Into<String>,
-    ) -> ParseError {
-        let source_line =
-            src.lines().nth((span.line as usize).saturating_sub(1)).unwrap_or("").to_string();
+    pub fn new(file: &str, src: &str, span: Span, expected: impl Into<String>, found: impl Into<String>) -> ParseError {
+        let source_line = src
+            .lines()
+            .nth((span.line as usize).saturating_sub(1))
+            .unwrap_or("")
+            .to_string();
         ParseError {
             file: file.to_string(),
             line: span.line,
@@ -48,7 +45,10 @@ impl ParseError {
     }
 
     pub fn span(&self) -> Span {
-        Span { line: self.line, col: self.col }
+        Span {
+            line: self.line,
+            col: self.col,
+        }
     }
 }
 
@@ -91,10 +91,21 @@ pub fn parse(file: &str, src: &str) -> Result<ast::Program, ParseError> {
             // `lex` always ends with Eof; stay total anyway
             toks.extend(other);
             let end = toks.last().map_or(Span { line: 1, col: 1 }, |t| t.end);
-            Token { kind: Tok::Eof, span: end, end }
+            Token {
+                kind: Tok::Eof,
+                span: end,
+                end,
+            }
         }
     };
-    let mut p = Parser { file, src, toks, eof, pos: 0, depth: 0 };
+    let mut p = Parser {
+        file,
+        src,
+        toks,
+        eof,
+        pos: 0,
+        depth: 0,
+    };
     p.program()
 }
 
@@ -230,7 +241,10 @@ impl Parser<'_> {
     fn ident(&mut self, expected: &str) -> R<Ident> {
         match self.peek() {
             Tok::Ident(name) => {
-                let ident = Ident { name: name.clone(), span: self.span() };
+                let ident = Ident {
+                    name: name.clone(),
+                    span: self.span(),
+                };
                 self.advance();
                 Ok(ident)
             }
@@ -390,7 +404,11 @@ impl Parser<'_> {
                 return Err(self.err("a config type (`int`, `float`, `bool`, `str` or `any`)"));
             }
         };
-        let default = if self.eat(&Tok::Assign) { Some(self.expr()?) } else { None };
+        let default = if self.eat(&Tok::Assign) {
+            Some(self.expr()?)
+        } else {
+            None
+        };
         if !self.at(&Tok::Semi) {
             return Err(self.err(if default.is_some() { "`;`" } else { "`=` or `;`" }));
         }
@@ -435,7 +453,11 @@ impl Parser<'_> {
         let mut params = Vec::new();
         while !self.eat(&Tok::RParen) {
             let pname = self.ident("a parameter name or `)`")?;
-            let default = if self.eat(&Tok::Assign) { Some(self.expr()?) } else { None };
+            let default = if self.eat(&Tok::Assign) {
+                Some(self.expr()?)
+            } else {
+                None
+            };
             let has_default = default.is_some();
             params.push(FnParam { name: pname, default });
             if self.eat(&Tok::RParen) {
@@ -530,7 +552,14 @@ impl Parser<'_> {
             self.enter()?;
             self.advance();
             let rhs = self.binary(level + 1)?;
-            lhs = Expr { kind: ExprKind::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) }, span };
+            lhs = Expr {
+                kind: ExprKind::Binary {
+                    op,
+                    lhs: Box::new(lhs),
+                    rhs: Box::new(rhs),
+                },
+                span,
+            };
             if level == CMP_LEVEL && binop(self.peek()).is_some_and(|(_, l)| l == CMP_LEVEL) {
                 return Err(self.err("`&&` between comparisons (they do not chain)"));
             }
@@ -556,14 +585,24 @@ impl Parser<'_> {
         if let Some(op) = op {
             self.advance();
             let expr = self.unary()?;
-            return Ok(Expr { kind: ExprKind::Unary { op, expr: Box::new(expr) }, span });
+            return Ok(Expr {
+                kind: ExprKind::Unary {
+                    op,
+                    expr: Box::new(expr),
+                },
+                span,
+            });
         }
         let base = self.postfix()?;
         if self.eat(&Tok::StarStar) {
             // right-associative, and the exponent may carry its own sign: `2 ** -1`
             let exp = self.unary()?;
             return Ok(Expr {
-                kind: ExprKind::Binary { op: BinOp::Pow, lhs: Box::new(base), rhs: Box::new(exp) },
+                kind: ExprKind::Binary {
+                    op: BinOp::Pow,
+                    lhs: Box::new(base),
+                    rhs: Box::new(exp),
+                },
                 span,
             });
         }
@@ -592,7 +631,13 @@ impl Parser<'_> {
                     break;
                 }
             }
-            e = Expr { kind: ExprKind::Index { base: Box::new(e), items }, span };
+            e = Expr {
+                kind: ExprKind::Index {
+                    base: Box::new(e),
+                    items,
+                },
+                span,
+            };
         }
         Ok(e)
     }
@@ -709,7 +754,10 @@ impl Parser<'_> {
                 break;
             }
         }
-        Ok(Expr { kind: ExprKind::Call { func, args }, span })
+        Ok(Expr {
+            kind: ExprKind::Call { func, args },
+            span,
+        })
     }
 
     /// `if ...`, `{ ... }` or `scan ...`: the expressions that end with a block.
@@ -735,7 +783,11 @@ impl Parser<'_> {
                 } else {
                     None
                 };
-                ExprKind::If { cond: Box::new(cond), then, els }
+                ExprKind::If {
+                    cond: Box::new(cond),
+                    then,
+                    els,
+                }
             }
             Tok::LBrace => ExprKind::Block(self.block()?),
             Tok::Scan => self.scan()?,
@@ -794,7 +846,12 @@ impl Parser<'_> {
             return Err(self.err("`,`, `;` or `)`"));
         };
         let body = self.block()?;
-        Ok(ExprKind::Scan { carries, seqs, axis, body })
+        Ok(ExprKind::Scan {
+            carries,
+            seqs,
+            axis,
+            body,
+        })
     }
 }
 
@@ -821,7 +878,11 @@ mod tests {
     }
 
     fn check_err(src: &str, line: u32, col: u32, expected: &str, found: &str) {
-        assert_eq!(perr(src), (line, col, expected.to_string(), found.to_string()), "source: {src:?}");
+        assert_eq!(
+            perr(src),
+            (line, col, expected.to_string(), found.to_string()),
+            "source: {src:?}"
+        );
     }
 
     /// A compact S-expression of an expression, for precedence tests.
@@ -864,10 +925,20 @@ mod tests {
             ExprKind::List(items) => format!("[{}]", items.iter().map(sx).collect::<Vec<_>>().join(" ")),
             ExprKind::Tuple(items) => format!("(tuple {})", items.iter().map(sx).collect::<Vec<_>>().join(" ")),
             ExprKind::If { cond, els, .. } => {
-                format!("(if {}{})", sx(cond), els.as_ref().map_or(String::new(), |e| format!(" else {}", sx(e))))
+                format!(
+                    "(if {}{})",
+                    sx(cond),
+                    els.as_ref().map_or(String::new(), |e| format!(" else {}", sx(e)))
+                )
             }
-            ExprKind::Block(b) => format!("(block {} {})", b.stmts.len(), b.tail.as_ref().map_or("-".into(), |t| sx(t))),
-            ExprKind::Scan { carries, seqs, axis, .. } => format!(
+            ExprKind::Block(b) => format!(
+                "(block {} {})",
+                b.stmts.len(),
+                b.tail.as_ref().map_or("-".into(), |t| sx(t))
+            ),
+            ExprKind::Scan {
+                carries, seqs, axis, ..
+            } => format!(
                 "(scan {} {} {})",
                 carries.len(),
                 seqs.len(),
@@ -897,7 +968,10 @@ mod tests {
         assert_eq!(ex("(-x)**2"), "(Pow (neg x) 2)");
         assert_eq!(ex("a + b * c"), "(Add a (Mul b c))");
         assert_eq!(ex("a // b % c / d"), "(Div (Mod (FloorDiv a b) c) d)");
-        assert_eq!(ex("a || b && c == d + e * -f"), "(Or a (And b (Eq c (Add d (Mul e (neg f))))))");
+        assert_eq!(
+            ex("a || b && c == d + e * -f"),
+            "(Or a (And b (Eq c (Add d (Mul e (neg f))))))"
+        );
         assert_eq!(ex("a || b || c"), "(Or (Or a b) c)");
         assert_eq!(ex("a && b || c && d"), "(Or (And a b) (And c d))");
         assert_eq!(ex("!a == b"), "(Eq (not a) b)");
@@ -918,18 +992,27 @@ mod tests {
         assert_eq!(ex("[]"), "[]");
         assert_eq!(ex("[1, 2.5, \"s\", true, false,]"), "[1 2.5 \"s\" true false]");
         assert_eq!(ex("f()"), "(call f )");
-        assert_eq!(ex("f(a, axis = -1, keepdim = true,)"), "(call f a axis=(neg 1) keepdim=true)");
+        assert_eq!(
+            ex("f(a, axis = -1, keepdim = true,)"),
+            "(call f a axis=(neg 1) keepdim=true)"
+        );
         assert_eq!(ex("f(a == b)"), "(call f (Eq a b))");
         assert_eq!(ex("x[..., 0:r/2]"), "(index x ... 0:(Div r 2))");
         assert_eq!(ex("x[:, :2, 1:, :]"), "(index x : :2 1: :)");
         assert_eq!(ex("bf16[D, V]"), "(index bf16 D V)");
-        assert_eq!(ex("if a { b } else if c { d } else { e }"), "(if a else (if c else (block 0 e)))");
+        assert_eq!(
+            ex("if a { b } else if c { d } else { e }"),
+            "(if a else (if c else (block 0 e)))"
+        );
         assert_eq!(ex("if f(x) > 0 { 1 }"), "(if (Gt (call f x) 0))");
         assert_eq!(ex("if { a } { b } else { c }"), "(if (block 0 a) else (block 0 c))");
         assert_eq!(ex("{ let y = 1; y }"), "(block 1 y)");
         assert_eq!(ex("{}"), "(block 0 -)");
         assert_eq!(ex("scan (; x in xs) { x }"), "(scan 0 1 -)");
-        assert_eq!(ex("scan (h = 0, c = 1; x in xs, m in ms; axis = 1) { (h, c, x) }"), "(scan 2 2 1)");
+        assert_eq!(
+            ex("scan (h = 0, c = 1; x in xs, m in ms; axis = 1) { (h, c, x) }"),
+            "(scan 2 2 1)"
+        );
         assert_eq!(ex("if c { a } else { b } + 1"), "(Add (if c else (block 0 b)) 1)");
         assert_eq!(ex("scan (; x in xs) { x }[0]"), "(index (scan 0 1 -) 0)");
         assert_eq!(ex("1_000 + 1e-6"), "(Add 1000 1e-6)");
@@ -944,18 +1027,26 @@ mod tests {
 
         // block-like expressions: a statement in the middle, the tail at the end
         let prog = p("fn f() { if a { b } -x }");
-        let StmtKind::Fn { body, .. } = &prog.stmts[0].kind else { panic!() };
+        let StmtKind::Fn { body, .. } = &prog.stmts[0].kind else {
+            panic!()
+        };
         assert_eq!(body.stmts.len(), 1);
         assert_eq!(sx(body.tail.as_ref().unwrap()), "(neg x)");
         let prog = p("fn f() { if a { b } else { c } }");
-        let StmtKind::Fn { body, .. } = &prog.stmts[0].kind else { panic!() };
+        let StmtKind::Fn { body, .. } = &prog.stmts[0].kind else {
+            panic!()
+        };
         assert!(body.stmts.is_empty());
         assert_eq!(sx(body.tail.as_ref().unwrap()), "(if a else (block 0 c))");
         let prog = p("fn f() { if a { b }; }");
-        let StmtKind::Fn { body, .. } = &prog.stmts[0].kind else { panic!() };
+        let StmtKind::Fn { body, .. } = &prog.stmts[0].kind else {
+            panic!()
+        };
         assert_eq!((body.stmts.len(), body.tail.is_none()), (1, true));
         let prog = p("fn f() { { a } [b, c] }");
-        let StmtKind::Fn { body, .. } = &prog.stmts[0].kind else { panic!() };
+        let StmtKind::Fn { body, .. } = &prog.stmts[0].kind else {
+            panic!()
+        };
         assert_eq!(sx(body.tail.as_ref().unwrap()), "[b c]");
         let prog = p("if a { b } x; scan (; x in xs) { x } { y }");
         assert_eq!(prog.stmts.len(), 4);
@@ -969,17 +1060,26 @@ mod tests {
                 _ => panic!(),
             })
             .collect();
-        assert!(matches!(pats[0], Pattern::Tuple(v, _) if v.len() == 2 && matches!(&v[1], Pattern::Tuple(w, _) if w.len() == 2)));
+        assert!(
+            matches!(pats[0], Pattern::Tuple(v, _) if v.len() == 2 && matches!(&v[1], Pattern::Tuple(w, _) if w.len() == 2))
+        );
         assert!(matches!(pats[1], Pattern::Name(n) if n.name == "d"));
         assert!(matches!(pats[2], Pattern::Tuple(v, _) if v.len() == 1));
 
         let prog = p("param w: bf16[L, D] = \"l.{l}.w\" for l in 0..L; config eps: float = 1e-6; config n: int;");
-        let StmtKind::Param { stack: Some(st), .. } = &prog.stmts[0].kind else { panic!() };
-        assert_eq!((st.var.name.as_str(), sx(&st.start), sx(&st.end)), ("l", "0".into(), "L".into()));
+        let StmtKind::Param { stack: Some(st), .. } = &prog.stmts[0].kind else {
+            panic!()
+        };
+        assert_eq!(
+            (st.var.name.as_str(), sx(&st.start), sx(&st.end)),
+            ("l", "0".into(), "L".into())
+        );
         assert!(matches!(&prog.stmts[1].kind, StmtKind::Config { default: Some(_), .. }));
         assert!(matches!(&prog.stmts[2].kind, StmtKind::Config { default: None, .. }));
         let prog = p("fn f(a, b = 2,) { a } fn g() {}");
-        let StmtKind::Fn { params, .. } = &prog.stmts[0].kind else { panic!() };
+        let StmtKind::Fn { params, .. } = &prog.stmts[0].kind else {
+            panic!()
+        };
         assert_eq!(params.len(), 2);
         assert!(params[1].default.is_some());
         assert!(p("").stmts.is_empty());
@@ -991,20 +1091,32 @@ mod tests {
         let prog = p("\n  let y = (a + b) * c;\n");
         let s = &prog.stmts[0];
         assert_eq!(s.span, Span { line: 2, col: 3 });
-        let StmtKind::Let { pat: Pattern::Name(n), value } = &s.kind else { panic!() };
+        let StmtKind::Let {
+            pat: Pattern::Name(n),
+            value,
+        } = &s.kind
+        else {
+            panic!()
+        };
         assert_eq!(n.span, Span { line: 2, col: 7 });
         assert_eq!(value.span, Span { line: 2, col: 11 });
-        let ExprKind::Binary { lhs, rhs, .. } = &value.kind else { panic!() };
+        let ExprKind::Binary { lhs, rhs, .. } = &value.kind else {
+            panic!()
+        };
         assert_eq!(lhs.span, Span { line: 2, col: 12 });
         assert_eq!(rhs.span, Span { line: 2, col: 21 });
         // `y[i] = 1;` is an expression followed by `=`: not an assignment
         assert!(parse("t.rd", "y[i] = 1;").is_err());
         let prog = p("for i in 0..n {\n    y = x[i];\n}");
-        let StmtKind::For { body, var, .. } = &prog.stmts[0].kind else { panic!() };
+        let StmtKind::For { body, var, .. } = &prog.stmts[0].kind else {
+            panic!()
+        };
         assert_eq!(var.span, Span { line: 1, col: 5 });
         assert_eq!(body.span, Span { line: 1, col: 15 });
         assert_eq!(body.stmts[0].span, Span { line: 2, col: 5 });
-        let StmtKind::Assign { value, .. } = &body.stmts[0].kind else { panic!() };
+        let StmtKind::Assign { value, .. } = &body.stmts[0].kind else {
+            panic!()
+        };
         assert_eq!(value.span, Span { line: 2, col: 9 });
     }
 
@@ -1026,18 +1138,48 @@ mod tests {
         // `for` without `..`
         check_err("for l in n_layers {\n}", 1, 19, "`..`", "`{`");
         // chained comparison
-        check_err("require a < b < c, \"x\";", 1, 15, "`&&` between comparisons (they do not chain)", "`<`");
-        check_err("let t = a == b != c;", 1, 16, "`&&` between comparisons (they do not chain)", "`!=`");
+        check_err(
+            "require a < b < c, \"x\";",
+            1,
+            15,
+            "`&&` between comparisons (they do not chain)",
+            "`<`",
+        );
+        check_err(
+            "let t = a == b != c;",
+            1,
+            16,
+            "`&&` between comparisons (they do not chain)",
+            "`!=`",
+        );
         // bad numbers
         check_err("let eps = 1e;", 1, 11, "a number", "malformed number `1e`");
         check_err("let n = 12ab;", 1, 9, "a number", "malformed number `12ab`");
         // `param` without `=`
         check_err("param w: bf16[D, V];", 1, 20, "`=`", "`;`");
-        check_err("param w: bf16[D] = \"w\" l in 0..3;", 1, 24, "`for` or `;`", "identifier `l`");
+        check_err(
+            "param w: bf16[D] = \"w\" l in 0..3;",
+            1,
+            24,
+            "`for` or `;`",
+            "identifier `l`",
+        );
         // `config` without type
         check_err("config n_layers;", 1, 16, "`:`", "`;`");
-        check_err("config n: = 3;", 1, 11, "a config type (`int`, `float`, `bool`, `str` or `any`)", "`=`");
-        check_err("config n: integer;", 1, 11, "a config type (`int`, `float`, `bool`, `str` or `any`)", "identifier `integer`");
+        check_err(
+            "config n: = 3;",
+            1,
+            11,
+            "a config type (`int`, `float`, `bool`, `str` or `any`)",
+            "`=`",
+        );
+        check_err(
+            "config n: integer;",
+            1,
+            11,
+            "a config type (`int`, `float`, `bool`, `str` or `any`)",
+            "identifier `integer`",
+        );
         check_err("config n: int 3;", 1, 15, "`=` or `;`", "integer 3");
         // unclosed block at end of file
         check_err("fn f(x) {\n    let y = x;\n", 2, 15, "`}`", "end of file");
@@ -1048,11 +1190,35 @@ mod tests {
         check_err("fn scan(x) {}", 1, 4, "a function name", "`scan`");
         check_err("let x = f(dim = 1);", 1, 11, "an expression", "`dim`");
         // scan without the `;` between carries and sequences
-        check_err("let y = scan (h = h0, x in xs) { h };", 1, 23, "`;` before the scanned sequences", "identifier `x`");
-        check_err("let y = scan (x in xs) { x };", 1, 15, "`;` before the scanned sequences", "identifier `x`");
-        check_err("let y = scan (h = h0 x in xs) { h };", 1, 22, "`,` or `;`", "identifier `x`");
+        check_err(
+            "let y = scan (h = h0, x in xs) { h };",
+            1,
+            23,
+            "`;` before the scanned sequences",
+            "identifier `x`",
+        );
+        check_err(
+            "let y = scan (x in xs) { x };",
+            1,
+            15,
+            "`;` before the scanned sequences",
+            "identifier `x`",
+        );
+        check_err(
+            "let y = scan (h = h0 x in xs) { h };",
+            1,
+            22,
+            "`,` or `;`",
+            "identifier `x`",
+        );
         check_err("let y = scan (; x in xs; dim = 1) { x };", 1, 26, "`axis`", "`dim`");
-        check_err("let y = scan (; x in xs x) { x };", 1, 25, "`,`, `;` or `)`", "identifier `x`");
+        check_err(
+            "let y = scan (; x in xs x) { x };",
+            1,
+            25,
+            "`,`, `;` or `)`",
+            "identifier `x`",
+        );
         // `fn` with a bad parameter list
         check_err("fn f(a, 1) {}", 1, 9, "a parameter name or `)`", "integer 1");
         check_err("fn f(a b) {}", 1, 8, "`=`, `,` or `)`", "identifier `b`");
@@ -1067,7 +1233,13 @@ mod tests {
         check_err("fn f() { ) }", 1, 10, "a statement or `}`", "`)`");
         check_err("if a {} else b", 1, 14, "`{` or `if`", "identifier `b`");
         check_err("for i in 0..3 x", 1, 15, "`{`", "identifier `x`");
-        check_err("let y = x[];", 1, 11, "an index (an expression, a slice `a:b` or `...`)", "`]`");
+        check_err(
+            "let y = x[];",
+            1,
+            11,
+            "an index (an expression, a slice `a:b` or `...`)",
+            "`]`",
+        );
         check_err("let y = x[0;", 1, 12, "`,` or `]`", "`;`");
         check_err("let y = [1, 2;", 1, 14, "`,` or `]`", "`;`");
         check_err("output \"y\" x;", 1, 12, "`=`", "identifier `x`");
@@ -1085,7 +1257,10 @@ mod tests {
     #[test]
     fn display_has_the_source_line_and_a_caret() {
         let e = parse("model.rd", "let x = 1\nlet y = 2;").unwrap_err();
-        assert_eq!(e.to_string(), "model.rd:2:1: expected `;`, found `let`\n  2 | let y = 2;\n    | ^");
+        assert_eq!(
+            e.to_string(),
+            "model.rd:2:1: expected `;`, found `let`\n  2 | let y = 2;\n    | ^"
+        );
         let src = "\n\n\n\n\n\n\n\n\n\nfn f(x) {\n    let y = (x + 1;\n}\n";
         let e = parse("m.rd", src).unwrap_err();
         assert_eq!(
@@ -1093,9 +1268,15 @@ mod tests {
             "m.rd:12:19: expected `,` or `)`, found `;`\n  12 |     let y = (x + 1;\n     |                   ^"
         );
         let e = parse("m.rd", "\tlet x = $;").unwrap_err();
-        assert_eq!(e.to_string(), "m.rd:1:10: expected a token, found `$`\n  1 | \tlet x = $;\n    | \t        ^");
+        assert_eq!(
+            e.to_string(),
+            "m.rd:1:10: expected a token, found `$`\n  1 | \tlet x = $;\n    | \t        ^"
+        );
         let e = parse("m.rd", "let x = 1 # no semicolon\n").unwrap_err();
-        assert_eq!(e.to_string(), "m.rd:1:10: expected `;`, found end of file\n  1 | let x = 1 # no semicolon\n    |          ^");
+        assert_eq!(
+            e.to_string(),
+            "m.rd:1:10: expected `;`, found end of file\n  1 | let x = 1 # no semicolon\n    |          ^"
+        );
         let e: Box<dyn std::error::Error> = Box::new(e);
         assert!(e.to_string().starts_with("m.rd:1:10: "));
     }
@@ -1128,7 +1309,12 @@ mod tests {
             format!("fn f() {}", "{".repeat(n)),
         ] {
             let e = parse("t.rd", &src).unwrap_err();
-            assert_eq!(e.expected, format!("at most {MAX_DEPTH} levels of nesting"), "{}", &src[..40]);
+            assert_eq!(
+                e.expected,
+                format!("at most {MAX_DEPTH} levels of nesting"),
+                "{}",
+                &src[..40]
+            );
         }
     }
 }

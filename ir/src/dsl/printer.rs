@@ -116,9 +116,7 @@ fn op_str(op: BinOp) -> &'static str {
 fn starts_with_block(e: &Expr) -> bool {
     match &e.kind {
         ExprKind::If { .. } | ExprKind::Block(_) | ExprKind::Scan { .. } => true,
-        ExprKind::Binary { op, lhs, .. } => {
-            prec(lhs) >= operand_levels(*op).0 && starts_with_block(lhs)
-        }
+        ExprKind::Binary { op, lhs, .. } => prec(lhs) >= operand_levels(*op).0 && starts_with_block(lhs),
         ExprKind::Index { base, .. } => prec(base) >= PRIMARY && starts_with_block(base),
         _ => false,
     }
@@ -314,7 +312,11 @@ fn expr_bare(e: &Expr, indent: usize) -> String {
                     ExprKind::Block(b) => out.push_str(&block(b, indent)),
                     // not made by the parser: wrap the value in a block
                     _ => {
-                        let b = Block { stmts: Vec::new(), tail: Some(els.clone()), span: els.span };
+                        let b = Block {
+                            stmts: Vec::new(),
+                            tail: Some(els.clone()),
+                            span: els.span,
+                        };
                         out.push_str(&block(&b, indent));
                     }
                 }
@@ -322,7 +324,12 @@ fn expr_bare(e: &Expr, indent: usize) -> String {
             out
         }
         ExprKind::Block(b) => block(b, indent),
-        ExprKind::Scan { carries, seqs, axis, body } => {
+        ExprKind::Scan {
+            carries,
+            seqs,
+            axis,
+            body,
+        } => {
             let bind = |b: &ScanBinding, sep: &str| format!("{}{sep}{}", b.name.name, expr(&b.value, indent));
             let carries: Vec<String> = carries.iter().map(|b| bind(b, " = ")).collect();
             let seqs: Vec<String> = seqs.iter().map(|b| bind(b, " in ")).collect();
@@ -436,11 +443,7 @@ fn strip_block(b: &mut Block) {
 fn strip_expr(e: &mut Expr) {
     e.span = Span::default();
     match &mut e.kind {
-        ExprKind::Int(_)
-        | ExprKind::Float(_)
-        | ExprKind::Str(_)
-        | ExprKind::Bool(_)
-        | ExprKind::Name(_) => {}
+        ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Str(_) | ExprKind::Bool(_) | ExprKind::Name(_) => {}
         ExprKind::Unary { expr, .. } => strip_expr(expr),
         ExprKind::Binary { lhs, rhs, .. } => {
             strip_expr(lhs);
@@ -475,7 +478,12 @@ fn strip_expr(e: &mut Expr) {
             }
         }
         ExprKind::Block(b) => strip_block(b),
-        ExprKind::Scan { carries, seqs, axis, body } => {
+        ExprKind::Scan {
+            carries,
+            seqs,
+            axis,
+            body,
+        } => {
             for b in carries.iter_mut().chain(seqs.iter_mut()) {
                 strip_ident(&mut b.name);
                 strip_expr(&mut b.value);
