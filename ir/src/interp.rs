@@ -7,7 +7,7 @@
 //! computed on i64 (wrapping on overflow), bools as bools.
 //!
 //! [`Interpreter::new`] validates the graph, loads every parameter once and compiles the graph
-//! (and every scan body) into a [`Plan`]: the live nodes in topological order, each reading
+//! (and every scan body) into a `Plan`: the live nodes in topological order, each reading
 //! and writing numbered value slots, with the slots each step is the last reader of. A run
 //! binds the symbolic dimensions from the inputs' shapes, evaluates every node's type under
 //! that binding and checks each computed value against it.
@@ -2263,6 +2263,69 @@ mod tests {
         assert_eq!(f(&got), &[0.0, 0.0, 0.0]);
     }
 
+    #[test]
+    fn sums_accumulate_in_f64_and_max_propagates_nan() {
+        // in f32, 1e8 + 1 == 1e8: an f32 accumulator would return 1, not 2
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", DType::F32, dims(&[2, 4]));
+        let s = node(
+            &mut g,
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: vec![1],
+                keepdim: false,
+            },
+            &[x],
+        );
+        let s0 = node(
+            &mut g,
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: vec![0],
+                keepdim: false,
+            },
+            &[x],
+        );
+        let m = node(
+            &mut g,
+            Op::Reduce {
+                op: ReduceOp::Max,
+                axes: vec![1],
+                keepdim: false,
+            },
+            &[x],
+        );
+        let mx = node(&mut g, Op::Binary(BinaryOp::Max), &[x, x]);
+        let xv = vec![1e8, 1.0, -1e8, 1.0, 2.0, f32::NAN, 3.0, -1.0];
+        let ins = || vec![("x", ft(&[2, 4], xv.clone()))];
+        let got = eval1(&g, s, ins());
+        assert_eq!(f(&got)[0], 2.0);
+        assert!(f(&got)[1].is_nan());
+        // column sums go through the strided (non-row) accumulation path
+        let mut g2 = Graph::new();
+        let y = input(&mut g2, "x", DType::F32, dims(&[4, 2]));
+        let c = node(
+            &mut g2,
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: vec![0],
+                keepdim: false,
+            },
+            &[y],
+        );
+        let got = eval1(
+            &g2,
+            c,
+            vec![("x", ft(&[4, 2], vec![1e8, 0.5, 1.0, 0.5, -1e8, 0.5, 1.0, 0.5]))],
+        );
+        assert_eq!(f(&got), &[2.0, 2.0]);
+        assert!(f(&eval1(&g, s0, ins()))[1].is_nan());
+        let got = eval1(&g, m, ins());
+        assert_eq!(f(&got)[0], 1e8);
+        assert!(f(&got)[1].is_nan(), "max over a row with NaN is NaN");
+        assert!(f(&eval1(&g, mx, ins()))[5].is_nan());
+    }
+
     // ---- movement -----------------------------------------------------------------------------
 
     #[test]
@@ -3079,6 +3142,60 @@ mod tests {
             e.msg.contains("index 3 is out of range") && e.msg.ends_with("(scan step 2)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn scan_body_may_read_parameters() {
+        // c_t = c_{t-1} * w + x_t, with w a parameter used only inside the body
+        let mut body = Graph::new();
+        let c = input(&mut body, "c", DType::F32, dims(&[2]));
+        let x = input(&mut body, "x", DType::F32, dims(&[2]));
+        let w = body
+            .add1(
+                Op::Param {
+                    name: "w".into(),
+                    stack: None,
+                    dtype: DType::F32,
+                    shape: dims(&[2]),
+                },
+                &[],
+                None,
+            )
+            .unwrap();
+        let cw = node(&mut body, Op::Binary(BinaryOp::Mul), &[c, w]);
+        let c2 = node(&mut body, Op::Binary(BinaryOp::Add), &[cw, x]);
+        body.add_output("c", c2, InputKind::Data);
+        body.add_output("seen", c2, InputKind::Data);
+        let mut g = Graph::new();
+        let c0 = input(&mut g, "c0", DType::F32, dims(&[2]));
+        let xs = input(&mut g, "xs", DType::F32, vec![sym("seq"), Dim::constant(2)]);
+        let scan = Op::Scan {
+            body: Box::new(body),
+            axis: 0,
+            n_carry: 1,
+            n_seq: 1,
+        };
+        let outs = g.add(scan, &[c0, xs], None).unwrap();
+        g.add_output("c", outs[0], InputKind::Data);
+        g.add_output("seen", outs[1], InputKind::Data);
+        let params = Table([("w".to_string(), ft(&[2], vec![0.5, -2.0]))].into());
+        let interp = Interpreter::new(&g, &params).unwrap();
+        let xv = vec![1.0, 2.0, 3.0, -1.0, 0.25, 0.5];
+        let out = interp
+            .run(&feed(vec![
+                ("c0", ft(&[2], vec![4.0, 1.0])),
+                ("xs", ft(&[3, 2], xv.clone())),
+            ]))
+            .unwrap();
+        let (mut c, mut seen) = ([4.0f64, 1.0], Vec::new());
+        for t in 0..3 {
+            for j in 0..2 {
+                c[j] = c[j] * [0.5, -2.0][j] + f64::from(xv[t * 2 + j]);
+            }
+            seen.extend_from_slice(&c);
+        }
+        assert_close(f(&out["c"]), &c, 0.0);
+        assert_close(f(&out["seen"]), &seen, 0.0);
     }
 
     // ---- binding, params, outputs -----------------------------------------------------------------

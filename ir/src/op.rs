@@ -36,7 +36,7 @@ pub enum BinaryOp {
     Max,
     Min,
     Pow,
-    /// integer floor division / float remainder-free modulo, ints only
+    /// Python's `%` on integers (the result takes the divisor's sign); `Div` on integers floors
     Mod,
     Lt,
     Le,
@@ -168,7 +168,8 @@ pub enum Op {
         axis: usize,
     },
     // ---- matmul / cast -------------------------------------------------------------------
-    /// `[.., M, K] @ [.., K, N] -> [.., M, N]` with broadcast batch dims; f32 accumulation.
+    /// `[.., M, K] @ [.., K, N] -> [.., M, N]` with broadcast batch dims; accumulation at least
+    /// f32 (the interpreter uses f64), the result rounded once to the node's dtype.
     Matmul,
     Cast {
         to: DType,

@@ -1420,13 +1420,13 @@ impl<'a> Elab<'a> {
             None => Ok((0..rank).collect()),
             Some((Val::Int(x), sp)) => Ok(vec![norm_axis(x, rank)
                 .ok_or(())
-                .or_else(|_| err(sp, format!("axis {x} out of range")))?]),
+                .or_else(|_| err(sp, format!("axis {x} is out of range for rank {rank}")))?]),
             Some((Val::List(xs), sp)) => xs
                 .iter()
                 .map(|x| match x {
                     Val::Int(x) => norm_axis(*x, rank)
                         .ok_or(())
-                        .or_else(|_| err(sp, format!("axis {x} out of range"))),
+                        .or_else(|_| err(sp, format!("axis {x} is out of range for rank {rank}"))),
                     _ => err(sp, "axes must be integers"),
                 })
                 .collect(),
@@ -1848,3 +1848,7 @@ impl Args {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "elab_tests.rs"]
+mod tests;
