@@ -242,9 +242,14 @@ fn load(model: &ModelArgs, device: &DeviceArgs) -> Result<(LoadedModel, Engine)>
             }
         });
     }
-    pb.set_message("loading weights");
-    let e = Engine::new(&m, dev)?;
     pb.finish_and_clear();
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("loading weights {bar:30} {bytes}/{total_bytes} ({eta})").unwrap());
+    let e = Engine::with_progress(&m, dev, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
     Ok((m, e))
 }
 

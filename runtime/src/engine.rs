@@ -6,7 +6,8 @@
 
 use crate::model::LoadedModel;
 use crate::{err, Error, Result};
-use ir::interp::Interpreter;
+use ir::interp::{Interpreter, ParamSource};
+use std::cell::Cell;
 use ir::op::{InputKind, Op};
 use ir::{DType, DimEnv, Shape, Tensor};
 use std::collections::HashMap;
@@ -59,6 +60,23 @@ struct StateSpec {
     shape: Shape,
 }
 
+/// A parameter source that reports how many bytes have been loaded.
+struct Counting<'a> {
+    inner: &'a dyn ParamSource,
+    done: Cell<u64>,
+    total: u64,
+    progress: &'a dyn Fn(u64, u64),
+}
+
+impl ParamSource for Counting<'_> {
+    fn load(&self, spec: &ir::ParamSpec) -> std::result::Result<Tensor, String> {
+        let t = self.inner.load(spec)?;
+        self.done.set(self.done.get() + (spec.numel() * spec.dtype.size_bytes()) as u64);
+        (self.progress)(self.done.get(), self.total);
+        Ok(t)
+    }
+}
+
 /// Inference state of a batch of sequences that all hold `past` tokens.
 #[derive(Clone, Debug)]
 pub struct State {
@@ -76,6 +94,11 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(m: &LoadedModel, device: Device) -> Result<Engine> {
+        Self::with_progress(m, device, &|_, _| {})
+    }
+
+    /// [`Engine::new`], telling `progress(bytes_loaded, bytes_total)` as the weights load.
+    pub fn with_progress(m: &LoadedModel, device: Device, progress: &dyn Fn(u64, u64)) -> Result<Engine> {
         if device != Device::Reference {
             return err(format!("device {device} is not available yet"));
         }
@@ -118,7 +141,10 @@ impl Engine {
             .and_then(|d| d.as_const())
             .ok_or_else(|| Error("the logits' last dimension (vocabulary) must be fixed".into()))?
             as usize;
-        let interp = Interpreter::new(graph, &m.weights)?;
+        let params = m.params()?;
+        let total: u64 = params.iter().map(|p| (p.numel() * p.dtype.size_bytes()) as u64).sum();
+        let counting = Counting { inner: &m.weights, done: Cell::new(0), total, progress };
+        let interp = Interpreter::new(graph, &counting)?;
         Ok(Engine {
             interp,
             states,
