@@ -21,3 +21,4 @@ pub use op::Op;
 pub use param::ParamSpec;
 pub use shape::{Dim, DimEnv, Shape};
 pub use tensor::Tensor;
+pub mod fused;

@@ -7,9 +7,9 @@
 use crate::model::LoadedModel;
 use crate::{err, Error, Result};
 use ir::interp::{Interpreter, ParamSource};
-use std::cell::Cell;
 use ir::op::{InputKind, Op};
 use ir::{DType, DimEnv, Shape, Tensor};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -71,7 +71,8 @@ struct Counting<'a> {
 impl ParamSource for Counting<'_> {
     fn load(&self, spec: &ir::ParamSpec) -> std::result::Result<Tensor, String> {
         let t = self.inner.load(spec)?;
-        self.done.set(self.done.get() + (spec.numel() * spec.dtype.size_bytes()) as u64);
+        self.done
+            .set(self.done.get() + (spec.numel() * spec.dtype.size_bytes()) as u64);
         (self.progress)(self.done.get(), self.total);
         Ok(t)
     }
@@ -143,7 +144,12 @@ impl Engine {
             as usize;
         let params = m.params()?;
         let total: u64 = params.iter().map(|p| (p.numel() * p.dtype.size_bytes()) as u64).sum();
-        let counting = Counting { inner: &m.weights, done: Cell::new(0), total, progress };
+        let counting = Counting {
+            inner: &m.weights,
+            done: Cell::new(0),
+            total,
+            progress,
+        };
         let interp = Interpreter::new(graph, &counting)?;
         Ok(Engine {
             interp,

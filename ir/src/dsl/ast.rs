@@ -190,7 +190,7 @@ pub enum ExprKind {
     },
     /// `[a, b, c]`
     List(Vec<Expr>),
-    /// `(a, b)` — never of length 1 (`(a)` is just `a`); `()` is the empty tuple
+    /// `(a, b)`; `(a,)` is a one-element tuple, `(a)` is just `a`, `()` the empty tuple
     Tuple(Vec<Expr>),
     /// `if COND BLOCK [else (BLOCK | if ...)]`; the else branch is an Expr of kind Block or If
     If {

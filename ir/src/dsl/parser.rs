@@ -82,9 +82,39 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
+/// Inputs of at most this many tokens are parsed on the caller's thread: they cannot nest
+/// deeper than this, which any stack holds.
+const SMALL_INPUT_TOKENS: usize = 24;
+
+/// Stack of the thread that parses longer inputs: enough for [`MAX_DEPTH`] levels of nesting
+/// even unoptimised (about 4 MiB there; under 0.5 MiB at the workspace's opt-levels).
+const PARSER_STACK_BYTES: usize = 16 << 20;
+
 /// Parse the source text `src` of the file named `file` (used in errors only).
+///
+/// Inputs longer than a few tokens are parsed on a short-lived thread with a 16 MiB stack, so
+/// that the deepest nesting the parser accepts cannot overflow the caller's stack (a test
+/// thread has 2 MiB); if that thread cannot be started, the parse runs on the caller's thread.
 pub fn parse(file: &str, src: &str) -> Result<ast::Program, ParseError> {
-    let mut toks = lex(file, src)?;
+    let toks = lex(file, src)?;
+    if toks.len() <= SMALL_INPUT_TOKENS {
+        return parse_tokens(file, src, toks);
+    }
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name("ringjit-dsl-parse".to_string())
+            .stack_size(PARSER_STACK_BYTES)
+            .spawn_scoped(scope, || parse_tokens(file, src, toks));
+        match spawned {
+            Ok(handle) => handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            // the tokens went with the closure; lexing again is cheap
+            Err(_) => parse_tokens(file, src, lex(file, src)?),
+        }
+    })
+}
+
+/// Parse the tokens of `src` (ending with [`Tok::Eof`]).
+fn parse_tokens(file: &str, src: &str, mut toks: Vec<Token>) -> Result<ast::Program, ParseError> {
     let eof = match toks.pop() {
         Some(t) if t.kind == Tok::Eof => t,
         other => {
@@ -123,7 +153,7 @@ struct Parser<'a> {
 
 /// What a statement position held: a statement, or the tail expression of a block.
 enum Item {
-    Stmt(Stmt),
+    Stmt(Box<Stmt>),
     Tail(Expr),
 }
 
@@ -271,7 +301,7 @@ impl Parser<'_> {
         let mut stmts = Vec::new();
         while !self.at(&Tok::Eof) {
             match self.item(false)? {
-                Item::Stmt(s) => stmts.push(s),
+                Item::Stmt(s) => stmts.push(*s),
                 // `item(false)` never yields a tail; treat one as a missing `;` to stay total
                 Item::Tail(_) => return Err(self.err("`;`")),
             }
@@ -282,81 +312,19 @@ impl Parser<'_> {
     /// One statement, or (in a block) the tail expression before `}`.
     fn item(&mut self, in_block: bool) -> R<Item> {
         let span = self.span();
-        let stmt = |kind| Ok(Item::Stmt(Stmt { kind, span }));
-        match self.peek().clone() {
-            Tok::Config => stmt(self.config()?),
-            Tok::Require => {
-                self.advance();
-                let cond = self.expr()?;
-                self.expect(&Tok::Comma)?;
-                let message = self.expr()?;
-                self.expect(&Tok::Semi)?;
-                stmt(StmtKind::Require { cond, message })
-            }
-            Tok::Dim => {
-                self.advance();
-                let mut names = vec![self.ident("a dimension name")?];
-                while self.eat(&Tok::Comma) {
-                    names.push(self.ident("a dimension name")?);
-                }
-                if !self.at(&Tok::Semi) {
-                    return Err(self.err("`,` or `;`"));
-                }
-                self.advance();
-                stmt(StmtKind::Dim { names })
-            }
-            Tok::Input => {
-                self.advance();
-                let name = self.ident("an input name")?;
-                self.expect(&Tok::Colon)?;
-                let ty = self.expr()?;
-                self.expect(&Tok::Semi)?;
-                stmt(StmtKind::Input { name, ty })
-            }
-            Tok::State => {
-                self.advance();
-                let name = self.ident("a state name")?;
-                self.expect(&Tok::Colon)?;
-                let ty = self.expr()?;
-                self.expect(&Tok::Assign)?;
-                let key = self.expr()?;
-                self.expect(&Tok::Semi)?;
-                stmt(StmtKind::State { name, ty, key })
-            }
-            Tok::Param => stmt(self.param()?),
-            Tok::Let => {
-                self.advance();
-                let pat = self.pattern()?;
-                self.expect(&Tok::Assign)?;
-                let value = self.expr()?;
-                self.expect(&Tok::Semi)?;
-                stmt(StmtKind::Let { pat, value })
-            }
-            Tok::Fn => stmt(self.function()?),
-            Tok::For => {
-                self.advance();
-                let var = self.ident("a loop variable")?;
-                self.expect(&Tok::In)?;
-                let (start, end) = self.range()?;
-                let body = self.block()?;
-                stmt(StmtKind::For { var, start, end, body })
-            }
-            Tok::Output => {
-                self.advance();
-                let name = self.expr()?;
-                self.expect(&Tok::Assign)?;
-                let value = self.expr()?;
-                self.expect(&Tok::Semi)?;
-                stmt(StmtKind::Output { name, value })
-            }
-            Tok::Carry => {
-                self.advance();
-                let name = self.ident("a state name")?;
-                self.expect(&Tok::Assign)?;
-                let value = self.expr()?;
-                self.expect(&Tok::Semi)?;
-                stmt(StmtKind::Carry { name, value })
-            }
+        let stmt = |kind| Ok(Item::Stmt(Box::new(Stmt { kind, span })));
+        match self.peek() {
+            Tok::Config
+            | Tok::Require
+            | Tok::Dim
+            | Tok::Input
+            | Tok::State
+            | Tok::Param
+            | Tok::Let
+            | Tok::Fn
+            | Tok::For
+            | Tok::Output
+            | Tok::Carry => stmt(self.keyword_stmt()?),
             Tok::Ident(_) if self.peek_at(1) == &Tok::Assign => {
                 let name = self.ident("a name")?;
                 self.advance();
@@ -375,7 +343,7 @@ impl Parser<'_> {
                     stmt(StmtKind::Expr(e))
                 }
             }
-            t if starts_expr(&t) => {
+            t if starts_expr(t) => {
                 let e = self.expr()?;
                 if self.eat(&Tok::Semi) {
                     stmt(StmtKind::Expr(e))
@@ -389,6 +357,88 @@ impl Parser<'_> {
             }
             Tok::Eof if in_block => Err(self.err("`}`")),
             _ if in_block => Err(self.err("a statement or `}`")),
+            _ => Err(self.err("a statement")),
+        }
+    }
+
+    /// A statement that starts with a keyword (kept out of [`Parser::item`] so that the
+    /// frames of nested blocks stay small).
+    #[inline(never)]
+    fn keyword_stmt(&mut self) -> R<StmtKind> {
+        match self.peek() {
+            Tok::Config => self.config(),
+            Tok::Require => {
+                self.advance();
+                let cond = self.expr()?;
+                self.expect(&Tok::Comma)?;
+                let message = self.expr()?;
+                self.expect(&Tok::Semi)?;
+                Ok(StmtKind::Require { cond, message })
+            }
+            Tok::Dim => {
+                self.advance();
+                let mut names = vec![self.ident("a dimension name")?];
+                while self.eat(&Tok::Comma) {
+                    names.push(self.ident("a dimension name")?);
+                }
+                if !self.at(&Tok::Semi) {
+                    return Err(self.err("`,` or `;`"));
+                }
+                self.advance();
+                Ok(StmtKind::Dim { names })
+            }
+            Tok::Input => {
+                self.advance();
+                let name = self.ident("an input name")?;
+                self.expect(&Tok::Colon)?;
+                let ty = self.expr()?;
+                self.expect(&Tok::Semi)?;
+                Ok(StmtKind::Input { name, ty })
+            }
+            Tok::State => {
+                self.advance();
+                let name = self.ident("a state name")?;
+                self.expect(&Tok::Colon)?;
+                let ty = self.expr()?;
+                self.expect(&Tok::Assign)?;
+                let key = self.expr()?;
+                self.expect(&Tok::Semi)?;
+                Ok(StmtKind::State { name, ty, key })
+            }
+            Tok::Param => self.param(),
+            Tok::Let => {
+                self.advance();
+                let pat = self.pattern()?;
+                self.expect(&Tok::Assign)?;
+                let value = self.expr()?;
+                self.expect(&Tok::Semi)?;
+                Ok(StmtKind::Let { pat, value })
+            }
+            Tok::Fn => self.function(),
+            Tok::For => {
+                self.advance();
+                let var = self.ident("a loop variable")?;
+                self.expect(&Tok::In)?;
+                let (start, end) = self.range()?;
+                let body = self.block()?;
+                Ok(StmtKind::For { var, start, end, body })
+            }
+            Tok::Output => {
+                self.advance();
+                let name = self.expr()?;
+                self.expect(&Tok::Assign)?;
+                let value = self.expr()?;
+                self.expect(&Tok::Semi)?;
+                Ok(StmtKind::Output { name, value })
+            }
+            Tok::Carry => {
+                self.advance();
+                let name = self.ident("a state name")?;
+                self.expect(&Tok::Assign)?;
+                let value = self.expr()?;
+                self.expect(&Tok::Semi)?;
+                Ok(StmtKind::Carry { name, value })
+            }
             _ => Err(self.err("a statement")),
         }
     }
@@ -518,7 +568,7 @@ impl Parser<'_> {
         let mut tail = None;
         while !self.eat(&Tok::RBrace) {
             match self.item(true)? {
-                Item::Stmt(s) => stmts.push(s),
+                Item::Stmt(s) => stmts.push(*s),
                 Item::Tail(e) => {
                     tail = Some(Box::new(e));
                     self.expect(&Tok::RBrace)?;
@@ -922,7 +972,9 @@ mod tests {
                     .collect();
                 format!("(index {} {})", sx(base), items.join(" "))
             }
-            ExprKind::List(items) => format!("[{}]", items.iter().map(sx).collect::<Vec<_>>().join(" ")),
+            ExprKind::List(items) => {
+                format!("[{}]", items.iter().map(sx).collect::<Vec<_>>().join(" "))
+            }
             ExprKind::Tuple(items) => format!("(tuple {})", items.iter().map(sx).collect::<Vec<_>>().join(" ")),
             ExprKind::If { cond, els, .. } => {
                 format!(
@@ -1316,5 +1368,43 @@ mod tests {
                 &src[..40]
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod doc_examples {
+    use super::*;
+
+    fn fenced_blocks(md: &str) -> Vec<String> {
+        let mut blocks = Vec::new();
+        let mut cur: Option<(String, String)> = None;
+        for line in md.lines() {
+            let body = line.trim_start();
+            if body.starts_with("```") {
+                match cur.take() {
+                    Some((_, b)) => blocks.push(b),
+                    None => cur = Some((line[..line.len() - body.len()].to_string(), String::new())),
+                }
+            } else if let Some((indent, b)) = &mut cur {
+                b.push_str(line.strip_prefix(indent.as_str()).unwrap_or(line));
+                b.push('\n');
+            }
+        }
+        blocks
+    }
+
+    /// docs/dsl.md's opening example parses and its error example is what the parser says.
+    #[test]
+    fn docs_examples_hold() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dsl.md");
+        let Ok(md) = std::fs::read_to_string(path) else { return };
+        let blocks = fenced_blocks(&md);
+        parse("docs", &blocks[0]).unwrap_or_else(|e| panic!("{e}"));
+        let shown = blocks
+            .iter()
+            .find(|b| b.starts_with("model.ring:12:5:"))
+            .expect("the error example");
+        let src = format!("{}let x = 1\n    let y = x * 2;\n", "\n".repeat(10));
+        assert_eq!(format!("{}\n", parse("model.ring", &src).unwrap_err()), *shown);
     }
 }
