@@ -7,7 +7,7 @@
 
 use crate::dtype::DType;
 use crate::graph::TensorType;
-use crate::shape::{shape_str, Dim};
+use crate::shape::Dim;
 use crate::tensor::Tensor;
 use std::fmt;
 
@@ -339,7 +339,7 @@ fn ceil_div(d: &Dim, k: usize) -> Result<Dim, String> {
         Some(c) => Ok(Dim::constant((c + k as i64 - 1) / k as i64)),
         None => d
             .div_const(k as i64)
-            .ok_or_else(|| format!("{} is not a multiple of {k}", shape_str(&[d.clone()]))),
+            .ok_or_else(|| format!("{} is not a multiple of {k}", d)),
     }
 }
 
