@@ -1164,6 +1164,18 @@ fn random_bytes(t: &Planned, seed: u64) -> Vec<u8> {
     out
 }
 
+impl crate::interp::ParamSource for Checkpoint {
+    fn load(&self, spec: &ParamSpec) -> Result<Tensor, String> {
+        Checkpoint::load(self, spec).map_err(|e| e.to_string())
+    }
+}
+
+impl crate::interp::ParamSource for RandomWeights {
+    fn load(&self, spec: &ParamSpec) -> Result<Tensor, String> {
+        RandomWeights::load(self, spec).map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1878,17 +1890,5 @@ mod tests {
             validate_s * 1e3,
             (open_s + validate_s) * 1e3,
         );
-    }
-}
-
-impl crate::interp::ParamSource for Checkpoint {
-    fn load(&self, spec: &ParamSpec) -> Result<Tensor, String> {
-        Checkpoint::load(self, spec).map_err(|e| e.to_string())
-    }
-}
-
-impl crate::interp::ParamSource for RandomWeights {
-    fn load(&self, spec: &ParamSpec) -> Result<Tensor, String> {
-        RandomWeights::load(self, spec).map_err(|e| e.to_string())
     }
 }
