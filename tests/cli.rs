@@ -323,3 +323,38 @@ fn graph_and_bench_commands() {
     let help = run_ok(ringjit().arg("--help"));
     assert!(String::from_utf8_lossy(&help.stdout).contains("--config NAME"));
 }
+
+#[test]
+fn generate_with_a_tokenizer_streams_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    run_ok(ringjit().args(["init", "--config", "tiny", "--out"]).arg(&dir));
+    // a word-level tokenizer over the tiny vocabulary: "w0" .. "w255"
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..256).map(|i| (format!("w{i}"), i.into())).collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
+    let out = run_ok(ringjit().args(["generate", "--model"]).arg(&dir).args([
+        "--prompt",
+        "w1 w2 w3",
+        "--max-new-tokens",
+        "5",
+        "--ignore-eos",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(words.len(), 5, "{text}");
+    assert!(words.iter().all(|w| w.starts_with('w')), "{text}");
+    // the same continuation as the token-id prompt (printed as text: the folder has a tokenizer)
+    let by_ids = run_ok(ringjit().args(["generate", "--model"]).arg(&dir).args([
+        "--tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "5",
+        "--ignore-eos",
+    ]));
+    assert_eq!(text, String::from_utf8_lossy(&by_ids.stdout));
+}
