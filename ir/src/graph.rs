@@ -696,6 +696,7 @@ pub fn infer(op: &Op, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
             n_carry,
             n_seq,
         } => infer_scan(body, *axis, *n_carry, *n_seq, tys),
+        Op::Fused(f) => f.infer(tys),
     }
 }
 

@@ -699,6 +699,10 @@ fn eval(
             arity(1)?;
             one(cast(args[0], *to))
         }
+        Op::Fused(f) => {
+            let out: Vec<(TensorType, Vec<usize>)> = types.iter().cloned().zip(shapes.iter().cloned()).collect();
+            f.eval(args, &out)
+        }
         Op::Input { .. } | Op::Param { .. } | Op::Scan { .. } => {
             Err(format!("internal: {} is not a pure op", op.name()))
         }

@@ -185,6 +185,8 @@ pub enum Op {
         n_carry: usize,
         n_seq: usize,
     },
+    // ---- composite (made only by the rewrite passes; never written in the DSL) -------------
+    Fused(crate::fused::Fused),
 }
 
 /// How an op's derivative is defined (the autodiff pass will implement these rules).
@@ -229,6 +231,7 @@ impl Op {
             Op::Matmul => "matmul".into(),
             Op::Cast { .. } => "cast".into(),
             Op::Scan { .. } => "scan".into(),
+            Op::Fused(f) => f.name().into(),
         }
     }
 
@@ -264,6 +267,7 @@ impl Op {
                 "axis={axis} carries={n_carry} seqs={n_seq} body_nodes={}",
                 body.node_count()
             ),
+            Op::Fused(f) => f.attrs(),
             Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Matmul => String::new(),
         }
     }
@@ -315,6 +319,7 @@ impl Op {
             Op::Cast { to } if to.is_float() => Rule("cast g back"),
             Op::Cast { .. } => None("cast to integer or bool"),
             Op::Scan { .. } => Rule("reverse scan of the body's vector-Jacobian products"),
+            Op::Fused(_) => Rule("that of the primitive subgraph it replaced (autodiff runs before fusion)"),
         }
     }
 }

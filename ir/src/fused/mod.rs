@@ -5,6 +5,12 @@
 //! Conventions: attributes are plain values; inputs are listed in each variant's doc in order;
 //! shapes are written with `..` for any leading dims.
 
+mod attention;
+mod fp8;
+mod linear_attn;
+mod moe;
+mod norm;
+
 use crate::dtype::DType;
 use crate::graph::TensorType;
 use crate::shape::Dim;
@@ -326,10 +332,33 @@ impl Fused {
         }
     }
 
-    /// Reference evaluation. `out` holds the output types with their concrete shapes.
+    /// Reference evaluation. `out` holds the output types with their concrete shapes; operands
+    /// have been type-checked by `infer`, so only data-dependent problems (an expert index out
+    /// of range) remain to report.
     pub fn eval(&self, args: &[&Tensor], out: &[(TensorType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
-        let _ = (args, out);
-        Err(format!("{} has no reference semantics yet", self.name()))
+        match self {
+            Fused::RmsNorm { eps } => norm::rms_norm(*eps, args, out),
+            Fused::AddRmsNorm { eps } => norm::add_rms_norm(*eps, args, out),
+            Fused::SwiGlu => norm::swiglu(args, out),
+            Fused::Softmax => norm::softmax(args, out),
+            Fused::QkNormRope { eps, rotary } => norm::qk_norm_rope(*eps, *rotary, args, out),
+            Fused::FlashAttention { scale } => attention::flash_attention(*scale, args, out),
+            Fused::LinearAttnChunk { chunk } => linear_attn::chunked(*chunk, args, out),
+            Fused::LinearAttnStep => linear_attn::stepwise(args, out),
+            Fused::GroupNormGate { groups, eps } => linear_attn::group_norm_gate(*groups, *eps, args, out),
+            Fused::RouteTopK {
+                k,
+                n_group,
+                topk_group,
+                scale,
+                normalize,
+                biased,
+            } => moe::route_topk(*k, *n_group, *topk_group, *scale, *normalize, *biased, args, out),
+            Fused::GroupedMatmul { epilogue } => moe::grouped_matmul(*epilogue, args, out),
+            Fused::QuantizeFp8 { rows, cols } => fp8::quantize(*rows, *cols, args, out),
+            Fused::DequantizeFp8 { rows, cols, to } => fp8::dequantize(*rows, *cols, *to, args, out),
+            Fused::ScaledMatmulFp8 { out: to } => fp8::scaled_matmul(*to, args, out),
+        }
     }
 }
 
