@@ -208,6 +208,17 @@ impl Graph {
         Ok(outs[0])
     }
 
+    /// Declare an input (always well-typed, so this cannot fail).
+    pub fn add_input(&mut self, name: &str, kind: InputKind, dtype: DType, shape: Shape) -> Value {
+        let op = Op::Input {
+            name: name.to_string(),
+            kind,
+            dtype,
+            shape,
+        };
+        self.add1(op, &[], None).expect("inputs are always well-typed")
+    }
+
     pub fn set_label(&mut self, v: Value, label: &str) {
         if self.g[v.node].label.is_none() {
             self.g[v.node].label = Some(label.to_string());
@@ -798,30 +809,8 @@ mod tests {
             line: 3,
             col: 7,
         };
-        let a = g
-            .add1(
-                Op::Input {
-                    name: "a".into(),
-                    kind: InputKind::Data,
-                    dtype: DType::F32,
-                    shape: f32s(&[2, 3]),
-                },
-                &[],
-                None,
-            )
-            .unwrap();
-        let b = g
-            .add1(
-                Op::Input {
-                    name: "b".into(),
-                    kind: InputKind::Data,
-                    dtype: DType::F32,
-                    shape: f32s(&[4, 5]),
-                },
-                &[],
-                None,
-            )
-            .unwrap();
+        let a = g.add_input("a", InputKind::Data, DType::F32, f32s(&[2, 3]));
+        let b = g.add_input("b", InputKind::Data, DType::F32, f32s(&[4, 5]));
         let e = g.add1(Op::Matmul, &[a, b], Some(loc)).unwrap_err();
         assert!(
             e.to_string()
@@ -838,18 +827,7 @@ mod tests {
     #[test]
     fn validate_finds_a_corrupted_node() {
         let mut g = Graph::new();
-        let a = g
-            .add1(
-                Op::Input {
-                    name: "a".into(),
-                    kind: InputKind::Data,
-                    dtype: DType::F32,
-                    shape: f32s(&[2, 3]),
-                },
-                &[],
-                None,
-            )
-            .unwrap();
+        let a = g.add_input("a", InputKind::Data, DType::F32, f32s(&[2, 3]));
         let s = g
             .add1(
                 Op::Unary(UnaryOp::Exp),

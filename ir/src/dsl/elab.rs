@@ -1187,21 +1187,7 @@ impl<'a> Elab<'a> {
         let mut vars = HashMap::new();
         for (c, t) in carries.iter().zip(&inits) {
             let ty = self.ty(*t);
-            let loc = self.loc(c.name.span);
-            let v = self.graphs[body_id]
-                .graph
-                .add1(
-                    Op::Input {
-                        name: c.name.name.clone(),
-                        kind: InputKind::Data,
-                        dtype: ty.dtype,
-                        shape: ty.shape,
-                    },
-                    &[],
-                    loc,
-                )
-                .expect("inputs are well-typed");
-            vars.insert(c.name.name.clone(), Val::Tensor(TRef { graph: body_id, v }));
+            vars.insert(c.name.name.clone(), self.body_input(body_id, &c.name, ty));
         }
         for (s, t) in seqs.iter().zip(&seq_ts) {
             let mut ty = self.ty(*t);
@@ -1210,21 +1196,7 @@ impl<'a> Elab<'a> {
                 return err(s.value.span, format!("scan axis {axis} is out of range for {ty}"));
             }
             ty.shape.remove(axis);
-            let loc = self.loc(s.name.span);
-            let v = self.graphs[body_id]
-                .graph
-                .add1(
-                    Op::Input {
-                        name: s.name.name.clone(),
-                        kind: InputKind::Data,
-                        dtype: ty.dtype,
-                        shape: ty.shape,
-                    },
-                    &[],
-                    loc,
-                )
-                .expect("inputs are well-typed");
-            vars.insert(s.name.name.clone(), Val::Tensor(TRef { graph: body_id, v }));
+            vars.insert(s.name.name.clone(), self.body_input(body_id, &s.name, ty));
         }
         let result = self.with_scope(vars, |el| el.block(body));
         let result = match result {
@@ -1292,6 +1264,22 @@ impl<'a> Elab<'a> {
         };
         let res = self.add(op, &args, span)?;
         Ok(Val::Tuple(res.into_iter().map(Val::Tensor).collect()))
+    }
+
+    /// An input of the scan body under construction, named after its DSL binding.
+    fn body_input(&mut self, body_id: usize, name: &Ident, ty: TensorType) -> Val {
+        let loc = self.loc(name.span);
+        let op = Op::Input {
+            name: name.name.clone(),
+            kind: InputKind::Data,
+            dtype: ty.dtype,
+            shape: ty.shape,
+        };
+        let v = self.graphs[body_id]
+            .graph
+            .add1(op, &[], loc)
+            .expect("inputs are always well-typed");
+        Val::Tensor(TRef { graph: body_id, v })
     }
 
     // ---- calls -------------------------------------------------------------------------
