@@ -1,1 +1,4 @@
-//! placeholder
+//! Code generation: kernel IR → PTX (LLVM NVPTX through inkwell) and → native code (Cranelift).
+
+pub mod ptx;
+pub mod ptxas;

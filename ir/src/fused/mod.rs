@@ -46,8 +46,9 @@ pub enum Fused {
     /// `pos [s]` (i64 absolute positions of the queries): causal GQA attention,
     /// `softmax(scale · q kᵀ, masked to key j ≤ pos_i) v` in f32. Output `[b, Hkv, G, s, d]` f32.
     FlashAttention { scale: f64 },
-    /// Inputs `s0 [b, H, d, d]`, `q [b, T, H, d]`, `k`, `v` (f32), `lam [H, 1, 1]`: the lightning
-    /// recurrence of spec §2.4.4 evaluated in the chunked form of §4.3 with chunk size `chunk`.
+    /// Inputs `s0 [b, H, d, d]`, `q [b, T, H, d]` (already scaled by `d^-1/2`), `k`, `v` (f32),
+    /// `lam [H, 1, 1]`: the lightning recurrence of spec §2.4.4 evaluated in the chunked form of
+    /// §4.3 with chunk size `chunk`.
     /// Outputs `(s_T, o [b, T, H, d])`, as the scan it replaces.
     LinearAttnChunk { chunk: usize },
     /// The same recurrence stepped token by token (decode; T is usually 1).
@@ -69,7 +70,7 @@ pub enum Fused {
     },
     /// Expert GEMMs over the chosen experts only.
     /// `SwiGlu`: inputs `x [b, s, D]`, `chosen [b, s, K]`, `w_gate [E, I, D]`, `w_up [E, I, D]`;
-    /// output `h [b, s, K, I]` in x's dtype.
+    /// output `h [b, s, K, I]` in the dtype of x and the weights promoted.
     /// `WeightedCombine`: inputs `h [b, s, K, I]`, `chosen`, `weights [b, s, K]` (f32),
     /// `w_down [E, D, I]`; output `Σ_k weights_k · (h_k · W_downᵀ)` f32 `[b, s, D]`.
     GroupedMatmul { epilogue: GroupedEpilogue },
@@ -217,7 +218,7 @@ impl Fused {
             }
             Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep => {
                 let (s0, q, k, v, lam) = (tys[0], tys[1], tys[2], tys[3], tys[4]);
-                if q.rank() != 4 || q != k || q != v || s0.rank() != 4 {
+                if q.rank() != 4 || q != k || q != v || s0.rank() != 4 || q.dtype != DType::F32 || s0.dtype != DType::F32 {
                     return Err(format!("{} of s0 {s0}, q {q}, k {k}, v {v}", self.name()));
                 }
                 let (h, d) = (&q.shape[2], &q.shape[3]);
@@ -238,7 +239,7 @@ impl Fused {
                 if w.shape[0] != hd || g.shape[2] != hd || g.shape[..2] != o.shape[..2] {
                     return Err(format!("group_norm_gate: {w} and {g} do not fit {o}"));
                 }
-                if hd.as_const().map(|c| c % *groups as i64 != 0).unwrap_or(true) {
+                if *groups == 0 || hd.as_const().map(|c| c % *groups as i64 != 0).unwrap_or(true) {
                     return Err(format!("group_norm_gate: {groups} groups do not divide {hd}"));
                 }
                 Ok(vec![TensorType::new(DType::F32, g.shape.clone())])
@@ -254,7 +255,7 @@ impl Fused {
                 let e = last(p)
                     .and_then(|d| d.as_const())
                     .ok_or("route_topk needs a fixed expert count")?;
-                if e % *n_group as i64 != 0 || *topk_group > *n_group || *k as i64 > e {
+                if *n_group == 0 || e % *n_group as i64 != 0 || *topk_group > *n_group || *k as i64 > e {
                     return Err(format!(
                         "route_topk: {e} experts, {n_group} groups, keep {topk_group}, k {k}"
                     ));
@@ -272,7 +273,7 @@ impl Fused {
             Fused::GroupedMatmul { epilogue } => match epilogue {
                 GroupedEpilogue::SwiGlu => {
                     let (x, chosen, wg, wu) = (tys[0], tys[1], tys[2], tys[3]);
-                    if x.rank() != 3 || chosen.rank() != 3 || wg.rank() != 3 || wg != wu {
+                    if x.rank() != 3 || chosen.rank() != 3 || !chosen.dtype.is_int() || wg.rank() != 3 || wg != wu {
                         return Err(format!("grouped_matmul(swiglu) of {x}, {chosen}, {wg}, {wu}"));
                     }
                     if wg.shape[2] != x.shape[2] || chosen.shape[..2] != x.shape[..2] {
@@ -284,7 +285,13 @@ impl Fused {
                 }
                 GroupedEpilogue::WeightedCombine => {
                     let (h, chosen, w, wd) = (tys[0], tys[1], tys[2], tys[3]);
-                    if h.rank() != 4 || wd.rank() != 3 || w.shape != chosen.shape || h.shape[..3] != chosen.shape[..] {
+                    if h.rank() != 4
+                        || wd.rank() != 3
+                        || !chosen.dtype.is_int()
+                        || w.dtype != DType::F32
+                        || w.shape != chosen.shape
+                        || h.shape[..3] != chosen.shape[..]
+                    {
                         return Err(format!("grouped_matmul(combine) of {h}, {chosen}, {w}, {wd}"));
                     }
                     if wd.shape[2] != h.shape[3] {
