@@ -5,5 +5,6 @@
 mod common;
 
 mod cli;
+mod gpu;
 mod model;
 mod parity;

@@ -33,7 +33,11 @@ pub struct GpuTarget {
 
 impl Default for GpuTarget {
     fn default() -> Self {
-        GpuTarget { sm: 90, arch_specific: false, ptx: 80 }
+        GpuTarget {
+            sm: 90,
+            arch_specific: false,
+            ptx: 80,
+        }
     }
 }
 
@@ -75,9 +79,13 @@ pub fn module_to_ptx(module: &Module, t: &GpuTarget) -> Result<String, CodegenEr
     let tm = target_machine(t)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
-    module
-        .verify()
-        .map_err(|e| CodegenError(format!("invalid LLVM IR in {}: {}", module.get_name().to_string_lossy(), e)))?;
+    module.verify().map_err(|e| {
+        CodegenError(format!(
+            "invalid LLVM IR in {}: {}",
+            module.get_name().to_string_lossy(),
+            e
+        ))
+    })?;
     module
         .run_passes("default<O3>", &tm, PassBuilderOptions::create())
         .map_err(|e| CodegenError(format!("LLVM optimisation failed: {e}")))?;
@@ -105,7 +113,11 @@ pub fn sreg<'c>(ctx: &'c Context, module: &Module<'c>, b: &Builder<'c>, reg: &st
     let f = module
         .get_function(&name)
         .unwrap_or_else(|| module.add_function(&name, ctx.i32_type().fn_type(&[], false), None));
-    b.build_call(f, &[], reg).expect("call").try_as_basic_value().expect_basic("an i32").into_int_value()
+    b.build_call(f, &[], reg)
+        .expect("call")
+        .try_as_basic_value()
+        .expect_basic("an i32")
+        .into_int_value()
 }
 
 /// `y[i] = a * x[i] + y[i]` for `i < n`: the smallest real kernel, used to prove the whole chain
@@ -116,7 +128,12 @@ pub fn axpy_ptx(t: &GpuTarget) -> Result<String, CodegenError> {
     let f32t = ctx.f32_type();
     let i32t = ctx.i32_type();
     let gptr = ctx.ptr_type(AddressSpace::from(GLOBAL));
-    let f = add_kernel(&ctx, &module, "axpy", &[f32t.into(), gptr.into(), gptr.into(), i32t.into()]);
+    let f = add_kernel(
+        &ctx,
+        &module,
+        "axpy",
+        &[f32t.into(), gptr.into(), gptr.into(), i32t.into()],
+    );
     let b = ctx.create_builder();
     let entry = ctx.append_basic_block(f, "entry");
     let body = ctx.append_basic_block(f, "body");
@@ -126,9 +143,13 @@ pub fn axpy_ptx(t: &GpuTarget) -> Result<String, CodegenError> {
     let bid = sreg(&ctx, &module, &b, "ctaid.x");
     let bdim = sreg(&ctx, &module, &b, "ntid.x");
     let err = |e: inkwell::builder::BuilderError| CodegenError(format!("building axpy: {e}"));
-    let i = b.build_int_add(b.build_int_mul(bid, bdim, "base").map_err(err)?, tid, "i").map_err(err)?;
+    let i = b
+        .build_int_add(b.build_int_mul(bid, bdim, "base").map_err(err)?, tid, "i")
+        .map_err(err)?;
     let n = f.get_nth_param(3).unwrap().into_int_value();
-    let inside = b.build_int_compare(inkwell::IntPredicate::SLT, i, n, "inside").map_err(err)?;
+    let inside = b
+        .build_int_compare(inkwell::IntPredicate::SLT, i, n, "inside")
+        .map_err(err)?;
     b.build_conditional_branch(inside, body, exit).map_err(err)?;
     b.position_at_end(body);
     let a = f.get_nth_param(0).unwrap().into_float_value();
@@ -140,7 +161,9 @@ pub fn axpy_ptx(t: &GpuTarget) -> Result<String, CodegenError> {
     let py = unsafe { b.build_in_bounds_gep(f32t, y, &[idx], "py") }.map_err(err)?;
     let xv = b.build_load(f32t, px, "x").map_err(err)?.into_float_value();
     let yv = b.build_load(f32t, py, "y").map_err(err)?.into_float_value();
-    let r = b.build_float_add(b.build_float_mul(a, xv, "ax").map_err(err)?, yv, "r").map_err(err)?;
+    let r = b
+        .build_float_add(b.build_float_mul(a, xv, "ax").map_err(err)?, yv, "r")
+        .map_err(err)?;
     b.build_store(py, r).map_err(err)?;
     b.build_unconditional_branch(exit).map_err(err)?;
     b.position_at_end(exit);

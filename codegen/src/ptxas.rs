@@ -40,24 +40,36 @@ pub fn find_ptxas() -> Result<PathBuf, CodegenError> {
             Err(CodegenError(format!("RINGJIT_PTXAS={} does not exist", p.display())))
         };
     }
-    let mut dirs: Vec<PathBuf> = std::env::current_dir().ok().into_iter().flat_map(|d| d.ancestors().map(Path::to_path_buf).collect::<Vec<_>>()).collect();
+    let mut dirs: Vec<PathBuf> = std::env::current_dir()
+        .ok()
+        .into_iter()
+        .flat_map(|d| d.ancestors().map(Path::to_path_buf).collect::<Vec<_>>())
+        .collect();
     dirs.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/..")));
     for d in dirs {
         if let Some(p) = from_file(&d.join(".venv/ptxas-path")) {
             return Ok(p);
         }
     }
-    if Command::new("ptxas").arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
+    if Command::new("ptxas")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
         return Ok(PathBuf::from("ptxas"));
     }
     Err(CodegenError(
-        "ptxas not found: run ./scripts/setup.sh (it installs the nvidia-cuda-nvcc-cu12 wheel) or set RINGJIT_PTXAS".into(),
+        "ptxas not found: run ./scripts/setup.sh (it installs the nvidia-cuda-nvcc-cu12 wheel) or set RINGJIT_PTXAS"
+            .into(),
     ))
 }
 
 /// The `-arch` a PTX file asks for (its `.target`).
 pub fn target_of(ptx: &str) -> Option<String> {
-    ptx.lines().find_map(|l| l.trim().strip_prefix(".target ")).map(|t| t.split([',', ' ']).next().unwrap_or("").to_string())
+    ptx.lines()
+        .find_map(|l| l.trim().strip_prefix(".target "))
+        .map(|t| t.split([',', ' ']).next().unwrap_or("").to_string())
 }
 
 /// Assemble `ptx` with `-arch` matching its `.target`; the per-kernel resource report, or the
@@ -79,11 +91,18 @@ pub fn check(ptx: &str) -> Result<PtxasReport, CodegenError> {
         .map_err(|e| CodegenError(format!("running {}: {e}", exe.display())));
     let _ = std::fs::remove_dir_all(&dir);
     let out = out?;
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
         return Err(CodegenError(format!("ptxas rejected the PTX (-arch={arch}):\n{log}")));
     }
-    Ok(PtxasReport { arch, kernels: parse_log(&log) })
+    Ok(PtxasReport {
+        arch,
+        kernels: parse_log(&log),
+    })
 }
 
 fn unique() -> u64 {
@@ -102,7 +121,10 @@ pub fn parse_log(log: &str) -> Vec<KernelResources> {
     };
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            out.push(KernelResources { name: rest.split('\'').next().unwrap_or("").to_string(), ..Default::default() });
+            out.push(KernelResources {
+                name: rest.split('\'').next().unwrap_or("").to_string(),
+                ..Default::default()
+            });
         } else if let Some(k) = out.last_mut() {
             if line.contains("spill stores") {
                 k.spill_stores = num_before(line, "bytes spill stores").unwrap_or(0);
@@ -127,7 +149,16 @@ mod tests {
                    ptxas info    : Function properties for axpy\n    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n\
                    ptxas info    : Used 10 registers, 384 bytes smem, 380 bytes cmem[0]\n";
         let k = &parse_log(log)[0];
-        assert_eq!((k.name.as_str(), k.registers, k.shared_bytes, k.spill_stores, k.spill_loads), ("axpy", 10, 384, 4, 4));
+        assert_eq!(
+            (
+                k.name.as_str(),
+                k.registers,
+                k.shared_bytes,
+                k.spill_stores,
+                k.spill_loads
+            ),
+            ("axpy", 10, 384, 4, 4)
+        );
         assert_eq!(target_of("//\n.version 8.0\n.target sm_90a\n"), Some("sm_90a".into()));
     }
 

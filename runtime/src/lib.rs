@@ -5,6 +5,7 @@
 //! backend and the CUDA backend arrive with their own issues; asking for them says so.
 
 pub mod bench;
+pub mod cuda;
 pub mod engine;
 pub mod model;
 pub mod sample;

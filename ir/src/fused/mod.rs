@@ -39,11 +39,11 @@ pub enum Fused {
     /// Input `x`: softmax along the last axis (max-subtracted, f64 sums).
     Softmax,
     /// Inputs `x [.., seq, heads, d]`, `w [d]`, `pos [seq]` (i64), `inv_freq [rotary/2]` (f32):
-    /// per-head RmsNorm with `w`, then NeoX RoPE on the first `rotary` dims in f32 (spec §2.5);
-    /// output in the normed value's dtype.
+    /// per-head RmsNorm with `w`, then NeoX RoPE on the first `rotary` dims (even, ≤ d) in f32
+    /// (spec §2.5); output in the normed value's dtype.
     QkNormRope { eps: f64, rotary: usize },
     /// Inputs `q [b, Hkv, G, s, d]`, `k [b, Hkv, p + s, d]`, `v [b, Hkv, p + s, d]`,
-    /// `pos [s]` (i64 absolute positions of the queries): causal GQA attention,
+    /// `pos [s]` (i64 absolute positions of the queries, each ≥ 0): causal GQA attention,
     /// `softmax(scale · q kᵀ, masked to key j ≤ pos_i) v` in f32. Output `[b, Hkv, G, s, d]` f32.
     FlashAttention { scale: f64 },
     /// Inputs `s0 [b, H, d, d]`, `q [b, T, H, d]` (already scaled by `d^-1/2`), `k`, `v` (f32),
@@ -76,13 +76,15 @@ pub enum Fused {
     GroupedMatmul { epilogue: GroupedEpilogue },
     /// Input `x [.., R, C]` (float): E4M3 values and f32 scales per `rows × cols` block
     /// (1×128 for activations, 128×128 for weights; spec §5.2). Outputs
-    /// `(q f8e4m3 [.., R, C], scales f32 [.., ceil(R/rows), ceil(C/cols)])`, `q·scale ≈ x`.
+    /// `(q f8e4m3 [.., R, C], scales f32 [.., ceil(R/rows), ceil(C/cols)])`, `q·scale ≈ x`,
+    /// scale = block amax / 448 (1 for an all-zero block; layout in fp8.rs).
     QuantizeFp8 { rows: usize, cols: usize },
     /// Inputs `q`, `scales` (as produced by QuantizeFp8): `q · scale` in `to`.
     DequantizeFp8 { rows: usize, cols: usize, to: DType },
-    /// Inputs `a_q [.., M, K]`, `a_s`, `b_q [K, N]` (a transposed weight `[N, K]` quantised in
-    /// 128×128 blocks, given as `[K, N]`), `b_s`: `(a_q·a_s) @ (b_q·b_s)` accumulated in f32,
-    /// output in `out`.
+    /// Inputs `a_q [.., M, K]`, `a_s [.., M, ceil(K/128)]` (1×128 tiles), `b_q [K, N]` (a
+    /// transposed weight `[N, K]` quantised in 128×128 blocks, given as `[K, N]`),
+    /// `b_s [ceil(K/128), ceil(N/128)]` (its scales, transposed likewise): `(a_q·a_s) @ (b_q·b_s)`
+    /// accumulated in f32, output in `out`.
     ScaledMatmulFp8 { out: DType },
 }
 
@@ -198,6 +200,16 @@ impl Fused {
                 if pos.rank() != 1 || !pos.dtype.is_int() || pos.shape[0] != x.shape[x.rank() - 3] {
                     return Err(format!("qk_norm_rope positions {pos} do not fit {x}"));
                 }
+                if rotary % 2 != 0
+                    || x.shape
+                        .last()
+                        .and_then(|d| d.as_const())
+                        .is_some_and(|d| *rotary as i64 > d)
+                {
+                    return Err(format!(
+                        "qk_norm_rope: rotary {rotary} must be even and at most the head size"
+                    ));
+                }
                 if inv.shape != vec![Dim::constant((*rotary / 2) as i64)] {
                     return Err(format!("qk_norm_rope inv_freq {inv} for rotary {rotary}"));
                 }
@@ -211,14 +223,20 @@ impl Fused {
                 if k.shape[0] != q.shape[0] || k.shape[1] != q.shape[1] || k.shape[3] != q.shape[4] {
                     return Err(format!("flash_attention: k {k} does not fit q {q}"));
                 }
-                if pos.rank() != 1 || pos.shape[0] != q.shape[3] {
+                if pos.rank() != 1 || !pos.dtype.is_int() || pos.shape[0] != q.shape[3] {
                     return Err(format!("flash_attention positions {pos} do not fit q {q}"));
                 }
                 Ok(vec![TensorType::new(DType::F32, q.shape.clone())])
             }
             Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep => {
                 let (s0, q, k, v, lam) = (tys[0], tys[1], tys[2], tys[3], tys[4]);
-                if q.rank() != 4 || q != k || q != v || s0.rank() != 4 || q.dtype != DType::F32 || s0.dtype != DType::F32 {
+                if q.rank() != 4
+                    || q != k
+                    || q != v
+                    || s0.rank() != 4
+                    || q.dtype != DType::F32
+                    || s0.dtype != DType::F32
+                {
                     return Err(format!("{} of s0 {s0}, q {q}, k {k}, v {v}", self.name()));
                 }
                 let (h, d) = (&q.shape[2], &q.shape[3]);
@@ -319,7 +337,7 @@ impl Fused {
                 ])
             }
             Fused::DequantizeFp8 { to, .. } => {
-                if tys[0].dtype != DType::F8E4M3 || tys[1].dtype != DType::F32 {
+                if tys[0].dtype != DType::F8E4M3 || tys[1].dtype != DType::F32 || !to.is_float() {
                     return Err(format!("dequantize_fp8 of {} with scales {}", tys[0], tys[1]));
                 }
                 Ok(vec![TensorType::new(*to, tys[0].shape.clone())])
@@ -371,6 +389,9 @@ impl Fused {
 
 /// `ceil(d / k)` of a constant dim; symbolic dims must be divisible.
 fn ceil_div(d: &Dim, k: usize) -> Result<Dim, String> {
+    if k == 0 {
+        return Err("a block size of 0".into());
+    }
     match d.as_const() {
         Some(c) => Ok(Dim::constant((c + k as i64 - 1) / k as i64)),
         None => d
