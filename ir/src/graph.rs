@@ -450,6 +450,14 @@ pub fn infer(op: &Op, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
             expect_args(op, tys, 0)?;
             one(TensorType::scalar(DType::I64))
         }
+        Op::Literal { value } => {
+            expect_args(op, tys, 0)?;
+            value.check()?;
+            one(TensorType::new(
+                value.dtype,
+                value.shape.iter().map(|&d| Dim::constant(d as i64)).collect(),
+            ))
+        }
         Op::Iota { len, dtype } => {
             expect_args(op, tys, 0)?;
             if dtype == &DType::Bool {

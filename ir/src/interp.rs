@@ -638,6 +638,7 @@ fn eval(
         Op::Const { value, dtype } => one(Tensor::scalar(*dtype, *value)),
         Op::DimValue { dim } => one(Tensor::from_i64(DType::I64, vec![], vec![dim.eval(env)?])),
         Op::Iota { .. } => one(iota(dtype, shape[0])),
+        Op::Literal { value } => one((**value).clone()),
         Op::Unary(u) => {
             arity(1)?;
             one(unary(*u, args[0], dtype)?)

@@ -113,6 +113,10 @@ pub enum Op {
         len: Dim,
         dtype: DType,
     },
+    /// A constant tensor of fixed shape, made by constant folding (never written in the DSL).
+    Literal {
+        value: std::sync::Arc<crate::tensor::Tensor>,
+    },
     // ---- unary / binary / ternary (elementwise, numpy broadcasting) ------------------------
     Unary(UnaryOp),
     Binary(BinaryOp),
@@ -214,6 +218,7 @@ impl Op {
             Op::Const { .. } => "const".into(),
             Op::DimValue { .. } => "dim_value".into(),
             Op::Iota { .. } => "iota".into(),
+            Op::Literal { .. } => "literal".into(),
             Op::Unary(u) => format!("{u:?}").to_lowercase(),
             Op::Binary(b) => format!("{b:?}").to_lowercase(),
             Op::Where => "where".into(),
@@ -246,6 +251,7 @@ impl Op {
             Op::Const { value, .. } => format!("{value}"),
             Op::DimValue { dim } => format!("{dim}"),
             Op::Iota { len, .. } => format!("len={len}"),
+            Op::Literal { value } => literal_attrs(value),
             Op::Reduce { axes, keepdim, .. } => format!("axes={axes:?} keepdim={keepdim}"),
             Op::Reshape { shape } => format!("to={}", crate::shape::shape_str(shape)),
             Op::Permute { perm } => format!("perm={perm:?}"),
@@ -277,7 +283,9 @@ impl Op {
         use Derivative::*;
         match self {
             Op::Input { .. } | Op::Param { .. } => Leaf,
-            Op::Const { .. } | Op::DimValue { .. } | Op::Iota { .. } => None("constant: no gradient"),
+            Op::Const { .. } | Op::DimValue { .. } | Op::Iota { .. } | Op::Literal { .. } => {
+                None("constant: no gradient")
+            }
             Op::Unary(u) => match u {
                 UnaryOp::Neg => Rule("-g"),
                 UnaryOp::Exp => Rule("g*y"),
@@ -321,6 +329,29 @@ impl Op {
             Op::Scan { .. } => Rule("reverse scan of the body's vector-Jacobian products"),
             Op::Fused(_) => Rule("that of the primitive subgraph it replaced (autodiff runs before fusion)"),
         }
+    }
+}
+
+/// A literal's values as printed: all of them when few, else the first 8 and a hash of all, so
+/// that two different literals never print alike (graph equality compares the text).
+fn literal_attrs(t: &crate::tensor::Tensor) -> String {
+    let v = t.to_f64_vec();
+    let shown: Vec<String> = match &t.data {
+        crate::tensor::Data::F32(f) => f.iter().take(8).map(|x| format!("{x}")).collect(),
+        crate::tensor::Data::I64(i) => i.iter().take(8).map(|x| format!("{x}")).collect(),
+        crate::tensor::Data::Bool(b) => b.iter().take(8).map(|x| format!("{x}")).collect(),
+    };
+    if v.len() <= 8 {
+        format!("[{}]", shown.join(", "))
+    } else {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for x in &v {
+            for b in x.to_bits().to_le_bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        format!("[{}, ...] hash={h:016x}", shown.join(", "))
     }
 }
 

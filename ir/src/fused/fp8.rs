@@ -461,7 +461,7 @@ mod tests {
         // a result type that cannot hold the values
         let e = run_fused(dequantize_op(1, 4, DType::I64), &[&qs[0], &qs[1]]).unwrap_err();
         assert!(e.contains("dequantize_fp8 of"), "{e}"); // refused by the type check already
-        // a non-positive scale
+                                                         // a non-positive scale
         let mut s = qs[1].clone();
         if let crate::tensor::Data::F32(v) = &mut s.data {
             v[2] = 0.0;

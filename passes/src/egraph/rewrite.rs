@@ -1,0 +1,505 @@
+//! The typed applier and the side-condition builders rules are written with.
+//!
+//! [`typed`] wraps a right-hand side: it instantiates the pattern *on paper* first, inferring
+//! the type of every new e-node from its operands' e-class data, and refuses (counting the
+//! refusal under the rule's name) when a node does not type-check or when the new value's type
+//! differs from the matched e-class's type. Only then are the nodes added and the union made —
+//! an ill-typed node never enters the e-graph (style.md 6).
+//!
+//! [`tuple`] does the same for a multi-output right-hand side: it builds the tuple once and
+//! unions `(proj tuple i)` with the e-class named for port `i` (the matched root, or an
+//! existing subterm found by look-up, never added).
+
+use super::analysis::{node_data, Data, RlGraph};
+use super::lang::{Attr, Rl};
+use egg::{Applier, ENodeOrVar, Id, Language, Pattern, PatternAst, Searcher, Subst, Symbol, Var};
+use ir::graph::TensorType;
+use ir::shape::Dim;
+use ir::DType;
+
+/// Where the i-th output of a tuple right-hand side goes.
+#[derive(Clone, Debug)]
+pub enum Port {
+    /// Unioned with the matched e-class.
+    Root,
+    /// Unioned with the e-class of this (existing) term; skipped when the term is not present.
+    Existing(PatternAst<Rl>),
+    /// Not unioned with anything.
+    Unused,
+}
+
+/// A right-hand side that is type-checked before it is added.
+#[derive(Clone, Debug)]
+pub struct Typed {
+    rhs: PatternAst<Rl>,
+    ports: Vec<Port>,
+}
+
+/// A single-output right-hand side, e.g. `typed("(rms_norm ?x ?w ?eps)")`.
+///
+/// # Panics
+/// On a pattern that does not parse: rule tables are code, and a typo must fail the first test.
+pub fn typed(rhs: &str) -> Typed {
+    Typed {
+        rhs: parse(rhs),
+        ports: Vec::new(),
+    }
+}
+
+/// A multi-output right-hand side: `ports[i]` is `"root"`, `"_"` (unused) or a pattern of an
+/// existing term, e.g. `tuple("(add_rms_norm ?h ?a ?w ?eps)", &["(add ?h ?a)", "root"])`.
+///
+/// # Panics
+/// On a pattern that does not parse.
+pub fn tuple(rhs: &str, ports: &[&str]) -> Typed {
+    Typed {
+        rhs: parse(rhs),
+        ports: ports
+            .iter()
+            .map(|p| match *p {
+                "root" => Port::Root,
+                "_" => Port::Unused,
+                p => Port::Existing(parse(p)),
+            })
+            .collect(),
+    }
+}
+
+fn parse(p: &str) -> PatternAst<Rl> {
+    match p.parse::<PatternAst<Rl>>() {
+        Ok(ast) => ast,
+        Err(e) => panic!("rule pattern `{p}` does not parse: {e}"),
+    }
+}
+
+fn pattern_vars(ast: &PatternAst<Rl>, out: &mut Vec<Var>) {
+    for n in ast.as_ref() {
+        if let ENodeOrVar::Var(v) = n {
+            if !out.contains(v) {
+                out.push(*v);
+            }
+        }
+    }
+}
+
+/// Record a refusal under `rule`.
+fn refuse(eg: &mut RlGraph, rule: Symbol, why: String) -> Vec<Id> {
+    let stats = &mut eg.analysis.stats;
+    *stats.refused.entry(rule.to_string()).or_default() += 1;
+    stats.refusal_example.entry(rule.to_string()).or_insert(why);
+    Vec::new()
+}
+
+impl Typed {
+    /// The data every node of the right-hand side would get, or why one is ill-typed.
+    fn check(&self, eg: &RlGraph, subst: &Subst) -> Result<Vec<Data>, String> {
+        let nodes = self.rhs.as_ref();
+        let mut datas: Vec<Data> = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            let d = match n {
+                ENodeOrVar::Var(v) => {
+                    let id = *subst.get(*v).ok_or_else(|| format!("{v} is not bound"))?;
+                    eg[id].data.clone()
+                }
+                ENodeOrVar::ENode(e) => {
+                    let kids: Vec<&Data> = e.children().iter().map(|&c| &datas[usize::from(c)]).collect();
+                    match node_data(e, &kids, &eg.analysis.leaves) {
+                        Data::Invalid(m) => return Err(format!("`{e}` does not type-check: {m}")),
+                        d => d,
+                    }
+                }
+            };
+            datas.push(d);
+        }
+        Ok(datas)
+    }
+
+    /// Adds the (checked) right-hand side; returns the id of every pattern node.
+    fn add(&self, eg: &mut RlGraph, subst: &Subst) -> Vec<Id> {
+        let mut ids: Vec<Id> = Vec::with_capacity(self.rhs.as_ref().len());
+        for n in self.rhs.as_ref() {
+            let id = match n {
+                ENodeOrVar::Var(v) => subst[*v],
+                ENodeOrVar::ENode(e) => eg.add(e.clone().map_children(|c| ids[usize::from(c)])),
+            };
+            ids.push(id);
+        }
+        ids
+    }
+}
+
+/// Finds the e-class of `ast` under `subst` without adding anything.
+pub fn lookup(eg: &RlGraph, ast: &PatternAst<Rl>, subst: &Subst) -> Option<Id> {
+    let mut ids: Vec<Id> = Vec::with_capacity(ast.as_ref().len());
+    for n in ast.as_ref() {
+        let id = match n {
+            ENodeOrVar::Var(v) => eg.find(*subst.get(*v)?),
+            ENodeOrVar::ENode(e) => eg.lookup(e.clone().map_children(|c| ids[usize::from(c)]))?,
+        };
+        ids.push(id);
+    }
+    ids.last().copied()
+}
+
+fn tys_str(d: &Data) -> String {
+    match d {
+        Data::Value(v) => v.tys.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
+        Data::Attr(a) => format!("attribute {a}"),
+        Data::Invalid(m) => format!("invalid ({m})"),
+    }
+}
+
+impl Applier<Rl, super::analysis::TypeAnalysis> for Typed {
+    fn apply_one(
+        &self,
+        eg: &mut RlGraph,
+        eclass: Id,
+        subst: &Subst,
+        _searcher_ast: Option<&PatternAst<Rl>>,
+        rule: Symbol,
+    ) -> Vec<Id> {
+        let datas = match self.check(eg, subst) {
+            Ok(d) => d,
+            Err(m) => return refuse(eg, rule, m),
+        };
+        let Some(root) = datas.last() else {
+            return Vec::new();
+        };
+        // Where each produced value goes, checked against the target's type before anything is
+        // added: (port or None for the single root value, target class).
+        let mut targets: Vec<(Option<usize>, Id)> = Vec::new();
+        if self.ports.is_empty() {
+            if root.tys().map(|t| t.len()) != Some(1) || root.tys() != eg[eclass].data.tys() {
+                let why = format!(
+                    "the right-hand side is {} but the matched class is {}",
+                    tys_str(root),
+                    tys_str(&eg[eclass].data)
+                );
+                return refuse(eg, rule, why);
+            }
+            targets.push((None, eclass));
+        } else {
+            let Some(tys) = root.tys() else {
+                return refuse(eg, rule, "the right-hand side of a tuple rule is not a value".into());
+            };
+            if tys.len() != self.ports.len() {
+                let why = format!(
+                    "the tuple has {} outputs, the rule names {}",
+                    tys.len(),
+                    self.ports.len()
+                );
+                return refuse(eg, rule, why);
+            }
+            for (i, p) in self.ports.iter().enumerate() {
+                let target = match p {
+                    Port::Root => Some(eclass),
+                    Port::Existing(ast) => lookup(eg, ast, subst),
+                    Port::Unused => None,
+                };
+                if let Some(t) = target {
+                    if eg[t].data.tys() != Some(std::slice::from_ref(&tys[i])) {
+                        let why = format!(
+                            "tuple output {i} is {} but its target class is {}",
+                            tys[i],
+                            tys_str(&eg[t].data)
+                        );
+                        return refuse(eg, rule, why);
+                    }
+                    targets.push((Some(i), t));
+                }
+            }
+        }
+        let ids = self.add(eg, subst);
+        let new_root = *ids.last().expect("a pattern has a root");
+        let mut changed = Vec::new();
+        for (port, target) in targets {
+            let v = match port {
+                None => new_root,
+                Some(i) => {
+                    let p = eg.add(Rl::Attr(Attr::Int(i as i64)));
+                    eg.add(Rl::Proj([new_root, p]))
+                }
+            };
+            if eg.union(target, v) {
+                changed.push(eg.find(target));
+            }
+        }
+        if !changed.is_empty() {
+            *eg.analysis.stats.fired.entry(rule.to_string()).or_default() += 1;
+        }
+        changed
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        let mut v = Vec::new();
+        pattern_vars(&self.rhs, &mut v);
+        for p in &self.ports {
+            if let Port::Existing(ast) = p {
+                pattern_vars(ast, &mut v);
+            }
+        }
+        v
+    }
+}
+
+// ---- side conditions ---------------------------------------------------------------------------
+//
+// Each builder returns a closure egg's `rewrite!` accepts after `if`. They read the e-class data
+// (types, attributes, constants) of bound variables and never modify the e-graph.
+
+/// A condition usable in `rewrite!(...; ... if cond)`.
+pub trait Cond: Fn(&mut RlGraph, Id, &Subst) -> bool + Send + Sync + 'static {}
+impl<F: Fn(&mut RlGraph, Id, &Subst) -> bool + Send + Sync + 'static> Cond for F {}
+
+fn var(v: &str) -> Var {
+    match v.parse() {
+        Ok(v) => v,
+        Err(e) => panic!("`{v}` is not a pattern variable: {e}"),
+    }
+}
+
+/// The single type bound to `v`.
+pub fn ty_of<'a>(eg: &'a RlGraph, s: &Subst, v: Var) -> Option<&'a TensorType> {
+    eg[*s.get(v)?].data.ty()
+}
+
+/// The attribute bound to `v`.
+pub fn attr_of<'a>(eg: &'a RlGraph, s: &Subst, v: Var) -> Option<&'a Attr> {
+    eg[*s.get(v)?].data.attr()
+}
+
+/// A number bound to `v`: a numeric attribute or a scalar constant.
+pub fn number_of(eg: &RlGraph, s: &Subst, v: Var) -> Option<f64> {
+    let d = &eg[*s.get(v)?].data;
+    d.attr().and_then(Attr::as_f64).or_else(|| d.konst())
+}
+
+/// `v` is a scalar constant (`(const ..)`) or a numeric attribute.
+pub fn is_const(v: &str) -> impl Cond {
+    let v = var(v);
+    move |eg, _, s| number_of(eg, s, v).is_some()
+}
+
+/// `a` and `b` are values of the same dtype and shape.
+pub fn same_type(a: &str, b: &str) -> impl Cond {
+    let (a, b) = (var(a), var(b));
+    move |eg, _, s| matches!((ty_of(eg, s, a), ty_of(eg, s, b)), (Some(x), Some(y)) if x == y)
+}
+
+/// `a` and `b` have the same shape (dtypes may differ).
+pub fn same_shape(a: &str, b: &str) -> impl Cond {
+    let (a, b) = (var(a), var(b));
+    move |eg, _, s| matches!((ty_of(eg, s, a), ty_of(eg, s, b)), (Some(x), Some(y)) if x.shape == y.shape)
+}
+
+/// `x` is a value of rank `r`.
+pub fn rank_is(x: &str, r: usize) -> impl Cond {
+    let x = var(x);
+    move |eg, _, s| ty_of(eg, s, x).is_some_and(|t| t.rank() == r)
+}
+
+/// `t` is the dtype attribute equal to `x`'s dtype.
+pub fn dtype_of(t: &str, x: &str) -> impl Cond {
+    let (t, x) = (var(t), var(x));
+    move |eg, _, s| match (attr_of(eg, s, t).and_then(Attr::as_dtype), ty_of(eg, s, x)) {
+        (Some(d), Some(ty)) => d == ty.dtype,
+        _ => false,
+    }
+}
+
+/// `x` has dtype `d`.
+pub fn dtype_is(x: &str, d: DType) -> impl Cond {
+    let x = var(x);
+    move |eg, _, s| ty_of(eg, s, x).is_some_and(|t| t.dtype == d)
+}
+
+/// `axes` is the list `[rank(x) - 1]`: a reduction over the last axis of `x`.
+pub fn last_axis(axes: &str, x: &str) -> impl Cond {
+    let (axes, x) = (var(axes), var(x));
+    move |eg, _, s| match (attr_of(eg, s, axes).and_then(Attr::as_usizes), ty_of(eg, s, x)) {
+        (Some(a), Some(t)) => t.rank() > 0 && a == [t.rank() - 1],
+        _ => false,
+    }
+}
+
+/// `axis` is the integer `rank(x) - 1` (a concat or slice along the last axis of `x`).
+pub fn is_last_axis(axis: &str, x: &str) -> impl Cond {
+    let (axis, x) = (var(axis), var(x));
+    move |eg, _, s| match (attr_of(eg, s, axis).and_then(Attr::as_usize), ty_of(eg, s, x)) {
+        (Some(a), Some(t)) => t.rank() > 0 && a == t.rank() - 1,
+        _ => false,
+    }
+}
+
+/// The number bound to `n` equals the (constant) size of `x`'s last axis: `sum(..) / n` is a
+/// mean over it.
+pub fn is_last_dim_size(n: &str, x: &str) -> impl Cond {
+    let (n, x) = (var(n), var(x));
+    move |eg, _, s| match (number_of(eg, s, n), ty_of(eg, s, x)) {
+        (Some(v), Some(t)) => t.shape.last().and_then(Dim::as_const).is_some_and(|d| d as f64 == v),
+        _ => false,
+    }
+}
+
+/// `v` is a permutation attribute equal to `perm`.
+pub fn perm_is(v: &str, perm: &[usize]) -> impl Cond {
+    let v = var(v);
+    let perm = perm.to_vec();
+    move |eg, _, s| attr_of(eg, s, v).and_then(Attr::as_usizes).is_some_and(|p| p == perm)
+}
+
+/// `x` is an `iota` leaf (0, 1, 2, ...).
+pub fn is_iota(x: &str) -> impl Cond {
+    let x = var(x);
+    move |eg, _, s| {
+        let Some(&id) = s.get(x) else { return false };
+        eg[id].nodes.iter().any(|n| match n {
+            Rl::Leaf([i]) => eg[*i]
+                .data
+                .attr()
+                .and_then(Attr::as_usize)
+                .and_then(|k| eg.analysis.leaves.entries.get(k))
+                .is_some_and(|e| matches!(e.op, ir::Op::Iota { .. })),
+            _ => false,
+        })
+    }
+}
+
+/// One element of a shape described by [`shape_is`] / [`type_shape_is`].
+#[derive(Clone, Copy, Debug)]
+pub enum S {
+    /// exactly this constant
+    Lit(i64),
+    /// the value of an integer attribute variable
+    Attr(&'static str),
+    /// dimension `axis` of a bound value's type (negative counts from the end)
+    DimOf(&'static str, i64),
+}
+
+fn resolve_shape(eg: &RlGraph, s: &Subst, spec: &[S]) -> Option<Vec<Dim>> {
+    spec.iter()
+        .map(|e| match *e {
+            S::Lit(c) => Some(Dim::constant(c)),
+            S::Attr(v) => attr_of(eg, s, var(v)).and_then(Attr::as_dim),
+            S::DimOf(v, axis) => {
+                let t = ty_of(eg, s, var(v))?;
+                let r = t.rank() as i64;
+                let a = if axis < 0 { r + axis } else { axis };
+                (0..r).contains(&a).then(|| t.shape[a as usize].clone())
+            }
+        })
+        .collect()
+}
+
+/// The list attribute bound to `v` (a reshape/expand target) equals `spec`.
+pub fn shape_is(v: &'static str, spec: &'static [S]) -> impl Cond {
+    let vv = var(v);
+    move |eg, _, s| match (attr_of(eg, s, vv).and_then(Attr::as_list), resolve_shape(eg, s, spec)) {
+        (Some(l), Some(want)) => l == want.as_slice(),
+        _ => false,
+    }
+}
+
+/// The value bound to `v` has shape `spec`.
+pub fn type_shape_is(v: &'static str, spec: &'static [S]) -> impl Cond {
+    let vv = var(v);
+    move |eg, _, s| match (ty_of(eg, s, vv), resolve_shape(eg, s, spec)) {
+        (Some(t), Some(want)) => t.shape == want,
+        _ => false,
+    }
+}
+
+/// Integer attributes: `lo * 2 == hi` (a rotary split `0:h`, `h:r` with `r = 2h`), and
+/// `hi <= last dim of x`.
+pub fn rotary_halves(lo: &str, hi: &str, x: &str) -> impl Cond {
+    let (lo, hi, x) = (var(lo), var(hi), var(x));
+    move |eg, _, s| {
+        let (Some(h), Some(r)) = (
+            attr_of(eg, s, lo).and_then(Attr::as_int),
+            attr_of(eg, s, hi).and_then(Attr::as_int),
+        ) else {
+            return false;
+        };
+        let d = ty_of(eg, s, x).and_then(|t| t.shape.last().and_then(Dim::as_const));
+        h > 0 && 2 * h == r && d.is_some_and(|d| r <= d)
+    }
+}
+
+/// The integer attribute `v` equals the constant size of `x`'s last axis.
+pub fn is_last_dim(v: &str, x: &str) -> impl Cond {
+    let (v, x) = (var(v), var(x));
+    move |eg, _, s| {
+        let d = ty_of(eg, s, x).and_then(|t| t.shape.last().and_then(Dim::as_const));
+        matches!((attr_of(eg, s, v).and_then(Attr::as_int), d), (Some(a), Some(d)) if a == d)
+    }
+}
+
+/// A boxed condition, for [`all`].
+pub type BoxedCond = Box<dyn Fn(&mut RlGraph, Id, &Subst) -> bool + Send + Sync>;
+
+/// Every condition holds (checked in order, stopping at the first that fails): name a group of
+/// conditions that together describe one layout, e.g. `fn rope_layout() -> impl Cond`.
+pub fn all(conds: Vec<BoxedCond>) -> impl Cond {
+    move |eg: &mut RlGraph, id: Id, s: &Subst| conds.iter().all(|c| c(eg, id, s))
+}
+
+/// Matches of `pattern` in `eg` (for tests and "present" checks).
+pub fn count_matches(eg: &RlGraph, pattern: &str) -> usize {
+    let p: Pattern<Rl> = match pattern.parse() {
+        Ok(p) => p,
+        Err(_) => return 0,
+    };
+    p.search(eg).iter().map(|m| m.substs.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::egraph::{saturate, to_egraph};
+    use crate::testing::{dsl, test_limits};
+    use egg::rewrite;
+
+    #[test]
+    fn the_typed_applier_refuses_ill_typed_instantiations() {
+        let g = dsl("dim b, s; input x: f32[b, s, 8]; input y: f32[b, s, 8]; output \"z\" = x * y;");
+        let (eg, _) = to_egraph(&g).unwrap();
+        let before = eg.total_number_of_nodes();
+        let rules: Vec<crate::egraph::Rule> = vec![
+            // [b, s, 8] @ [b, s, 8]: the inner dimensions differ
+            rewrite!("test-mul-as-matmul"; "(mul ?a ?b)" => { typed("(matmul ?a ?b)") }),
+            // well-typed on its own, but a bf16 value cannot join an f32 e-class
+            rewrite!("test-mul-as-cast"; "(mul ?a ?b)" => { typed("(cast ?a bf16)") }),
+            // a tuple whose port type differs from its target
+            rewrite!("test-mul-as-topk"; "(mul ?a ?b)" => { tuple("(topk ?a 2 2)", &["root", "_"]) }),
+        ];
+        let (eg, sat) = saturate(eg, &rules, &test_limits());
+        assert_eq!(sat.stop_reason, crate::egraph::StopReason::Saturated);
+        assert!(sat.fired.is_empty(), "{:?}", sat.fired);
+        for r in ["test-mul-as-matmul", "test-mul-as-cast", "test-mul-as-topk"] {
+            assert_eq!(sat.refused.get(r), Some(&1), "{r}: {:?}", sat.refused);
+        }
+        assert!(sat.refusal_example["test-mul-as-matmul"].contains("inner dimensions differ"));
+        assert!(sat.refusal_example["test-mul-as-cast"].contains("matched class is f32"));
+        // nothing entered the e-graph
+        assert_eq!(eg.total_number_of_nodes(), before);
+        assert_eq!(count_matches(&eg, "(matmul ?a ?b)"), 0);
+        assert_eq!(count_matches(&eg, "(cast ?a ?t)"), 0);
+    }
+
+    #[test]
+    fn conditions_read_types_and_attributes() {
+        let g = dsl(
+            "dim b; input x: f32[b, 4, 8]; output \"y\" = sum(x, axis = -1, keepdim = true);
+                     output \"z\" = sum(x, axis = 1, keepdim = true);",
+        );
+        let (eg, _) = to_egraph(&g).unwrap();
+        // (not a valid identity: a probe that only the last-axis sum may take)
+        let rules: Vec<crate::egraph::Rule> = vec![
+            rewrite!("test-last"; "(sum ?x ?ax true)" => { typed("(amax ?x ?ax true)") } if last_axis("?ax", "?x")),
+        ];
+        let (eg, sat) = saturate(eg, &rules, &test_limits());
+        assert_eq!(sat.fired.get("test-last"), Some(&1));
+        assert_eq!(count_matches(&eg, "(amax ?x [2] true)"), 1);
+        assert_eq!(count_matches(&eg, "(amax ?x [1] true)"), 0);
+    }
+}

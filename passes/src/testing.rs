@@ -1,0 +1,172 @@
+//! Helpers for rule and pass tests (used by this crate's tests; public so that the engineers of
+//! the other rule families write their start ⇒ goal cases the same way).
+//!
+//! A start is a small typed [`Graph`] (leaves need types, so s-expressions alone will not do);
+//! a goal is an s-expression over the language in which `{name}` stands for the leaf of the
+//! input or parameter called `name`, e.g. `(rms_norm {x} {w} 1e-6)`. [`check_rewrite`] runs
+//! the rules with the given (explicit) limits and asserts the goal is in the e-class of the
+//! start's output — egg's `test_fn!`, typed.
+
+use crate::egraph::lang::Rl;
+use crate::egraph::{self, Limits, RlGraph, Rule, Saturation};
+use ir::graph::Graph;
+use ir::interp::{Interpreter, ParamSource};
+use ir::op::Op;
+use ir::shape::{eval_shape, DimEnv};
+use ir::tensor::Tensor;
+use std::collections::HashMap;
+
+/// Replaces `{name}` by the `(leaf N)` of the input/param `name`.
+pub fn goal_expr(eg: &RlGraph, goal: &str) -> Result<egg::RecExpr<Rl>, String> {
+    let text = goal_expr_text(eg, goal)?;
+    text.parse().map_err(|e| format!("goal `{text}` does not parse: {e}"))
+}
+
+fn goal_expr_text(eg: &RlGraph, goal: &str) -> Result<String, String> {
+    let mut text = goal.to_string();
+    for (i, e) in eg.analysis.leaves.entries.iter().enumerate() {
+        let name = match &e.op {
+            Op::Input { name, .. } | Op::Param { name, .. } => name,
+            _ => continue,
+        };
+        text = text.replace(&format!("{{{name}}}"), &format!("(leaf {i})"));
+    }
+    if text.contains('{') {
+        return Err(format!("goal `{goal}` names an unknown leaf"));
+    }
+    Ok(text)
+}
+
+/// Saturates `start` with `rules` within `limits`; Ok when `goal` ended up in the e-class of
+/// the output `output`. Returns the e-graph and the runner's statistics for further checks.
+pub fn check_rewrite(
+    start: &Graph,
+    output: &str,
+    goal: &str,
+    rules: &[Rule],
+    limits: &Limits,
+) -> Result<(RlGraph, Saturation), String> {
+    let (eg, bridge) = egraph::to_egraph(start)?;
+    let (eg, sat) = egraph::saturate(eg, rules, limits);
+    let root = bridge
+        .outputs
+        .iter()
+        .find(|(n, _, _)| n == output)
+        .map(|(_, id, _)| eg.find(*id))
+        .ok_or_else(|| format!("no output `{output}`"))?;
+    if goal.contains('?') {
+        // a goal with pattern variables: it must match in the output's e-class
+        let text = goal_expr_text(&eg, goal)?;
+        let p: egg::Pattern<Rl> = text.parse().map_err(|e| format!("goal `{text}` does not parse: {e}"))?;
+        return match egg::Searcher::search_eclass(&p, &eg, root) {
+            Some(_) => Ok((eg, sat)),
+            None => Err(format!(
+                "goal `{goal}` does not match `{output}` (stop: {}, fired: {:?}, refused: {:?} {:?})",
+                sat.stop_reason, sat.fired, sat.refused, sat.refusal_example
+            )),
+        };
+    }
+    let expr = goal_expr(&eg, goal)?;
+    match eg.lookup_expr(&expr) {
+        Some(id) if eg.find(id) == root => Ok((eg, sat)),
+        Some(_) => Err(format!(
+            "goal `{goal}` is in the e-graph but not equal to `{output}` (stop: {}, fired: {:?}, refused: {:?} {:?})",
+            sat.stop_reason, sat.fired, sat.refused, sat.refusal_example
+        )),
+        None => Err(format!(
+            "goal `{goal}` was not reached (stop: {}, fired: {:?}, refused: {:?} {:?})",
+            sat.stop_reason, sat.fired, sat.refused, sat.refusal_example
+        )),
+    }
+}
+
+/// A small deterministic generator (SplitMix64): test inputs without a dependency.
+#[derive(Clone, Debug)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// Random values for every input of `g` under `env`: floats uniform in [-scale, scale),
+/// integers in `0..int_bound`, bools fair.
+pub fn random_inputs(g: &Graph, env: &DimEnv, seed: u64, scale: f32, int_bound: i64) -> HashMap<String, Tensor> {
+    let mut rng = SplitMix(seed);
+    let mut out = HashMap::new();
+    for &i in &g.inputs {
+        if let Op::Input { name, dtype, shape, .. } = &g.node(i).op {
+            let shape = eval_shape(shape, env).unwrap_or_default();
+            let n: usize = shape.iter().product();
+            let t = if dtype.is_float() {
+                Tensor::from_f32(*dtype, shape, (0..n).map(|_| rng.unit() * scale).collect())
+            } else if dtype.is_int() {
+                let b = int_bound.max(1) as u64;
+                Tensor::from_i64(*dtype, shape, (0..n).map(|_| (rng.next_u64() % b) as i64).collect())
+            } else {
+                Tensor::from_bool(shape, (0..n).map(|_| rng.next_u64() & 1 == 1).collect())
+            };
+            out.insert(name.clone(), t);
+        }
+    }
+    out
+}
+
+/// Runs `g` in the interpreter.
+pub fn run(
+    g: &Graph,
+    params: &dyn ParamSource,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>, String> {
+    let interp = Interpreter::new(g, params).map_err(|e| e.to_string())?;
+    interp.run(inputs).map_err(|e| e.to_string())
+}
+
+/// Checks every output of `got` against `want` within `bound` (ir::tol's metric).
+pub fn outputs_close(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, bound: f64) -> Result<f64, String> {
+    let mut worst = 0.0f64;
+    let mut names: Vec<&String> = want.keys().collect();
+    names.sort();
+    for name in names {
+        let w = &want[name];
+        let g = got.get(name).ok_or_else(|| format!("output `{name}` missing"))?;
+        if g.shape != w.shape || g.dtype != w.dtype {
+            return Err(format!("output `{name}`: {} vs {}", g.type_str(), w.type_str()));
+        }
+        let a: Vec<f32> = g.to_f64_vec().iter().map(|&x| x as f32).collect();
+        let b: Vec<f32> = w.to_f64_vec().iter().map(|&x| x as f32).collect();
+        worst = worst.max(ir::tol::check(name, &a, &b, bound)?);
+    }
+    Ok(worst)
+}
+
+/// Elaborates a DSL snippet (no config) into a graph: rule tests write their start graphs in
+/// the model's own language, so they have the model's exact shape.
+///
+/// # Panics
+/// When the snippet does not elaborate (a test bug).
+pub fn dsl(src: &str) -> Graph {
+    match ir::dsl::elaborate("test.ring", src, &serde_json::json!({})) {
+        Ok(m) => m.graph,
+        Err(e) => panic!("test snippet does not elaborate: {e}"),
+    }
+}
+
+/// Limits for rule tests: small and explicit (style.md 7).
+pub fn test_limits() -> Limits {
+    Limits {
+        node_limit: 10_000,
+        iter_limit: 8,
+        time_limit: std::time::Duration::from_secs(5),
+    }
+}
