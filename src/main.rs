@@ -26,6 +26,7 @@ Examples:
   ringjit forward --config tiny --tokens 3,17,5 --out logits.npy
   ringjit init --config tiny --out /tmp/tiny-ckpt && ringjit forward --model /tmp/tiny-ckpt --tokens 1,2
   ringjit graph --config tiny --format dot > tiny.dot
+  ringjit compile --config ring-mini-linear-2.0 --mode decode --report r.json --dump passes/
   ringjit bench --config small --device reference
 
 Environment: RINGJIT_DEBUG=1 prints the chosen device, the model's size and unused config keys.";
@@ -47,6 +48,8 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Print the model's graph IR (text or Graphviz DOT).
     Graph(GraphArgs),
+    /// Run the rewrite passes and report what they did (fusions, kernels, memory).
+    Compile(CompileArgs),
     /// Measure prefill and decode throughput.
     Bench(BenchArgs),
 }
@@ -88,6 +91,9 @@ struct DeviceArgs {
     /// Where to run: reference (the interpreter), cpu, cuda, or auto (the best available).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Run the graph as the DSL wrote it, without the rewrite passes' fusions.
+    #[arg(long)]
+    no_fuse: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -183,6 +189,30 @@ struct GraphArgs {
     out: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Prefill,
+    Decode,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Which step to compile: a prefill of many tokens or a one-token decode step.
+    #[arg(long, value_enum, default_value_t = ModeArg::Prefill)]
+    mode: ModeArg,
+    /// Only the cleanup passes (no fusion).
+    #[arg(long)]
+    no_fuse: bool,
+    /// Write the graph after every pass (text and DOT, numbered) into DIR.
+    #[arg(long, value_name = "DIR")]
+    dump: Option<PathBuf>,
+    /// Write the report as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
@@ -245,7 +275,8 @@ fn load(model: &ModelArgs, device: &DeviceArgs) -> Result<(LoadedModel, Engine)>
     pb.finish_and_clear();
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("loading weights {bar:30} {bytes}/{total_bytes} ({eta})").unwrap());
-    let e = Engine::with_progress(&m, dev, &|done, total| {
+    let opts = runtime::EngineOptions { fuse: !device.no_fuse };
+    let e = Engine::with_options(&m, dev, &opts, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
@@ -481,6 +512,80 @@ fn cmd_graph(a: GraphArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_compile(a: CompileArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let m = LoadedModel::load(&a.model.spec())?;
+    let mode = match a.mode {
+        ModeArg::Prefill => passes::Mode::Prefill,
+        ModeArg::Decode => passes::Mode::Decode,
+    };
+    let opts = passes::CompileOptions {
+        mode,
+        fuse: !a.no_fuse,
+        dump_dir: a.dump.clone(),
+        ..Default::default()
+    };
+    let (g, report) = passes::compile(&m.model.graph, &opts)?;
+    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "{} ({} mode): {} graph nodes -> {} after the passes",
+        m.source,
+        mode.name(),
+        m.model.graph.node_count(),
+        g.node_count()
+    );
+    println!("{:<28} {:>10} {:>8} {:>8}", "pass", "ms", "nodes", "after");
+    for p in &report.passes {
+        println!(
+            "{:<28} {:>10.1} {:>8} {:>8}",
+            p.name, p.ms, p.nodes_before, p.nodes_after
+        );
+    }
+    if let Some(e) = &report.egraph {
+        println!(
+            "e-graph: {} nodes, {} classes, {} iterations, stopped: {}{}; cost {:.0} -> {:.0} us",
+            e.nodes,
+            e.classes,
+            e.iterations,
+            e.stop_reason,
+            e.fell_back
+                .as_ref()
+                .map(|f| format!(" (fell back: {f})"))
+                .unwrap_or_default(),
+            e.cost_before_us,
+            e.cost_after_us
+        );
+    }
+    for fam in ["scan", "fp8", "moe", "fuse"] {
+        let rules: Vec<String> = report
+            .rules_fired
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{fam}-")))
+            .map(|(k, v)| format!("{k} x{v}"))
+            .collect();
+        println!(
+            "{fam:<5} {}",
+            if rules.is_empty() {
+                "-".to_string()
+            } else {
+                rules.join(", ")
+            }
+        );
+    }
+    println!("compile time {compile_ms:.0} ms");
+    if let Some(d) = &a.dump {
+        println!("dumped every pass into {}", d.display());
+    }
+    if let Some(path) = &a.report {
+        let mut j = report.to_json();
+        j["compile_ms"] = compile_ms.into();
+        j["model"] = m.source.clone().into();
+        j["nodes"] = serde_json::json!({"before": m.model.graph.node_count(), "after": g.node_count()});
+        write_atomic(path, serde_json::to_string_pretty(&j)?.as_bytes())?;
+    }
+    Ok(())
+}
+
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (m, engine) = load(&a.model, &a.device)?;
     let reference = engine.device == Device::Reference;
@@ -572,6 +677,7 @@ fn main() {
         Cmd::Forward(a) => cmd_forward(a),
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Graph(a) => cmd_graph(a),
+        Cmd::Compile(a) => cmd_compile(a),
         Cmd::Bench(a) => cmd_bench(a),
     };
     if let Err(e) = r {

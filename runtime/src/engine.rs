@@ -86,20 +86,45 @@ pub struct State {
     pub tensors: HashMap<String, Tensor>,
 }
 
+/// How the engine compiles the model's graph before running it.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Run the rewrite passes (fusion); `false` runs the graph as the DSL wrote it.
+    pub fuse: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { fuse: true }
+    }
+}
+
+/// A model ready to run: one compiled graph per step kind (a prefill of many tokens and a
+/// decode step of one token per sequence may choose different kernels, e.g. the chunked or
+/// the stepwise linear attention).
 pub struct Engine {
-    interp: Interpreter,
+    prefill: Interpreter,
+    decode: Interpreter,
     states: Vec<StateSpec>,
     pub device: Device,
     pub vocab: usize,
+    /// the compile reports of the prefill and decode graphs
+    pub reports: Vec<passes::PassReport>,
 }
 
 impl Engine {
     pub fn new(m: &LoadedModel, device: Device) -> Result<Engine> {
-        Self::with_progress(m, device, &|_, _| {})
+        Self::with_options(m, device, &EngineOptions::default(), &|_, _| {})
     }
 
-    /// [`Engine::new`], telling `progress(bytes_loaded, bytes_total)` as the weights load.
-    pub fn with_progress(m: &LoadedModel, device: Device, progress: &dyn Fn(u64, u64)) -> Result<Engine> {
+    /// [`Engine::new`] with options, telling `progress(bytes_loaded, bytes_total)` as the
+    /// weights load.
+    pub fn with_options(
+        m: &LoadedModel,
+        device: Device,
+        opts: &EngineOptions,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<Engine> {
         if device != Device::Reference {
             return err(format!("device {device} is not available yet"));
         }
@@ -142,20 +167,38 @@ impl Engine {
             .and_then(|d| d.as_const())
             .ok_or_else(|| Error("the logits' last dimension (vocabulary) must be fixed".into()))?
             as usize;
+        let mut reports = Vec::new();
+        let mut compiled = Vec::new();
+        for mode in [passes::Mode::Prefill, passes::Mode::Decode] {
+            let co = passes::CompileOptions {
+                mode,
+                fuse: opts.fuse,
+                ..Default::default()
+            };
+            let (g, report) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))?;
+            compiled.push(g);
+            reports.push(report);
+        }
         let params = m.params()?;
-        let total: u64 = params.iter().map(|p| (p.numel() * p.dtype.size_bytes()) as u64).sum();
+        let total: u64 = 2 * params
+            .iter()
+            .map(|p| (p.numel() * p.dtype.size_bytes()) as u64)
+            .sum::<u64>();
         let counting = Counting {
             inner: &m.weights,
             done: Cell::new(0),
             total,
             progress,
         };
-        let interp = Interpreter::new(graph, &counting)?;
+        let prefill = Interpreter::new(&compiled[0], &counting)?;
+        let decode = Interpreter::new(&compiled[1], &counting)?;
         Ok(Engine {
-            interp,
+            prefill,
+            decode,
             states,
             device,
             vocab,
+            reports,
         })
     }
 
@@ -197,7 +240,8 @@ impl Engine {
             "tokens".into(),
             Tensor::from_i64(DType::I64, vec![state.batch, seq], tokens.to_vec()),
         );
-        let result = self.interp.run(&inputs);
+        let interp = if seq == 1 { &self.decode } else { &self.prefill };
+        let result = interp.run(&inputs);
         inputs.remove("tokens");
         let mut outs = match result {
             Ok(o) => o,

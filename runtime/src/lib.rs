@@ -10,7 +10,7 @@ pub mod engine;
 pub mod model;
 pub mod sample;
 
-pub use engine::{Device, Engine, State};
+pub use engine::{Device, Engine, EngineOptions, State};
 pub use model::{LoadedModel, ModelSpec};
 
 use std::fmt;
