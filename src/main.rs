@@ -211,6 +211,9 @@ struct CompileArgs {
     /// Write the report as JSON.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
+    /// Tokens of the step for the memory plan: prefill length, or the decode context.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
 }
 
 #[derive(Args)]
@@ -526,6 +529,22 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         ..Default::default()
     };
     let (g, report) = passes::compile(&m.model.graph, &opts)?;
+    // one whole step of the model: every non-view op its own kernel, against the partition of
+    // the compiled graph; the arena at a representative size of the step
+    let before = passes::partition::partition_unfused_count(&m.model.graph);
+    let kplan = passes::partition::partition(&g).map_err(|e| anyhow!("kernel partition: {e}"))?;
+    let counts = kplan.counts();
+    let (seq, past) = match mode {
+        passes::Mode::Prefill => (a.tokens, 0),
+        passes::Mode::Decode => (1, a.tokens),
+    };
+    let env: ir::DimEnv = [
+        ("batch".to_string(), 1),
+        ("seq".to_string(), seq as i64),
+        ("past".to_string(), past as i64),
+    ]
+    .into();
+    let mem = passes::memplan::plan(&kplan, &env).map_err(|e| anyhow!("memory plan: {e}"))?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     println!(
         "{} ({} mode): {} graph nodes -> {} after the passes",
@@ -572,8 +591,27 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
             }
         );
     }
+    let layers = m
+        .config
+        .get("num_hidden_layers")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(1)
+        .max(1) as f64;
+    println!(
+        "kernels per step: {before} unfused -> {} ({:.1} per layer; {} loop, {} template, {} scan)",
+        counts.total,
+        counts.total as f64 / layers,
+        counts.loops,
+        counts.templates,
+        counts.scans
+    );
+    println!(
+        "arena peak: {:.2} MiB at batch 1, seq {seq}, past {past}",
+        mem.arena_peak_bytes as f64 / (1u64 << 20) as f64
+    );
     println!("compile time {compile_ms:.0} ms");
     if let Some(d) = &a.dump {
+        std::fs::write(d.join("kernels.txt"), kplan.to_text()).with_context(|| format!("writing {}", d.display()))?;
         println!("dumped every pass into {}", d.display());
     }
     if let Some(path) = &a.report {
@@ -581,6 +619,9 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         j["compile_ms"] = compile_ms.into();
         j["model"] = m.source.clone().into();
         j["nodes"] = serde_json::json!({"before": m.model.graph.node_count(), "after": g.node_count()});
+        j["kernels"] = serde_json::json!({"before": before, "after": counts.total, "by_kind": counts.by_kind});
+        j["arena_peak_bytes"] = mem.arena_peak_bytes.into();
+        j["arena_env"] = serde_json::json!({"batch": 1, "seq": seq, "past": past});
         write_atomic(path, serde_json::to_string_pretty(&j)?.as_bytes())?;
     }
     Ok(())

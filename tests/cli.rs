@@ -358,3 +358,48 @@ fn generate_with_a_tokenizer_streams_text() {
     ]));
     assert_eq!(text, String::from_utf8_lossy(&by_ids.stdout));
 }
+
+#[test]
+fn compile_reports_rules_kernels_and_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r.json");
+    let dump = tmp.path().join("dump");
+    for mode in ["prefill", "decode"] {
+        let out = run_ok(
+            ringjit()
+                .args(["compile", "--config", "tiny", "--mode", mode, "--report"])
+                .arg(&report)
+                .arg("--dump")
+                .arg(&dump),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("kernels per step") && text.contains("arena peak"),
+            "{text}"
+        );
+        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(j["mode"], mode);
+        let fired = j["rules_fired"].as_object().unwrap();
+        assert!(fired.keys().any(|k| k.starts_with("fuse-")), "{fired:?}");
+        let (before, after) = (
+            j["kernels"]["before"].as_u64().unwrap(),
+            j["kernels"]["after"].as_u64().unwrap(),
+        );
+        assert!(
+            after < before,
+            "fusion must reduce the kernel count: {before} -> {after}"
+        );
+        assert!(j["arena_peak_bytes"].as_u64().unwrap() > 0);
+        assert!(j["compile_ms"].as_f64().unwrap() > 0.0);
+        // one numbered dump per pass, neighbours diffable
+        assert!(dump.join("00-input.txt").exists() && dump.join("kernels.txt").exists());
+    }
+    // --no-fuse runs only the cleanup passes
+    run_ok(
+        ringjit()
+            .args(["compile", "--config", "tiny", "--no-fuse", "--report"])
+            .arg(&report),
+    );
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(j["rules_fired"].as_object().unwrap().is_empty());
+}

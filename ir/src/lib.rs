@@ -9,6 +9,7 @@ pub mod dsl;
 pub mod dtype;
 pub mod graph;
 pub mod interp;
+pub mod kernel;
 pub mod op;
 pub mod param;
 pub mod shape;

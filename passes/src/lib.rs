@@ -15,6 +15,8 @@ pub mod cleanup;
 pub mod egraph;
 pub mod extract;
 pub mod manager;
+pub mod memplan;
+pub mod partition;
 pub mod report;
 pub mod rules;
 pub mod testing;
