@@ -24,6 +24,20 @@ use ir::op::{Op, UnaryOp};
 use ir::shape::DimEnv;
 use std::collections::HashMap;
 
+/// Latency (µs) of one token step of the lightning recurrence (§4.2): each rank-1 update
+/// depends on the previous state, so even with S on chip every token pays a serial chain (the
+/// next k, v, q rows, d² FMAs per head, the d-wide reduction of q·S).
+pub const TOKEN_STEP_US: f64 = 0.5;
+/// Latency (µs) of one chunk step of the chunked form (§4.3): the state handoff between chunks
+/// (a d×C by C×d MMA, the write of the chunk-boundary state).
+pub const CHUNK_STEP_US: f64 = 1.0;
+/// Kernels of the chunked form: a sequential pass writing the chunk-boundary states, then a
+/// parallel pass computing every chunk's output (as fla's `chunk_fwd_h`, `chunk_fwd_o`).
+pub const CHUNK_KERNELS: f64 = 2.0;
+/// Share of [`CostModel::peak_flops`] left to work that does not map to tensor-core tiles
+/// (rank-1 updates, vector × matrix): H100 SXM FP32 on CUDA cores, 67 of ~400 TFLOP/s.
+pub const CUDA_CORE_SHARE: f64 = 1.0 / 6.0;
+
 /// Costs of a kernel on the target, with the symbolic dims' values to evaluate shapes at.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CostModel {
@@ -114,10 +128,18 @@ impl CostModel {
                 let k = dim(ins.first(), 1);
                 self.kernel(io, 2.0 * out_n * k)
             }
-            Op::Scan { body, axis, .. } => {
-                // a loop of the body's kernels, one iteration per step
+            Op::Scan {
+                body,
+                axis,
+                n_carry,
+                n_seq,
+            } => {
+                // a loop of the body's kernels, one iteration per step: the length of the
+                // sequences (the carries before them have no scan axis)
                 let steps = ins
                     .iter()
+                    .skip(*n_carry)
+                    .take(*n_seq)
                     .find_map(|t| t.shape.get(*axis).map(|d| d.eval(&self.env).unwrap_or(1) as f64))
                     .unwrap_or(1.0)
                     .max(1.0);
@@ -129,7 +151,41 @@ impl CostModel {
                 let carry: f64 = outs.iter().map(|t| self.numel(t)).sum();
                 self.kernel(io, 4.0 * carry) + steps * body_kernels * self.launch_us
             }
+            Op::Fused(f @ (Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep)) => self.lightning(f, ins, io),
             Op::Fused(f) => self.kernel(io, self.fused_flops(f, ins, out_n)),
+        }
+    }
+
+    /// The lightning recurrence (§2.4.4) is latency-bound where it is sequential, so its cost
+    /// adds the serial chain to the usual traffic, FLOPs and launches:
+    /// - step (§4.2): one kernel; T dependent token steps ([`TOKEN_STEP_US`] each), the rank-1
+    ///   updates and q·S products on the CUDA cores ([`CUDA_CORE_SHARE`] of the peak);
+    /// - chunked (§4.3): [`CHUNK_KERNELS`] kernels; ⌈T/C⌉ dependent chunk steps
+    ///   ([`CHUNK_STEP_US`] each), the work on the tensor cores but padded to whole C-token
+    ///   tiles, plus the chunk-boundary states written by the first kernel and read by the
+    ///   second.
+    ///
+    /// At T = 1 the step is cheaper (one launch, no padding); for a long prompt the chunked form
+    /// is (⌈T/C⌉ instead of T sequential steps).
+    fn lightning(&self, f: &Fused, ins: &[&TensorType], io: f64) -> f64 {
+        let dim = |a: usize| -> f64 {
+            ins.get(1)
+                .and_then(|q| q.shape.get(a))
+                .map(|x| x.eval(&self.env).unwrap_or(1).max(0) as f64)
+                .unwrap_or(1.0)
+        };
+        let (heads, t, d) = (dim(0) * dim(2), dim(1), dim(3));
+        let flops = self.fused_flops(f, ins, 0.0);
+        match f {
+            Fused::LinearAttnChunk { chunk } => {
+                let chunks = (t / (*chunk).max(1) as f64).ceil();
+                let states = 2.0 * chunks * heads * d * d * 4.0;
+                (io + states) / self.bandwidth
+                    + flops / self.peak_flops
+                    + chunks * CHUNK_STEP_US
+                    + CHUNK_KERNELS * self.launch_us
+            }
+            _ => io / self.bandwidth + flops / (self.peak_flops * CUDA_CORE_SHARE) + t * TOKEN_STEP_US + self.launch_us,
         }
     }
 
@@ -142,14 +198,24 @@ impl CostModel {
         };
         let n = |i: usize| ins.get(i).map(|t| self.numel(t)).unwrap_or(0.0);
         match f {
-            Fused::RmsNorm { .. } | Fused::SwiGlu | Fused::Softmax | Fused::GroupNormGate { .. } => 6.0 * out_n,
+            Fused::RmsNorm { .. } | Fused::SwiGlu | Fused::Softmax => 6.0 * out_n,
+            // per channel: square and sum, times 1/rms and the weight, sigmoid (8, as the unary
+            // op), times the gate
+            Fused::GroupNormGate { .. } => 13.0 * out_n,
             Fused::AddRmsNorm { .. } => 7.0 * n(0),
             Fused::QkNormRope { .. } => 12.0 * out_n,
             // q [b, Hkv, G, s, d] against k [b, Hkv, n, d]: QKᵀ and PV
             Fused::FlashAttention { .. } => 4.0 * out_n * d(1, 2),
-            // per token and head: the d×d state update and read
-            Fused::LinearAttnChunk { chunk } => 4.0 * n(1) * d(1, 3) + 2.0 * n(1) * *chunk as f64,
+            // per token and head: the d×d state update and q·S (4d²)
             Fused::LinearAttnStep => 4.0 * n(1) * d(1, 3),
+            // tokens padded to whole chunks; per token and head: the intra-chunk QKᵀ and PV
+            // (4Cd), the inter-chunk Q·S and the state's KᵀV (4d²)
+            Fused::LinearAttnChunk { chunk } => {
+                let c = (*chunk).max(1) as f64;
+                let padded = (d(1, 1) / c).ceil() * c;
+                let per_token = n(1) / d(1, 1).max(1.0);
+                padded * per_token * (4.0 * c + 4.0 * d(1, 3))
+            }
             Fused::RouteTopK { .. } => 8.0 * n(0),
             Fused::GroupedMatmul { epilogue } => match epilogue {
                 // x [b,s,D] · chosen [b,s,K] · w [E,I,D]: two GEMMs per chosen expert

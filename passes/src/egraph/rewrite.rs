@@ -35,7 +35,10 @@ pub struct Typed {
     ports: Vec<Port>,
 }
 
-/// A single-output right-hand side, e.g. `typed("(rms_norm ?x ?w ?eps)")`.
+/// A single-output right-hand side, e.g. `typed("(rms_norm ?x ?w ?eps)")`. When the matched
+/// e-class is a tuple (a multi-output node such as a scan), the right-hand side may be a tuple
+/// of exactly the same types, unioned with it as a whole:
+/// `typed("(linear_attn_step ?s0 ?q ?k ?v ?lam)")` on `(scan ?s0 ?q ?k ?v ?lam ?n)`.
 ///
 /// # Panics
 /// On a pattern that does not parse: rule tables are code, and a typo must fail the first test.
@@ -169,7 +172,9 @@ impl Applier<Rl, super::analysis::TypeAnalysis> for Typed {
         // added: (port or None for the single root value, target class).
         let mut targets: Vec<(Option<usize>, Id)> = Vec::new();
         if self.ports.is_empty() {
-            if root.tys().map(|t| t.len()) != Some(1) || root.tys() != eg[eclass].data.tys() {
+            // one value into a value class, or a whole tuple into a tuple class of the same
+            // types (a multi-output op replaced as a whole: a scan by `linear_attn_chunk`)
+            if root.tys().is_none() || root.tys() != eg[eclass].data.tys() {
                 let why = format!(
                     "the right-hand side is {} but the matched class is {}",
                     tys_str(root),
@@ -362,6 +367,19 @@ pub fn is_iota(x: &str) -> impl Cond {
                 .is_some_and(|e| matches!(e.op, ir::Op::Iota { .. })),
             _ => false,
         })
+    }
+}
+
+/// `n` is the side-table index of a scan (`(scan operands... ?n)`) whose op satisfies `pred`:
+/// the predicate sees the whole `Op::Scan` (body graph, axis, carry and sequence counts), so a
+/// rule can recognise what a scan computes, which no pattern over the outer graph can see.
+pub fn scan_is(n: &str, pred: fn(&ir::Op) -> bool) -> impl Cond {
+    let n = var(n);
+    move |eg, _, s| {
+        attr_of(eg, s, n)
+            .and_then(Attr::as_usize)
+            .and_then(|i| eg.analysis.leaves.entries.get(i))
+            .is_some_and(|e| matches!(e.op, ir::Op::Scan { .. }) && pred(&e.op))
     }
 }
 

@@ -41,7 +41,8 @@
 //! **Right-hand side**: always through the typed applier, so an ill-typed instantiation is
 //! refused (and counted in the report) before it enters the e-graph:
 //! - `{ typed("(rms_norm ?x ?w ?eps)") }`: one value, unioned with the matched e-class. The new
-//!   value's type must equal the matched class's type exactly.
+//!   value's type must equal the matched class's type exactly. On a tuple class (a scan) the
+//!   right-hand side may be a tuple of the same types, unioned as a whole (`scan.rs`).
 //! - `{ tuple("(add_rms_norm ?h ?a ?w ?eps)", &["(add ?h ?a)", "root"]) }`: a multi-output node;
 //!   entry `i` says which e-class gets `(proj tuple i)`: `"root"` (the matched class), `"_"`
 //!   (none), or a pattern of an existing term (looked up, never added; skipped when absent).
@@ -58,7 +59,9 @@
 //! [`is_last_dim`]`("?d","?x")`, [`perm_is`]`("?p", &[0,1,3,2])`, [`is_iota`]`("?i")`,
 //! [`shape_is`]`("?s", &[S::Lit(1), S::DimOf("?k", 2)])` (a shape attribute; `S::Attr("?h")`
 //! reads an integer attribute), [`type_shape_is`] (the same for a value's type),
-//! [`rotary_halves`]`("?h","?r","?x")`; [`all`]`(vec![Box::new(..), ..])` names a group of them
+//! [`rotary_halves`]`("?h","?r","?x")`,
+//! [`scan_is`](crate::egraph::rewrite::scan_is)`("?n", pred)` (what a scan's body computes, e.g.
+//! `scan.rs`'s `is_lightning`); [`all`]`(vec![Box::new(..), ..])` names a group of them
 //! that describes one layout (`fuse.rs`'s `rope_layout()`). Write a new predicate as a small builder next to them
 //! (`fn name(..) -> impl Cond`), not as an inline closure.
 //!
@@ -136,7 +139,8 @@ impl Family {
     pub fn present(self, g: &Graph) -> bool {
         let any = |f: &dyn Fn(&Op) -> bool| g.g.node_weights().any(|n| f(&n.op));
         match self {
-            Family::Scan => any(&|op| matches!(op, Op::Scan { .. })),
+            // only the lightning recurrence: its structural check reads a 13-node body
+            Family::Scan => any(&scan::is_lightning),
             Family::Fp8 => any(&|op| match op {
                 Op::Cast { to } => matches!(to, ir::DType::F8E4M3 | ir::DType::F8E5M2),
                 Op::Param { dtype, .. } | Op::Input { dtype, .. } => {

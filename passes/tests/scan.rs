@@ -1,0 +1,293 @@
+//! The scan family on the Ring-linear graphs: the lightning scans become `linear_attn_chunk` in
+//! prefill and `linear_attn_step` in decode, the group norm and output gate `group_norm_gate`,
+//! once per linear layer; the compiled graphs compute what the unfused graph computes, alone
+//! and chained (prefill through the compiled prefill graph, then decode through the compiled
+//! decode graph, against one unfused forward over all tokens).
+
+use ir::checkpoint::RandomWeights;
+use ir::graph::Graph;
+use ir::op::{InputKind, Op};
+use ir::shape::{eval_shape, DimEnv};
+use ir::tol::{check, Tol};
+use ir::{DType, Tensor};
+use passes::egraph::Limits;
+use passes::testing::{outputs_close, random_inputs, run, SplitMix};
+use passes::{compile, CompileOptions, Family, Mode, PassReport};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+// ---- helpers (as in ring.rs) ----------------------------------------------------------------------
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model(config: &str) -> Graph {
+    model_with(config, &[])
+}
+
+fn model_with(config: &str, overrides: &[(&str, serde_json::Value)]) -> Graph {
+    let src = std::fs::read_to_string(root().join("models/ring_linear.ring")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join(format!("models/configs/{config}.json"))).unwrap())
+            .unwrap();
+    for (k, v) in overrides {
+        cfg[*k] = v.clone();
+    }
+    ir::dsl::elaborate("models/ring_linear.ring", &src, &cfg).unwrap().graph
+}
+
+/// small with every expert routed (K = E, every group kept): the routed sum is continuous in
+/// its inputs, so a 1-ulp bf16 difference cannot pick another expert (see ring.rs).
+fn small_all_experts() -> Graph {
+    model_with("small", &[("num_experts_per_tok", 16.into()), ("topk_group", 4.into())])
+}
+
+fn env(batch: i64, seq: i64, past: i64) -> DimEnv {
+    [
+        ("batch".to_string(), batch),
+        ("seq".to_string(), seq),
+        ("past".to_string(), past),
+    ]
+    .into()
+}
+
+/// Both graphs on the same random inputs (states included) and weights; the worst relative error.
+fn compare(a: &Graph, b: &Graph, e: &DimEnv, seed: u64, bound: f64) -> Result<f64, String> {
+    let inputs = random_inputs(a, e, seed, 0.5, 200);
+    let w = RandomWeights::new(seed);
+    let want = run(a, &w, &inputs)?;
+    let got = run(b, &w, &inputs)?;
+    outputs_close(&got, &want, bound)
+}
+
+fn opts(mode: Mode) -> CompileOptions {
+    CompileOptions {
+        mode,
+        limits: Limits {
+            node_limit: 200_000,
+            iter_limit: 12,
+            time_limit: Duration::from_secs(20),
+        },
+        ..Default::default()
+    }
+}
+
+fn count_ops(g: &Graph, name: &str) -> usize {
+    g.g.node_weights().filter(|n| n.op.name() == name).count()
+}
+
+/// Compiles `g` for `mode` and checks the run was clean: saturated, nothing refused, no type
+/// conflict, no fallback, cheaper than the input.
+fn compiled(g: &Graph, mode: Mode) -> (Graph, PassReport) {
+    let (c, report) = compile(g, &opts(mode)).unwrap();
+    let e = report.egraph.as_ref().unwrap();
+    assert_eq!(e.stop_reason, "saturated", "{report}");
+    assert_eq!(e.type_conflicts, 0, "{report}");
+    assert!(e.fell_back.is_none(), "{report}");
+    assert!(e.cost_after_us < e.cost_before_us, "{report}");
+    assert!(e.families.iter().any(|f| f == "scan"), "{report}");
+    assert!(
+        report.rules_refused.is_empty(),
+        "{report}\n{:?}",
+        report.refusal_examples
+    );
+    (c, report)
+}
+
+/// Every scan rule fired once per linear layer, and extraction took the mode's form.
+fn check_counts(g: &Graph, what: &str, linear_layers: usize) {
+    for (mode, chosen, other) in [
+        (Mode::Prefill, "linear_attn_chunk", "linear_attn_step"),
+        (Mode::Decode, "linear_attn_step", "linear_attn_chunk"),
+    ] {
+        let (c, r) = compiled(g, mode);
+        println!("{what} {}: {r}", mode.name());
+        for rule in ["scan-lightning-chunk", "scan-lightning-step", "scan-group-norm-gate"] {
+            assert_eq!(r.fired(rule), linear_layers, "{what} {}: {rule}\n{r}", mode.name());
+        }
+        assert_eq!(count_ops(&c, chosen), linear_layers, "{what} {}", mode.name());
+        assert_eq!(count_ops(&c, other), 0, "{what} {}", mode.name());
+        assert_eq!(count_ops(&c, "scan"), 0, "{what} {}", mode.name());
+        assert_eq!(
+            count_ops(&c, "group_norm_gate"),
+            linear_layers,
+            "{what} {}",
+            mode.name()
+        );
+        // the fuse family still does its part next to the scan family
+        assert!(r.family_fired("fuse") > 0, "{r}");
+        if chosen == "linear_attn_chunk" {
+            let text = c.to_text();
+            assert!(text.contains("linear_attn_chunk chunk=64"), "{text}");
+        }
+    }
+}
+
+// ---- firing counts and extraction -------------------------------------------------------------------
+
+#[test]
+fn scan_rules_fire_once_per_linear_layer_on_tiny() {
+    // 6 layers, softmax at 2 and 5: linear layers 0, 1, 3, 4
+    check_counts(&model("tiny"), "tiny", 4);
+}
+
+#[test]
+fn scan_rules_fire_once_per_linear_layer_on_small_bf16() {
+    // 8 layers, softmax at 3 and 7: 6 linear layers; bf16 weights, an f32 lightning core
+    check_counts(&model("small"), "small", 6);
+}
+
+#[test]
+#[ignore = "elaborates ring-mini-linear-2.0 (20 layers, 256 experts); run with --ignored --nocapture"]
+fn scan_rules_fire_once_per_linear_layer_on_ring_mini() {
+    // 20 layers, softmax at 4, 9, 14, 19: 16 linear layers
+    check_counts(&model("ring-mini-linear-2.0"), "ring-mini-linear-2.0", 16);
+}
+
+/// The two forms' costs at the sizes of tiny (H 4, d 16), small (4, 64) and Ring-mini (16, 128):
+/// the step wins for one token, the chunks for a 4096-token prompt.
+#[test]
+fn lightning_costs_cross_over_between_decode_and_prefill() {
+    use ir::fused::Fused;
+    use ir::graph::TensorType;
+    use ir::Dim;
+    for (h, d) in [(4, 16), (4, 64), (16, 128)] {
+        let t = |shape: Vec<Dim>| TensorType::new(DType::F32, shape);
+        let (b, c) = (Dim::sym("batch"), Dim::constant);
+        let q = t(vec![b.clone(), Dim::sym("seq"), c(h), c(d)]);
+        let s = t(vec![b, c(h), c(d), c(d)]);
+        let lam = t(vec![c(h), c(1), c(1)]);
+        let (ins, outs) = ([&s, &q, &q, &q, &lam], [s.clone(), q.clone()]);
+        for mode in [Mode::Prefill, Mode::Decode] {
+            let m = mode.cost_model();
+            let chunk = m.op_cost(&Op::Fused(Fused::LinearAttnChunk { chunk: 64 }), &ins, &outs);
+            let step = m.op_cost(&Op::Fused(Fused::LinearAttnStep), &ins, &outs);
+            println!("H {h}, d {d}, {}: chunk {chunk:.1} us, step {step:.1} us", mode.name());
+            match mode {
+                Mode::Prefill => assert!(chunk < step, "H {h}, d {d}: {chunk} vs {step}"),
+                Mode::Decode => assert!(step < chunk, "H {h}, d {d}: {step} vs {chunk}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_compiled_graph_offers_the_scan_family_nothing() {
+    let (c, _) = compiled(&model("tiny"), Mode::Decode);
+    assert!(!Family::Scan.present(&c));
+}
+
+// ---- compiled == unfused -------------------------------------------------------------------------------
+
+/// Prefill graph on a fresh prompt of 70 tokens (two chunks, the second ragged) and on a
+/// continued prompt with random incoming states; decode graph on one token after 5.
+fn compiled_equals_unfused(g: &Graph, what: &str, tol: Tol) {
+    let (prefill, _) = compiled(g, Mode::Prefill);
+    let (decode, _) = compiled(g, Mode::Decode);
+    for (c, mode, e) in [
+        (&prefill, "prefill", env(1, 70, 0)),
+        (&prefill, "prefill", env(2, 9, 4)),
+        (&decode, "decode", env(1, 1, 5)),
+        (&decode, "decode", env(2, 1, 3)),
+    ] {
+        let err = compare(g, c, &e, 31, tol.model()).unwrap_or_else(|m| panic!("{what} {mode} {e:?}: {m}"));
+        println!("{what} {mode} {e:?}: worst relative error {err:.2e}");
+    }
+}
+
+#[test]
+fn compiled_tiny_equals_unfused() {
+    compiled_equals_unfused(&model("tiny"), "tiny", Tol::F32);
+}
+
+#[test]
+fn compiled_small_equals_unfused() {
+    compiled_equals_unfused(&small_all_experts(), "small (all experts routed)", Tol::BF16);
+}
+
+// ---- prefill, then decode through the compiled decode graph --------------------------------------------
+
+fn tokens(ids: &[i64]) -> Tensor {
+    Tensor::from_i64(DType::I64, vec![1, ids.len()], ids.to_vec())
+}
+
+/// Zero states of batch 1 with nothing cached.
+fn fresh_states(g: &Graph) -> HashMap<String, Tensor> {
+    g.inputs
+        .iter()
+        .filter_map(|&i| match &g.node(i).op {
+            Op::Input {
+                name,
+                kind: InputKind::State,
+                dtype,
+                shape,
+            } => Some((
+                name.clone(),
+                Tensor::zeros(*dtype, eval_shape(shape, &env(1, 0, 0)).unwrap()),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One step of `g`: `ids` after the states `states`; returns the logits and the new states.
+fn step(
+    g: &Graph,
+    w: &RandomWeights,
+    ids: &[i64],
+    states: &HashMap<String, Tensor>,
+) -> (Vec<f32>, HashMap<String, Tensor>) {
+    let mut inputs = states.clone();
+    inputs.insert("tokens".into(), tokens(ids));
+    let mut out = run(g, w, &inputs).unwrap();
+    let logits = out
+        .remove("logits")
+        .unwrap()
+        .to_f64_vec()
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    let carried: Vec<String> = g
+        .outputs
+        .iter()
+        .filter(|o| o.kind == InputKind::State)
+        .map(|o| o.name.clone())
+        .collect();
+    let next = carried
+        .into_iter()
+        .map(|n| (n.clone(), out.remove(&n).unwrap()))
+        .collect();
+    (logits, next)
+}
+
+/// 67 prompt tokens through the compiled prefill graph (a full chunk and a ragged one), then 4
+/// tokens one by one through the compiled decode graph (linear_attn_step on the carried
+/// states), against the unfused graph's logits over all 71 tokens at once.
+fn prefill_then_decode(g: &Graph, what: &str, tol: Tol, vocab: u64) {
+    let (prefill, _) = compiled(g, Mode::Prefill);
+    let (decode, _) = compiled(g, Mode::Decode);
+    let mut rng = SplitMix(5);
+    let ids: Vec<i64> = (0..71).map(|_| (rng.next_u64() % vocab) as i64).collect();
+    let w = RandomWeights::new(17);
+    let (want, _) = step(g, &w, &ids, &fresh_states(g));
+    let (mut got, mut states) = step(&prefill, &w, &ids[..67], &fresh_states(g));
+    for t in 67..71 {
+        let (logits, next) = step(&decode, &w, &ids[t..t + 1], &states);
+        got.extend(logits);
+        states = next;
+    }
+    let err = check(what, &got, &want, tol.model()).unwrap_or_else(|m| panic!("{m}"));
+    println!("{what}: prefill 67 + decode 4 vs forward 71: worst relative error {err:.2e}");
+}
+
+#[test]
+fn tiny_prefill_then_decode_matches_one_forward() {
+    prefill_then_decode(&model("tiny"), "tiny", Tol::F32, 256);
+}
+
+#[test]
+fn small_prefill_then_decode_matches_one_forward() {
+    prefill_then_decode(&small_all_experts(), "small (all experts routed)", Tol::BF16, 4096);
+}
