@@ -4,7 +4,8 @@
 //! `bytes moved / bandwidth + FLOPs / peak + launches · launch cost`, with symbolic dims
 //! evaluated at a representative size ([`CostModel::prefill`], [`CostModel::decode`]). Views
 //! (reshape, permute, expand, slice, tuple projections) and leaves cost nothing and launch
-//! nothing; every other op is one kernel reading its operands and writing its outputs.
+//! nothing; every other op is one kernel reading its operands and writing its outputs (a grouped
+//! GEMM reads only the chosen experts' weights, see `fused_bytes`).
 //!
 //! The extractor is DAG-aware (style.md 8): a value used by several consumers is computed once,
 //! so the objective is the sum of the local costs of the *distinct* e-nodes a selection
@@ -152,8 +153,44 @@ impl CostModel {
                 self.kernel(io, 4.0 * carry) + steps * body_kernels * self.launch_us
             }
             Op::Fused(f @ (Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep)) => self.lightning(f, ins, io),
-            Op::Fused(f) => self.kernel(io, self.fused_flops(f, ins, out_n)),
+            Op::Fused(f) => {
+                let bytes = self.fused_bytes(f, ins, outs).unwrap_or(io);
+                self.kernel(bytes, self.fused_flops(f, ins, out_n))
+            }
         }
+    }
+
+    /// Bytes a composite kernel moves where that is not "every operand and output once".
+    ///
+    /// A grouped GEMM streams only the weight tiles of the experts some token chose: with
+    /// `tokens · K` (token, slot) pairs over E experts, at most `min(E, tokens · K)` of the E
+    /// stacked `[E, ..]` weights are read (decode: K of E; a long prefill: all of them, once).
+    /// The dense formulation's matmuls read all E experts for every token.
+    fn fused_bytes(&self, f: &Fused, ins: &[&TensorType], outs: &[TensorType]) -> Option<f64> {
+        let Fused::GroupedMatmul { epilogue } = f else {
+            return None;
+        };
+        // operands: SwiGlu (x, chosen, w_gate, w_up), WeightedCombine (h, chosen, weights, w_down)
+        let weights: &[usize] = match epilogue {
+            GroupedEpilogue::SwiGlu => &[2, 3],
+            GroupedEpilogue::WeightedCombine => &[3],
+        };
+        let pairs = self.numel(ins.get(1)?);
+        let experts = ins.get(weights[0])?.shape.first()?.eval(&self.env).ok()?.max(1) as f64;
+        let touched = pairs.min(experts) / experts;
+        let read: f64 = ins
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let b = self.bytes(t);
+                if weights.contains(&i) {
+                    b * touched
+                } else {
+                    b
+                }
+            })
+            .sum();
+        Some(read + outs.iter().map(|t| self.bytes(t)).sum::<f64>())
     }
 
     /// The lightning recurrence (§2.4.4) is latency-bound where it is sequential, so its cost
@@ -216,10 +253,13 @@ impl CostModel {
                 let per_token = n(1) / d(1, 1).max(1.0);
                 padded * per_token * (4.0 * c + 4.0 * d(1, 3))
             }
+            // per token row: the bias add, group scores, group and expert top-k, normalisation
             Fused::RouteTopK { .. } => 8.0 * n(0),
+            // tokens · K expert rows (the dense form does tokens · E)
             Fused::GroupedMatmul { epilogue } => match epilogue {
-                // x [b,s,D] · chosen [b,s,K] · w [E,I,D]: two GEMMs per chosen expert
+                // h [b,s,K,I] from x [b,s,D]: the gate and the up GEMM per (token, slot)
                 GroupedEpilogue::SwiGlu => 4.0 * out_n * d(0, 2),
+                // h [b,s,K,I] · W_down[e]ᵀ [I, D] per (token, slot), then the weighted sum
                 GroupedEpilogue::WeightedCombine => 2.0 * n(0) * d(3, 1),
             },
             Fused::QuantizeFp8 { .. } | Fused::DequantizeFp8 { .. } => 2.0 * n(0),

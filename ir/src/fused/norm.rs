@@ -157,12 +157,16 @@ pub(super) fn swiglu(args: &[&Tensor], out: &[(TensorType, Vec<usize>)]) -> Resu
         return Err(format!("{OP} of {} and {}", g.type_str(), args[1].type_str()));
     }
     let dtype = float_out(OP, out, 0, &g.shape)?;
+    // The same rounding points as the primitives it replaces (`g · sigmoid(g)` in g's dtype,
+    // then `· u`): in bf16 a single final rounding drifts by an ulp per element, and through the
+    // MoE router such drifts turn into different experts.
+    let gd = g.dtype;
     let y = gs
         .iter()
         .zip(us)
         .map(|(&a, &b)| {
-            let a = f64::from(a);
-            (a * sigmoid(a) * f64::from(b)) as f32
+            let s = gd.round(sigmoid(f64::from(a)) as f32);
+            gd.round(a * s) * b
         })
         .collect();
     Ok(vec![Tensor::from_f32(dtype, g.shape.clone(), y)])

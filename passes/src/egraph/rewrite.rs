@@ -247,6 +247,72 @@ impl Applier<Rl, super::analysis::TypeAnalysis> for Typed {
     }
 }
 
+/// An attribute a right-hand side needs but the left-hand side cannot bind (egg variables bind
+/// whole e-classes, never an element of a list): computed from the match by [`with_attrs`].
+#[derive(Clone, Copy, Debug)]
+pub enum Derive {
+    /// one dim, as an integer (or symbolic dim) attribute
+    Dim(S),
+    /// a shape, as a list attribute (a reshape or expand target)
+    Shape(&'static [S]),
+}
+
+/// A [`typed`] or [`tuple`] right-hand side with attributes derived from the match first, e.g.
+/// the group count of a reshape target `?gs = [batch,seq,4,2]`:
+/// `with_attrs(typed("(route_topk ?p ?k ?ng ..)"), &[("?ng", Derive::Dim(S::ElemOf("?gs", 2)))])`.
+/// A derived attribute that cannot be computed refuses the instantiation (counted like an
+/// ill-typed one); the rest is [`Typed`]'s check-then-add.
+#[derive(Clone, Debug)]
+pub struct WithAttrs {
+    inner: Typed,
+    attrs: Vec<(Var, Derive)>,
+}
+
+/// See [`WithAttrs`].
+///
+/// # Panics
+/// On a name that is not a pattern variable.
+pub fn with_attrs(inner: Typed, attrs: &[(&str, Derive)]) -> WithAttrs {
+    WithAttrs {
+        inner,
+        attrs: attrs.iter().map(|(v, d)| (var(v), *d)).collect(),
+    }
+}
+
+impl Applier<Rl, super::analysis::TypeAnalysis> for WithAttrs {
+    fn apply_one(
+        &self,
+        eg: &mut RlGraph,
+        eclass: Id,
+        subst: &Subst,
+        searcher_ast: Option<&PatternAst<Rl>>,
+        rule: Symbol,
+    ) -> Vec<Id> {
+        let mut values = Vec::with_capacity(self.attrs.len());
+        for (v, d) in &self.attrs {
+            let a = match d {
+                Derive::Dim(e) => resolve_dim(eg, subst, *e).map(|d| Attr::dim(&d)),
+                Derive::Shape(spec) => resolve_shape(eg, subst, spec).map(Attr::List),
+            };
+            match a {
+                Some(a) => values.push((*v, a)),
+                None => return refuse(eg, rule, format!("the attribute {v} cannot be derived from the match")),
+            }
+        }
+        let mut subst = subst.clone();
+        for (v, a) in values {
+            let id = eg.add(Rl::Attr(a));
+            subst.insert(v, id);
+        }
+        self.inner.apply_one(eg, eclass, &subst, searcher_ast, rule)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        let derived: Vec<Var> = self.attrs.iter().map(|(v, _)| *v).collect();
+        self.inner.vars().into_iter().filter(|v| !derived.contains(v)).collect()
+    }
+}
+
 // ---- side conditions ---------------------------------------------------------------------------
 //
 // Each builder returns a closure egg's `rewrite!` accepts after `if`. They read the e-class data
@@ -392,21 +458,33 @@ pub enum S {
     Attr(&'static str),
     /// dimension `axis` of a bound value's type (negative counts from the end)
     DimOf(&'static str, i64),
+    /// element `i` of a bound list attribute, e.g. a reshape target (negative counts from the end)
+    ElemOf(&'static str, i64),
+}
+
+/// The `i`-th of `n` things, `i` negative counting from the end.
+fn index_from_end(i: i64, n: usize) -> Option<usize> {
+    let a = if i < 0 { n as i64 + i } else { i };
+    usize::try_from(a).ok().filter(|&a| a < n)
+}
+
+fn resolve_dim(eg: &RlGraph, s: &Subst, e: S) -> Option<Dim> {
+    match e {
+        S::Lit(c) => Some(Dim::constant(c)),
+        S::Attr(v) => attr_of(eg, s, var(v)).and_then(Attr::as_dim),
+        S::DimOf(v, axis) => {
+            let t = ty_of(eg, s, var(v))?;
+            index_from_end(axis, t.rank()).map(|a| t.shape[a].clone())
+        }
+        S::ElemOf(v, i) => {
+            let l = attr_of(eg, s, var(v)).and_then(Attr::as_list)?;
+            index_from_end(i, l.len()).map(|a| l[a].clone())
+        }
+    }
 }
 
 fn resolve_shape(eg: &RlGraph, s: &Subst, spec: &[S]) -> Option<Vec<Dim>> {
-    spec.iter()
-        .map(|e| match *e {
-            S::Lit(c) => Some(Dim::constant(c)),
-            S::Attr(v) => attr_of(eg, s, var(v)).and_then(Attr::as_dim),
-            S::DimOf(v, axis) => {
-                let t = ty_of(eg, s, var(v))?;
-                let r = t.rank() as i64;
-                let a = if axis < 0 { r + axis } else { axis };
-                (0..r).contains(&a).then(|| t.shape[a as usize].clone())
-            }
-        })
-        .collect()
+    spec.iter().map(|&e| resolve_dim(eg, s, e)).collect()
 }
 
 /// The list attribute bound to `v` (a reshape/expand target) equals `spec`.
@@ -449,6 +527,48 @@ pub fn is_last_dim(v: &str, x: &str) -> impl Cond {
     move |eg, _, s| {
         let d = ty_of(eg, s, x).and_then(|t| t.shape.last().and_then(Dim::as_const));
         matches!((attr_of(eg, s, v).and_then(Attr::as_int), d), (Some(a), Some(d)) if a == d)
+    }
+}
+
+/// The list attribute `gs` splits the last axis of `x` in two: `gs = x.shape[..-1] ++ [g, n]`
+/// with constants `g · n` = the (constant) last dim of `x`, e.g. `[batch,seq,4,2]` for
+/// `[batch, seq, 8]`: `g` contiguous groups of `n`.
+pub fn splits_last_dim(gs: &str, x: &str) -> impl Cond {
+    let (gs, x) = (var(gs), var(x));
+    move |eg, _, s| {
+        let (Some(l), Some(t)) = (attr_of(eg, s, gs).and_then(Attr::as_list), ty_of(eg, s, x)) else {
+            return false;
+        };
+        let Some((last, lead)) = t.shape.split_last() else {
+            return false;
+        };
+        let [.., g, n] = l else { return false };
+        l.len() == t.rank() + 1
+            && l[..lead.len()] == *lead
+            && matches!((g.as_const(), n.as_const(), last.as_const()), (Some(g), Some(n), Some(e)) if g > 0 && n > 0 && g * n == e)
+    }
+}
+
+/// The integer attribute `v` equals `min(c, d)` for the constant dim `d`, e.g. the width of a
+/// "top-2 of each group" that a group of one expert shrinks to top-1.
+pub fn int_is_min(v: &str, c: i64, d: S) -> impl Cond {
+    let v = var(v);
+    move |eg, _, s| {
+        let want = resolve_dim(eg, s, d).and_then(|d| d.as_const()).map(|d| d.min(c));
+        matches!((attr_of(eg, s, v).and_then(Attr::as_int), want), (Some(a), Some(w)) if a == w)
+    }
+}
+
+/// The integer attribute `v` is at most `a · b` (both constant dims), e.g. k experts chosen from
+/// the `topk_group · experts_per_group` the kept groups hold.
+pub fn int_at_most_product(v: &str, a: S, b: S) -> impl Cond {
+    let v = var(v);
+    move |eg, _, s| {
+        let bound = match (resolve_dim(eg, s, a), resolve_dim(eg, s, b)) {
+            (Some(a), Some(b)) => a.as_const().zip(b.as_const()).map(|(a, b)| a * b),
+            _ => None,
+        };
+        matches!((attr_of(eg, s, v).and_then(Attr::as_int), bound), (Some(x), Some(m)) if x <= m)
     }
 }
 

@@ -148,7 +148,21 @@ impl Family {
                 }
                 _ => false,
             }),
-            Family::Moe => any(&|op| matches!(op, Op::TopK { .. })),
+            // a top-k (the router) and stacked rank-3 weights (the experts): both, in one pass
+            Family::Moe => {
+                let (mut topk, mut experts) = (false, false);
+                for n in g.g.node_weights() {
+                    match &n.op {
+                        Op::TopK { .. } => topk = true,
+                        Op::Param { stack: Some(_), .. } => experts |= n.outputs.first().is_some_and(|t| t.rank() == 3),
+                        _ => {}
+                    }
+                    if topk && experts {
+                        return true;
+                    }
+                }
+                false
+            }
             Family::Fuse => any(&|op| matches!(op, Op::Unary(UnaryOp::Rsqrt | UnaryOp::Exp | UnaryOp::Sigmoid))),
         }
     }
