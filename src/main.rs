@@ -94,6 +94,25 @@ struct DeviceArgs {
     /// Run the graph as the DSL wrote it, without the rewrite passes' fusions.
     #[arg(long)]
     no_fuse: bool,
+    /// Format of the weight GEMMs: bf16 (as stored) or fp8 (E4M3, 1x128 activation tiles and
+    /// 128x128 weight blocks; router and LM head stay in higher precision).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+    precision: PrecisionArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    Bf16,
+    Fp8,
+}
+
+impl PrecisionArg {
+    fn get(self) -> passes::Precision {
+        match self {
+            PrecisionArg::Bf16 => passes::Precision::Bf16,
+            PrecisionArg::Fp8 => passes::Precision::Fp8,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -205,6 +224,9 @@ struct CompileArgs {
     /// Only the cleanup passes (no fusion).
     #[arg(long)]
     no_fuse: bool,
+    /// Format of the weight GEMMs (fp8: E4M3 with block scales).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+    precision: PrecisionArg,
     /// Write the graph after every pass (text and DOT, numbered) into DIR.
     #[arg(long, value_name = "DIR")]
     dump: Option<PathBuf>,
@@ -278,7 +300,10 @@ fn load(model: &ModelArgs, device: &DeviceArgs) -> Result<(LoadedModel, Engine)>
     pb.finish_and_clear();
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("loading weights {bar:30} {bytes}/{total_bytes} ({eta})").unwrap());
-    let opts = runtime::EngineOptions { fuse: !device.no_fuse };
+    let opts = runtime::EngineOptions {
+        fuse: !device.no_fuse,
+        precision: device.precision.get(),
+    };
     let e = Engine::with_options(&m, dev, &opts, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -525,6 +550,7 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
     let opts = passes::CompileOptions {
         mode,
         fuse: !a.no_fuse,
+        precision: a.precision.get(),
         dump_dir: a.dump.clone(),
         ..Default::default()
     };
@@ -547,9 +573,10 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
     let mem = passes::memplan::plan(&kplan, &env).map_err(|e| anyhow!("memory plan: {e}"))?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     println!(
-        "{} ({} mode): {} graph nodes -> {} after the passes",
+        "{} ({} mode, {}): {} graph nodes -> {} after the passes",
         m.source,
         mode.name(),
+        a.precision.get().name(),
         m.model.graph.node_count(),
         g.node_count()
     );

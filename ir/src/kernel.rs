@@ -638,6 +638,17 @@ pub struct Gemm {
 #[derive(Clone, Debug, PartialEq)]
 pub enum TemplateOp {
     Gemm(Gemm),
+    /// RMSNorm whose output is quantised to E4M3 in 1×128 tiles in the same kernel
+    /// (`Fused::RmsNormQuantFp8`; with the residual add first when `residual`).
+    RmsNormQuantFp8 {
+        eps: f64,
+        width: Dim,
+        residual: bool,
+    },
+    /// SwiGLU whose output is quantised to E4M3 in 1×128 tiles (`Fused::SwiGluQuantFp8`).
+    SwiGluQuantFp8 {
+        width: Dim,
+    },
     /// Expert GEMMs over the chosen experts only (`Fused::GroupedMatmul`): `tokens` rows each
     /// routed to `top_k` of `experts`, weights `[experts, n, k]`.
     GroupedGemm {
@@ -739,6 +750,9 @@ impl TemplateOp {
     pub fn name(&self) -> &'static str {
         match self {
             TemplateOp::Gemm(_) => "gemm",
+            TemplateOp::RmsNormQuantFp8 { residual: false, .. } => "rms_norm_quant_fp8",
+            TemplateOp::RmsNormQuantFp8 { residual: true, .. } => "add_rms_norm_quant_fp8",
+            TemplateOp::SwiGluQuantFp8 { .. } => "swiglu_quant_fp8",
             TemplateOp::GroupedGemm { .. } => "grouped_gemm",
             TemplateOp::Attention { .. } => "attention",
             TemplateOp::LinearAttnChunk { .. } => "linear_attn_chunk",
@@ -771,6 +785,8 @@ impl TemplateOp {
             | TemplateOp::LinearAttnStep { .. }
             | TemplateOp::RouteTopK { .. }
             | TemplateOp::QuantizeFp8 { .. }
+            | TemplateOp::RmsNormQuantFp8 { .. }
+            | TemplateOp::SwiGluQuantFp8 { .. }
             | TemplateOp::RmsNorm { .. }
             | TemplateOp::AddRmsNorm { .. }
             | TemplateOp::Softmax { .. }
@@ -803,6 +819,10 @@ impl TemplateOp {
 
     fn attrs(&self) -> String {
         match self {
+            TemplateOp::RmsNormQuantFp8 { eps, width, residual } => {
+                format!("eps={eps:e} width={width} residual={residual} block=1x128")
+            }
+            TemplateOp::SwiGluQuantFp8 { width } => format!("width={width} block=1x128"),
             TemplateOp::Gemm(g) => format!(
                 "batch={} m={} n={} k={} a={:?} b={:?} acc={} out={}",
                 shape_str(&g.batch),

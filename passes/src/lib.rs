@@ -1,6 +1,7 @@
 //! ringjit's rewrite passes: graph in, graph out (style.md 2).
 //!
-//! Pipeline order: [`cleanup`] (validate, DCE, CSE, constant folding) → [`egraph`] (the graph
+//! Pipeline order: [`cleanup`] (validate, DCE, CSE, constant folding) → [`precision`] (FP8 mode
+//! only: quantize/dequantize pairs around the weight GEMMs) → [`egraph`] (the graph
 //! as an egg e-graph, typed) saturated by the rule families of [`rules`] → [`extract`] (a
 //! DAG-aware, cost-model extraction back to a graph) → cleanup again. [`manager`] runs named
 //! passes in order with timings and `--dump` files; [`compile`] is the whole thing.
@@ -17,6 +18,7 @@ pub mod extract;
 pub mod manager;
 pub mod memplan;
 pub mod partition;
+pub mod precision;
 pub mod report;
 pub mod rules;
 pub mod testing;
@@ -24,6 +26,7 @@ pub mod testing;
 pub use egraph::{Limits, StopReason};
 pub use extract::CostModel;
 pub use manager::{Pass, PassManager};
+pub use precision::Precision;
 pub use report::{EGraphStats, PassRecord, PassReport};
 pub use rules::Family;
 
@@ -128,6 +131,8 @@ impl Mode {
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
     pub mode: Mode,
+    /// The weight GEMMs' format; `Fp8` adds the [`precision::fp8_matmuls`] pass after cleanup.
+    pub precision: Precision,
     /// Run equality saturation and extraction; `false` runs the cleanup passes only.
     pub fuse: bool,
     /// The rule families to run (each still skipped when its ops are absent).
@@ -143,6 +148,7 @@ impl Default for CompileOptions {
     fn default() -> Self {
         CompileOptions {
             mode: Mode::Prefill,
+            precision: Precision::Bf16,
             fuse: true,
             families: Family::ALL.to_vec(),
             limits: Limits::default(),
@@ -254,6 +260,9 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, PassRepor
     let mut pm = PassManager::new();
     for p in cleanup_passes() {
         pm = pm.then(p);
+    }
+    if opts.precision == Precision::Fp8 {
+        pm = pm.then(Pass::simple("fp8-matmuls", precision::fp8_matmuls));
     }
     if opts.fuse {
         let cost = opts.cost.clone().unwrap_or_else(|| opts.mode.cost_model());

@@ -146,6 +146,17 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
         Op::ArgMax { axis } => TemplateOp::ArgMax { axis: *axis },
         Op::ScatterAddAlong { axis } => TemplateOp::ScatterAdd { axis: *axis },
         Op::Fused(f) => match f {
+            Fused::RmsNormQuantFp8 { eps } => TemplateOp::RmsNormQuantFp8 {
+                eps: *eps,
+                width: last(arg(0)?)?,
+                residual: false,
+            },
+            Fused::AddRmsNormQuantFp8 { eps } => TemplateOp::RmsNormQuantFp8 {
+                eps: *eps,
+                width: last(arg(0)?)?,
+                residual: true,
+            },
+            Fused::SwiGluQuantFp8 => TemplateOp::SwiGluQuantFp8 { width: last(arg(0)?)? },
             Fused::RmsNorm { eps } => TemplateOp::RmsNorm {
                 eps: *eps,
                 width: last(arg(0)?)?,
@@ -1467,6 +1478,8 @@ fn template_launch(op: &TemplateOp, p: &TemplateParams, g: &Graph, node: NodeInd
         ),
         TemplateOp::RmsNorm { .. }
         | TemplateOp::AddRmsNorm { .. }
+        | TemplateOp::RmsNormQuantFp8 { .. }
+        | TemplateOp::SwiGluQuantFp8 { .. }
         | TemplateOp::Softmax { .. }
         | TemplateOp::QkNormRope { .. }
         | TemplateOp::GroupNormGate { .. } => (

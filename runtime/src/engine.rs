@@ -91,11 +91,16 @@ pub struct State {
 pub struct EngineOptions {
     /// Run the rewrite passes (fusion); `false` runs the graph as the DSL wrote it.
     pub fuse: bool,
+    /// The weight GEMMs' format (fp8: E4M3 with block scales, spec §5.2).
+    pub precision: passes::Precision,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { fuse: true }
+        EngineOptions {
+            fuse: true,
+            precision: passes::Precision::Bf16,
+        }
     }
 }
 
@@ -173,6 +178,7 @@ impl Engine {
             let co = passes::CompileOptions {
                 mode,
                 fuse: opts.fuse,
+                precision: opts.precision,
                 ..Default::default()
             };
             let (g, report) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))?;

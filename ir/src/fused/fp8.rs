@@ -21,8 +21,10 @@
 //! transposing both `q` and the scales (a block's amax does not depend on orientation).
 
 use super::norm::{arity, floats};
+use super::Fused;
 use crate::dtype::DType;
 use crate::graph::TensorType;
+use crate::shape::Dim;
 use crate::tensor::Tensor;
 
 /// Largest finite E4M3 value: a block's amax maps to it.
@@ -30,6 +32,15 @@ const E4M3_MAX: f32 = 448.0;
 
 /// Block edge of the scaled GEMM: along K for both operands, along N for the weight (§5.2).
 const GEMM_BLOCK: usize = 128;
+
+/// The quantisation of a GEMM's activation operand: 1×128 tiles (one scale per row and 128
+/// channels), what the fused producers (`RmsNormQuantFp8`, ...) emit.
+pub(super) fn activation_quantize() -> Fused {
+    Fused::QuantizeFp8 {
+        rows: 1,
+        cols: GEMM_BLOCK,
+    }
+}
 
 /// Geometry of a tensor `[.., r, c]` cut into `rows × cols` blocks.
 #[derive(Debug)]
@@ -287,6 +298,66 @@ pub(super) fn scaled_matmul(
     Ok(vec![Tensor::from_f32(to, y_shape, y)])
 }
 
+// ---- producers fused with the quantisation of their output ------------------------------------
+
+/// The concrete type of a producer's intermediate value: `dtype` over `shape`.
+fn intermediate(dtype: DType, shape: &[usize]) -> (TensorType, Vec<usize>) {
+    let dims = shape.iter().map(|&d| Dim::constant(d as i64)).collect();
+    (TensorType::new(dtype, dims), shape.to_vec())
+}
+
+/// `promote(a, b)` of two float operands, or why not.
+fn promoted(op: &str, a: &Tensor, b: &Tensor) -> Result<DType, String> {
+    DType::promote(a.dtype, b.dtype)
+        .filter(|d| d.is_float())
+        .ok_or_else(|| format!("{op} of {} and {}", a.type_str(), b.type_str()))
+}
+
+/// `Fused::RmsNormQuantFp8`: inputs `x [.., R, D]`, `w [D]`; the norm's value in its own dtype
+/// (`promote(x, w)`, rounded there as the unfused norm rounds it), then its 1×128 quantisation.
+/// Outputs `(q, scales)`.
+pub(super) fn rms_norm_quant(
+    eps: f64,
+    args: &[&Tensor],
+    out: &[(TensorType, Vec<usize>)],
+) -> Result<Vec<Tensor>, String> {
+    const OP: &str = "rms_norm_quant_fp8";
+    arity(OP, args, 2)?;
+    let normed_ty = intermediate(promoted(OP, args[0], args[1])?, &args[0].shape);
+    let normed = super::norm::rms_norm(eps, args, &[normed_ty])?;
+    quantize(1, GEMM_BLOCK, &[&normed[0]], out)
+}
+
+/// `Fused::AddRmsNormQuantFp8`: inputs `h`, `a` (same type), `w`. Outputs
+/// `(h + a, q, scales)`: the rounded sum as `AddRmsNorm` makes it, and the 1×128 quantisation
+/// of its normalised value (rounded to `promote(h, w)` first).
+pub(super) fn add_rms_norm_quant(
+    eps: f64,
+    args: &[&Tensor],
+    out: &[(TensorType, Vec<usize>)],
+) -> Result<Vec<Tensor>, String> {
+    const OP: &str = "add_rms_norm_quant_fp8";
+    arity(OP, args, 3)?;
+    let (sum_ty, quant_tys) = out.split_first().ok_or_else(|| format!("{OP}: no type for output 0"))?;
+    let normed_ty = intermediate(promoted(OP, args[0], args[2])?, &args[0].shape);
+    let mut outs = super::norm::add_rms_norm(eps, args, &[sum_ty.clone(), normed_ty])?;
+    let normed = outs.pop().ok_or_else(|| format!("{OP}: the norm made no value"))?;
+    let sum = outs.pop().ok_or_else(|| format!("{OP}: the add made no value"))?;
+    let mut qs = quantize(1, GEMM_BLOCK, &[&normed], quant_tys)?;
+    qs.insert(0, sum);
+    Ok(qs)
+}
+
+/// `Fused::SwiGluQuantFp8`: inputs `g`, `u`; `SwiGlu(g, u)` rounded to `promote(g, u)`, then
+/// its 1×128 quantisation. Outputs `(q, scales)`.
+pub(super) fn swiglu_quant(args: &[&Tensor], out: &[(TensorType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
+    const OP: &str = "swiglu_quant_fp8";
+    arity(OP, args, 2)?;
+    let y_ty = intermediate(promoted(OP, args[0], args[1])?, &args[0].shape);
+    let y = super::norm::swiglu(args, &[y_ty])?;
+    quantize(1, GEMM_BLOCK, &[&y[0]], out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::norm::harness::*;
@@ -477,6 +548,61 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("1x128"), "{e}");
+    }
+
+    #[test]
+    fn fused_producers_equal_their_quantized_output() {
+        // RmsNorm / AddRmsNorm / SwiGlu followed by the 1×128 quantisation, as two ops and as one:
+        // the same values bit for bit (the intermediate rounded to its dtype in both), in f32 and
+        // bf16, with whole and ragged tiles
+        let mut r = rng(25);
+        let act = activation_quantize();
+        for (dt, shape) in [
+            (DType::F32, [2, 3, 256]),
+            (DType::BF16, [1, 5, 200]),
+            (DType::BF16, [2, 1, 64]),
+        ] {
+            let d = shape[2];
+            let tag = format!("{dt}{shape:?}");
+            let x = randn(&mut r, dt, &shape, 1.0);
+            let a = randn(&mut r, dt, &shape, 1.0);
+            let w = randn(&mut r, dt, &[d], 1.0);
+            let eps = 1e-6;
+            let same = |what: &str, got: &[Tensor], want: &[Tensor]| {
+                assert_eq!(got.len(), want.len(), "{what} {tag}");
+                for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                    assert_eq!(g.dtype, w.dtype, "{what} {tag} output {i}");
+                    assert_eq!(g.shape, w.shape, "{what} {tag} output {i}");
+                    assert_eq!(g.as_f32().unwrap(), w.as_f32().unwrap(), "{what} {tag} output {i}");
+                }
+            };
+
+            let normed = run_fused(Fused::RmsNorm { eps }, &[&x, &w]).unwrap();
+            let want = run_fused(act.clone(), &[&normed[0]]).unwrap();
+            let got = run_fused(Fused::RmsNormQuantFp8 { eps }, &[&x, &w]).unwrap();
+            same("rms_norm_quant_fp8", &got, &want);
+            assert_eq!(got[1].shape, vec![shape[0], shape[1], d.div_ceil(128)]);
+
+            let outs = run_fused(Fused::AddRmsNorm { eps }, &[&x, &a, &w]).unwrap();
+            let mut want = vec![outs[0].clone()];
+            want.extend(run_fused(act.clone(), &[&outs[1]]).unwrap());
+            let got = run_fused(Fused::AddRmsNormQuantFp8 { eps }, &[&x, &a, &w]).unwrap();
+            same("add_rms_norm_quant_fp8", &got, &want);
+
+            let y = run_fused(Fused::SwiGlu, &[&x, &a]).unwrap();
+            let want = run_fused(act.clone(), &[&y[0]]).unwrap();
+            let got = run_fused(Fused::SwiGluQuantFp8, &[&x, &a]).unwrap();
+            same("swiglu_quant_fp8", &got, &want);
+            // and the quantisation is real: dequantised, it is an FP8-tier copy of the product
+            let back = run_fused(dequantize_op(1, 128, DType::F32), &[&got[0], &got[1]]).unwrap();
+            let y32 = Tensor::from_f32(DType::F32, y[0].shape.clone(), y[0].as_f32().unwrap().to_vec());
+            assert_close(&format!("swiglu_quant_fp8 round trip {tag}"), &back[0], &y32, Tol::FP8);
+        }
+        // the producers' own type rules still apply
+        let x = randn(&mut r, DType::F32, &[1, 2, 8], 1.0);
+        let w = randn(&mut r, DType::F32, &[4], 1.0);
+        assert!(run_fused(Fused::RmsNormQuantFp8 { eps: 1e-6 }, &[&x, &w]).is_err());
+        assert!(run_fused(Fused::SwiGluQuantFp8, &[&x, &w]).is_err());
     }
 
     #[test]

@@ -86,6 +86,20 @@ pub enum Fused {
     /// `b_s [ceil(K/128), ceil(N/128)]` (its scales, transposed likewise): `(a_q·a_s) @ (b_q·b_s)`
     /// accumulated in f32, output in `out`.
     ScaledMatmulFp8 { out: DType },
+    /// Inputs `x [.., R, D]`, `w [D]`: `QuantizeFp8 { rows: 1, cols: 128 }` of
+    /// `RmsNorm { eps }(x, w)`, the normalised activation quantised in the scaled GEMM's 1×128
+    /// tiles by the kernel that computes it (spec §5.2, "RMSNorm+quant"). Outputs
+    /// `(q f8e4m3 [.., R, D], scales f32 [.., R, ceil(D/128)])`. The normalised value is rounded
+    /// to the norm's dtype before it is quantised, as in the pair it replaces.
+    RmsNormQuantFp8 { eps: f64 },
+    /// Inputs `h`, `a`, `w`: the residual add fused with the next norm and its quantisation.
+    /// Outputs `(h + a, q, scales)`: `AddRmsNorm`'s first output, then `QuantizeFp8` (1×128) of
+    /// its second.
+    AddRmsNormQuantFp8 { eps: f64 },
+    /// Inputs `g`, `u`: `QuantizeFp8 { rows: 1, cols: 128 }` of `SwiGlu(g, u)` (rounded to its
+    /// dtype first), the down projection's operand quantised by the kernel that makes it
+    /// (spec §5.2, "SwiGLU+quant"). Outputs `(q, scales)`.
+    SwiGluQuantFp8,
 }
 
 impl Fused {
@@ -105,12 +119,18 @@ impl Fused {
             Fused::QuantizeFp8 { .. } => "quantize_fp8",
             Fused::DequantizeFp8 { .. } => "dequantize_fp8",
             Fused::ScaledMatmulFp8 { .. } => "scaled_matmul_fp8",
+            Fused::RmsNormQuantFp8 { .. } => "rms_norm_quant_fp8",
+            Fused::AddRmsNormQuantFp8 { .. } => "add_rms_norm_quant_fp8",
+            Fused::SwiGluQuantFp8 => "swiglu_quant_fp8",
         }
     }
 
     pub fn attrs(&self) -> String {
         match self {
-            Fused::RmsNorm { eps } | Fused::AddRmsNorm { eps } => format!("eps={eps:e}"),
+            Fused::RmsNorm { eps }
+            | Fused::AddRmsNorm { eps }
+            | Fused::RmsNormQuantFp8 { eps }
+            | Fused::AddRmsNormQuantFp8 { eps } => format!("eps={eps:e}"),
             Fused::QkNormRope { eps, rotary } => format!("eps={eps:e} rotary={rotary}"),
             Fused::FlashAttention { scale } => format!("scale={scale}"),
             Fused::LinearAttnChunk { chunk } => format!("chunk={chunk}"),
@@ -129,15 +149,15 @@ impl Fused {
             Fused::QuantizeFp8 { rows, cols } => format!("block={rows}x{cols}"),
             Fused::DequantizeFp8 { rows, cols, to } => format!("block={rows}x{cols} to={to}"),
             Fused::ScaledMatmulFp8 { out } => format!("out={out}"),
-            Fused::SwiGlu | Fused::Softmax | Fused::LinearAttnStep => String::new(),
+            Fused::SwiGlu | Fused::Softmax | Fused::LinearAttnStep | Fused::SwiGluQuantFp8 => String::new(),
         }
     }
 
     /// Output types, or why the operands do not fit.
     pub fn infer(&self, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let n_args = match self {
-            Fused::RmsNorm { .. } | Fused::SwiGlu => 2,
-            Fused::AddRmsNorm { .. } | Fused::GroupNormGate { .. } => 3,
+            Fused::RmsNorm { .. } | Fused::SwiGlu | Fused::RmsNormQuantFp8 { .. } | Fused::SwiGluQuantFp8 => 2,
+            Fused::AddRmsNorm { .. } | Fused::GroupNormGate { .. } | Fused::AddRmsNormQuantFp8 { .. } => 3,
             Fused::Softmax | Fused::QuantizeFp8 { .. } => 1,
             Fused::QkNormRope { .. } | Fused::FlashAttention { .. } | Fused::ScaledMatmulFp8 { .. } => 4,
             Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep => 5,
@@ -354,6 +374,21 @@ impl Fused {
                 *s.last_mut().unwrap() = b.shape[1].clone();
                 Ok(vec![TensorType::new(*out, s)])
             }
+            // the producer's own type rules, then the activation tiles' quantisation of its value
+            Fused::RmsNormQuantFp8 { eps } => {
+                let normed = Fused::RmsNorm { eps: *eps }.infer(tys)?;
+                fp8::activation_quantize().infer(&[&normed[0]])
+            }
+            Fused::AddRmsNormQuantFp8 { eps } => {
+                let outs = Fused::AddRmsNorm { eps: *eps }.infer(tys)?;
+                let mut q = fp8::activation_quantize().infer(&[&outs[1]])?;
+                q.insert(0, outs[0].clone());
+                Ok(q)
+            }
+            Fused::SwiGluQuantFp8 => {
+                let y = Fused::SwiGlu.infer(tys)?;
+                fp8::activation_quantize().infer(&[&y[0]])
+            }
         }
     }
 
@@ -383,6 +418,9 @@ impl Fused {
             Fused::QuantizeFp8 { rows, cols } => fp8::quantize(*rows, *cols, args, out),
             Fused::DequantizeFp8 { rows, cols, to } => fp8::dequantize(*rows, *cols, *to, args, out),
             Fused::ScaledMatmulFp8 { out: to } => fp8::scaled_matmul(*to, args, out),
+            Fused::RmsNormQuantFp8 { eps } => fp8::rms_norm_quant(*eps, args, out),
+            Fused::AddRmsNormQuantFp8 { eps } => fp8::add_rms_norm_quant(*eps, args, out),
+            Fused::SwiGluQuantFp8 => fp8::swiglu_quant(args, out),
         }
     }
 }

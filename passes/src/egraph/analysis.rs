@@ -425,6 +425,9 @@ pub fn to_op<'a>(enode: &Rl, kids: &[&'a Data]) -> Result<(Op, Vec<&'a Data>), S
             2,
         ),
         Rl::ScaledMatmulFp8(_) => fused(Fused::ScaledMatmulFp8 { out: dtype_at(4)? }, 4),
+        Rl::RmsNormQuantFp8(_) => fused(Fused::RmsNormQuantFp8 { eps: f64_at(2)? }, 2),
+        Rl::AddRmsNormQuantFp8(_) => fused(Fused::AddRmsNormQuantFp8 { eps: f64_at(3)? }, 3),
+        Rl::SwiGluQuantFp8(_) => fused(Fused::SwiGluQuantFp8, 2),
         Rl::Scan(_) | Rl::Leaf(_) | Rl::Const(_) | Rl::Proj(_) | Rl::Attr(_) => {
             Err(format!("internal: `{enode}` is not an op with operands"))
         }

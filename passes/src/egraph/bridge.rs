@@ -366,6 +366,18 @@ fn fused_to_enode(f: &Fused, x: &[Id], a: &mut impl FnMut(Attr) -> Id) -> Result
             n(4)?;
             Rl::ScaledMatmulFp8([x[0], x[1], x[2], x[3], a(Attr::DType(*out))])
         }
+        Fused::RmsNormQuantFp8 { eps } => {
+            n(2)?;
+            Rl::RmsNormQuantFp8([x[0], x[1], a(fl(*eps))])
+        }
+        Fused::AddRmsNormQuantFp8 { eps } => {
+            n(3)?;
+            Rl::AddRmsNormQuantFp8([x[0], x[1], x[2], a(fl(*eps))])
+        }
+        Fused::SwiGluQuantFp8 => {
+            n(2)?;
+            Rl::SwiGluQuantFp8([x[0], x[1]])
+        }
     })
 }
 

@@ -89,6 +89,9 @@ define_language! {
         "quantize_fp8" = QuantizeFp8([Id; 3]),         // x rows cols: tuple (q, scales)
         "dequantize_fp8" = DequantizeFp8([Id; 5]),     // q scales rows cols to
         "scaled_matmul_fp8" = ScaledMatmulFp8([Id; 5]), // a_q a_s b_q b_s out
+        "rms_norm_quant_fp8" = RmsNormQuantFp8([Id; 3]),          // x w eps: tuple (q, scales)
+        "add_rms_norm_quant_fp8" = AddRmsNormQuantFp8([Id; 4]),   // h a w eps: tuple (h + a, q, scales)
+        "swiglu_quant_fp8" = SwiGluQuantFp8([Id; 2]),             // g u: tuple (q, scales)
         // ---- attribute leaves (must stay last: any other token parses as one) --------------------
         Attr(Attr),
     }

@@ -572,6 +572,13 @@ pub fn int_at_most_product(v: &str, a: S, b: S) -> impl Cond {
     }
 }
 
+/// The dtype attribute bound to `t` is a float dtype (e.g. the result of a cast that a GEMM's
+/// epilogue can write).
+pub fn is_float_dtype(t: &str) -> impl Cond {
+    let t = var(t);
+    move |eg, _, s| attr_of(eg, s, t).and_then(Attr::as_dtype).is_some_and(DType::is_float)
+}
+
 /// A boxed condition, for [`all`].
 pub type BoxedCond = Box<dyn Fn(&mut RlGraph, Id, &Subst) -> bool + Send + Sync>;
 

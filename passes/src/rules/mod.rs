@@ -31,7 +31,7 @@
 //! | `Const` | `(const value dtype)`, e.g. `(const ?eps ?t)`, `(const -inf f32)` |
 //! | inputs, params, literals, iota, dim values | `(leaf N)`: match them with a variable and test them with a condition (e.g. [`is_iota`]) |
 //! | `Scan` | `(scan operands... N)`; the body lives in the side table under N |
-//! | composite ops | `(rms_norm x w eps)`, `(add_rms_norm h a w eps)` (tuple: `h + a`, normed), `(swiglu g u)`, `(softmax x)`, `(qk_norm_rope x w pos inv_freq eps rotary)`, `(flash_attention q k v pos scale)`, `(linear_attn_chunk s0 q k v lam chunk)` (tuple: state, o), `(linear_attn_step s0 q k v lam)` (tuple), `(group_norm_gate o w g groups eps)`, `(route_topk probs [bias] k n_group topk_group scale normalize biased)` (tuple: chosen, weights), `(grouped_matmul_swiglu x chosen w_gate w_up)`, `(grouped_matmul_combine h chosen weights w_down)`, `(quantize_fp8 x rows cols)` (tuple: q, scales), `(dequantize_fp8 q scales rows cols to)`, `(scaled_matmul_fp8 a_q a_s b_q b_s out)` |
+//! | composite ops | `(rms_norm x w eps)`, `(add_rms_norm h a w eps)` (tuple: `h + a`, normed), `(swiglu g u)`, `(softmax x)`, `(qk_norm_rope x w pos inv_freq eps rotary)`, `(flash_attention q k v pos scale)`, `(linear_attn_chunk s0 q k v lam chunk)` (tuple: state, o), `(linear_attn_step s0 q k v lam)` (tuple), `(group_norm_gate o w g groups eps)`, `(route_topk probs [bias] k n_group topk_group scale normalize biased)` (tuple: chosen, weights), `(grouped_matmul_swiglu x chosen w_gate w_up)`, `(grouped_matmul_combine h chosen weights w_down)`, `(quantize_fp8 x rows cols)` (tuple: q, scales), `(dequantize_fp8 q scales rows cols to)`, `(scaled_matmul_fp8 a_q a_s b_q b_s out)`, `(rms_norm_quant_fp8 x w eps)` (tuple: q, scales), `(add_rms_norm_quant_fp8 h a w eps)` (tuple: `h + a`, q, scales), `(swiglu_quant_fp8 g u)` (tuple: q, scales) |
 //!
 //! Attribute literals: integers `3`, floats `0.25` / `1e-6` / `-inf` (a graph constant's value
 //! is always a float attribute: `(const 64.0 f32)`, so bind it with a variable and test it),
@@ -59,7 +59,7 @@
 //! [`is_last_dim`]`("?d","?x")`, [`perm_is`]`("?p", &[0,1,3,2])`, [`is_iota`]`("?i")`,
 //! [`shape_is`]`("?s", &[S::Lit(1), S::DimOf("?k", 2)])` (a shape attribute; `S::Attr("?h")`
 //! reads an integer attribute), [`type_shape_is`] (the same for a value's type),
-//! [`rotary_halves`]`("?h","?r","?x")`,
+//! [`rotary_halves`]`("?h","?r","?x")`, [`is_float_dtype`]`("?t")` (a dtype attribute),
 //! [`scan_is`](crate::egraph::rewrite::scan_is)`("?n", pred)` (what a scan's body computes, e.g.
 //! `scan.rs`'s `is_lightning`); [`all`]`(vec![Box::new(..), ..])` names a group of them
 //! that describes one layout (`fuse.rs`'s `rope_layout()`). Write a new predicate as a small builder next to them
@@ -77,8 +77,8 @@ pub mod moe;
 pub mod scan;
 
 pub use crate::egraph::rewrite::{
-    all, dtype_is, dtype_of, is_const, is_iota, is_last_axis, is_last_dim, is_last_dim_size, last_axis, perm_is,
-    rank_is, rotary_halves, same_shape, same_type, shape_is, tuple, type_shape_is, typed, S,
+    all, dtype_is, dtype_of, is_const, is_float_dtype, is_iota, is_last_axis, is_last_dim, is_last_dim_size, last_axis,
+    perm_is, rank_is, rotary_halves, same_shape, same_type, shape_is, tuple, type_shape_is, typed, S,
 };
 pub use fp8::fp8_rules;
 pub use fuse::fuse_rules;
@@ -143,6 +143,8 @@ impl Family {
             Family::Scan => any(&scan::is_lightning),
             Family::Fp8 => any(&|op| match op {
                 Op::Cast { to } => matches!(to, ir::DType::F8E4M3 | ir::DType::F8E5M2),
+                // the pairs the FP8 precision pass inserts (`crate::precision`)
+                Op::Fused(ir::fused::Fused::QuantizeFp8 { .. } | ir::fused::Fused::DequantizeFp8 { .. }) => true,
                 Op::Param { dtype, .. } | Op::Input { dtype, .. } => {
                     matches!(dtype, ir::DType::F8E4M3 | ir::DType::F8E5M2)
                 }
