@@ -9,12 +9,16 @@
 
 use crate::egraph::lang::Rl;
 use crate::egraph::{self, Limits, RlGraph, Rule, Saturation};
+use crate::{CompileOptions, Mode};
+use ir::checkpoint::RandomWeights;
 use ir::graph::Graph;
 use ir::interp::{Interpreter, ParamSource};
 use ir::op::Op;
 use ir::shape::{eval_shape, DimEnv};
 use ir::tensor::Tensor;
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// Replaces `{name}` by the `(leaf N)` of the input/param `name`.
 pub fn goal_expr(eg: &RlGraph, goal: &str) -> Result<egg::RecExpr<Rl>, String> {
@@ -169,4 +173,65 @@ pub fn test_limits() -> Limits {
         iter_limit: 8,
         time_limit: std::time::Duration::from_secs(5),
     }
+}
+
+// ---- the Ring-linear models, for the whole-model tests in passes/tests/ -------------------
+
+/// The repository root (models/ and models/configs/ live there).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `models/ring_linear.ring` elaborated against `models/configs/<config>.json`.
+pub fn model(config: &str) -> Graph {
+    model_with(config, &[])
+}
+
+/// [`model`] with config entries overridden.
+pub fn model_with(config: &str, overrides: &[(&str, serde_json::Value)]) -> Graph {
+    let src = std::fs::read_to_string(root().join("models/ring_linear.ring")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join(format!("models/configs/{config}.json"))).unwrap())
+            .unwrap();
+    for (k, v) in overrides {
+        cfg[*k] = v.clone();
+    }
+    ir::dsl::elaborate("models/ring_linear.ring", &src, &cfg).unwrap().graph
+}
+
+/// The symbolic dims of one step.
+pub fn env(batch: i64, seq: i64, past: i64) -> DimEnv {
+    [
+        ("batch".to_string(), batch),
+        ("seq".to_string(), seq),
+        ("past".to_string(), past),
+    ]
+    .into()
+}
+
+/// Both graphs on the same random inputs and weights; the worst relative error.
+pub fn compare(a: &Graph, b: &Graph, e: &DimEnv, seed: u64, bound: f64) -> Result<f64, String> {
+    let inputs = random_inputs(a, e, seed, 0.5, 200);
+    let w = RandomWeights::new(seed);
+    let want = run(a, &w, &inputs)?;
+    let got = run(b, &w, &inputs)?;
+    outputs_close(&got, &want, bound)
+}
+
+/// Compile options for tests: explicit, generous limits.
+pub fn opts(mode: Mode) -> CompileOptions {
+    CompileOptions {
+        mode,
+        limits: Limits {
+            node_limit: 200_000,
+            iter_limit: 12,
+            time_limit: Duration::from_secs(20),
+        },
+        ..Default::default()
+    }
+}
+
+/// How many nodes of `g` are the op called `name`.
+pub fn count_ops(g: &Graph, name: &str) -> usize {
+    g.g.node_weights().filter(|n| n.op.name() == name).count()
 }

@@ -12,46 +12,17 @@ use ir::tensor::Tensor;
 use ir::tol::{rel_err, Tol};
 use passes::egraph::Limits;
 use passes::precision::is_routing_logits;
-use passes::testing::{random_inputs, run};
+use passes::testing::{count_ops, env, model, model_with, random_inputs, run};
 use passes::{compile, CompileOptions, Mode, PassReport, Precision};
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model_with(config: &str, overrides: &[(&str, serde_json::Value)]) -> Graph {
-    let src = std::fs::read_to_string(root().join("models/ring_linear.ring")).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join(format!("models/configs/{config}.json"))).unwrap())
-            .unwrap();
-    for (k, v) in overrides {
-        cfg[*k] = v.clone();
-    }
-    ir::dsl::elaborate("models/ring_linear.ring", &src, &cfg).unwrap().graph
-}
-
-fn model(config: &str) -> Graph {
-    model_with(config, &[])
-}
 
 /// Every expert routed (k = E, every group kept): the routed sum is continuous in the router's
 /// inputs, so a comparison measures the GEMMs' precision, not a top-k decision flipped by FP8
 /// error upstream of the router (see ring.rs's note on router ties).
 fn all_experts(experts: i64, groups: i64) -> Vec<(&'static str, serde_json::Value)> {
     vec![("num_experts_per_tok", experts.into()), ("topk_group", groups.into())]
-}
-
-fn env(batch: i64, seq: i64, past: i64) -> DimEnv {
-    [
-        ("batch".to_string(), batch),
-        ("seq".to_string(), seq),
-        ("past".to_string(), past),
-    ]
-    .into()
 }
 
 fn opts(mode: Mode, precision: Precision) -> CompileOptions {
@@ -65,10 +36,6 @@ fn opts(mode: Mode, precision: Precision) -> CompileOptions {
         },
         ..Default::default()
     }
-}
-
-fn count_ops(g: &Graph, name: &str) -> usize {
-    g.g.node_weights().filter(|n| n.op.name() == name).count()
 }
 
 /// Compiles `g` in FP8 mode and checks the run was clean: saturated, no type conflict, no

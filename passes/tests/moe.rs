@@ -9,15 +9,8 @@ use ir::interp::ParamSource;
 use ir::shape::DimEnv;
 use ir::tol::Tol;
 use ir::{DType, ParamSpec, Tensor};
-use passes::egraph::Limits;
-use passes::testing::{outputs_close, random_inputs, run, SplitMix};
+use passes::testing::{count_ops, env, opts, outputs_close, random_inputs, root, run, SplitMix};
 use passes::{compile, CompileOptions, Family, Mode, PassReport};
-use std::path::PathBuf;
-use std::time::Duration;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn config(name: &str) -> serde_json::Value {
     let path = root().join(format!("models/configs/{name}.json"));
@@ -42,31 +35,6 @@ fn moe_layers(name: &str) -> usize {
     let c = config(name);
     let n = |k: &str| c[k].as_u64().unwrap() as usize;
     n("num_hidden_layers") - n("first_k_dense_replace")
-}
-
-fn env(batch: i64, seq: i64, past: i64) -> DimEnv {
-    [
-        ("batch".to_string(), batch),
-        ("seq".to_string(), seq),
-        ("past".to_string(), past),
-    ]
-    .into()
-}
-
-fn opts(mode: Mode) -> CompileOptions {
-    CompileOptions {
-        mode,
-        limits: Limits {
-            node_limit: 200_000,
-            iter_limit: 12,
-            time_limit: Duration::from_secs(20),
-        },
-        ..Default::default()
-    }
-}
-
-fn count_ops(g: &Graph, name: &str) -> usize {
-    g.g.node_weights().filter(|n| n.op.name() == name).count()
 }
 
 /// Random weights with a non-zero expert bias (RandomWeights makes it zero, as a fresh

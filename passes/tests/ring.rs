@@ -5,69 +5,14 @@
 //! Tests named `fused_eval_*` evaluate fused graphs and so need the composite ops' reference
 //! semantics (ir/src/fused/*.rs); until those land they fail with "no reference semantics yet".
 
-use ir::checkpoint::RandomWeights;
 use ir::graph::Graph;
 use ir::shape::DimEnv;
 use ir::tol::Tol;
 use passes::egraph::{self, Limits, StopReason};
-use passes::testing::{outputs_close, random_inputs, run};
+use passes::testing::{compare, count_ops, env, model, model_with, opts};
 use passes::{compile, CompileOptions, Family, Mode};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model(config: &str) -> Graph {
-    model_with(config, &[])
-}
-
-fn model_with(config: &str, overrides: &[(&str, serde_json::Value)]) -> Graph {
-    let src = std::fs::read_to_string(root().join("models/ring_linear.ring")).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join(format!("models/configs/{config}.json"))).unwrap())
-            .unwrap();
-    for (k, v) in overrides {
-        cfg[*k] = v.clone();
-    }
-    ir::dsl::elaborate("models/ring_linear.ring", &src, &cfg).unwrap().graph
-}
-
-fn env(batch: i64, seq: i64, past: i64) -> DimEnv {
-    [
-        ("batch".to_string(), batch),
-        ("seq".to_string(), seq),
-        ("past".to_string(), past),
-    ]
-    .into()
-}
-
-/// Both graphs on the same random inputs and weights; the worst relative error.
-fn compare(a: &Graph, b: &Graph, e: &DimEnv, seed: u64, bound: f64) -> Result<f64, String> {
-    let inputs = random_inputs(a, e, seed, 0.5, 200);
-    let w = RandomWeights::new(seed);
-    let want = run(a, &w, &inputs)?;
-    let got = run(b, &w, &inputs)?;
-    outputs_close(&got, &want, bound)
-}
-
-fn opts(mode: Mode) -> CompileOptions {
-    CompileOptions {
-        mode,
-        limits: Limits {
-            node_limit: 200_000,
-            iter_limit: 12,
-            time_limit: Duration::from_secs(20),
-        },
-        ..Default::default()
-    }
-}
-
-fn count_ops(g: &Graph, name: &str) -> usize {
-    g.g.node_weights().filter(|n| n.op.name() == name).count()
-}
 
 #[test]
 fn bridge_round_trip_without_rules_equals_the_input() {

@@ -7,75 +7,19 @@
 use ir::checkpoint::RandomWeights;
 use ir::graph::Graph;
 use ir::op::{InputKind, Op};
-use ir::shape::{eval_shape, DimEnv};
+use ir::shape::eval_shape;
 use ir::tol::{check, Tol};
 use ir::{DType, Tensor};
-use passes::egraph::Limits;
-use passes::testing::{outputs_close, random_inputs, run, SplitMix};
-use passes::{compile, CompileOptions, Family, Mode, PassReport};
+use passes::testing::{compare, count_ops, env, model, model_with, opts, run, SplitMix};
+use passes::{compile, Family, Mode, PassReport};
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::time::Duration;
 
 // ---- helpers (as in ring.rs) ----------------------------------------------------------------------
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model(config: &str) -> Graph {
-    model_with(config, &[])
-}
-
-fn model_with(config: &str, overrides: &[(&str, serde_json::Value)]) -> Graph {
-    let src = std::fs::read_to_string(root().join("models/ring_linear.ring")).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join(format!("models/configs/{config}.json"))).unwrap())
-            .unwrap();
-    for (k, v) in overrides {
-        cfg[*k] = v.clone();
-    }
-    ir::dsl::elaborate("models/ring_linear.ring", &src, &cfg).unwrap().graph
-}
 
 /// small with every expert routed (K = E, every group kept): the routed sum is continuous in
 /// its inputs, so a 1-ulp bf16 difference cannot pick another expert (see ring.rs).
 fn small_all_experts() -> Graph {
     model_with("small", &[("num_experts_per_tok", 16.into()), ("topk_group", 4.into())])
-}
-
-fn env(batch: i64, seq: i64, past: i64) -> DimEnv {
-    [
-        ("batch".to_string(), batch),
-        ("seq".to_string(), seq),
-        ("past".to_string(), past),
-    ]
-    .into()
-}
-
-/// Both graphs on the same random inputs (states included) and weights; the worst relative error.
-fn compare(a: &Graph, b: &Graph, e: &DimEnv, seed: u64, bound: f64) -> Result<f64, String> {
-    let inputs = random_inputs(a, e, seed, 0.5, 200);
-    let w = RandomWeights::new(seed);
-    let want = run(a, &w, &inputs)?;
-    let got = run(b, &w, &inputs)?;
-    outputs_close(&got, &want, bound)
-}
-
-fn opts(mode: Mode) -> CompileOptions {
-    CompileOptions {
-        mode,
-        limits: Limits {
-            node_limit: 200_000,
-            iter_limit: 12,
-            time_limit: Duration::from_secs(20),
-        },
-        ..Default::default()
-    }
-}
-
-fn count_ops(g: &Graph, name: &str) -> usize {
-    g.g.node_weights().filter(|n| n.op.name() == name).count()
 }
 
 /// Compiles `g` for `mode` and checks the run was clean: saturated, nothing refused, no type
