@@ -65,6 +65,13 @@
 //! that describes one layout (`fuse.rs`'s `rope_layout()`). Write a new predicate as a small builder next to them
 //! (`fn name(..) -> impl Cond`), not as an inline closure.
 //!
+//! **Attributes the left-hand side cannot bind** (a count inside a shape, a derived shape):
+//! wrap the applier, `with_attrs(typed("(route_topk ?p ?b ?k ?ng ..)"), &[("?ng",
+//! Derive::Dim(S::ElemOf("?gs", 2)))])`; `S::ElemOf(var, i)` is the i-th element of a list
+//! attribute. The moe family also uses [`splits_last_dim`](crate::egraph::rewrite::splits_last_dim)`("?gs","?x")`,
+//! [`int_is_min`](crate::egraph::rewrite::int_is_min)`("?v", c, S::..)` and [`int_at_most_product`](crate::egraph::rewrite::int_at_most_product)`("?v", S::.., S::..)`; the scan
+//! family inspects a scan body with [`scan_is`](crate::egraph::rewrite::scan_is)`("?n", pred)`.
+//!
 //! **Staging** (style.md 9): a family's rules are only run when its `present` check finds the
 //! ops it rewrites in the graph ([`Family::present`]); keep those checks cheap.
 //!
