@@ -95,6 +95,18 @@ enum Class {
     Scan,
 }
 
+/// `view` seen through one view op: `None` when `op` is not a view op, `Some(None)` when the
+/// view cannot express it (a reshape that merges non-contiguous dims).
+fn through_view(view: &View, op: &Op, out: &Shape) -> Option<Option<View>> {
+    Some(match op {
+        Op::Reshape { .. } => view.reshape(out),
+        Op::Permute { perm } => view.permute(perm),
+        Op::Expand { shape } => view.expand(shape),
+        Op::Slice { axis, start, end } => view.slice(*axis, start, end),
+        _ => return None,
+    })
+}
+
 fn classify(op: &Op) -> Class {
     match op {
         // a folded constant tensor is data the plan holds, like a weight
@@ -928,12 +940,9 @@ impl<'a> Lower<'a> {
         let mut view = View::contiguous(&self.g.ty(cur).shape);
         for &n in chain.iter().rev() {
             let out = &self.g.node(n).outputs[0].shape;
-            let next = match &self.g.node(n).op {
-                Op::Reshape { .. } => view.reshape(out),
-                Op::Permute { perm } => view.permute(perm),
-                Op::Expand { shape } => view.expand(shape),
-                Op::Slice { axis, start, end } => view.slice(*axis, start, end),
-                op => return fatal(format!("{} is not a view", op.name())),
+            let op = &self.g.node(n).op;
+            let Some(next) = through_view(&view, op, out) else {
+                return fatal(format!("{} is not a view", op.name()));
             };
             match next {
                 Some(nv) => view = nv,
@@ -1661,13 +1670,7 @@ impl Lower<'_> {
         let mut view = View::contiguous(&self.g.ty(cur).shape);
         for &n in chain.iter().rev() {
             let out = &self.g.node(n).outputs[0].shape;
-            let next = match &self.g.node(n).op {
-                Op::Reshape { .. } => view.reshape(out),
-                Op::Permute { perm } => view.permute(perm),
-                Op::Expand { shape } => view.expand(shape),
-                Op::Slice { axis, start, end } => view.slice(*axis, start, end),
-                _ => None,
-            };
+            let next = through_view(&view, &self.g.node(n).op, out).flatten();
             match next {
                 Some(nv) => view = nv,
                 None => return Ok(None),

@@ -11,11 +11,10 @@
 //! up to the operand order of its commutative ops. Anything else is left alone.
 
 use super::{all, dtype_is, rank_is, same_type, type_shape_is, typed, S};
-use crate::egraph::analysis::TypeAnalysis;
 use crate::egraph::lang::{Attr, Rl};
-use crate::egraph::rewrite::{attr_of, number_of, scan_is, ty_of, Cond, Typed};
-use crate::egraph::{RlGraph, Rule};
-use egg::{rewrite, Applier, Id, Pattern, PatternAst, Subst, Symbol, Var};
+use crate::egraph::rewrite::{attr_of, number_of, scan_is, ty_of, with_attrs, Cond, Derive};
+use crate::egraph::Rule;
+use egg::{rewrite, Pattern, Var};
 use ir::graph::{Graph, Value};
 use ir::op::{BinaryOp, Op};
 use ir::shape::Dim;
@@ -259,52 +258,6 @@ fn group_norm_layout() -> impl Cond {
     ])
 }
 
-/// A typed right-hand side that also needs an integer a pattern cannot bind: `?var` is
-/// element `index` of the list attribute bound to `?list` (the group count is one dim of the
-/// grouped reshape's target shape `[b, s, groups, n]`).
-struct WithListItem {
-    var: Var,
-    list: Var,
-    index: usize,
-    rhs: Typed,
-}
-
-fn with_list_item(v: &str, list: &str, index: usize, rhs: Typed) -> WithListItem {
-    WithListItem {
-        var: var(v),
-        list: var(list),
-        index,
-        rhs,
-    }
-}
-
-impl Applier<Rl, TypeAnalysis> for WithListItem {
-    fn apply_one(
-        &self,
-        eg: &mut RlGraph,
-        eclass: Id,
-        subst: &Subst,
-        searcher_ast: Option<&PatternAst<Rl>>,
-        rule: Symbol,
-    ) -> Vec<Id> {
-        let item = attr_of(eg, subst, self.list)
-            .and_then(Attr::as_list)
-            .and_then(|l| l.get(self.index)?.as_const());
-        let Some(item) = item else { return Vec::new() };
-        let mut s = subst.clone();
-        s.insert(self.var, eg.add(Rl::Attr(Attr::Int(item))));
-        self.rhs.apply_one(eg, eclass, &s, searcher_ast, rule)
-    }
-
-    fn vars(&self) -> Vec<Var> {
-        let mut v: Vec<Var> = self.rhs.vars().into_iter().filter(|&x| x != self.var).collect();
-        if !v.contains(&self.list) {
-            v.push(self.list);
-        }
-        v
-    }
-}
-
 /// The scan rule table.
 #[rustfmt::skip]
 pub fn scan_rules() -> Vec<Rule> {
@@ -319,7 +272,7 @@ pub fn scan_rules() -> Vec<Rule> {
         // Group RMSNorm, g_norm weight and sigmoid output gate (§2.4.5) as the epilogue of the
         // lightning output: one read of o and g, statistics per group in registers, one write,
         // instead of ten elementwise and reduction kernels over [b, s, H·d] in f32.
-        rewrite!("scan-group-norm-gate"; { group_norm_gate() } => { with_list_item("?groups", "?gs", 2, typed("(group_norm_gate ?o ?w ?g ?groups ?eps)")) } if group_norm_layout()),
+        rewrite!("scan-group-norm-gate"; { group_norm_gate() } => { with_attrs(typed("(group_norm_gate ?o ?w ?g ?groups ?eps)"), &[("?groups", Derive::Dim(S::ElemOf("?gs", 2)))]) } if group_norm_layout()),
     ]
 }
 
