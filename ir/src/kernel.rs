@@ -1099,6 +1099,30 @@ impl KernelPlan {
         self.buffers.get(id.0 as usize)
     }
 
+    /// The symbolic dims of the plan, sorted by name: the order in which a compiled kernel
+    /// receives their values (docs/kernel-abi.md). Every symbol a kernel uses appears in some
+    /// buffer's shape (the graph's inputs, states and parameters introduce them), scan bodies
+    /// included.
+    pub fn symbols(&self) -> Vec<String> {
+        let mut set = std::collections::BTreeSet::new();
+        self.collect_symbols(&mut set);
+        set.into_iter().collect()
+    }
+
+    fn collect_symbols(&self, set: &mut std::collections::BTreeSet<String>) {
+        for b in &self.buffers {
+            for d in &b.shape {
+                set.extend(d.symbols().map(str::to_string));
+            }
+        }
+        for k in &self.kernels {
+            if let KernelKind::Scan(s) = &k.kind {
+                set.extend(s.length.symbols().map(str::to_string));
+                s.body.collect_symbols(set);
+            }
+        }
+    }
+
     /// Kernels launched per step (see [`KernelCounts::total`]).
     pub fn kernel_count(&self) -> usize {
         self.counts().total

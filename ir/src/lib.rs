@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod graph;
 pub mod interp;
 pub mod kernel;
+pub mod kernel_eval;
 pub mod op;
 pub mod param;
 pub mod shape;
