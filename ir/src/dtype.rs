@@ -132,6 +132,73 @@ impl DType {
     }
 }
 
+impl DType {
+    /// The storage bits (little-endian, `size_bytes()` of them) of `x`, which is first rounded
+    /// to this dtype: the layout every runtime uses (docs/kernel-abi.md). Floats only.
+    pub fn encode_float(self, x: f32) -> u32 {
+        match self {
+            DType::F32 => x.to_bits(),
+            DType::BF16 => u32::from(half::bf16::from_f32(x).to_bits()),
+            DType::F16 => u32::from(half::f16::from_f32(x).to_bits()),
+            DType::F8E4M3 => u32::from(encode_f8(self.round(x), 3, 7)),
+            DType::F8E5M2 => u32::from(encode_f8(self.round(x), 2, 15)),
+            _ => panic!("encode_float({self})"),
+        }
+    }
+
+    /// The value of storage bits `bits` of this float dtype.
+    pub fn decode_float(self, bits: u32) -> f32 {
+        match self {
+            DType::F32 => f32::from_bits(bits),
+            DType::BF16 => f32::from_bits(bits << 16),
+            DType::F16 => half::f16::from_bits(bits as u16).to_f32(),
+            DType::F8E4M3 => decode_f8(bits as u8, 3, 7),
+            DType::F8E5M2 => decode_f8(bits as u8, 2, 15),
+            _ => panic!("decode_float({self})"),
+        }
+    }
+}
+
+/// Bits of an already-rounded 8-bit float (`mbits` mantissa bits, exponent bias `bias`).
+/// E4M3 has no infinities: NaN is 0x7f; E5M2 NaN is 0x7e.
+fn encode_f8(x: f32, mbits: u32, bias: i32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    if x.is_nan() {
+        return if mbits == 3 { 0x7f } else { 0x7e };
+    }
+    let a = x.abs();
+    if a == 0.0 {
+        return sign;
+    }
+    let e = a.log2().floor() as i32;
+    if e < 1 - bias {
+        // subnormal: a = m · 2^(1 - bias - mbits)
+        let m = (a / 2f32.powi(1 - bias - mbits as i32)).round() as u8;
+        return sign | m;
+    }
+    let m = ((a / 2f32.powi(e) - 1.0) * (1u32 << mbits) as f32).round() as u32;
+    sign | (((e + bias) as u32) << mbits | m) as u8
+}
+
+fn decode_f8(b: u8, mbits: u32, bias: i32) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let e = i32::from((b & 0x7f) >> mbits);
+    let m = f32::from(b & ((1u8 << mbits) - 1));
+    let scale = (1u32 << mbits) as f32;
+    let special = if mbits == 3 { b & 0x7f == 0x7f } else { e == 31 };
+    if special {
+        return if mbits == 2 && m == 0.0 {
+            sign * f32::INFINITY
+        } else {
+            f32::NAN
+        };
+    }
+    if e == 0 {
+        return sign * m / scale * 2f32.powi(1 - bias);
+    }
+    sign * (1.0 + m / scale) * 2f32.powi(e - bias)
+}
+
 /// Round to nearest-even of an 8-bit float with `mbits` mantissa bits, exponent bias `bias`,
 /// saturating at `max` (the `satfinite` conversion used on the GPU). NaN stays NaN.
 fn round_f8(x: f32, mbits: i32, bias: i32, max: f32) -> f32 {
@@ -170,6 +237,25 @@ mod tests {
         assert_eq!(DType::F8E4M3.round(2f32.powi(-9)), 2f32.powi(-9));
         assert_eq!(DType::F8E5M2.round(1.2), 1.25);
         assert_eq!(DType::BF16.round(1.0 + 1.0 / 512.0), 1.0);
+    }
+
+    #[test]
+    fn fp8_bits_round_trip_every_code() {
+        for dt in [DType::F8E4M3, DType::F8E5M2] {
+            for b in 0u32..256 {
+                let x = dt.decode_float(b);
+                if x.is_finite() {
+                    // -0 and +0 are distinct codes; every finite code decodes to a value that
+                    // encodes back to itself
+                    assert_eq!(dt.encode_float(x), b, "{dt} code {b:#x} = {x}");
+                }
+            }
+        }
+        assert_eq!(DType::F8E4M3.decode_float(0x7e), 448.0);
+        assert_eq!(DType::F8E4M3.decode_float(0x38), 1.0);
+        assert_eq!(DType::F8E4M3.decode_float(0x01), 2f32.powi(-9));
+        assert_eq!(DType::F8E5M2.decode_float(0x3c), 1.0);
+        assert_eq!(DType::BF16.decode_float(DType::BF16.encode_float(1.5)), 1.5);
     }
 
     #[test]

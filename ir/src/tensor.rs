@@ -162,6 +162,62 @@ impl Tensor {
         Ok(())
     }
 
+    /// The elements in their storage layout (docs/kernel-abi.md): little-endian, `size_bytes`
+    /// per element; bools as 0/1 bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let w = self.dtype.size_bytes();
+        let mut out = Vec::with_capacity(self.numel() * w);
+        match &self.data {
+            Data::F32(v) => {
+                for &x in v {
+                    out.extend_from_slice(&self.dtype.encode_float(x).to_le_bytes()[..w]);
+                }
+            }
+            Data::I64(v) => {
+                for &x in v {
+                    out.extend_from_slice(&x.to_le_bytes()[..w]);
+                }
+            }
+            Data::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
+        }
+        out
+    }
+
+    /// A tensor from its storage layout ([`Tensor::to_bytes`]); None when `bytes` does not
+    /// hold exactly the elements of `shape`.
+    pub fn from_bytes(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Option<Tensor> {
+        let w = dtype.size_bytes();
+        let n: usize = shape.iter().product();
+        if bytes.len() != n * w {
+            return None;
+        }
+        let data = if dtype.is_float() {
+            Data::F32(
+                bytes
+                    .chunks_exact(w)
+                    .map(|c| {
+                        let mut b = [0u8; 4];
+                        b[..w].copy_from_slice(c);
+                        dtype.decode_float(u32::from_le_bytes(b))
+                    })
+                    .collect(),
+            )
+        } else if dtype.is_int() {
+            Data::I64(
+                bytes
+                    .chunks_exact(w)
+                    .map(|c| match w {
+                        4 => i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                        _ => i64::from_le_bytes(c.try_into().expect("8 bytes")),
+                    })
+                    .collect(),
+            )
+        } else {
+            Data::Bool(bytes.iter().map(|&b| b != 0).collect())
+        };
+        Some(Tensor { dtype, shape, data })
+    }
+
     /// Every element as f64 (bools as 0/1), row-major: for comparisons in tests and tools.
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match &self.data {
