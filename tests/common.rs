@@ -108,3 +108,117 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     assert_eq!(data.len(), shape.iter().product::<usize>());
     (shape, data)
 }
+
+/// A compiled model's kernel plan evaluated kernel by kernel by the reference evaluator
+/// (`ir::kernel_eval`), on random weights and random inputs: for each kernel, the buffers it
+/// reads and writes just before it runs, and the buffers it writes just after. A backend's
+/// kernel test feeds it `before[i]`, runs kernel `i` alone and compares with `after[i]`.
+pub struct Trace {
+    pub graph: ir::Graph,
+    pub plan: ir::kernel::KernelPlan,
+    pub env: ir::DimEnv,
+    /// weights by name (as the plan's parameter buffers name them)
+    pub params: HashMap<String, Tensor>,
+    pub before: Vec<HashMap<ir::kernel::BufferId, Tensor>>,
+    pub after: Vec<HashMap<ir::kernel::BufferId, Tensor>>,
+}
+
+pub fn trace(
+    config: &serde_json::Value,
+    opts: &passes::CompileOptions,
+    (batch, seq, past): (i64, i64, i64),
+    seed: u64,
+) -> Trace {
+    use ir::kernel::{BufferId, BufferKind};
+    use ir::kernel_eval::{tensor, Eval, Memory};
+    use ir::op::{InputKind, Op};
+    let m = model(config);
+    let (graph, _) = passes::compile(&m.graph, opts).unwrap();
+    let plan = passes::partition::partition(&graph).unwrap();
+    let env: ir::DimEnv = [("batch", batch), ("seq", seq), ("past", past)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let weights = RandomWeights::new(seed);
+    let mut params = HashMap::new();
+    let mut params64 = HashMap::new();
+    for spec in graph.params().unwrap() {
+        let t = ParamSource::load(&weights, &spec).unwrap();
+        params64.insert(spec.name.clone(), t.to_f64_vec());
+        params.insert(spec.name.clone(), t);
+    }
+    for b in &plan.buffers {
+        if let Op::Literal { value } = &graph.node(b.value.node).op {
+            params64.insert(b.name.clone(), value.to_f64_vec());
+        }
+    }
+    // random data inputs and states
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let mut mem = Memory::new();
+    let vocab = config["vocab_size"].as_i64().unwrap();
+    for (&n, &b) in graph.inputs.iter().zip(&plan.inputs) {
+        let Op::Input { kind, dtype, shape, .. } = &graph.node(n).op else {
+            unreachable!()
+        };
+        let len: usize = ir::shape::eval_shape(shape, &env).unwrap().iter().product();
+        let data: Vec<f64> = match kind {
+            InputKind::Data => (0..len).map(|_| rng.random_range(0..vocab) as f64).collect(),
+            InputKind::State => (0..len)
+                .map(|_| f64::from(dtype.round(rng.random_range(-1.0f32..1.0))))
+                .collect(),
+        };
+        mem.insert(b, data);
+    }
+    let eval = Eval {
+        env: &env,
+        params: &params64,
+    };
+    let as_tensor = |id: BufferId, data: &Vec<f64>| {
+        let b = plan.buffer(id).unwrap();
+        let shape = ir::shape::eval_shape(&b.shape, &env).unwrap();
+        tensor(b.dtype, shape, data)
+    };
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for k in &plan.kernels {
+        let mut bf = HashMap::new();
+        for r in k.inputs.iter().chain(&k.outputs) {
+            if plan.buffer(r.buffer).unwrap().kind == BufferKind::Param {
+                continue;
+            }
+            if let Some(d) = mem.get(&r.buffer) {
+                bf.insert(r.buffer, as_tensor(r.buffer, d));
+            }
+        }
+        eval.kernel(&plan, k, &mut mem)
+            .unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        let af = k
+            .outputs
+            .iter()
+            .map(|r| (r.buffer, as_tensor(r.buffer, &mem[&r.buffer])))
+            .collect();
+        before.push(bf);
+        after.push(af);
+    }
+    Trace {
+        graph,
+        plan,
+        env,
+        params,
+        before,
+        after,
+    }
+}
+
+/// The tolerance tier of a kernel: that of the narrowest float dtype among its buffers.
+pub fn kernel_tier(plan: &ir::kernel::KernelPlan, k: &ir::kernel::Kernel) -> ir::tol::Tol {
+    use ir::DType;
+    let mut tier = ir::tol::Tol::F32;
+    for r in k.inputs.iter().chain(&k.outputs) {
+        match plan.buffer(r.buffer).unwrap().dtype {
+            DType::F8E4M3 | DType::F8E5M2 => tier = ir::tol::Tol::FP8,
+            DType::BF16 | DType::F16 if tier == ir::tol::Tol::F32 => tier = ir::tol::Tol::BF16,
+            _ => {}
+        }
+    }
+    tier
+}

@@ -189,3 +189,22 @@ mod tests {
         }
     }
 }
+
+// TEMP STUB (not committed)
+pub struct PtxKernel {
+    pub name: String,
+    pub ptx: String,
+    pub arch: String,
+    pub launch: ir::kernel::LaunchGeometry,
+    pub scratch_bytes: ir::Dim,
+    pub n_params: usize,
+}
+#[derive(Debug, Default, Clone)]
+pub struct PtxOptions {}
+pub fn compile_kernel(
+    _plan: &ir::kernel::KernelPlan,
+    _kernel: &ir::kernel::Kernel,
+    _opts: &PtxOptions,
+) -> Result<PtxKernel, CodegenError> {
+    Err(CodegenError("stub".into()))
+}

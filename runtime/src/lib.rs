@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod cuda;
+pub mod cuda_plan;
 pub mod engine;
 pub mod model;
 pub mod sample;

@@ -1,0 +1,491 @@
+//! A kernel plan on the GPU: every kernel compiled to PTX (`codegen::ptx`), loaded once through
+//! a module cache, parameters uploaded once, intermediates in one arena laid out by
+//! `passes::memplan`, launches on one stream (docs/kernel-abi.md says how a kernel is called).
+//!
+//! Carried states (KV caches, linear-attention states) stay on the device between steps
+//! ([`DeviceStates`]); only the data inputs go up and the non-state outputs (logits) come back.
+
+use crate::cuda::Gpu;
+use crate::{err, Error, Result};
+use codegen::ptx::{PtxKernel, PtxOptions};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use ir::kernel::{BufferId, BufferKind, Kernel, KernelKind, KernelPlan, LaunchGeometry};
+use ir::shape::{eval_shape, Dim, DimEnv};
+use ir::{Graph, Op, Tensor};
+use std::cell::RefCell;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Device memory holding one buffer (or the arena), with its raw address.
+pub struct DeviceBuf {
+    slice: CudaSlice<u8>,
+    pub bytes: usize,
+}
+
+impl DeviceBuf {
+    pub fn ptr(&self, gpu: &Gpu) -> u64 {
+        let (p, _sync) = self.slice.device_ptr(&gpu.stream);
+        p
+    }
+}
+
+/// Allocates `bytes` (at least 1) of zeroed device memory; out of memory says how much was
+/// asked for, for what, and how much is free.
+pub fn alloc(gpu: &Gpu, bytes: usize, what: &str) -> Result<DeviceBuf> {
+    let slice = gpu.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| {
+        let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
+        Error(format!(
+            "out of GPU memory? allocating {} for {what} failed: {e} ({} free of {})",
+            mib(bytes as u64),
+            mib(free as u64),
+            mib(total as u64)
+        ))
+    })?;
+    Ok(DeviceBuf { slice, bytes })
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// Uploads a host tensor in its storage layout.
+pub fn upload(gpu: &Gpu, t: &Tensor, what: &str) -> Result<DeviceBuf> {
+    let bytes = t.to_bytes();
+    let mut d = alloc(gpu, bytes.len(), what)?;
+    if !bytes.is_empty() {
+        gpu.stream
+            .memcpy_htod(&bytes, &mut d.slice)
+            .map_err(|e| Error(format!("copying {what} to the GPU: {e}")))?;
+    }
+    Ok(d)
+}
+
+/// Downloads `shape` elements of `dtype` from the start of `d`.
+pub fn download(gpu: &Gpu, d: &DeviceBuf, dtype: ir::DType, shape: Vec<usize>, what: &str) -> Result<Tensor> {
+    let n: usize = shape.iter().product::<usize>() * dtype.size_bytes();
+    let mut host = vec![0u8; d.bytes];
+    if n > 0 {
+        gpu.stream
+            .memcpy_dtoh(&d.slice, &mut host)
+            .map_err(|e| Error(format!("copying {what} from the GPU: {e}")))?;
+    }
+    host.truncate(n);
+    Tensor::from_bytes(dtype, shape, &host).ok_or_else(|| Error(format!("{what}: the device buffer is too small")))
+}
+
+/// Carried states on the device, by state name.
+#[derive(Default)]
+pub struct DeviceStates {
+    pub bufs: HashMap<String, DeviceBuf>,
+}
+
+struct Loaded {
+    func: CudaFunction,
+    launch: LaunchGeometry,
+    scratch: Dim,
+    _module: Arc<CudaModule>,
+}
+
+/// Modules loaded in this process, by the hash of their PTX.
+type ModuleCache = Mutex<HashMap<u64, Arc<CudaModule>>>;
+
+fn module_cache() -> &'static ModuleCache {
+    static CACHE: OnceLock<ModuleCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Where compiled kernels are kept between runs: `$RINGJIT_CACHE`, else `$XDG_CACHE_HOME/ringjit`,
+/// else `~/.cache/ringjit`; None when none can be found (then nothing is cached on disk).
+pub fn disk_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("RINGJIT_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("ringjit"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ringjit"))
+}
+
+/// The PTX of `kernel` (`codegen::ptx` keeps its own disk cache of LLVM's output).
+fn ptx_of(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel> {
+    codegen::ptx::compile_kernel(plan, kernel, opts).map_err(|e| Error(e.to_string()))
+}
+
+/// Counters of the module cache, for `RINGJIT_DEBUG` and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// modules the driver loaded
+    pub compiled: usize,
+    /// kernels whose PTX an earlier plan of this process had loaded already
+    pub memory_hits: usize,
+}
+
+/// A kernel plan ready to run on one GPU.
+pub struct CudaPlan {
+    gpu: Arc<Gpu>,
+    plan: KernelPlan,
+    symbols: Vec<String>,
+    kernels: Vec<Loaded>,
+    params: HashMap<BufferId, DeviceBuf>,
+    arena: RefCell<Option<DeviceBuf>>,
+    scratch: RefCell<Option<DeviceBuf>>,
+    pub cache: CacheStats,
+    debug: u32,
+}
+
+fn debug_level() -> u32 {
+    std::env::var("RINGJIT_DEBUG")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl CudaPlan {
+    /// Compiles and loads every kernel of `plan` (partitioned from `graph`) and uploads its
+    /// parameters: weights from `params` (by buffer name), folded constants from the graph.
+    pub fn new(
+        gpu: Arc<Gpu>,
+        graph: &Graph,
+        plan: KernelPlan,
+        params: &dyn Fn(&str) -> Result<Tensor>,
+        opts: &PtxOptions,
+    ) -> Result<CudaPlan> {
+        let mut cache = CacheStats::default();
+        let mut kernels = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            if let KernelKind::Scan(_) = k.kind {
+                return err(format!(
+                    "{}: a recurrence the rewrite passes did not replace runs only on the cpu and reference \
+                     devices (compile with fusion on: drop --no-fuse)",
+                    k.name
+                ));
+            }
+            let compiled = ptx_of(&plan, k, opts)?;
+            let mut h = DefaultHasher::new();
+            compiled.ptx.hash(&mut h);
+            let key = h.finish();
+            let cached = module_cache().lock().expect("module cache").get(&key).cloned();
+            let module = match cached {
+                Some(m) => {
+                    cache.memory_hits += 1;
+                    m
+                }
+                None => {
+                    cache.compiled += 1;
+                    let m = gpu
+                        .load_ptx(&compiled.ptx)
+                        .map_err(|e| Error(format!("{}: {e}", k.name)))?;
+                    module_cache().lock().expect("module cache").insert(key, m.clone());
+                    m
+                }
+            };
+            let func = module
+                .load_function(&compiled.name)
+                .map_err(|e| Error(format!("{}: no entry `{}` in its PTX: {e}", k.name, compiled.name)))?;
+            if compiled.launch.shared_bytes > 48 * 1024 {
+                func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    compiled.launch.shared_bytes as i32,
+                )
+                .map_err(|e| {
+                    Error(format!(
+                        "{}: asks for {} bytes of shared memory: {e}",
+                        k.name, compiled.launch.shared_bytes
+                    ))
+                })?;
+            }
+            kernels.push(Loaded {
+                func,
+                launch: compiled.launch,
+                scratch: compiled.scratch_bytes,
+                _module: module,
+            });
+        }
+        let mut dev_params = HashMap::new();
+        for (i, b) in plan.buffers.iter().enumerate() {
+            if b.kind != BufferKind::Param {
+                continue;
+            }
+            let t = match &graph.node(b.value.node).op {
+                Op::Literal { value } => (**value).clone(),
+                _ => params(&b.name)?,
+            };
+            if t.dtype != b.dtype {
+                return err(format!(
+                    "parameter {}: {} given where the plan holds {}",
+                    b.name, t.dtype, b.dtype
+                ));
+            }
+            dev_params.insert(BufferId(i as u32), upload(&gpu, &t, &b.name)?);
+        }
+        let symbols = plan.symbols();
+        Ok(CudaPlan {
+            gpu,
+            plan,
+            symbols,
+            kernels,
+            params: dev_params,
+            arena: RefCell::new(None),
+            scratch: RefCell::new(None),
+            cache,
+            debug: debug_level(),
+        })
+    }
+
+    pub fn plan(&self) -> &KernelPlan {
+        &self.plan
+    }
+
+    /// Runs one step under `env`: `inputs` are the data inputs by name (host), `states` the
+    /// carried states (device), replaced by the step's new values. Returns the other outputs.
+    pub fn run(
+        &self,
+        env: &DimEnv,
+        inputs: &HashMap<String, Tensor>,
+        states: &mut DeviceStates,
+    ) -> Result<HashMap<String, Tensor>> {
+        let gpu = &*self.gpu;
+        let mem = passes::memplan::plan(&self.plan, env).map_err(Error)?;
+        self.ensure(&self.arena, mem.arena_peak_bytes as usize, "the activation arena")?;
+        let arena_ptr = self.arena.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0);
+        let mut scratch_need = 0usize;
+        for l in &self.kernels {
+            scratch_need = scratch_need.max(l.scratch.eval(env).map_err(Error)? as usize);
+        }
+        self.ensure(&self.scratch, scratch_need, "kernel scratch space")?;
+        let scratch_ptr = match scratch_need {
+            0 => 0,
+            _ => self.scratch.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0),
+        };
+
+        // every buffer's address
+        let mut owned: HashMap<BufferId, DeviceBuf> = HashMap::new();
+        let mut addr = vec![0u64; self.plan.buffers.len()];
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            let id = BufferId(i as u32);
+            addr[i] = match b.kind {
+                BufferKind::Param => self.params[&id].ptr(gpu),
+                BufferKind::Intermediate => {
+                    arena_ptr
+                        + mem
+                            .offset(id)
+                            .ok_or_else(|| Error(format!("buffer {} has no place in the arena", b.name)))?
+                }
+                BufferKind::Input => {
+                    let t = inputs
+                        .get(&b.name)
+                        .ok_or_else(|| Error(format!("input `{}` was not given", b.name)))?;
+                    let d = upload(gpu, t, &b.name)?;
+                    let p = d.ptr(gpu);
+                    owned.insert(id, d);
+                    p
+                }
+                BufferKind::State => states
+                    .bufs
+                    .get(&b.name)
+                    .ok_or_else(|| Error(format!("state `{}` is not on the GPU", b.name)))?
+                    .ptr(gpu),
+                BufferKind::Output => {
+                    let bytes = b.size_bytes(env).map_err(Error)? as usize;
+                    let d = alloc(gpu, bytes, &b.name)?;
+                    let p = d.ptr(gpu);
+                    owned.insert(id, d);
+                    p
+                }
+            };
+        }
+        let syms: Vec<u64> = self
+            .symbols
+            .iter()
+            .map(|s| {
+                env.get(s)
+                    .map(|&v| v as u64)
+                    .ok_or_else(|| Error(format!("symbolic dimension `{s}` has no value")))
+            })
+            .collect::<Result<_>>()?;
+
+        for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
+            self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+        }
+        gpu.stream.synchronize().map_err(|e| {
+            Error(format!(
+                "a kernel failed during the step: {e} (RINGJIT_DEBUG=1 synchronises after every launch and names it)"
+            ))
+        })?;
+
+        // hand out the outputs: states stay on the device, the rest comes back
+        let mut out = HashMap::new();
+        for o in &self.plan.outputs {
+            let b = &self.plan.buffers[o.buffer.0 as usize];
+            let shape = eval_shape(&o.shape, env).map_err(Error)?;
+            if o.kind == ir::op::InputKind::State {
+                let d = match owned.remove(&o.buffer) {
+                    Some(d) => d,
+                    // a state passed through unchanged, or an output living elsewhere: copy it
+                    None => {
+                        let bytes = b.size_bytes(env).map_err(Error)? as usize;
+                        let mut d = alloc(gpu, bytes, &o.name)?;
+                        let src = self.buffer_slice(o.buffer, &addr, bytes)?;
+                        gpu.stream
+                            .memcpy_dtod(&src, &mut d.slice)
+                            .map_err(|e| Error(format!("copying state {}: {e}", o.name)))?;
+                        d
+                    }
+                };
+                states.bufs.insert(o.name.clone(), d);
+            } else {
+                let t = match owned.get(&o.buffer) {
+                    Some(d) => download(gpu, d, b.dtype, shape, &o.name)?,
+                    None => {
+                        let bytes = b.size_bytes(env).map_err(Error)? as usize;
+                        let src = self.buffer_slice(o.buffer, &addr, bytes)?;
+                        let mut host = vec![0u8; bytes];
+                        gpu.stream
+                            .memcpy_dtoh(&src, &mut host)
+                            .map_err(|e| Error(format!("copying {} from the GPU: {e}", o.name)))?;
+                        Tensor::from_bytes(b.dtype, shape, &host)
+                            .ok_or_else(|| Error(format!("output {}: size mismatch", o.name)))?
+                    }
+                };
+                out.insert(o.name.clone(), t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A copy of a non-owned buffer's bytes on the device (a parameter, a state or an arena
+    /// slice handed out as an output).
+    fn buffer_slice(&self, id: BufferId, addr: &[u64], bytes: usize) -> Result<CudaSlice<u8>> {
+        let gpu = &*self.gpu;
+        let b = &self.plan.buffers[id.0 as usize];
+        let d = alloc(gpu, bytes, &b.name)?;
+        let src = addr[id.0 as usize];
+        // SAFETY: `src` is the address of a live allocation of at least `bytes` bytes (a
+        // parameter, a state, or the arena), and `d` holds `bytes`.
+        unsafe {
+            let (dst, _s) = d.slice.device_ptr(&gpu.stream);
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, gpu.stream.cu_stream())
+                .map_err(|e| Error(format!("copying {}: {e}", b.name)))?;
+        }
+        Ok(d.slice)
+    }
+
+    /// Runs kernel `index` alone (a kernel test): every buffer it reads or writes is uploaded
+    /// from `mem` (zeros where absent; parameters are the plan's own), and the buffers it
+    /// writes are returned.
+    pub fn run_kernel(
+        &self,
+        index: usize,
+        env: &DimEnv,
+        mem: &HashMap<BufferId, Tensor>,
+    ) -> Result<HashMap<BufferId, Tensor>> {
+        let gpu = &*self.gpu;
+        let k = &self.plan.kernels[index];
+        let l = &self.kernels[index];
+        let mut owned: HashMap<BufferId, DeviceBuf> = HashMap::new();
+        let mut addr = vec![0u64; self.plan.buffers.len()];
+        for r in k.inputs.iter().chain(&k.outputs) {
+            let id = r.buffer;
+            if owned.contains_key(&id) {
+                continue;
+            }
+            let b = &self.plan.buffers[id.0 as usize];
+            if b.kind == BufferKind::Param {
+                addr[id.0 as usize] = self.params[&id].ptr(gpu);
+                continue;
+            }
+            let d = match mem.get(&id) {
+                Some(t) => upload(gpu, t, &b.name)?,
+                None => alloc(gpu, b.size_bytes(env).map_err(Error)? as usize, &b.name)?,
+            };
+            addr[id.0 as usize] = d.ptr(gpu);
+            owned.insert(id, d);
+        }
+        let scratch_need = l.scratch.eval(env).map_err(Error)? as usize;
+        self.ensure(&self.scratch, scratch_need, "kernel scratch space")?;
+        let scratch_ptr = match scratch_need {
+            0 => 0,
+            _ => self.scratch.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0),
+        };
+        let syms: Vec<u64> = self
+            .symbols
+            .iter()
+            .map(|s| {
+                env.get(s)
+                    .map(|&v| v as u64)
+                    .ok_or_else(|| Error(format!("no value for `{s}`")))
+            })
+            .collect::<Result<_>>()?;
+        self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+        gpu.stream
+            .synchronize()
+            .map_err(|e| Error(format!("{}: failed: {e}", k.name)))?;
+        let mut out = HashMap::new();
+        for r in &k.outputs {
+            let b = &self.plan.buffers[r.buffer.0 as usize];
+            let shape = eval_shape(&b.shape, env).map_err(Error)?;
+            out.insert(r.buffer, download(gpu, &owned[&r.buffer], b.dtype, shape, &b.name)?);
+        }
+        Ok(out)
+    }
+
+    fn ensure(&self, slot: &RefCell<Option<DeviceBuf>>, bytes: usize, what: &str) -> Result<()> {
+        let small = slot.borrow().as_ref().is_none_or(|a| a.bytes < bytes);
+        if small && bytes > 0 {
+            *slot.borrow_mut() = None; // free the old one first
+            *slot.borrow_mut() = Some(alloc(&self.gpu, bytes, what)?);
+        }
+        Ok(())
+    }
+
+    fn launch(&self, k: &Kernel, l: &Loaded, env: &DimEnv, addr: &[u64], syms: &[u64], scratch: u64) -> Result<()> {
+        let grid = l.launch.eval(env).map_err(|e| Error(format!("{}: {e}", k.name)))?;
+        if grid.contains(&0) {
+            return Ok(()); // nothing to do under this binding (e.g. an empty cache)
+        }
+        let to_u32 =
+            |g: u64| u32::try_from(g).map_err(|_| Error(format!("{}: a grid of {g} blocks is too large", k.name)));
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(grid[0])?, to_u32(grid[1])?, to_u32(grid[2])?),
+            block_dim: (l.launch.block[0], l.launch.block[1], l.launch.block[2]),
+            shared_mem_bytes: l.launch.shared_bytes,
+        };
+        let mut args: Vec<u64> = Vec::with_capacity(k.inputs.len() + k.outputs.len() + syms.len() + 1);
+        args.extend(k.inputs.iter().map(|r| addr[r.buffer.0 as usize]));
+        args.extend(k.outputs.iter().map(|r| addr[r.buffer.0 as usize]));
+        args.extend_from_slice(syms);
+        args.push(scratch);
+        let mut b = self.gpu.stream.launch_builder(&l.func);
+        for a in &args {
+            b.arg(a);
+        }
+        let t0 = (self.debug >= 2).then(std::time::Instant::now);
+        // SAFETY: the kernel follows docs/kernel-abi.md: it reads and writes only the buffers
+        // whose addresses it is given, within their sizes under `env`, which the arena plan and
+        // the allocations above provide.
+        unsafe { b.launch(cfg) }.map_err(|e| Error(format!("{}: launch failed: {e}", k.name)))?;
+        if self.debug >= 1 {
+            self.gpu
+                .stream
+                .synchronize()
+                .map_err(|e| Error(format!("{}: failed: {e}", k.name)))?;
+            match t0 {
+                Some(t0) => eprintln!(
+                    "[ringjit] launch {} grid {:?} block {:?}: {:.1} µs",
+                    k.name,
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    t0.elapsed().as_secs_f64() * 1e6
+                ),
+                None => eprintln!(
+                    "[ringjit] launch {} grid {:?} block {:?}",
+                    k.name, cfg.grid_dim, cfg.block_dim
+                ),
+            }
+        }
+        Ok(())
+    }
+}
