@@ -222,3 +222,15 @@ pub fn kernel_tier(plan: &ir::kernel::KernelPlan, k: &ir::kernel::Kernel) -> ir:
     }
     tier
 }
+
+/// Parameters from a table by name.
+pub struct Table<'a>(pub &'a HashMap<String, Tensor>);
+
+impl ParamSource for Table<'_> {
+    fn load(&self, spec: &ParamSpec) -> Result<Tensor, String> {
+        self.0
+            .get(&spec.name)
+            .cloned()
+            .ok_or_else(|| format!("no parameter {}", spec.name))
+    }
+}

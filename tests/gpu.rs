@@ -38,19 +38,13 @@ fn kernels_match(g: &std::sync::Arc<Gpu>, config: &str, opts: passes::CompileOpt
     use crate::common::{config as cfg, kernel_tier, trace};
     let c = cfg(config, &[]);
     let t = trace(&c, &opts, dims, 11);
-    let plan = runtime::cuda_plan::CudaPlan::new(
-        g.clone(),
-        &t.graph,
-        t.plan.clone(),
-        &|name| {
-            t.params
-                .get(name)
-                .cloned()
-                .ok_or_else(|| runtime::Error(format!("no parameter {name}")))
-        },
-        &codegen::ptx::PtxOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{config}: {e}"));
+    let specs = t.graph.params().unwrap();
+    let weights =
+        runtime::cuda_plan::GpuWeights::upload(g.clone(), &specs, &crate::common::Table(&t.params), &|_, _| {})
+            .unwrap_or_else(|e| panic!("{config}: {e}"));
+    let plan =
+        runtime::cuda_plan::CudaPlan::new(&weights, &t.graph, t.plan.clone(), &codegen::ptx::PtxOptions::default())
+            .unwrap_or_else(|e| panic!("{config}: {e}"));
     let mut worst: Vec<(f64, String)> = Vec::new();
     for (i, k) in t.plan.kernels.iter().enumerate() {
         let got = plan
@@ -113,4 +107,199 @@ fn gpu_every_kernel_of_tiny_and_small_matches_the_evaluator() {
         kernels_match(&g, config, opts(Mode::Decode, Precision::Bf16), (3, 1, 77));
         kernels_match(&g, config, opts(Mode::Prefill, Precision::Fp8), (1, 33, 0));
     }
+}
+
+/// A model compiled for both step kinds, on the GPU and on the interpreter, same weights.
+struct Pair {
+    gpu: runtime::cuda_plan::CudaModel,
+    prefill: ir::interp::Interpreter,
+    decode: ir::interp::Interpreter,
+    states: Vec<(String, ir::DType, Vec<ir::Dim>)>,
+    vocab: usize,
+}
+
+fn pair(
+    g: &std::sync::Arc<Gpu>,
+    config: &str,
+    overrides: &[(&str, serde_json::Value)],
+    precision: passes::Precision,
+) -> Pair {
+    use crate::common::{config as cfg, model, Table};
+    use ir::op::{InputKind, Op};
+    let c = cfg(config, overrides);
+    let m = model(&c);
+    let compile = |mode| passes::compile(&m.graph, &opts(mode, precision)).unwrap().0;
+    let (pg, dg) = (compile(passes::Mode::Prefill), compile(passes::Mode::Decode));
+    let specs = m.graph.params().unwrap();
+    let w = ir::checkpoint::RandomWeights::new(5);
+    let table: std::collections::HashMap<String, ir::Tensor> =
+        specs.iter().map(|s| (s.name.clone(), w.load(s).unwrap())).collect();
+    let weights = runtime::cuda_plan::GpuWeights::upload(g.clone(), &specs, &Table(&table), &|_, _| {}).unwrap();
+    let gpu = runtime::cuda_plan::CudaModel::new(weights, &pg, &dg, &codegen::ptx::PtxOptions::default())
+        .unwrap_or_else(|e| panic!("{config}: {e}"));
+    let states = m
+        .graph
+        .inputs
+        .iter()
+        .filter_map(|&n| match &m.graph.node(n).op {
+            Op::Input {
+                name,
+                kind: InputKind::State,
+                dtype,
+                shape,
+            } => Some((name.clone(), *dtype, shape.clone())),
+            _ => None,
+        })
+        .collect();
+    Pair {
+        gpu,
+        prefill: ir::interp::Interpreter::new(&pg, &Table(&table)).unwrap(),
+        decode: ir::interp::Interpreter::new(&dg, &Table(&table)).unwrap(),
+        states,
+        vocab: c["vocab_size"].as_u64().unwrap() as usize,
+    }
+}
+
+impl Pair {
+    fn zero_states(&self, batch: usize) -> std::collections::HashMap<String, ir::Tensor> {
+        let env: ir::DimEnv = [("batch".to_string(), batch as i64), ("past".to_string(), 0)].into();
+        self.states
+            .iter()
+            .map(|(n, d, s)| {
+                (
+                    n.clone(),
+                    ir::Tensor::zeros(*d, ir::shape::eval_shape(s, &env).unwrap()),
+                )
+            })
+            .collect()
+    }
+
+    /// Runs `tokens` ([batch, seq] row-major) as one step on both; returns (gpu, reference)
+    /// logits, advancing both states.
+    fn step(
+        &self,
+        dev: &mut runtime::cuda_plan::DeviceStates,
+        host: &mut std::collections::HashMap<String, ir::Tensor>,
+        tokens: &[i64],
+        batch: usize,
+        past: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let seq = tokens.len() / batch;
+        let t = ir::Tensor::from_i64(ir::DType::I64, vec![batch, seq], tokens.to_vec());
+        let got = self.gpu.step(dev, t.clone(), batch, seq, past).unwrap();
+        let mut inputs = std::mem::take(host);
+        inputs.insert("tokens".into(), t);
+        let interp = if seq == 1 { &self.decode } else { &self.prefill };
+        let mut want = interp.run(&inputs).unwrap();
+        for (n, _, _) in &self.states {
+            host.insert(n.clone(), want.remove(n).unwrap());
+        }
+        (
+            got["logits"].as_f32().unwrap().to_vec(),
+            want["logits"].as_f32().unwrap().to_vec(),
+        )
+    }
+}
+
+/// Prefill then decode on the GPU against the interpreter, logits in `tier`; with f32 compute,
+/// greedy generation of 32 tokens is identical.
+fn model_matches(g: &std::sync::Arc<Gpu>, config: &str, f32_compute: bool, precision: passes::Precision, tier: Tol) {
+    let overrides: Vec<(&str, serde_json::Value)> = if f32_compute {
+        vec![("ringjit_compute_dtype", serde_json::json!("float32"))]
+    } else {
+        vec![]
+    };
+    let p = pair(g, config, &overrides, precision);
+    let batch = 2;
+    let prompt = crate::common::random_tokens(21, batch * 19, p.vocab);
+    let mut host = p.zero_states(batch);
+    let mut dev = p.gpu.states(&host).unwrap();
+    let (a, b) = p.step(&mut dev, &mut host, &prompt, batch, 0);
+    let e = ir::tol::rel_err(&a, &b);
+    assert!(
+        e <= tier.model(),
+        "{config} prefill logits: {e:.3e} > {:.0e} on {}",
+        tier.model(),
+        g.name
+    );
+    let mut worst = e;
+    // greedy decode: the GPU's argmax feeds both, and with f32 compute the choices must agree
+    let mut past = 19;
+    let mut next: Vec<i64> = (0..batch)
+        .map(|s| argmax(&b[(s * 19 + 18) * p.vocab..][..p.vocab]))
+        .collect();
+    let steps = if f32_compute { 32 } else { 4 };
+    for _ in 0..steps {
+        let (a, b) = p.step(&mut dev, &mut host, &next, batch, past);
+        let e = ir::tol::rel_err(&a, &b);
+        assert!(e <= tier.model(), "{config} decode at {past}: {e:.3e} on {}", g.name);
+        worst = worst.max(e);
+        let ga: Vec<i64> = (0..batch).map(|s| argmax(&a[s * p.vocab..][..p.vocab])).collect();
+        let gb: Vec<i64> = (0..batch).map(|s| argmax(&b[s * p.vocab..][..p.vocab])).collect();
+        if f32_compute {
+            assert_eq!(
+                ga, gb,
+                "{config}: greedy tokens differ at position {past} on {}",
+                g.name
+            );
+        }
+        next = gb;
+        past += 1;
+    }
+    eprintln!(
+        "gpu model {config} {} {:?}: prefill 19 + {steps} decode steps, worst logits error {worst:.2e} (tier {:.0e})",
+        if f32_compute { "f32" } else { "bf16" },
+        precision,
+        tier.model()
+    );
+}
+
+fn argmax(v: &[f32]) -> i64 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as i64
+}
+
+#[test]
+fn gpu_tiny_and_small_match_the_interpreter() {
+    use passes::Precision;
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    for config in ["tiny", "small"] {
+        model_matches(&g, config, true, Precision::Bf16, Tol::F32);
+        model_matches(&g, config, false, Precision::Bf16, Tol::BF16);
+        model_matches(&g, config, false, Precision::Fp8, Tol::FP8);
+    }
+}
+
+/// Prefill of n tokens then decode of the rest through the GPU state equals one prefill of
+/// all the tokens on the GPU.
+#[test]
+fn gpu_prefill_then_decode_equals_the_forward() {
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let f32c = [("ringjit_compute_dtype", serde_json::json!("float32"))];
+    let p = pair(&g, "small", &f32c, passes::Precision::Bf16);
+    let toks = crate::common::random_tokens(4, 24, p.vocab);
+    let mut host = p.zero_states(1);
+    let mut dev = p.gpu.states(&host).unwrap();
+    let (all, _) = p.step(&mut dev, &mut host, &toks, 1, 0);
+    let mut host = p.zero_states(1);
+    let mut dev = p.gpu.states(&host).unwrap();
+    let (mut got, _) = p.step(&mut dev, &mut host, &toks[..16], 1, 0);
+    for (i, &t) in toks[16..].iter().enumerate() {
+        let (a, _) = p.step(&mut dev, &mut host, &[t], 1, 16 + i);
+        got.extend(a);
+    }
+    let e = ir::tol::rel_err(&got, &all);
+    assert!(
+        e <= Tol::F32.model(),
+        "prefill+decode vs forward: {e:.3e} on {}",
+        g.name
+    );
+    eprintln!("gpu prefill+decode vs forward (small, f32): {e:.2e}");
 }

@@ -1,4 +1,5 @@
 //! Code generation: kernel IR → PTX (LLVM NVPTX through inkwell) and → native code (Cranelift).
 
+pub mod fill;
 pub mod ptx;
 pub mod ptxas;

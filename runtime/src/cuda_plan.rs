@@ -76,6 +76,106 @@ pub fn download(gpu: &Gpu, d: &DeviceBuf, dtype: ir::DType, shape: Vec<usize>, w
     Tensor::from_bytes(dtype, shape, &host).ok_or_else(|| Error(format!("{what}: the device buffer is too small")))
 }
 
+/// The model's weights on one GPU, by parameter name (a stacked family's pattern name holds
+/// the whole stack). Shared by the prefill and the decode plans, so every weight is on the
+/// device once.
+pub struct GpuWeights {
+    gpu: Arc<Gpu>,
+    bufs: HashMap<String, Arc<DeviceBuf>>,
+    pub bytes: u64,
+}
+
+impl GpuWeights {
+    /// Uploads every parameter of `specs` from `source`, telling `progress(done, total)` in
+    /// bytes.
+    pub fn upload(
+        gpu: Arc<Gpu>,
+        specs: &[ir::ParamSpec],
+        source: &dyn ir::interp::ParamSource,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<GpuWeights> {
+        let total: u64 = specs.iter().map(|p| (p.numel() * p.dtype.size_bytes()) as u64).sum();
+        let mut bufs = HashMap::new();
+        let mut done = 0u64;
+        for spec in specs {
+            let t = source
+                .load(spec)
+                .map_err(|e| Error(format!("parameter {}: {e}", spec.name)))?;
+            let d = upload(&gpu, &t, &spec.name)?;
+            done += d.bytes as u64;
+            progress(done, total);
+            bufs.insert(spec.name.clone(), Arc::new(d));
+        }
+        Ok(GpuWeights { gpu, bufs, bytes: done })
+    }
+
+    /// Seeded random weights made on the GPU itself (benchmarks of full-size models, where
+    /// making billions of values on the host would take minutes): parameter `spec` gets
+    /// `mean + std · u` with unit-variance uniform `u`, `(mean, std)` from `moments` (None:
+    /// zeros). Floats of f32 or bf16 only.
+    pub fn random(
+        gpu: Arc<Gpu>,
+        specs: &[ir::ParamSpec],
+        seed: u64,
+        moments: &dyn Fn(&ir::ParamSpec) -> Option<(f32, f32)>,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<GpuWeights> {
+        let ptx =
+            codegen::fill::fill_random_ptx(&codegen::ptx::GpuTarget::default()).map_err(|e| Error(e.to_string()))?;
+        let module = gpu.load_ptx(&ptx)?;
+        let total: u64 = specs.iter().map(|p| (p.numel() * p.dtype.size_bytes()) as u64).sum();
+        let mut bufs = HashMap::new();
+        let mut done = 0u64;
+        for (i, spec) in specs.iter().enumerate() {
+            let bytes = spec.numel() * spec.dtype.size_bytes();
+            let d = alloc(&gpu, bytes, &spec.name)?;
+            if let Some((mean, std)) = moments(spec) {
+                let entry = match spec.dtype {
+                    ir::DType::F32 => codegen::fill::FILL_F32,
+                    ir::DType::BF16 => codegen::fill::FILL_BF16,
+                    other => return err(format!("parameter {}: no random fill for {other}", spec.name)),
+                };
+                let f = module
+                    .load_function(entry)
+                    .map_err(|e| Error(format!("{entry}: {e}")))?;
+                let n = spec.numel() as u64;
+                let blocks = n.div_ceil(u64::from(codegen::fill::FILL_BLOCK));
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        u32::try_from(blocks).map_err(|_| Error(format!("{} is too large", spec.name)))?,
+                        1,
+                        1,
+                    ),
+                    block_dim: (codegen::fill::FILL_BLOCK, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let ptr = d.ptr(&gpu);
+                let key = seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                let mut b = gpu.stream.launch_builder(&f);
+                b.arg(&ptr).arg(&n).arg(&key).arg(&std).arg(&mean);
+                // SAFETY: the kernel writes n elements of the parameter's dtype at `ptr`, which
+                // holds exactly that many.
+                unsafe { b.launch(cfg) }.map_err(|e| Error(format!("filling {}: {e}", spec.name)))?;
+            }
+            done += bytes as u64;
+            progress(done, total);
+            bufs.insert(spec.name.clone(), Arc::new(d));
+        }
+        gpu.stream
+            .synchronize()
+            .map_err(|e| Error(format!("making random weights on the GPU: {e}")))?;
+        Ok(GpuWeights { gpu, bufs, bytes: done })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<DeviceBuf>> {
+        self.bufs.get(name)
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+}
+
 /// Carried states on the device, by state name.
 #[derive(Default)]
 pub struct DeviceStates {
@@ -129,7 +229,7 @@ pub struct CudaPlan {
     plan: KernelPlan,
     symbols: Vec<String>,
     kernels: Vec<Loaded>,
-    params: HashMap<BufferId, DeviceBuf>,
+    params: HashMap<BufferId, Arc<DeviceBuf>>,
     arena: RefCell<Option<DeviceBuf>>,
     scratch: RefCell<Option<DeviceBuf>>,
     pub cache: CacheStats,
@@ -146,13 +246,8 @@ fn debug_level() -> u32 {
 impl CudaPlan {
     /// Compiles and loads every kernel of `plan` (partitioned from `graph`) and uploads its
     /// parameters: weights from `params` (by buffer name), folded constants from the graph.
-    pub fn new(
-        gpu: Arc<Gpu>,
-        graph: &Graph,
-        plan: KernelPlan,
-        params: &dyn Fn(&str) -> Result<Tensor>,
-        opts: &PtxOptions,
-    ) -> Result<CudaPlan> {
+    pub fn new(weights: &GpuWeights, graph: &Graph, plan: KernelPlan, opts: &PtxOptions) -> Result<CudaPlan> {
+        let gpu = weights.gpu.clone();
         let mut cache = CacheStats::default();
         let mut kernels = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
@@ -209,17 +304,24 @@ impl CudaPlan {
             if b.kind != BufferKind::Param {
                 continue;
             }
-            let t = match &graph.node(b.value.node).op {
-                Op::Literal { value } => (**value).clone(),
-                _ => params(&b.name)?,
+            let d = match &graph.node(b.value.node).op {
+                Op::Literal { value } => Arc::new(upload(&gpu, value, &b.name)?),
+                _ => weights
+                    .get(&b.name)
+                    .cloned()
+                    .ok_or_else(|| Error(format!("parameter {} is not on the GPU", b.name)))?,
             };
-            if t.dtype != b.dtype {
+            let want = b.size_bytes(&DimEnv::new()).map_err(Error)? as usize;
+            if d.bytes != want {
                 return err(format!(
-                    "parameter {}: {} given where the plan holds {}",
-                    b.name, t.dtype, b.dtype
+                    "parameter {}: {} bytes on the GPU, the plan's {} {} needs {want}",
+                    b.name,
+                    d.bytes,
+                    b.dtype,
+                    ir::shape::shape_str(&b.shape)
                 ));
             }
-            dev_params.insert(BufferId(i as u32), upload(&gpu, &t, &b.name)?);
+            dev_params.insert(BufferId(i as u32), d);
         }
         let symbols = plan.symbols();
         Ok(CudaPlan {
@@ -487,5 +589,76 @@ impl CudaPlan {
             }
         }
         Ok(())
+    }
+}
+
+/// A model on one GPU: the prefill and the decode plans over one copy of the weights.
+pub struct CudaModel {
+    pub weights: GpuWeights,
+    prefill: CudaPlan,
+    decode: CudaPlan,
+}
+
+impl CudaModel {
+    /// Partitions and loads the two compiled graphs (prefill, decode).
+    pub fn new(weights: GpuWeights, prefill: &Graph, decode: &Graph, opts: &PtxOptions) -> Result<CudaModel> {
+        let part = |g: &Graph| passes::partition::partition(g).map_err(|e| Error(format!("kernel partition: {e}")));
+        let prefill = CudaPlan::new(&weights, prefill, part(prefill)?, opts)?;
+        let decode = CudaPlan::new(&weights, decode, part(decode)?, opts)?;
+        Ok(CudaModel {
+            weights,
+            prefill,
+            decode,
+        })
+    }
+
+    /// Fresh device states from host tensors (zeros for a new sequence).
+    pub fn states(&self, host: &HashMap<String, Tensor>) -> Result<DeviceStates> {
+        let mut bufs = HashMap::new();
+        for (name, t) in host {
+            bufs.insert(name.clone(), upload(self.weights.gpu(), t, name)?);
+        }
+        Ok(DeviceStates { bufs })
+    }
+
+    /// One step of `seq` tokens per sequence for `batch` sequences holding `past` tokens.
+    /// The states are replaced by the step's new ones; returns the non-state outputs.
+    pub fn step(
+        &self,
+        states: &mut DeviceStates,
+        tokens: Tensor,
+        batch: usize,
+        seq: usize,
+        past: usize,
+    ) -> Result<HashMap<String, Tensor>> {
+        let env: DimEnv = [
+            ("batch".to_string(), batch as i64),
+            ("seq".to_string(), seq as i64),
+            ("past".to_string(), past as i64),
+        ]
+        .into();
+        let plan = if seq == 1 { &self.decode } else { &self.prefill };
+        let inputs: HashMap<String, Tensor> = [("tokens".to_string(), tokens)].into();
+        plan.run(&env, &inputs, states)
+    }
+
+    /// The states back on the host (for tests and for moving a sequence off the GPU).
+    pub fn download_states(
+        &self,
+        states: &DeviceStates,
+        specs: &[(String, ir::DType, Vec<usize>)],
+    ) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, dtype, shape) in specs {
+            let d = states
+                .bufs
+                .get(name)
+                .ok_or_else(|| Error(format!("state `{name}` is not on the GPU")))?;
+            out.insert(
+                name.clone(),
+                download(self.weights.gpu(), d, *dtype, shape.clone(), name)?,
+            );
+        }
+        Ok(out)
     }
 }
