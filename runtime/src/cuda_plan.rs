@@ -30,6 +30,21 @@ impl DeviceBuf {
         let (p, _sync) = self.slice.device_ptr(&gpu.stream);
         p
     }
+
+    /// Copies `bytes` to offset `at`.
+    pub fn write_at(&mut self, gpu: &Gpu, at: usize, bytes: &[u8]) -> Result<()> {
+        if at + bytes.len() > self.bytes {
+            return err(format!(
+                "writing {} bytes at {at} of a {}-byte buffer",
+                bytes.len(),
+                self.bytes
+            ));
+        }
+        let mut view = self.slice.slice_mut(at..at + bytes.len());
+        gpu.stream
+            .memcpy_htod(bytes, &mut view)
+            .map_err(|e| Error(format!("copying to the GPU: {e}")))
+    }
 }
 
 /// Allocates `bytes` (at least 1) of zeroed device memory; out of memory says how much was
@@ -223,6 +238,23 @@ pub struct CacheStats {
     pub memory_hits: usize,
 }
 
+/// Medians of a timed step (milliseconds).
+#[derive(Clone, Debug, Default)]
+pub struct StepTiming {
+    /// the whole step, kernels launched back to back
+    pub step_ms: f64,
+    /// each kernel alone, in plan order
+    pub kernels: Vec<(String, f64)>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// A kernel plan ready to run on one GPU.
 pub struct CudaPlan {
     gpu: Arc<Gpu>,
@@ -349,6 +381,32 @@ impl CudaPlan {
         inputs: &HashMap<String, Tensor>,
         states: &mut DeviceStates,
     ) -> Result<HashMap<String, Tensor>> {
+        self.run_inner(env, inputs, states, None)
+    }
+
+    /// [`CudaPlan::run`], with the step's kernels launched `repeats` more times after a first
+    /// warm-up run and timed with CUDA events: the median time of the whole step and of each
+    /// kernel. (The step is idempotent on its bound buffers: states are read from one buffer
+    /// and written to another.)
+    pub fn run_timed(
+        &self,
+        env: &DimEnv,
+        inputs: &HashMap<String, Tensor>,
+        states: &mut DeviceStates,
+        repeats: usize,
+    ) -> Result<(HashMap<String, Tensor>, StepTiming)> {
+        let mut t = StepTiming::default();
+        let out = self.run_inner(env, inputs, states, Some((repeats.max(1), &mut t)))?;
+        Ok((out, t))
+    }
+
+    fn run_inner(
+        &self,
+        env: &DimEnv,
+        inputs: &HashMap<String, Tensor>,
+        states: &mut DeviceStates,
+        timing: Option<(usize, &mut StepTiming)>,
+    ) -> Result<HashMap<String, Tensor>> {
         let gpu = &*self.gpu;
         let mem = passes::memplan::plan(&self.plan, env).map_err(Error)?;
         self.ensure(&self.arena, mem.arena_peak_bytes as usize, "the activation arena")?;
@@ -411,6 +469,49 @@ impl CudaPlan {
 
         for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
             self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+        }
+        if let Some((repeats, t)) = timing {
+            let ev = || {
+                gpu.ctx
+                    .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| Error(format!("CUDA event: {e}")))
+            };
+            let n = self.kernels.len();
+            let marks: Vec<_> = (0..=n).map(|_| ev()).collect::<Result<_>>()?;
+            let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(repeats); n];
+            let mut whole = Vec::with_capacity(repeats);
+            // launches alone, back to back (what a CUDA graph would replay), then per kernel
+            let (a, b) = (ev()?, ev()?);
+            for _ in 0..repeats {
+                a.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+                for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
+                    self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+                }
+                b.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+                b.synchronize().map_err(|e| Error(e.to_string()))?;
+                whole.push(f64::from(a.elapsed_ms(&b).map_err(|e| Error(e.to_string()))?));
+            }
+            for _ in 0..repeats {
+                for (i, (k, l)) in self.plan.kernels.iter().zip(&self.kernels).enumerate() {
+                    marks[i].record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+                    self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+                }
+                marks[n].record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+                marks[n].synchronize().map_err(|e| Error(e.to_string()))?;
+                for (i, p) in per.iter_mut().enumerate() {
+                    p.push(f64::from(
+                        marks[i].elapsed_ms(&marks[i + 1]).map_err(|e| Error(e.to_string()))?,
+                    ));
+                }
+            }
+            t.step_ms = median(&mut whole);
+            t.kernels = self
+                .plan
+                .kernels
+                .iter()
+                .zip(per.iter_mut())
+                .map(|(k, p)| (k.name.clone(), median(p)))
+                .collect();
         }
         gpu.stream.synchronize().map_err(|e| {
             Error(format!(

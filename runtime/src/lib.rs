@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cuda;
 pub mod cuda_plan;
 pub mod engine;
+pub mod gpu_bench;
 pub mod model;
 pub mod sample;
 
