@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Builds the GPU test binary here and packs it into .gpu/ (git-ignored) for the device machine.
+# Builds the GPU test binary and the release CLI here and packs them (xz) into .gpu/
+# (git-ignored) for the device machine, which has no Rust: run there with
+#   carry: [".gpu", ".whl"]   command: scripts/gpu-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu
@@ -9,5 +11,7 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "main" and m.get("executable"):
         print(m["executable"])')
+cargo build --release --bin ringjit
 xz -T2 -6 -c "$bin" > .gpu/ringjit-tests.xz
+xz -T2 -6 -c target/release/ringjit > .gpu/ringjit.xz
 ls -la .gpu
