@@ -52,6 +52,38 @@ enum Cmd {
     Compile(CompileArgs),
     /// Measure prefill and decode throughput.
     Bench(BenchArgs),
+    /// Generate the PTX of every kernel of a compiled step (and check it with ptxas).
+    #[command(
+        long_about = "Generate the PTX of every loop and template kernel of one compiled step \
+(scan bodies included), each module headed by a comment naming the graph nodes it came from and its \
+launch geometry. Prints the PTX to stdout, or writes one NAME.ptx per kernel with --out DIR. \
+--ptxas assembles each module with ptxas (-arch = the module's .target; found through RINGJIT_PTXAS, \
+.venv/ptxas-path from scripts/setup.sh, or PATH) and prints registers, shared memory and spills per \
+kernel instead of the PTX.\n\nExamples:\n  ringjit ptx --config tiny --mode decode --kernel k1_gemm_qkv\n  \
+ringjit ptx --config ring-mini-linear-2.0 --mode prefill --precision fp8 --out ptx/ --ptxas"
+    )]
+    Ptx(PtxArgs),
+}
+
+#[derive(Args)]
+struct PtxArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Which step to compile: a prefill of many tokens or a one-token decode step.
+    #[arg(long, value_enum, default_value_t = ModeArg::Prefill)]
+    mode: ModeArg,
+    /// Format of the weight GEMMs (fp8: E4M3 with block scales).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+    precision: PrecisionArg,
+    /// Only the kernel of this name (e.g. k1_gemm_qkv).
+    #[arg(long, value_name = "NAME")]
+    kernel: Option<String>,
+    /// Write one NAME.ptx per kernel into DIR instead of printing.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Assemble every module with ptxas and print a table of registers, shared memory, spills.
+    #[arg(long)]
+    ptxas: bool,
 }
 
 #[derive(Args, Clone)]
@@ -654,6 +686,80 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_ptx(a: PtxArgs) -> Result<()> {
+    let m = LoadedModel::load(&a.model.spec())?;
+    let mode = match a.mode {
+        ModeArg::Prefill => passes::Mode::Prefill,
+        ModeArg::Decode => passes::Mode::Decode,
+    };
+    let opts = passes::CompileOptions {
+        mode,
+        precision: a.precision.get(),
+        ..Default::default()
+    };
+    let (g, _) = passes::compile(&m.model.graph, &opts)?;
+    let kplan = passes::partition::partition(&g).map_err(|e| anyhow!("kernel partition: {e}"))?;
+    let popts = codegen::ptx::PtxOptions {
+        dump_llvm_ir: debug_level() >= 4,
+        ..Default::default()
+    };
+    let mut kernels = codegen::ptx::compile_plan(&kplan, &popts)?;
+    if let Some(name) = &a.kernel {
+        kernels.retain(|k| &k.name == name);
+        if kernels.is_empty() {
+            bail!("no loop or template kernel named {name} (see `ringjit compile --dump DIR`, kernels.txt)");
+        }
+    }
+    if let Some(d) = &a.out {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    for k in &kernels {
+        if debug_level() >= 4 {
+            if let Some(ir) = &k.llvm_ir {
+                eprintln!("; ---- LLVM IR of {} ----\n{ir}", k.name);
+            }
+        }
+        if debug_level() >= 5 {
+            eprintln!("// ---- PTX of {} ----\n{}", k.name, k.ptx);
+        }
+        if let Some(d) = &a.out {
+            write_atomic(&d.join(format!("{}.ptx", k.name)), k.ptx.as_bytes())?;
+        } else if !a.ptxas {
+            println!("{}", k.ptx);
+        }
+    }
+    if a.ptxas {
+        println!(
+            "{:<40} {:<8} {:>5} {:>10} {:>12} {:>12}",
+            "kernel", "arch", "regs", "smem", "spill st", "spill ld"
+        );
+        let mut bad = 0;
+        for k in &kernels {
+            match codegen::ptxas::check(&k.ptx) {
+                Ok(r) => {
+                    for e in &r.kernels {
+                        println!(
+                            "{:<40} {:<8} {:>5} {:>10} {:>12} {:>12}",
+                            e.name, r.arch, e.registers, e.shared_bytes, e.spill_stores, e.spill_loads
+                        );
+                    }
+                }
+                Err(e) => {
+                    bad += 1;
+                    eprintln!("{}: {e}", k.name);
+                }
+            }
+        }
+        if bad > 0 {
+            bail!("ptxas rejected {bad} of {} kernels", kernels.len());
+        }
+    }
+    if let Some(d) = &a.out {
+        println!("wrote {} kernels into {}", kernels.len(), d.display());
+    }
+    Ok(())
+}
+
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (m, engine) = load(&a.model, &a.device)?;
     let reference = engine.device == Device::Reference;
@@ -747,6 +853,7 @@ fn main() {
         Cmd::Graph(a) => cmd_graph(a),
         Cmd::Compile(a) => cmd_compile(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Ptx(a) => cmd_ptx(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

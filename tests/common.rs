@@ -169,6 +169,11 @@ pub fn trace(
         };
         mem.insert(b, data);
     }
+    for (i, b) in plan.buffers.iter().enumerate() {
+        if b.kind == BufferKind::Param {
+            mem.insert(BufferId(i as u32), params64[&b.name].clone());
+        }
+    }
     let eval = Eval {
         env: &env,
         params: &params64,

@@ -46,35 +46,51 @@ fn kernels_match(g: &std::sync::Arc<Gpu>, config: &str, opts: passes::CompileOpt
         runtime::cuda_plan::CudaPlan::new(&weights, &t.graph, t.plan.clone(), &codegen::ptx::PtxOptions::default())
             .unwrap_or_else(|e| panic!("{config}: {e}"));
     let mut worst: Vec<(f64, String)> = Vec::new();
+    let mut failures = Vec::new();
     for (i, k) in t.plan.kernels.iter().enumerate() {
-        let got = plan
-            .run_kernel(i, &t.env, &t.before[i])
-            .unwrap_or_else(|e| panic!("{config} {}: {e}", k.name));
+        let got = match plan.run_kernel(i, &t.env, &t.before[i]) {
+            Ok(g) => g,
+            Err(e) => {
+                failures.push(format!("{}: {e}", k.name));
+                continue;
+            }
+        };
         let tier = kernel_tier(&t.plan, k);
         for (id, want) in &t.after[i] {
             let have = &got[id];
             let b = t.plan.buffer(*id).unwrap();
             if b.dtype.is_float() {
                 let e = ir::tol::rel_err(have.as_f32().unwrap(), want.as_f32().unwrap());
-                assert!(
-                    e <= tier.op(),
-                    "{config} {} output {}: rel err {e:.3e} > {:?} tier {:.0e} on {}",
+                if e > tier.op() || e.is_nan() {
+                    failures.push(format!(
+                        "{} output {}: rel err {e:.3e} > {:?} tier {:.0e}",
+                        k.name,
+                        b.name,
+                        tier,
+                        tier.op()
+                    ));
+                }
+                worst.push((e / tier.op(), format!("{} ({:.1e})", k.name, e)));
+            } else if have != want {
+                let (h, w) = (have.to_f64_vec(), want.to_f64_vec());
+                let diff = h.iter().zip(&w).filter(|(a, b)| a != b).count();
+                failures.push(format!(
+                    "{} output {}: {diff} of {} integers differ",
                     k.name,
                     b.name,
-                    tier,
-                    tier.op(),
-                    g.name
-                );
-                worst.push((e / tier.op(), format!("{} ({:.1e})", k.name, e)));
-            } else {
-                assert_eq!(
-                    have, want,
-                    "{config} {} output {} differs on {}",
-                    k.name, b.name, g.name
-                );
+                    w.len()
+                ));
             }
         }
     }
+    assert!(
+        failures.is_empty(),
+        "{config} {:?} {dims:?} on {}: {} kernels differ from the evaluator:\n  {}",
+        opts.mode,
+        g.name,
+        failures.len(),
+        failures.join("\n  ")
+    );
     worst.sort_by(|a, b| b.0.total_cmp(&a.0));
     eprintln!(
         "gpu kernels {config} {:?} b{} s{} p{}: {} kernels match; closest to the tier: {}",
@@ -204,10 +220,18 @@ impl Pair {
 /// Prefill then decode on the GPU against the interpreter, logits in `tier`; with f32 compute,
 /// greedy generation of 32 tokens is identical.
 fn model_matches(g: &std::sync::Arc<Gpu>, config: &str, f32_compute: bool, precision: passes::Precision, tier: Tol) {
+    // In bf16 a near-tie in the router may pick another expert on the GPU than on the host:
+    // a discontinuity no tier bounds. With every expert routed the model is continuous again,
+    // so the narrow-precision comparisons route to all experts (as the passes' own bf16
+    // whole-model test does); f32 keeps the real top-k.
+    let base = crate::common::config(config, &[]);
     let overrides: Vec<(&str, serde_json::Value)> = if f32_compute {
         vec![("ringjit_compute_dtype", serde_json::json!("float32"))]
     } else {
-        vec![]
+        vec![
+            ("num_experts_per_tok", base["num_experts"].clone()),
+            ("topk_group", base["n_group"].clone()),
+        ]
     };
     let p = pair(g, config, &overrides, precision);
     let batch = 2;

@@ -51,6 +51,12 @@ impl Dim {
         None
     }
 
+    /// The monomials and their coefficients (symbol names sorted; empty = the constant term):
+    /// what a code generator needs to evaluate the polynomial from the symbols' values.
+    pub fn terms(&self) -> impl Iterator<Item = (&[String], i64)> {
+        self.terms.iter().map(|(m, c)| (m.as_slice(), *c))
+    }
+
     pub fn is_symbolic(&self) -> bool {
         self.as_const().is_none()
     }

@@ -16,7 +16,6 @@ use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Device memory holding one buffer (or the arena), with its raw address.
@@ -210,18 +209,6 @@ type ModuleCache = Mutex<HashMap<u64, Arc<CudaModule>>>;
 fn module_cache() -> &'static ModuleCache {
     static CACHE: OnceLock<ModuleCache> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
-/// Where compiled kernels are kept between runs: `$RINGJIT_CACHE`, else `$XDG_CACHE_HOME/ringjit`,
-/// else `~/.cache/ringjit`; None when none can be found (then nothing is cached on disk).
-pub fn disk_cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("RINGJIT_CACHE") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("ringjit"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ringjit"))
 }
 
 /// The PTX of `kernel` (`codegen::ptx` keeps its own disk cache of LLVM's output).

@@ -2,7 +2,16 @@
 //!
 //! This module owns the LLVM side: the target machine for `nvptx64-nvidia-cuda`, the kernel
 //! calling convention, the special registers, and the lowering of a finished LLVM module to PTX
-//! text. Kernel bodies are built by the kernel generators (loop and template kernels) on top.
+//! text. Kernel bodies are built by the kernel generators on top: [`loops`] for loop kernels,
+//! [`templates`] for template kernels, both through the builder of [`emit`] and the expression
+//! emitter of [`expr`]. The entry points are [`compile_kernel`] and [`compile_plan`]; the
+//! calling convention is docs/kernel-abi.md, the design docs/ptx-codegen.md.
+
+pub mod cache;
+mod emit;
+mod expr;
+mod loops;
+mod templates;
 
 use inkwell::builder::Builder;
 use inkwell::context::Context;
@@ -12,6 +21,8 @@ use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Tar
 use inkwell::types::BasicMetadataTypeEnum;
 use inkwell::values::{FunctionValue, IntValue};
 use inkwell::{AddressSpace, OptimizationLevel};
+use ir::kernel::{Kernel, KernelKind, KernelPlan, LaunchGeometry};
+use ir::Dim;
 use std::fmt;
 
 /// `PTX_Kernel` in LLVM's calling-convention numbering: makes a function a `.entry`.
@@ -47,6 +58,7 @@ impl GpuTarget {
     }
 }
 
+/// Why a kernel could not be compiled (the kernel's name first).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CodegenError(pub String);
 
@@ -76,6 +88,17 @@ fn target_machine(t: &GpuTarget) -> Result<TargetMachine, CodegenError> {
 
 /// Verify, optimise (O3) and print `module` as PTX.
 pub fn module_to_ptx(module: &Module, t: &GpuTarget) -> Result<String, CodegenError> {
+    module_to_ptx_at(module, t, 3, &mut |_| {})
+}
+
+/// [`module_to_ptx`] at LLVM pass level `opt` (0..=3); `ir` receives the LLVM IR after the
+/// passes (for `dump_llvm_ir`).
+fn module_to_ptx_at(
+    module: &Module,
+    t: &GpuTarget,
+    opt: u8,
+    ir: &mut dyn FnMut(String),
+) -> Result<String, CodegenError> {
     let tm = target_machine(t)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
@@ -87,12 +110,127 @@ pub fn module_to_ptx(module: &Module, t: &GpuTarget) -> Result<String, CodegenEr
         ))
     })?;
     module
-        .run_passes("default<O3>", &tm, PassBuilderOptions::create())
+        .run_passes(&format!("default<O{}>", opt.min(3)), &tm, PassBuilderOptions::create())
         .map_err(|e| CodegenError(format!("LLVM optimisation failed: {e}")))?;
+    ir(module.print_to_string().to_string());
     let buf = tm
         .write_to_memory_buffer(module, FileType::Assembly)
         .map_err(|e| CodegenError(format!("PTX emission failed: {e}")))?;
     String::from_utf8(buf.as_slice().to_vec()).map_err(|e| CodegenError(format!("PTX is not UTF-8: {e}")))
+}
+
+/// Options of [`compile_kernel`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PtxOptions {
+    pub target: GpuTarget,
+    /// LLVM optimisation level, 0..=3.
+    pub opt_level: u8,
+    /// Keep the optimised LLVM IR of each kernel in [`PtxKernel::llvm_ir`].
+    pub dump_llvm_ir: bool,
+}
+
+impl Default for PtxOptions {
+    fn default() -> Self {
+        PtxOptions {
+            target: GpuTarget::default(),
+            opt_level: 3,
+            dump_llvm_ir: false,
+        }
+    }
+}
+
+/// One compiled kernel: a whole PTX module with one `.entry`, and how to launch it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PtxKernel {
+    /// `Kernel::name`, the `.entry` name.
+    pub name: String,
+    /// The PTX module, headed by a comment naming the graph nodes the kernel came from.
+    pub ptx: String,
+    /// `sm_90` or `sm_90a`: the module's `.target` (pass it to ptxas as `-arch`).
+    pub arch: String,
+    /// Grid (big extent on x), block, and the *dynamic* shared memory to pass at launch
+    /// (0: the kernels here use static shared memory only).
+    pub launch: LaunchGeometry,
+    /// Per-launch scratch bytes (the last parameter); 0 for every kernel here.
+    pub scratch_bytes: Dim,
+    /// Inputs + outputs + symbols + 1 (scratch).
+    pub n_params: usize,
+    /// The optimised LLVM IR when `PtxOptions::dump_llvm_ir`.
+    pub llvm_ir: Option<String>,
+}
+
+/// Compile one loop or template kernel of `plan` (docs/kernel-abi.md). A scan is a host loop:
+/// compile its body's kernels instead ([`compile_plan`] does).
+pub fn compile_kernel(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel, CodegenError> {
+    compile_inner(plan, kernel, opts).map_err(|e| CodegenError(format!("{}: {}", kernel.name, e.0)))
+}
+
+fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel, CodegenError> {
+    let ctx = Context::create();
+    let mut em = emit::Em::new(&ctx, plan, kernel)?;
+    let launch = match &kernel.kind {
+        KernelKind::Loop(l) => loops::emit(&mut em, l)?,
+        KernelKind::Template(t) => templates::emit(&mut em, t)?,
+        KernelKind::Scan(_) => {
+            return Err(CodegenError(
+                "a scan kernel is a host loop: compile the kernels of its body".into(),
+            ))
+        }
+    };
+    let mut llvm_ir = None;
+    // LLVM's optimisation and code generation are most of the compile time: their output is
+    // cached on disk by the hash of the unoptimised module (see `cache`)
+    let key = (!opts.dump_llvm_ir).then(|| cache::key(&em.module.print_to_string().to_string(), opts));
+    let body = match key.as_deref().and_then(cache::get) {
+        Some(body) => body,
+        None => {
+            let body = module_to_ptx_at(&em.module, &opts.target, opts.opt_level, &mut |s| {
+                if opts.dump_llvm_ir {
+                    llvm_ir = Some(s)
+                }
+            })?;
+            if let Some(k) = &key {
+                cache::put(k, &body);
+            }
+            body
+        }
+    };
+    let nodes: Vec<String> = kernel.nodes.iter().map(|n| format!("%{}", n.index())).collect();
+    let ptx = format!(
+        "// ringjit kernel {} ({}), graph nodes {}\n// launch {}\n{}",
+        kernel.name,
+        kernel.kind_name(),
+        nodes.join(" "),
+        launch,
+        body
+    );
+    Ok(PtxKernel {
+        name: kernel.name.clone(),
+        ptx,
+        arch: opts.target.cpu(),
+        launch,
+        scratch_bytes: Dim::constant(0),
+        n_params: kernel.inputs.len() + kernel.outputs.len() + plan.symbols().len() + 1,
+        llvm_ir,
+    })
+}
+
+/// Every loop and template kernel of `plan`, scan bodies included (their kernels keep their
+/// own names), in plan order.
+pub fn compile_plan(plan: &KernelPlan, opts: &PtxOptions) -> Result<Vec<PtxKernel>, CodegenError> {
+    let mut out = Vec::new();
+    collect(plan, opts, &mut out)?;
+    Ok(out)
+}
+
+fn collect(plan: &KernelPlan, opts: &PtxOptions, out: &mut Vec<PtxKernel>) -> Result<(), CodegenError> {
+    for k in &plan.kernels {
+        match &k.kind {
+            KernelKind::Scan(s) => collect(&s.body, opts, out)?,
+            _ => out.push(compile_kernel(plan, k, opts)?),
+        }
+    }
+    Ok(())
 }
 
 /// Declare a kernel (`.visible .entry`) taking `params`.
@@ -190,21 +328,5 @@ mod tests {
     }
 }
 
-// TEMP STUB (not committed)
-pub struct PtxKernel {
-    pub name: String,
-    pub ptx: String,
-    pub arch: String,
-    pub launch: ir::kernel::LaunchGeometry,
-    pub scratch_bytes: ir::Dim,
-    pub n_params: usize,
-}
-#[derive(Debug, Default, Clone)]
-pub struct PtxOptions {}
-pub fn compile_kernel(
-    _plan: &ir::kernel::KernelPlan,
-    _kernel: &ir::kernel::Kernel,
-    _opts: &PtxOptions,
-) -> Result<PtxKernel, CodegenError> {
-    Err(CodegenError("stub".into()))
-}
+#[cfg(test)]
+mod model_tests;

@@ -1,0 +1,163 @@
+//! Emitter tests: structure of generated kernels, and the whole-model check that every kernel of
+//! the Ring-linear configs assembles with ptxas (no spills in loop kernels).
+
+use super::*;
+use crate::ptxas;
+use passes::testing::{model, opts};
+use passes::{Mode, Precision};
+use std::collections::HashMap;
+
+/// The kernel plan of `config` in `mode` / `precision`.
+fn plan_of(config: &str, mode: Mode, precision: Precision) -> KernelPlan {
+    let g = model(config);
+    let mut o = opts(mode);
+    o.precision = precision;
+    let (g, _) = passes::compile(&g, &o).unwrap_or_else(|e| panic!("{config}: {e}"));
+    passes::partition::partition(&g).unwrap_or_else(|e| panic!("{config}: {e}"))
+}
+
+fn first<'p>(plan: &'p KernelPlan, pred: &dyn Fn(&Kernel) -> bool) -> Option<&'p Kernel> {
+    plan.kernels.iter().find(|k| pred(k))
+}
+
+#[test]
+fn loop_reductions_use_shuffles_and_gemm_emits_an_entry() {
+    let plan = plan_of("tiny", Mode::Prefill, Precision::Bf16);
+    let o = PtxOptions::default();
+    let mut seen_reduce = false;
+    for k in &plan.kernels {
+        let p = match &k.kind {
+            KernelKind::Scan(_) => continue,
+            _ => compile_kernel(&plan, k, &o).unwrap_or_else(|e| panic!("{e}")),
+        };
+        assert!(p.ptx.contains(&format!(".visible .entry {}(", k.name)), "{}", p.ptx);
+        assert!(p.ptx.starts_with("// ringjit kernel"), "{}", p.ptx);
+        assert_eq!(p.arch, "sm_90");
+        assert_eq!(p.n_params, k.inputs.len() + k.outputs.len() + plan.symbols().len() + 1);
+        if let KernelKind::Loop(l) = &k.kind {
+            if l.exprs.has_reduce() {
+                seen_reduce = true;
+                assert!(p.ptx.contains("shfl.sync.bfly"), "{}", p.ptx);
+                assert!(p.ptx.contains("bar.sync"), "{}", p.ptx);
+            }
+        }
+        if k.kind_name() == "rms_norm" {
+            assert!(p.ptx.contains("shfl.sync.bfly"), "{}", p.ptx);
+        }
+    }
+    let _ = seen_reduce;
+    let g = first(&plan, &|k| k.kind_name() == "gemm").expect("tiny has GEMMs");
+    let p = compile_kernel(&plan, g, &o).unwrap();
+    assert!(p.ptx.contains("fma.rn.f32"), "{}", p.ptx);
+}
+
+#[test]
+fn scans_are_refused_and_fp8_kernels_convert_with_satfinite() {
+    let plan = plan_of("tiny", Mode::Prefill, Precision::Fp8);
+    let o = PtxOptions::default();
+    let q = first(&plan, &|k| {
+        k.kind_name() == "quantize_fp8" || k.kind_name().ends_with("quant_fp8")
+    })
+    .expect("fp8 plan quantises");
+    let p = compile_kernel(&plan, q, &o).unwrap();
+    assert!(p.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), "{}", p.ptx);
+    let fake = Kernel {
+        kind: KernelKind::Scan(ir::kernel::ScanKernel {
+            axis: 0,
+            length: Dim::constant(1),
+            n_carry: 0,
+            n_seq: 0,
+            body: Box::default(),
+        }),
+        ..q.clone()
+    };
+    let e = compile_kernel(&plan, &fake, &o).unwrap_err();
+    assert!(e.0.contains("host loop"), "{e}");
+}
+
+/// Every loop and template kernel of the four configs in prefill, decode and fp8 prefill
+/// assembles; loop kernels do not spill. Identical kernels (up to their names) are assembled
+/// once, two ptxas processes at a time.
+#[test]
+fn every_model_kernel_assembles_with_ptxas() {
+    if let Err(e) = ptxas::find_ptxas() {
+        eprintln!("\n\n!!!!! SKIPPING the ptxas check: {e} !!!!!\n\n");
+        return;
+    }
+    let o = PtxOptions::default();
+    // body with the name blanked -> (name, is loop)
+    let mut unique: HashMap<String, (String, bool, String)> = HashMap::new();
+    let mut count = 0;
+    for config in ["tiny", "small", "ring-mini-linear-2.0", "ring-flash-linear-2.0"] {
+        for (mode, precision) in [
+            (Mode::Prefill, Precision::Bf16),
+            (Mode::Decode, Precision::Bf16),
+            (Mode::Prefill, Precision::Fp8),
+        ] {
+            let plan = plan_of(config, mode, precision);
+            let ks = compile_plan(&plan, &o).unwrap_or_else(|e| panic!("{config} {mode:?} {precision:?}: {e}"));
+            let mut loops = std::collections::HashSet::new();
+            mark_loops(&plan, &mut loops);
+            for k in ks {
+                count += 1;
+                let body: String = k
+                    .ptx
+                    .lines()
+                    .filter(|l| !l.starts_with("//"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let key = body.replace(&k.name, "K");
+                let is_loop = loops.contains(&k.name);
+                unique.entry(key).or_insert((k.name.clone(), is_loop, k.ptx.clone()));
+            }
+        }
+    }
+    let jobs: Vec<(String, bool, String)> = unique.into_values().collect();
+    let results = std::sync::Mutex::new(Vec::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((name, is_loop, ptx)) = jobs.get(i) else { break };
+                let r = ptxas::check(ptx);
+                results.lock().unwrap().push((name.clone(), *is_loop, r));
+            });
+        }
+    });
+    let mut failures = Vec::new();
+    let (mut max_regs, mut worst) = (0, String::new());
+    for (name, is_loop, r) in results.into_inner().unwrap() {
+        match r {
+            Err(e) => failures.push(format!("{name}: {e}")),
+            Ok(rep) => {
+                for k in &rep.kernels {
+                    if k.registers > max_regs {
+                        max_regs = k.registers;
+                        worst = k.name.clone();
+                    }
+                    if is_loop && (k.spill_stores > 0 || k.spill_loads > 0) {
+                        failures.push(format!("loop kernel {name} spills: {k:?}"));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "ptxas: {count} kernels, {} distinct; max {max_regs} registers ({worst})",
+        jobs.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn mark_loops(plan: &KernelPlan, out: &mut std::collections::HashSet<String>) {
+    for k in &plan.kernels {
+        match &k.kind {
+            KernelKind::Loop(_) => {
+                out.insert(k.name.clone());
+            }
+            KernelKind::Scan(s) => mark_loops(&s.body, out),
+            KernelKind::Template(_) => {}
+        }
+    }
+}
