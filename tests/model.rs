@@ -169,7 +169,7 @@ fn lightning_scan_equals_the_chunked_closed_form() {
     let outs = t.add(g.node(scan).op.clone(), &args, None).unwrap();
     t.add_output("state", outs[0], InputKind::Data);
     t.add_output("o", outs[1], InputKind::Data);
-    let interp = Interpreter::new(&t, &RandomWeights { seed: 0 }).unwrap();
+    let interp = Interpreter::new(&t, &RandomWeights::new(0)).unwrap();
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let normal = rand_distr::Normal::new(0.0f32, 1.0).unwrap();
@@ -318,7 +318,7 @@ fn moe_routing_matches_an_independent_implementation() {
             );
         }
         let src = Patched {
-            base: RandomWeights { seed: 8 },
+            base: RandomWeights::new(8),
             replace,
         };
         let interp = Interpreter::new(&g, &src).unwrap();

@@ -768,14 +768,30 @@ fn encode_floats(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
 
 /// Seeded random weights made in memory; the same values [`write_checkpoint`] writes to disk
 /// with the same seed (when the checkpoint's dtype is the parameters' dtype).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RandomWeights {
     pub seed: u64,
+    /// The HF config's `initializer_range`: the standard deviation of every matrix (Linear and
+    /// Embedding weights), as HF initialises (and the model authors trained) these models.
+    /// `None`: no range known, the fan-in initialisation of [`random_tensor`].
+    pub initializer_range: Option<f32>,
 }
 
 impl RandomWeights {
+    /// Weights without a known `initializer_range` (matrices N(0, 1/fan_in)).
     pub fn new(seed: u64) -> RandomWeights {
-        RandomWeights { seed }
+        RandomWeights {
+            seed,
+            initializer_range: None,
+        }
+    }
+
+    /// Weights initialised as the HF `config` says: its `initializer_range` when present.
+    pub fn from_config(seed: u64, config: &Value) -> RandomWeights {
+        RandomWeights {
+            seed,
+            initializer_range: initializer_range(config),
+        }
     }
 
     /// The parameter `spec` filled by [`random_tensor`].
@@ -787,8 +803,25 @@ impl RandomWeights {
             });
         }
         spec_members(spec)?;
-        Ok(random_tensor(spec, self.seed))
+        Ok(random_tensor_init(spec, self.seed, self.initializer_range))
     }
+}
+
+impl RandomWeights {
+    /// The (mean, std) of the distribution parameter `spec` is drawn from (None: zeros), as
+    /// [`random_tensor`] documents: for making equivalent random weights elsewhere (on a GPU).
+    pub fn moments(&self, spec: &ParamSpec) -> Option<(f32, f32)> {
+        init_std(&spec.name, spec.member_shape(), self.initializer_range)
+    }
+}
+
+/// The `initializer_range` of an HF config, when it holds a positive number.
+pub fn initializer_range(config: &Value) -> Option<f32> {
+    config
+        .get("initializer_range")
+        .and_then(Value::as_f64)
+        .filter(|&r| r > 0.0 && r.is_finite())
+        .map(|r| r as f32)
 }
 
 /// 64-bit FNV-1a: a fixed hash, so random weights are the same in every run and on every
@@ -805,11 +838,14 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 }
 
 /// How a checkpoint tensor is initialised (see [`random_tensor`]).
-fn init_std(name: &str, shape: &[usize]) -> Option<(f32, f32)> {
+fn init_std(name: &str, shape: &[usize], range: Option<f32>) -> Option<(f32, f32)> {
     if name.ends_with("expert_bias") {
         None
     } else if name.ends_with("norm.weight") {
         Some((1.0, 0.1))
+    } else if let (Some(r), true) = (range, shape.len() >= 2) {
+        // HF's `_init_weights`: Linear and Embedding weights alike
+        Some((0.0, r))
     } else if name == "model.word_embeddings.weight" {
         Some((0.0, 1.0))
     } else if shape.len() >= 2 {
@@ -831,8 +867,8 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(name: &str, shape: &[usize], dtype: DType, seed: u64) -> Sampler {
-        let (rng, (mean, std)) = match init_std(name, shape) {
+    fn new(name: &str, shape: &[usize], dtype: DType, seed: u64, range: Option<f32>) -> Sampler {
+        let (rng, (mean, std)) = match init_std(name, shape, range) {
             None => (None, (0.0, 0.0)),
             Some(ms) => {
                 let key = fnv1a(&[&seed.to_le_bytes(), name.as_bytes()]);
@@ -857,7 +893,8 @@ impl Sampler {
 /// Seeded random values for a parameter, rounded to `spec.dtype`. Every checkpoint tensor
 /// (each stack member separately) has its own generator, ChaCha8 seeded with the FNV-1a hash
 /// of `seed` and the tensor's full name, so a stack equals its members made one by one, and a
-/// checkpoint written by [`write_checkpoint`] holds the same values.
+/// checkpoint written by [`write_checkpoint`] holds the same values (for a config without an
+/// `initializer_range`; [`random_tensor_init`] is the same with one).
 ///
 /// Distributions, by name:
 /// - `*expert_bias` → 0 (a freshly initialised router bias is zero);
@@ -866,13 +903,23 @@ impl Sampler {
 ///   applied to the wrong tensor;
 /// - `model.word_embeddings.weight` → N(0, 1), so the first RMSNorm sees unit-scale input;
 /// - every other matrix → N(0, 1/fan_in), fan_in its last dimension (weights are
-///   `[out, in]`), which keeps activations at unit scale through the layers;
+///   `[out, in]`), which keeps activations at unit scale through the layers (and makes a
+///   deep random model chaotic: use the config's `initializer_range` where there is one);
 /// - any other vector (Ring has none) → N(0, 0.1²).
 ///
 /// Parameters that are not floats come back as zeros. Panics if the spec is inconsistent
 /// (a stack whose leading dimension is not its count); [`RandomWeights::load`] reports that
 /// as an error instead.
 pub fn random_tensor(spec: &ParamSpec, seed: u64) -> Tensor {
+    random_tensor_init(spec, seed, None)
+}
+
+/// [`random_tensor`] with an HF `initializer_range` (`Some(r)`): then every matrix, the
+/// embedding and the LM head included, is N(0, r²) instead (norm weights and the expert bias
+/// as in [`random_tensor`]). Ring-linear's configs say 0.02; with it the residual stream grows
+/// slowly through the layers, as in the trained models, where the fan-in initialisation makes
+/// a random model chaotic (a perturbation grows ×1.5–2 per layer).
+pub fn random_tensor_init(spec: &ParamSpec, seed: u64, range: Option<f32>) -> Tensor {
     if !spec.dtype.is_float() {
         return Tensor::zeros(spec.dtype, spec.shape.clone());
     }
@@ -881,7 +928,7 @@ pub fn random_tensor(spec: &ParamSpec, seed: u64) -> Tensor {
     let mut data = vec![0f32; member_numel * names.len()];
     for (i, name) in names.iter().enumerate() {
         let out = &mut data[i * member_numel..(i + 1) * member_numel];
-        Sampler::new(name, member_shape, spec.dtype, seed).fill(out);
+        Sampler::new(name, member_shape, spec.dtype, seed, range).fill(out);
     }
     Tensor {
         dtype: spec.dtype,
@@ -983,7 +1030,8 @@ fn split_shards(planned: &[Planned], max_bytes: u64) -> Vec<Vec<&Planned>> {
     shards
 }
 
-/// Writes a random checkpoint (the values of [`random_tensor`] with `seed`) into the new folder
+/// Writes a random checkpoint (the values of [`RandomWeights::from_config`]`(seed, config)`: the
+/// config's `initializer_range` when it has one, else [`random_tensor`]'s) into the new folder
 /// `dir` in the HF layout: `config.json` (`config` with `torch_dtype` set to match `dtype`) and
 /// the parameters' tensors under their HF names, stacks as their members, stored in `dtype`
 /// except F32 `*expert_bias` tensors, which stay F32. One `model.safetensors` if the tensors
@@ -1051,7 +1099,8 @@ pub fn write_checkpoint(
     }
     fs::create_dir(&tmp).map_err(io_err(&tmp))?;
 
-    let written = write_files(&tmp, &config, &planned, seed, max_shard_bytes, progress)
+    let init = RandomWeights::from_config(seed, &config);
+    let written = write_files(&tmp, &config, &planned, init, max_shard_bytes, progress)
         .and_then(|()| fs::rename(&tmp, dir).map_err(io_err(dir)));
     if written.is_err() {
         let _ = fs::remove_dir_all(&tmp);
@@ -1066,7 +1115,7 @@ fn write_files(
     dir: &Path,
     config: &Value,
     planned: &[Planned],
-    seed: u64,
+    init: RandomWeights,
     max_shard_bytes: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
@@ -1080,7 +1129,7 @@ fn write_files(
     progress(0, total);
     if total <= max_shard_bytes {
         let all: Vec<&Planned> = planned.iter().collect();
-        return write_safetensors(&dir.join(SINGLE_FILE), all, seed, &mut |b| {
+        return write_safetensors(&dir.join(SINGLE_FILE), all, init, &mut |b| {
             done += b;
             progress(done, total);
         });
@@ -1094,7 +1143,7 @@ fn write_files(
         for t in &shard {
             weight_map.insert(t.name.clone(), Value::String(file_name.clone()));
         }
-        write_safetensors(&dir.join(&file_name), shard, seed, &mut |b| {
+        write_safetensors(&dir.join(&file_name), shard, init, &mut |b| {
             done += b;
             progress(done, total);
         })?;
@@ -1111,7 +1160,12 @@ fn write_files(
 
 /// Writes one safetensors file, generating the tensors' values a batch at a time (one tensor
 /// per thread) and streaming them to disk.
-fn write_safetensors(path: &Path, mut tensors: Vec<&Planned>, seed: u64, written: &mut dyn FnMut(u64)) -> Result<()> {
+fn write_safetensors(
+    path: &Path,
+    mut tensors: Vec<&Planned>,
+    init: RandomWeights,
+    written: &mut dyn FnMut(u64),
+) -> Result<()> {
     tensors.sort_by(|a, b| {
         StDType::of(b.dtype)
             .cmp(&StDType::of(a.dtype))
@@ -1127,10 +1181,10 @@ fn write_safetensors(path: &Path, mut tensors: Vec<&Planned>, seed: u64, written
         w.write_all(&header)?;
         for batch in tensors.chunks(threads) {
             let encoded: Vec<Vec<u8>> = if batch.len() == 1 {
-                vec![random_bytes(batch[0], seed)]
+                vec![random_bytes(batch[0], init)]
             } else {
                 std::thread::scope(|s| {
-                    let handles: Vec<_> = batch.iter().map(|&t| s.spawn(move || random_bytes(t, seed))).collect();
+                    let handles: Vec<_> = batch.iter().map(|&t| s.spawn(move || random_bytes(t, init))).collect();
                     handles
                         .into_iter()
                         .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
@@ -1150,8 +1204,8 @@ fn write_safetensors(path: &Path, mut tensors: Vec<&Planned>, seed: u64, written
 
 /// The stored bytes of one planned tensor's random values, generated in pieces so that only
 /// the stored form of the whole tensor is held.
-fn random_bytes(t: &Planned, seed: u64) -> Vec<u8> {
-    let mut sampler = Sampler::new(&t.name, &t.shape, t.spec_dtype, seed);
+fn random_bytes(t: &Planned, init: RandomWeights) -> Vec<u8> {
+    let mut sampler = Sampler::new(&t.name, &t.shape, t.spec_dtype, init.seed, init.initializer_range);
     let mut left: usize = t.shape.iter().product();
     let mut out = Vec::with_capacity(left * t.dtype.size_bytes());
     let mut piece = vec![0f32; left.min(1 << 16)];
@@ -1457,6 +1511,53 @@ mod tests {
             .load(&spec("model.layers.1.mlp.gate.expert_bias", DType::F32, &[256]))
             .unwrap();
         assert!(values(&bias).iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn random_weights_follow_the_configs_initializer_range() {
+        let std =
+            |v: &[f32], mean: f32| (v.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32).sqrt();
+        let hf = RandomWeights::from_config(1, &json!({"initializer_range": 0.02, "hidden_size": 64}));
+        assert_eq!(hf.initializer_range, Some(0.02));
+        assert_eq!(RandomWeights::from_config(1, &config()), RandomWeights::new(1));
+        assert_eq!(
+            RandomWeights::from_config(1, &json!({"initializer_range": null})).initializer_range,
+            None
+        );
+        // every matrix: Linear weights, the router, the embedding and the LM head
+        for (name, shape) in [
+            ("model.layers.0.mlp.down_proj.weight", &[256, 64][..]),
+            ("model.layers.1.mlp.gate.weight", &[64, 256]),
+            ("model.word_embeddings.weight", &[128, 64]),
+            ("lm_head.weight", &[128, 64]),
+        ] {
+            let t = hf.load(&spec(name, DType::F32, shape)).unwrap();
+            let s = std(values(&t), 0.0);
+            assert!((s - 0.02).abs() < 0.001, "{name}: std {s}");
+        }
+        let experts = hf.load(&stacked(EXPERTS, "e", DType::BF16, &[4, 64, 64])).unwrap();
+        assert!((std(values(&experts), 0.0) - 0.02).abs() < 0.001);
+        // norm weights stay near 1, the expert bias 0, whatever the range
+        let norm = hf.load(&spec("model.norm.weight", DType::F32, &[4096])).unwrap();
+        assert!((std(values(&norm), 1.0) - 0.1).abs() < 0.01);
+        let bias = hf
+            .load(&spec("model.layers.1.mlp.gate.expert_bias", DType::F32, &[256]))
+            .unwrap();
+        assert!(values(&bias).iter().all(|&x| x == 0.0));
+        // a checkpoint written with that config holds the same values
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        let mut cfg = config();
+        cfg["initializer_range"] = json!(0.02);
+        let specs = tiny_specs(DType::BF16);
+        write_checkpoint(&dir, &cfg, &specs, 7, DType::BF16, u64::MAX, &mut |_, _| {}).unwrap();
+        let ck = Checkpoint::open(&dir).unwrap();
+        let hf7 = RandomWeights::from_config(7, &cfg);
+        for s in &specs {
+            assert_eq!(ck.load(s).unwrap(), hf7.load(s).unwrap(), "{}", s.name);
+        }
+        let emb = ck.load(&specs[0]).unwrap();
+        assert_ne!(emb, random_tensor(&specs[0], 7), "the range was applied");
     }
 
     #[test]

@@ -125,8 +125,9 @@ impl DType {
         match self {
             DType::BF16 => half::bf16::from_f32(x).to_f32(),
             DType::F16 => half::f16::from_f32(x).to_f32(),
-            DType::F8E4M3 => round_f8(x, 3, 8, 448.0),
-            DType::F8E5M2 => round_f8(x, 2, 16, 57344.0),
+            // OCP FP8: E4M3 ("fn": no infinities) has exponent bias 7, E5M2 bias 15
+            DType::F8E4M3 => round_f8(x, 3, 7, 448.0),
+            DType::F8E5M2 => round_f8(x, 2, 15, 57344.0),
             _ => x,
         }
     }
@@ -235,6 +236,18 @@ mod tests {
         assert_eq!(DType::F8E4M3.round(-3.3), -3.25);
         // smallest E4M3 subnormal is 2^-9
         assert_eq!(DType::F8E4M3.round(2f32.powi(-9)), 2f32.powi(-9));
+        // E4M3's smallest normal is 2^-6: below it the spacing is 2^-9 (3 bits below 2^-6)
+        assert_eq!(DType::F8E4M3.round(2f32.powi(-6)), 2f32.powi(-6));
+        assert_eq!(DType::F8E4M3.round(2f32.powi(-7) + 2f32.powi(-10)), 2f32.powi(-7));
+        assert_eq!(DType::F8E4M3.round(3.0 * 2f32.powi(-10)), 2f32.powi(-8));
+        assert_eq!(DType::F8E4M3.round(2f32.powi(-10)), 0.0);
+        assert_eq!(DType::F8E4M3.round(1.1 * 2f32.powi(-10)), 2f32.powi(-9));
+        assert_eq!(DType::F8E4M3.round(448.0 + 16.0), 448.0);
+        // E5M2: smallest normal 2^-14, smallest subnormal 2^-16, largest 57344
+        assert_eq!(DType::F8E5M2.round(2f32.powi(-16)), 2f32.powi(-16));
+        assert_eq!(DType::F8E5M2.round(2f32.powi(-17)), 0.0);
+        assert_eq!(DType::F8E5M2.round(2f32.powi(-14) + 2f32.powi(-17)), 2f32.powi(-14));
+        assert_eq!(DType::F8E5M2.round(1e6), 57344.0);
         assert_eq!(DType::F8E5M2.round(1.2), 1.25);
         assert_eq!(DType::BF16.round(1.0 + 1.0 / 512.0), 1.0);
     }

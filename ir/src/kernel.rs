@@ -723,6 +723,10 @@ pub enum TemplateOp {
     Softmax {
         width: Dim,
     },
+    /// Operands `x [.., seq, heads, d]`, weight, `pos [seq]`, `inv_freq [rotary/2]`. The weight
+    /// is `[d]` (every head) or `[heads, d]` (one row per head: q's and k's heads of a layer in
+    /// one kernel, `fuse-qknorm-rope-pair-*`; it then arrives as a prologue selecting q's or
+    /// k's norm weight by head).
     QkNormRope {
         eps: f64,
         rotary: usize,

@@ -275,6 +275,13 @@ impl CostModel {
     pub fn enode_cost(&self, eg: &RlGraph, class: Id, node: &Rl) -> f64 {
         match node {
             Rl::Attr(_) | Rl::Proj(_) | Rl::Const(_) | Rl::Leaf(_) => 0.0,
+            Rl::Concat(kids)
+                if kids[..kids.len().saturating_sub(1)]
+                    .iter()
+                    .all(|&k| is_weight_class(eg, k)) =>
+            {
+                0.0
+            }
             Rl::Scan(kids) => {
                 let (Some(last), operands) = (kids.last(), &kids[..kids.len().saturating_sub(1)]) else {
                     return f64::INFINITY;
@@ -313,10 +320,45 @@ impl CostModel {
         g.g.node_indices()
             .map(|n| {
                 let node = g.node(n);
+                if matches!(node.op, Op::Concat { .. }) && g.operands(n).iter().all(|v| is_weight_value(g, v.node)) {
+                    return 0.0;
+                }
                 let ins: Vec<&TensorType> = g.operands(n).iter().map(|v| g.ty(*v)).collect();
                 self.op_cost(&node.op, &ins, &node.outputs)
             })
             .sum()
+    }
+}
+
+/// A checkpoint weight, or a view of one (`permute`, `reshape`, `expand`): its value is the same at every
+/// step. A concatenation of such values ([`CostModel::enode_cost`]) is packed once when the
+/// weights load, or read through the consuming GEMM's operand prologue, which picks the source
+/// buffer by column: no launch and no traffic beyond the GEMM's own read of the weights.
+fn is_weight_class(eg: &RlGraph, id: Id) -> bool {
+    fn go(eg: &RlGraph, id: Id, depth: usize) -> bool {
+        depth < 4
+            && eg[id].nodes.iter().any(|n| match n {
+                Rl::Leaf([i]) => eg[*i]
+                    .data
+                    .attr()
+                    .and_then(Attr::as_usize)
+                    .and_then(|k| eg.analysis.leaves.entries.get(k))
+                    .is_some_and(|e| matches!(e.op, Op::Param { .. })),
+                Rl::Permute([x, _]) | Rl::Reshape([x, _]) | Rl::Expand([x, _]) => go(eg, *x, depth + 1),
+                _ => false,
+            })
+    }
+    go(eg, id, 0)
+}
+
+/// [`is_weight_class`] on a graph.
+fn is_weight_value(g: &Graph, n: petgraph::stable_graph::NodeIndex) -> bool {
+    match &g.node(n).op {
+        Op::Param { .. } => true,
+        Op::Permute { .. } | Op::Reshape { .. } | Op::Expand { .. } => {
+            g.operands(n).first().is_some_and(|v| is_weight_value(g, v.node))
+        }
+        _ => false,
     }
 }
 
@@ -512,6 +554,17 @@ pub fn extract(eg: &RlGraph, roots: &[Id], model: &CostModel, seed: Option<&Choi
             }
         }
     }
+    // source class -> (class, node index) pairs that slice it: the parts of one wide value (two
+    // GEMMs of one input computed as one, `fuse-concat-gemms-*`) pay off only when every part
+    // switches to it together, as the outputs of a tuple do
+    let mut slices: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    for (c, cands) in t.nodes.iter().enumerate() {
+        for (i, cand) in cands.iter().enumerate() {
+            if let (Rl::Slice(_), Some(&src)) = (&cand.node, cand.kids.first()) {
+                slices.entry(src).or_default().push((c, i));
+            }
+        }
+    }
     let candidates: Vec<usize> = (0..n).filter(|&c| t.nodes[c].len() > 1 && !t.is_attr[c]).collect();
     let mut improvements = 0;
     for _ in 0..6 {
@@ -526,6 +579,13 @@ pub fn extract(eg: &RlGraph, roots: &[Id], model: &CostModel, seed: Option<&Choi
                 if let Some(tup) = t.nodes[c][i].proj_of {
                     for &(c2, i2) in projections.get(&tup).map(|v| v.as_slice()).unwrap_or(&[]) {
                         trial[c2] = i2;
+                    }
+                }
+                if let (Rl::Slice(_), Some(src)) = (&t.nodes[c][i].node, t.nodes[c][i].kids.first()) {
+                    for &(c2, i2) in slices.get(src).map(|v| v.as_slice()).unwrap_or(&[]) {
+                        if t.nodes[c2].len() > 1 {
+                            trial[c2] = i2;
+                        }
                     }
                 }
                 let v = t.dag_cost(&trial, &roots);

@@ -1640,11 +1640,14 @@ fn lower(g: &Graph, info: &Info, dec: &Decision) -> Result<KernelPlan, Vec<Retry
     };
     let mut ordered = Vec::with_capacity(kernels.len());
     let mut slots: Vec<Option<Kernel>> = kernels.into_iter().map(|(_, k)| Some(k)).collect();
-    for (i, k) in order.into_iter().enumerate() {
-        if let Some(mut kernel) = slots[k].take() {
-            kernel.name = kernel_name(i, &kernel, g);
+    for k in order {
+        if let Some(kernel) = slots[k].take() {
             ordered.push(kernel);
         }
+    }
+    let mut ordered = merge_horizontal(ordered);
+    for (i, kernel) in ordered.iter_mut().enumerate() {
+        kernel.name = kernel_name(i, kernel, g);
     }
     Ok(KernelPlan {
         buffers: lw.buffers,
@@ -1681,6 +1684,102 @@ impl Lower<'_> {
 }
 
 /// Kahn's algorithm over "reads a buffer another kernel writes"; None on a cycle.
+/// Horizontal fusion: two loop kernels next to each other in execution order over the same
+/// domain, without reductions, neither reading nor writing what the other writes, become one
+/// kernel storing both kernels' outputs (one launch; every index computes both values). In
+/// Ring's softmax layers: the K and V cache appends.
+fn merge_horizontal(kernels: Vec<Kernel>) -> Vec<Kernel> {
+    let mut out: Vec<Kernel> = Vec::with_capacity(kernels.len());
+    for k in kernels {
+        if let Some(prev) = out.last_mut() {
+            if let Some(merged) = merge_loops(prev, &k) {
+                *prev = merged;
+                continue;
+            }
+        }
+        out.push(k);
+    }
+    out
+}
+
+/// `a` and `b` as one loop kernel, when [`merge_horizontal`] allows it.
+fn merge_loops(a: &Kernel, b: &Kernel) -> Option<Kernel> {
+    let (KernelKind::Loop(la), KernelKind::Loop(lb)) = (&a.kind, &b.kind) else {
+        return None;
+    };
+    if la.domain != lb.domain || la.exprs.has_reduce() || lb.exprs.has_reduce() {
+        return None;
+    }
+    let written = |k: &Kernel| k.outputs.iter().map(|r| r.buffer).collect::<HashSet<BufferId>>();
+    let (wa, wb) = (written(a), written(b));
+    let touches = |k: &Kernel, w: &HashSet<BufferId>| k.inputs.iter().chain(&k.outputs).any(|r| w.contains(&r.buffer));
+    if touches(b, &wa) || touches(a, &wb) {
+        return None;
+    }
+    // b's expressions after a's (its input slots shift), each one reusing an equal expression
+    // of a's, so that shared sub-expressions still appear once (the positions, `past`, a
+    // concat's bound)
+    let di = a.inputs.len();
+    let mut exprs = la.exprs.clone();
+    let mut known: HashMap<ExprNode, ExprId> = exprs
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), ExprId(i as u32)))
+        .collect();
+    let mut map: Vec<ExprId> = Vec::with_capacity(lb.exprs.nodes.len());
+    for n in &lb.exprs.nodes {
+        let m = |e: &ExprId| map[e.0 as usize];
+        let mi = |x: &IndexExpr| IndexExpr {
+            terms: x
+                .terms
+                .iter()
+                .map(|(v, c)| {
+                    let v = match v {
+                        IndexVar::Data(e) => IndexVar::Data(m(e)),
+                        v => *v,
+                    };
+                    (v, c.clone())
+                })
+                .collect(),
+            offset: x.offset.clone(),
+        };
+        let op = match &n.op {
+            ScalarOp::Load { input, index } => ScalarOp::Load {
+                input: input + di,
+                index: index.iter().map(mi).collect(),
+            },
+            ScalarOp::Index(x) => ScalarOp::Index(mi(x)),
+            ScalarOp::Unary(u, x) => ScalarOp::Unary(*u, m(x)),
+            ScalarOp::Binary(o, x, y) => ScalarOp::Binary(*o, m(x), m(y)),
+            ScalarOp::Where(c, x, y) => ScalarOp::Where(m(c), m(x), m(y)),
+            ScalarOp::Cast(x) => ScalarOp::Cast(m(x)),
+            ScalarOp::Result { .. } | ScalarOp::Const(_) | ScalarOp::Reduce { .. } => n.op.clone(),
+        };
+        let node = ExprNode { op, dtype: n.dtype };
+        let id = *known.entry(node.clone()).or_insert_with(|| {
+            exprs.nodes.push(node);
+            ExprId(exprs.nodes.len() as u32 - 1)
+        });
+        map.push(id);
+    }
+    let mut stores = la.stores.clone();
+    stores.extend(lb.stores.iter().map(|e| map[e.0 as usize]));
+    Some(Kernel {
+        name: a.name.clone(),
+        kind: KernelKind::Loop(LoopKernel {
+            domain: la.domain.clone(),
+            outer: la.outer,
+            exprs,
+            stores,
+        }),
+        inputs: a.inputs.iter().chain(&b.inputs).cloned().collect(),
+        outputs: a.outputs.iter().chain(&b.outputs).cloned().collect(),
+        nodes: a.nodes.iter().chain(&b.nodes).copied().collect(),
+        launch: a.launch.clone(),
+    })
+}
+
 fn kernel_order(kernels: &[(usize, Kernel)], dec: &Decision, info: &Info) -> Option<Vec<usize>> {
     let mut writer: HashMap<BufferId, usize> = HashMap::new();
     for (i, (_, k)) in kernels.iter().enumerate() {
@@ -2058,6 +2157,36 @@ pub(crate) mod tests {
             _ => false,
         });
         assert!(data_index >= 2, "{plan}");
+    }
+
+    #[test]
+    fn independent_loop_kernels_over_one_domain_merge() {
+        // two appends to two caches (K and V of a softmax layer): one kernel, two outputs,
+        // sharing the concat bound's expressions
+        let plan = run_checked(
+            "dim past, seq; input k: f32[2, seq, 8]; input v: f32[2, seq, 8];
+             state kc: f32[2, past, 8] = \"kc\"; state vc: f32[2, past, 8] = \"vc\";
+             carry kc = concat([kc, k * 2.0], axis = 1);
+             carry vc = concat([vc, exp(v)], axis = 1);
+             output \"s\" = v;",
+            &[("past", 3), ("seq", 2)],
+        );
+        assert_eq!(plan.kernel_count(), 1, "{plan}");
+        let l = loop_kernel(&plan.kernels[0]);
+        assert_eq!((plan.kernels[0].outputs.len(), l.stores.len()), (2, 2), "{plan}");
+        let mut seen = HashSet::new();
+        assert!(
+            l.exprs.nodes.iter().all(|n| seen.insert(n.clone())),
+            "duplicate expressions: {plan}"
+        );
+        // different domains, or a reduction: kept apart
+        let plan = run_checked(
+            "dim n; input x: f32[n, 8]; input y: f32[n, 4];
+             output \"a\" = x * 2.0; output \"b\" = exp(y);
+             output \"c\" = y * sum(y, axis = -1, keepdim = true);",
+            &[("n", 3)],
+        );
+        assert_eq!(plan.counts().loops, 3, "{plan}");
     }
 
     #[test]

@@ -187,12 +187,22 @@ pub fn model(config: &str) -> Graph {
     model_with(config, &[])
 }
 
+/// `models/configs/<config>.json`.
+pub fn config_json(config: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join(format!("models/configs/{config}.json"))).unwrap())
+        .unwrap()
+}
+
+/// Random weights for `models/configs/<config>.json`, initialised as HF does with the config's
+/// `initializer_range` ([`RandomWeights::from_config`]).
+pub fn weights(config: &str, seed: u64) -> RandomWeights {
+    RandomWeights::from_config(seed, &config_json(config))
+}
+
 /// [`model`] with config entries overridden.
 pub fn model_with(config: &str, overrides: &[(&str, serde_json::Value)]) -> Graph {
     let src = std::fs::read_to_string(root().join("models/ring_linear.ring")).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join(format!("models/configs/{config}.json"))).unwrap())
-            .unwrap();
+    let mut cfg = config_json(config);
     for (k, v) in overrides {
         cfg[*k] = v.clone();
     }

@@ -12,7 +12,7 @@ use ir::tensor::Tensor;
 use ir::tol::{rel_err, Tol};
 use passes::egraph::Limits;
 use passes::precision::is_routing_logits;
-use passes::testing::{count_ops, env, model, model_with, random_inputs, run};
+use passes::testing::{count_ops, env, model, model_with, random_inputs, run, weights};
 use passes::{compile, CompileOptions, Mode, PassReport, Precision};
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashMap;
@@ -191,7 +191,7 @@ fn router_and_lm_head_are_not_quantized() {
 // 2. every FP8 GEMM of the model, on the activations that reach it, is within the FP8 op tier of
 //    the exact product of its unquantised operands, and measurably different from it;
 // 3. the whole model in FP8 against the unfused f32 graph: measurably different (FP8 ran), and
-//    (ignored test) within the FP8 model tier.
+//    within the FP8 model tier, on weights initialised as HF does (`initializer_range`).
 //
 // Quantisation is discontinuous: a difference at f32 or bf16 precision between a fused kernel and
 // the primitives it replaces moves the odd value across an E4M3 rounding boundary, a whole E4M3
@@ -200,9 +200,16 @@ fn router_and_lm_head_are_not_quantized() {
 // lands within f32 rounding of a boundary for these seeded inputs), and only FP8-tier on small
 // (bf16: the fused norms round once where the primitives round twice, as in ring.rs).
 
-/// The interpreter's outputs of two graphs on the same seeded inputs and weights; `got`'s inputs
-/// are `want`'s rounded to its own dtypes (a bf16 graph's KV cache against an f32 one's).
-fn run_both(want: &Graph, got: &Graph, e: &DimEnv, seed: u64) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
+/// The interpreter's outputs of two graphs on the same seeded inputs and weights (initialised
+/// as HF does with `config`'s `initializer_range`); `got`'s inputs are `want`'s rounded to its
+/// own dtypes (a bf16 graph's KV cache against an f32 one's).
+fn run_both(
+    config: &str,
+    want: &Graph,
+    got: &Graph,
+    e: &DimEnv,
+    seed: u64,
+) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
     let inputs = random_inputs(want, e, seed, 0.5, 200);
     let mut got_inputs = inputs.clone();
     for &i in &got.inputs {
@@ -213,7 +220,7 @@ fn run_both(want: &Graph, got: &Graph, e: &DimEnv, seed: u64) -> (HashMap<String
             }
         }
     }
-    let w = RandomWeights::new(seed);
+    let w: RandomWeights = weights(config, seed);
     (run(want, &w, &inputs).unwrap(), run(got, &w, &got_inputs).unwrap())
 }
 
@@ -222,8 +229,8 @@ fn f32s(t: &Tensor) -> Vec<f32> {
 }
 
 /// The worst relative error over every output of `got` against `want`, and the logits' error.
-fn errors(want: &Graph, got: &Graph, e: &DimEnv, seed: u64) -> (f64, f64) {
-    let (a, b) = run_both(want, got, e, seed);
+fn errors(config: &str, want: &Graph, got: &Graph, e: &DimEnv, seed: u64) -> (f64, f64) {
+    let (a, b) = run_both(config, want, got, e, seed);
     let mut all = 0.0f64;
     for (name, t) in &a {
         assert_eq!(b[name].shape, t.shape, "output `{name}`");
@@ -253,7 +260,7 @@ fn compiled_equals_unfused(what: &str, g: &Graph, tol: f64) {
         let o = opts(mode, Precision::Fp8);
         let (c, _) = compile(g, &o).unwrap();
         let (u, _) = compile(g, &CompileOptions { fuse: false, ..o }).unwrap();
-        let (all, _) = errors(&u, &c, &e, SEED);
+        let (all, _) = errors(what, &u, &c, &e, SEED);
         println!("{what} {}: compiled fp8 vs unfused fp8 {all:.3e}", mode.name());
         assert!(all <= tol, "{what} {}: {all:.3e} > {tol:e}", mode.name());
     }
@@ -319,7 +326,7 @@ fn gemms_within_the_fp8_op_tier(what: &str, g: &Graph, n_gemms: usize) {
         .unwrap();
         let (probed, n) = with_gemm_probes(&u);
         assert_eq!(n, n_gemms, "{what}");
-        let (_, out) = run_both(&u, &probed, &e, SEED);
+        let (_, out) = run_both(what, &u, &probed, &e, SEED);
         let errs: Vec<f64> = (0..n)
             .map(|i| {
                 rel_err(
@@ -347,15 +354,46 @@ fn small_fp8_gemms_are_within_the_fp8_op_tier() {
 
 /// (3) `g` compiled in FP8 against `reference` (f32 activations, unfused): per mode, the worst
 /// error over every output and the logits' error.
-fn fp8_against_f32(g: &Graph, reference: &Graph, precision: Precision) -> Vec<(Mode, f64, f64)> {
+fn fp8_against_f32(config: &str, g: &Graph, reference: &Graph, precision: Precision) -> Vec<(Mode, f64, f64)> {
     modes()
         .into_iter()
         .map(|(mode, e)| {
             let (c, _) = compile(g, &opts(mode, precision)).unwrap();
-            let (all, logits) = errors(reference, &c, &e, SEED);
+            let (all, logits) = errors(config, reference, &c, &e, SEED);
             (mode, all, logits)
         })
         .collect()
+}
+
+/// The reference logits carry signal: on every row (token) they spread over at least half of
+/// their largest magnitude, so a relative error against them is not measured on a near-constant
+/// vector (an init that made every logit about equal would make the comparisons vacuous).
+fn logits_have_spread(what: &str, config: &str, reference: &Graph) {
+    for (mode, e) in modes() {
+        let (a, _) = run_both(config, reference, reference, &e, SEED);
+        let l = &a["logits"];
+        let v = f32s(l);
+        let vocab = *l.shape.last().unwrap();
+        let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let narrowest = v
+            .chunks(vocab)
+            .map(|r| {
+                let (lo, hi) = r
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+                hi - lo
+            })
+            .fold(f32::INFINITY, f32::min);
+        println!(
+            "{what} {}: logits max |.| {max:.3}, narrowest row spread {narrowest:.3}",
+            mode.name()
+        );
+        assert!(
+            max > 0.0 && narrowest >= 0.5 * max,
+            "{what} {}: {narrowest} vs {max}",
+            mode.name()
+        );
+    }
 }
 
 /// (3) for tiny and small; `check_tier` asserts the FP8 model tier as well.
@@ -364,13 +402,14 @@ fn whole_model_fp8_against_f32(check_tier: bool) {
     let small_f32 = variant("small", (16, 4), Some("float32"));
     let small = variant("small", (16, 4), None);
     let cases = [
-        ("tiny", &tiny, &tiny),
-        ("small (f32 activations)", &small_f32, &small_f32),
-        ("small (bf16)", &small, &small_f32),
+        ("tiny", "tiny", &tiny, &tiny),
+        ("small (f32 activations)", "small", &small_f32, &small_f32),
+        ("small (bf16)", "small", &small, &small_f32),
     ];
-    for (what, g, reference) in cases {
-        let fp8 = fp8_against_f32(g, reference, Precision::Fp8);
-        let plain = fp8_against_f32(g, reference, Precision::Bf16);
+    for (what, config, g, reference) in cases {
+        logits_have_spread(what, config, reference);
+        let fp8 = fp8_against_f32(config, g, reference, Precision::Fp8);
+        let plain = fp8_against_f32(config, g, reference, Precision::Bf16);
         for (&(mode, all, logits), &(_, p_all, p_logits)) in fp8.iter().zip(&plain) {
             println!(
                 "{what} {}: fp8 vs f32 worst {all:.3e} (logits {logits:.3e}); without fp8 {p_all:.3e} (logits {p_logits:.3e})",
@@ -378,7 +417,7 @@ fn whole_model_fp8_against_f32(check_tier: bool) {
             );
             // FP8 really ran: the logits moved, and by much more than the compilation without it
             assert!(
-                logits > 1e-4,
+                logits > 1e-3,
                 "{what} {}: FP8 changed nothing ({logits:.3e})",
                 mode.name()
             );
@@ -399,14 +438,22 @@ fn whole_model_fp8_differs_measurably_from_f32() {
     whole_model_fp8_against_f32(false);
 }
 
-/// design.md's FP8 model tier (0.15) on random-weight models: measured 0.25–0.36 at full depth
-/// (worst output; logits 0.11–0.29; 0.14–0.34 for the logits over five seeds), because every
-/// FP8 GEMM is 3–5% off (E4M3 keeps 3 mantissa bits; statement 2 holds that at the op tier) and
-/// these models amplify a perturbation ×1.5–2 per layer (the layers' caches and states show it:
-/// 0.04 after layer 0, 0.25 after layer 4 of tiny). It needs a decision on the tier (for example
-/// depth-aware, or measured on trained weights), not a looser epsilon here.
+/// design.md's FP8 model tier (0.15), worst output (logits, KV caches, linear states) of the
+/// whole model in FP8 against the unfused f32 graph, on weights initialised as HF does
+/// (N(0, initializer_range²) matrices, 0.02 as the real Ring configs say).
+///
+/// Still out of reach on random weights: worst 0.19 / 0.10 (tiny prefill / decode; logits 0.17 /
+/// 0.10), 0.25 / 0.22 (small, f32 activations), 0.26 / 0.25 (small, bf16). With the fan-in
+/// initialisation it was 0.25–0.36. The HF initialisation removed the exponential growth (tiny's
+/// layer outputs: 0.03, 0.08, 0.14, 0.16, 0.17 by depth) but not the level: each sublayer chains
+/// two or three FP8 GEMMs (2.5–5% each, statement 2) through multiplicative joins (q·k·v of the
+/// lightning layer, the SwiGLU product), and at this initialisation every layer's output is
+/// larger than the residual stream it is added to (the embedding is N(0, 0.02²) too), so the
+/// logits carry the last layers' error nearly undamped: measured 0.15 at 3 layers of tiny,
+/// 0.14 at 4 of small, 0.25–0.35 at 9–12. A trained model's residual stream dominates its
+/// per-layer updates; this needs trained weights or a decision on the tier, not a looser bound.
 #[test]
-#[ignore = "the FP8 model tier does not hold on random weights at 6-8 layers (measured 0.25-0.36); see the doc comment"]
+#[ignore = "FP8 vs f32 measures 0.19-0.26 on random HF-initialised models (tier 0.15); see the doc comment"]
 fn whole_model_fp8_is_within_the_fp8_model_tier_of_f32() {
     whole_model_fp8_against_f32(true);
 }

@@ -95,8 +95,20 @@ fn fuse_rules_fire_on_tiny_prefill_and_decode() {
         assert_eq!(r.fired("fuse-flash-attention"), 2, "{r}");
         // dense MLP + (shared expert + routed experts) in 5 MoE layers
         assert_eq!(r.fired("fuse-swiglu"), 11, "{r}");
+        // q's and k's heads of every layer in one kernel
+        assert_eq!(r.fired("fuse-qknorm-rope-pair-first"), 6, "{r}");
+        assert_eq!(r.fired("fuse-qknorm-rope-pair-second"), 6, "{r}");
+        // pairs of GEMMs of one input: the qkv and g projections of the 4 linear layers, the
+        // gate and up projections of the dense MLP, and in the 5 MoE layers the router with
+        // each of the shared expert's gate and up and those two (tiny is f32 throughout, so the
+        // router reads the same input; small's f32 router reads a cast)
+        assert_eq!(r.fired("fuse-concat-gemms-first"), 4 + 1 + 3 * 5, "{r}");
+        assert_eq!(r.fired("fuse-concat-gemms-second"), 4 + 1 + 3 * 5, "{r}");
         assert_eq!(count_ops(&c, "flash_attention"), 2);
-        assert_eq!(count_ops(&c, "qk_norm_rope"), 12);
+        assert_eq!(count_ops(&c, "qk_norm_rope"), 6);
+        // per layer: the wide input GEMM, the output GEMM, the MLP's wide and down GEMMs (the
+        // routed experts' are grouped), the 5 routers and the LM head
+        assert_eq!(count_ops(&c, "matmul"), 6 * 4 + 5 + 1, "{}", c.to_text());
         assert_eq!(count_ops(&c, "add_rms_norm"), 12);
         assert_eq!(count_ops(&c, "rms_norm"), 1, "the first input norm has no residual add");
         // the dense MLP and the shared experts; the routed ones are inside the grouped GEMMs
@@ -126,8 +138,11 @@ fn fuse_rules_fire_on_small_bf16_prefill_and_decode() {
         assert_eq!(r.fired("fuse-softmax"), 2, "{r}");
         assert_eq!(r.fired("fuse-flash-attention-narrow"), 2, "{r}");
         assert_eq!(r.fired("fuse-swiglu"), 15, "{r}");
+        assert_eq!(r.fired("fuse-qknorm-rope-pair-first"), 8, "{r}");
+        assert_eq!(r.fired("fuse-concat-gemms-first"), 6 + 1 + 7, "{r}");
         assert_eq!(count_ops(&c, "flash_attention"), 2);
-        assert_eq!(count_ops(&c, "qk_norm_rope"), 16);
+        assert_eq!(count_ops(&c, "qk_norm_rope"), 8);
+        assert_eq!(count_ops(&c, "matmul"), 8 * 4 + 7 + 1);
     }
 }
 
@@ -318,6 +333,39 @@ fn compile_time_of_ring_mini() {
 #[ignore = "elaborates ring-flash-linear-2.0 (32 layers, 256 experts); run with --ignored --nocapture"]
 fn compile_time_of_ring_flash() {
     compile_time("ring-flash-linear-2.0");
+}
+
+/// Kernels per step of a big model, as `ringjit compile` reports them; with
+/// `RINGJIT_KERNELS_OUT=FILE` the kernel plan's text is written there.
+fn kernels_per_layer(config: &str, layers: usize) {
+    for mode in [Mode::Prefill, Mode::Decode] {
+        let g = model(config);
+        let t = Instant::now();
+        let (c, _) = compile(&g, &opts(mode)).unwrap();
+        let plan = passes::partition::partition(&c).unwrap();
+        let took = t.elapsed();
+        let n = plan.counts();
+        println!(
+            "{config} {}: {} unfused -> {} kernels ({:.2} per layer; {} loop, {} template, {} scan), compile + partition {:.2} s",
+            mode.name(),
+            passes::partition::partition_unfused_count(&g),
+            n.total,
+            n.total as f64 / layers as f64,
+            n.loops,
+            n.templates,
+            n.scans,
+            took.as_secs_f64()
+        );
+        if let Ok(p) = std::env::var("RINGJIT_KERNELS_OUT") {
+            std::fs::write(format!("{p}.{}", mode.name()), plan.to_text()).unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "elaborates ring-mini-linear-2.0; run with --ignored --nocapture"]
+fn kernels_per_layer_of_ring_mini() {
+    kernels_per_layer("ring-mini-linear-2.0", 20);
 }
 
 // ---- need the composite ops' reference semantics (ir/src/fused/*.rs) -----------------------------

@@ -148,10 +148,11 @@ impl LoadedModel {
                 apply_overrides(&mut config, &spec.overrides)?;
                 let model = build_model(&config, spec.model_def.as_deref())?;
                 let tok = Path::new(name).join("tokenizer.json");
+                let weights = Weights::Random(RandomWeights::from_config(spec.seed, &config));
                 Ok(LoadedModel {
                     config,
                     model,
-                    weights: Weights::Random(RandomWeights { seed: spec.seed }),
+                    weights,
                     source: format!("random weights (seed {}) for config {name}", spec.seed),
                     tokenizer: tok.exists().then_some(tok),
                 })

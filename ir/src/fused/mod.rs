@@ -214,7 +214,9 @@ impl Fused {
             Fused::QkNormRope { rotary, .. } => {
                 float(0)?;
                 let (x, w, pos, inv) = (tys[0], tys[1], tys[2], tys[3]);
-                if x.rank() < 3 || w.rank() != 1 || last(x) != last(w) {
+                // one weight for every head `[d]`, or one per head `[heads, d]`
+                let per_head = w.rank() == 2 && x.rank() >= 3 && w.shape[0] == x.shape[x.rank() - 2];
+                if x.rank() < 3 || !(w.rank() == 1 || per_head) || last(x) != last(w) {
                     return Err(format!("qk_norm_rope of {x} with weight {w}"));
                 }
                 if pos.rank() != 1 || !pos.dtype.is_int() || pos.shape[0] != x.shape[x.rank() - 3] {

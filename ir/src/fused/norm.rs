@@ -208,8 +208,10 @@ pub(super) fn softmax(args: &[&Tensor], out: &[(TensorType, Vec<usize>)]) -> Res
 
 // ---- QK-norm + RoPE ---------------------------------------------------------------------------
 
-/// `Fused::QkNormRope`: inputs `x [.., seq, heads, d]`, `w [d]`, `pos [seq]` (ints),
-/// `inv_freq [rotary/2]`. Per head, RMSNorm with `w` (its result rounded to the output dtype, as
+/// `Fused::QkNormRope`: inputs `x [.., seq, heads, d]`, `w [d]` (every head's weight) or
+/// `[heads, d]` (one weight per head: the q and k heads of a layer normed in one kernel, each
+/// with its own weight), `pos [seq]` (ints), `inv_freq [rotary/2]`. Per head, RMSNorm with its
+/// weight (its result rounded to the output dtype, as
 /// RmsNorm's output is), then NeoX ("rotate half") RoPE on the first `rotary` dims (spec §2.5):
 /// with `h = rotary/2` and angle `a_i = f32(pos) · inv_freq[i]` computed in f32 (as the model's
 /// `rope` does), `y[i] = x[i]·cos a_i − x[h+i]·sin a_i`, `y[h+i] = x[h+i]·cos a_i + x[i]·sin a_i`,
@@ -234,7 +236,20 @@ pub(super) fn qk_norm_rope(
     if r < 3 {
         return Err(format!("{OP} needs x [.., seq, heads, d], got {}", x.type_str()));
     }
-    let (seq, heads, d) = (x.shape[r - 3], x.shape[r - 2], row_len(OP, x, ws.len())?);
+    let (seq, heads) = (x.shape[r - 3], x.shape[r - 2]);
+    let per_head = args[1].shape.len() == 2;
+    let d = if per_head {
+        if args[1].shape[0] != heads {
+            return Err(format!(
+                "{OP}: weight {} does not fit {}",
+                args[1].type_str(),
+                x.type_str()
+            ));
+        }
+        row_len(OP, x, args[1].shape[1])?
+    } else {
+        row_len(OP, x, ws.len())?
+    };
     if !rotary.is_multiple_of(2) || rotary > d {
         return Err(format!(
             "{OP}: rotary dims {rotary} must be even and at most the head dim {d}"
@@ -250,7 +265,15 @@ pub(super) fn qk_norm_rope(
     }
     let dtype = float_out(OP, out, 0, &x.shape)?;
     let mut y = vec![0f32; xs.len()];
-    rms_rows(xs, ws, eps, x.dtype, dtype, &mut y);
+    if per_head {
+        // row `i` is head `i % heads`: the same arithmetic as `[d]`, with that head's weight
+        for (i, (xr, yr)) in xs.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+            let h = i % heads;
+            rms_rows(xr, &ws[h * d..(h + 1) * d], eps, x.dtype, dtype, yr);
+        }
+    } else {
+        rms_rows(xs, ws, eps, x.dtype, dtype, &mut y);
+    }
     if y.is_empty() || half == 0 {
         return Ok(vec![Tensor::from_f32(dtype, x.shape.clone(), y)]);
     }
@@ -617,6 +640,58 @@ mod tests {
         output "inv_freq" = inv_freq;
         output "y" = rope(rms_norm(x, w));
     "#;
+
+    #[test]
+    fn qk_norm_rope_with_a_weight_per_head_equals_one_op_per_weight() {
+        // q's 3 heads and k's 2 heads in one op with weights [5, d]: each part equals its own op
+        let mut r = rng(9);
+        for dt in [DType::F32, DType::BF16] {
+            let (b, s, d, rot) = (2, 4, 16, 8);
+            let q = randn(&mut r, dt, &[b, s, 3, d], 2.0);
+            let k = randn(&mut r, dt, &[b, s, 2, d], 2.0);
+            let wq = randn(&mut r, dt, &[d], 1.0);
+            let wk = randn(&mut r, dt, &[d], 1.0);
+            let pos = i64s((7..7 + s as i64).collect());
+            let inv = Tensor::from_f32(DType::F32, vec![rot / 2], vec![1.0, 0.1, 0.01, 0.001]);
+            let f = Fused::QkNormRope { eps: 1e-6, rotary: rot };
+            let yq = run_fused(f.clone(), &[&q, &wq, &pos, &inv]).unwrap().remove(0);
+            let yk = run_fused(f.clone(), &[&k, &wk, &pos, &inv]).unwrap().remove(0);
+            // x [b, s, 5, d]: per token, q's heads then k's
+            let (qv, kv) = (q.as_f32().unwrap(), k.as_f32().unwrap());
+            let mut xv = Vec::new();
+            for t in 0..b * s {
+                xv.extend_from_slice(&qv[t * 3 * d..(t + 1) * 3 * d]);
+                xv.extend_from_slice(&kv[t * 2 * d..(t + 1) * 2 * d]);
+            }
+            let x = Tensor::from_f32(dt, vec![b, s, 5, d], xv);
+            let mut wv = Vec::new();
+            for h in 0..5 {
+                wv.extend_from_slice(if h < 3 {
+                    wq.as_f32().unwrap()
+                } else {
+                    wk.as_f32().unwrap()
+                });
+            }
+            let w = Tensor::from_f32(dt, vec![5, d], wv);
+            let y = run_fused(f.clone(), &[&x, &w, &pos, &inv]).unwrap().remove(0);
+            let (yv, yqv, ykv) = (y.as_f32().unwrap(), yq.as_f32().unwrap(), yk.as_f32().unwrap());
+            for t in 0..b * s {
+                assert_eq!(
+                    &yv[t * 5 * d..t * 5 * d + 3 * d],
+                    &yqv[t * 3 * d..(t + 1) * 3 * d],
+                    "{dt}"
+                );
+                assert_eq!(
+                    &yv[t * 5 * d + 3 * d..(t + 1) * 5 * d],
+                    &ykv[t * 2 * d..(t + 1) * 2 * d],
+                    "{dt}"
+                );
+            }
+            // a weight for another head count is refused
+            let w4 = Tensor::from_f32(dt, vec![4, d], vec![1.0; 4 * d]);
+            assert!(run_fused(f, &[&x, &w4, &pos, &inv]).is_err());
+        }
+    }
 
     #[test]
     fn qk_norm_rope_matches_the_unfused_graph() {

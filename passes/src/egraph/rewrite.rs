@@ -255,6 +255,8 @@ pub enum Derive {
     Dim(S),
     /// a shape, as a list attribute (a reshape or expand target)
     Shape(&'static [S]),
+    /// the sum of two dims (the end of the second of two adjacent slices)
+    Sum(S, S),
 }
 
 /// A [`typed`] or [`tuple`] right-hand side with attributes derived from the match first, e.g.
@@ -293,6 +295,9 @@ impl Applier<Rl, super::analysis::TypeAnalysis> for WithAttrs {
             let a = match d {
                 Derive::Dim(e) => resolve_dim(eg, subst, *e).map(|d| Attr::dim(&d)),
                 Derive::Shape(spec) => resolve_shape(eg, subst, spec).map(Attr::List),
+                Derive::Sum(x, y) => resolve_dim(eg, subst, *x)
+                    .zip(resolve_dim(eg, subst, *y))
+                    .map(|(x, y)| Attr::dim(&x.add(&y))),
             };
             match a {
                 Some(a) => values.push((*v, a)),
@@ -436,6 +441,28 @@ pub fn is_iota(x: &str) -> impl Cond {
     }
 }
 
+/// The side-table index of the parameter leaf (a checkpoint weight) in the e-class bound to `v`.
+fn param_leaf(eg: &RlGraph, s: &Subst, v: Var) -> Option<usize> {
+    let &id = s.get(v)?;
+    eg[id].nodes.iter().find_map(|n| match n {
+        Rl::Leaf([i]) => eg[*i].data.attr().and_then(Attr::as_usize).filter(|&k| {
+            eg.analysis
+                .leaves
+                .entries
+                .get(k)
+                .is_some_and(|e| matches!(e.op, ir::Op::Param { .. }))
+        }),
+        _ => None,
+    })
+}
+
+/// `a` and `b` are parameters (checkpoint weights, fixed for every step), `a` declared first: an
+/// order on pairs, so a rule over two weights fires once per pair, not once per ordering.
+pub fn params_in_order(a: &str, b: &str) -> impl Cond {
+    let (a, b) = (var(a), var(b));
+    move |eg, _, s| matches!((param_leaf(eg, s, a), param_leaf(eg, s, b)), (Some(x), Some(y)) if x < y)
+}
+
 /// `n` is the side-table index of a scan (`(scan operands... ?n)`) whose op satisfies `pred`:
 /// the predicate sees the whole `Op::Scan` (body graph, axis, carry and sequence counts), so a
 /// rule can recognise what a scan computes, which no pattern over the outer graph can see.
@@ -460,6 +487,11 @@ pub enum S {
     DimOf(&'static str, i64),
     /// element `i` of a bound list attribute, e.g. a reshape target (negative counts from the end)
     ElemOf(&'static str, i64),
+    /// the index of the last axis of a bound value's type (its rank − 1)
+    LastAxisOf(&'static str),
+    /// element `i` of one list attribute plus element `i` of another (two reshape targets
+    /// side by side: `[b, s, 16, d]` and `[b, s, 4, d]` make 20 heads)
+    ElemSum(&'static str, &'static str, i64),
 }
 
 /// The `i`-th of `n` things, `i` negative counting from the end.
@@ -479,6 +511,17 @@ fn resolve_dim(eg: &RlGraph, s: &Subst, e: S) -> Option<Dim> {
         S::ElemOf(v, i) => {
             let l = attr_of(eg, s, var(v)).and_then(Attr::as_list)?;
             index_from_end(i, l.len()).map(|a| l[a].clone())
+        }
+        S::ElemSum(a, b, i) => {
+            let (x, y) = (
+                resolve_dim(eg, s, S::ElemOf(a, i))?,
+                resolve_dim(eg, s, S::ElemOf(b, i))?,
+            );
+            Some(x.add(&y))
+        }
+        S::LastAxisOf(v) => {
+            let r = ty_of(eg, s, var(v))?.rank();
+            r.checked_sub(1).map(|a| Dim::constant(a as i64))
         }
     }
 }

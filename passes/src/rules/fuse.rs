@@ -15,9 +15,9 @@ use super::{
     rotary_halves, same_shape, same_type, shape_is, tuple, type_shape_is, typed, S,
 };
 use crate::egraph::lang::Rl;
-use crate::egraph::rewrite::Cond;
+use crate::egraph::rewrite::{params_in_order, with_attrs, Cond, Derive, WithAttrs};
 use crate::egraph::Rule;
-use egg::{rewrite, Pattern};
+use egg::{rewrite, MultiPattern, Pattern};
 use ir::DType;
 
 fn pat(s: &str) -> Pattern<Rl> {
@@ -154,6 +154,118 @@ fn gqa_causal_layout() -> impl Cond {
     ])
 }
 
+/// Two GEMMs of one activation `?x` by two weights (HF `[out, in]`, used transposed): `?a`
+/// first, or `?b` first (a multi-pattern's rewrite applies to its first pattern's e-class).
+fn gemms_sharing_input(first_a: bool) -> MultiPattern<Rl> {
+    let (a, b) = (
+        "?a = (matmul ?x (permute ?p1 ?t1))",
+        "?b = (matmul ?x (permute ?p2 ?t2))",
+    );
+    let text = if first_a {
+        format!("{a}, {b}")
+    } else {
+        format!("{b}, {a}")
+    };
+    match text.parse() {
+        Ok(p) => p,
+        Err(e) => panic!("fuse multi-pattern `{text}` does not parse: {e:?}"),
+    }
+}
+
+/// Both weights are checkpoint matrices `[out, in]` read transposed, `?p1` declared first.
+fn two_weights_of_one_input() -> impl Cond {
+    all(vec![
+        Box::new(params_in_order("?p1", "?p2")),
+        Box::new(rank_is("?p1", 2)),
+        Box::new(rank_is("?p2", 2)),
+        Box::new(perm_is("?t1", &[1, 0])),
+        Box::new(perm_is("?t2", &[1, 0])),
+    ])
+}
+
+/// `?x · [W1ᵀ | W2ᵀ]`, the columns `lo..hi` of it (`first`: W1's, else W2's).
+fn slice_of_concatenated_gemm(first: bool) -> WithAttrs {
+    let m = "(matmul ?x (concat (permute ?p1 ?t1) (permute ?p2 ?t2) 1))";
+    let rhs = if first {
+        format!("(slice {m} ?ax 0 ?n1)")
+    } else {
+        format!("(slice {m} ?ax ?n1 ?end)")
+    };
+    with_attrs(
+        typed(&rhs),
+        &[
+            ("?ax", Derive::Dim(S::LastAxisOf("?x"))),
+            ("?n1", Derive::Dim(S::DimOf("?p1", 0))),
+            ("?end", Derive::Sum(S::DimOf("?p1", 0), S::DimOf("?p2", 0))),
+        ],
+    )
+}
+
+/// QK-norm + RoPE of two adjacent column ranges of one projection (q's heads and k's heads of
+/// one `qkv`), with the same positions, frequencies, eps and rotary dims: `?a` or `?b` first.
+fn qk_norm_rope_pair(first_a: bool) -> MultiPattern<Rl> {
+    let (a, b) = (
+        "?a = (qk_norm_rope (reshape (slice ?src ?ax ?lo ?mid) ?s1) ?w1 ?pos ?inv ?eps ?r)",
+        "?b = (qk_norm_rope (reshape (slice ?src ?ax ?mid ?hi) ?s2) ?w2 ?pos ?inv ?eps ?r)",
+    );
+    let text = if first_a {
+        format!("{a}, {b}")
+    } else {
+        format!("{b}, {a}")
+    };
+    match text.parse() {
+        Ok(p) => p,
+        Err(e) => panic!("fuse multi-pattern `{text}` does not parse: {e:?}"),
+    }
+}
+
+// shapes of the merged QK-norm + RoPE: heads of both side by side, one weight row per head
+const HEADS_SUM: &[S] = &[
+    S::ElemOf("?s1", 0),
+    S::ElemOf("?s1", 1),
+    S::ElemSum("?s1", "?s2", 2),
+    S::ElemOf("?s1", 3),
+];
+const W1_ROW: &[S] = &[S::Lit(1), S::DimOf("?w1", 0)];
+const W2_ROW: &[S] = &[S::Lit(1), S::DimOf("?w2", 0)];
+const W1_HEADS: &[S] = &[S::ElemOf("?s1", 2), S::DimOf("?w1", 0)];
+const W2_HEADS: &[S] = &[S::ElemOf("?s2", 2), S::DimOf("?w2", 0)];
+
+/// Both parts are `[b, s, heads, d]` views of the last axis with one weight `[d]` each.
+fn qk_pair_layout() -> impl Cond {
+    all(vec![
+        Box::new(is_last_axis("?ax", "?src")),
+        Box::new(rank_is("?a", 4)),
+        Box::new(rank_is("?b", 4)),
+        Box::new(rank_is("?w1", 1)),
+        Box::new(rank_is("?w2", 1)),
+        Box::new(same_type("?w1", "?w2")),
+    ])
+}
+
+/// Heads `lo..hi` of the merged op (`first`: `?a`'s, else `?b`'s).
+fn slice_of_qk_norm_rope_pair(first: bool) -> WithAttrs {
+    let w = "(concat (expand (reshape ?w1 ?w1r) ?w1h) (expand (reshape ?w2 ?w2r) ?w2h) 0)";
+    let y = format!("(qk_norm_rope (reshape (slice ?src ?ax ?lo ?hi) ?s12) {w} ?pos ?inv ?eps ?r)");
+    let rhs = if first {
+        format!("(slice {y} 2 0 ?h1)")
+    } else {
+        format!("(slice {y} 2 ?h1 ?h12)")
+    };
+    with_attrs(
+        typed(&rhs),
+        &[
+            ("?s12", Derive::Shape(HEADS_SUM)),
+            ("?w1r", Derive::Shape(W1_ROW)),
+            ("?w2r", Derive::Shape(W2_ROW)),
+            ("?w1h", Derive::Shape(W1_HEADS)),
+            ("?w2h", Derive::Shape(W2_HEADS)),
+            ("?h1", Derive::Dim(S::ElemOf("?s1", 2))),
+            ("?h12", Derive::Dim(S::ElemSum("?s1", "?s2", 2))),
+        ],
+    )
+}
+
 /// The fuse rule table.
 #[rustfmt::skip]
 pub fn fuse_rules() -> Vec<Rule> {
@@ -179,6 +291,20 @@ pub fn fuse_rules() -> Vec<Rule> {
         // [seq, past + seq] score matrix never reaches HBM.
         rewrite!("fuse-flash-attention"; { attention_f32() } => { typed("(flash_attention ?q ?k ?v ?pos ?scale)") } if gqa_causal_layout()),
         rewrite!("fuse-flash-attention-narrow"; { attention_narrow() } => { typed("(flash_attention ?q ?k ?v ?pos ?scale)") } if gqa_causal_layout()),
+        // Two GEMMs of one activation by two weights become one GEMM by the weights side by side
+        // (the linear layer's qkv and g projections, §2.4.1; the gate and up projections of the
+        // dense MLP and the shared expert): one launch, the activation read once, and at decode
+        // (M = 1, bandwidth-bound) one pass over both weights. The concatenation of two
+        // checkpoint weights is step-independent: packed once at load (as SGLang's
+        // `gate_up_proj`) or read through the GEMM's B prologue; the cost model charges nothing
+        // for it. Each result is a slice of the wide one, exact: the same dot products.
+        rewrite!("fuse-concat-gemms-first"; { gemms_sharing_input(true) } => { slice_of_concatenated_gemm(true) } if two_weights_of_one_input()),
+        rewrite!("fuse-concat-gemms-second"; { gemms_sharing_input(false) } => { slice_of_concatenated_gemm(false) } if two_weights_of_one_input()),
+        // QK-norm + RoPE of q's heads and k's heads of one qkv projection as one kernel over
+        // both (each head with its own weight row, `ir::fused::norm::qk_norm_rope`): one launch
+        // instead of two, the same per-head arithmetic, exact.
+        rewrite!("fuse-qknorm-rope-pair-first"; { qk_norm_rope_pair(true) } => { slice_of_qk_norm_rope_pair(true) } if qk_pair_layout()),
+        rewrite!("fuse-qknorm-rope-pair-second"; { qk_norm_rope_pair(false) } => { slice_of_qk_norm_rope_pair(false) } if qk_pair_layout()),
     ]
 }
 
@@ -269,6 +395,38 @@ mod tests {
         assert_eq!(sat.fired["fuse-swiglu"], 1);
     }
 
+    const TWO_GEMMS: &str = "dim b, s; input x: bf16[b, s, 8]; param wa: bf16[12, 8] = \"wa\";
+        param wb: bf16[4, 8] = \"wb\";
+        output \"ya\" = x @ transpose(wa); output \"yb\" = cast(x @ transpose(wb), f32);";
+
+    #[test]
+    fn concat_gemms_sharing_input() {
+        let m = "(matmul {x} (concat (permute {wa} [1,0]) (permute {wb} [1,0]) 1))";
+        let sat = case(TWO_GEMMS, "ya", &format!("(slice {m} 2 0 12)"));
+        assert_eq!(sat.fired["fuse-concat-gemms-first"], 1);
+        assert_eq!(sat.fired["fuse-concat-gemms-second"], 1);
+        case(TWO_GEMMS, "yb", &format!("(cast (slice {m} 2 12 16) f32)"));
+    }
+
+    #[test]
+    fn concat_gemms_needs_one_input_and_two_weights() {
+        // other activations, or a weight that is a step input rather than a checkpoint tensor
+        for src in [
+            "dim b, s; input x: bf16[b, s, 8]; input y: bf16[b, s, 8]; param wa: bf16[12, 8] = \"wa\";
+             param wb: bf16[4, 8] = \"wb\"; output \"ya\" = x @ transpose(wa); output \"yb\" = y @ transpose(wb);",
+            "dim b, s; input x: bf16[b, s, 8]; input wa: bf16[12, 8]; param wb: bf16[4, 8] = \"wb\";
+             output \"ya\" = x @ transpose(wa); output \"yb\" = x @ transpose(wb);",
+            "dim b, s; input x: bf16[b, s, 8]; param wa: bf16[12, 8] = \"wa\";
+             output \"ya\" = x @ transpose(wa); output \"yb\" = x @ transpose(wa) * 2.0;",
+        ] {
+            let g = dsl(src);
+            let (eg, _) = crate::egraph::to_egraph(&g).unwrap();
+            let (eg, sat) = crate::egraph::saturate(eg, &fuse_rules(), &test_limits());
+            assert!(sat.fired.is_empty(), "{:?}", sat.fired);
+            assert_eq!(crate::egraph::rewrite::count_matches(&eg, "(concat ?a ?b ?ax)"), 0);
+        }
+    }
+
     #[test]
     fn softmax_last_axis() {
         let sat = case(
@@ -318,6 +476,42 @@ mod tests {
             "(qk_norm_rope {x} {w} {pos} ?inv 1e-6 8)",
         );
         assert_eq!(sat.fired["fuse-qknorm-rope-narrow"], 1);
+    }
+
+    fn qk_pair_src(k_lo: usize) -> String {
+        format!(
+            "{ROPE}\ndim b, s; input qkv: f32[b, s, 64]; input pos: i64[s]; param wq: f32[16] = \"wq\";
+             param wk: f32[16] = \"wk\"; param inv: f32[4] = \"inv\";
+             let q = reshape(qkv[..., 0:32], [b, s, 2, 16]);
+             let k = reshape(qkv[..., {k_lo}:{}], [b, s, 1, 16]);
+             output \"q\" = rope(rms_norm(q, wq), pos, inv); output \"k\" = rope(rms_norm(k, wk), pos, inv);",
+            k_lo + 16
+        )
+    }
+
+    #[test]
+    fn qk_norm_rope_pair() {
+        let y = "(qk_norm_rope (reshape (slice {qkv} 2 0 48) [b,s,3,16]) \
+                 (concat (expand (reshape {wq} [1,16]) [2,16]) (expand (reshape {wk} [1,16]) [1,16]) 0) {pos} {inv} 1e-6 8)";
+        let sat = case(&qk_pair_src(32), "q", &format!("(slice {y} 2 0 2)"));
+        assert_eq!(sat.fired["fuse-qknorm-rope"], 2);
+        assert_eq!(sat.fired["fuse-qknorm-rope-pair-first"], 1);
+        assert_eq!(sat.fired["fuse-qknorm-rope-pair-second"], 1);
+        case(&qk_pair_src(32), "k", &format!("(slice {y} 2 2 3)"));
+    }
+
+    #[test]
+    fn qk_norm_rope_pair_needs_adjacent_heads() {
+        // k's columns do not follow q's (a gap of 16): two separate kernels
+        let g = dsl(&format!("{NORM}\n{}", qk_pair_src(48)));
+        let (eg, _) = crate::egraph::to_egraph(&g).unwrap();
+        let (_, sat) = crate::egraph::saturate(eg, &fuse_rules(), &test_limits());
+        assert_eq!(sat.fired.get("fuse-qknorm-rope"), Some(&2), "{:?}", sat.fired);
+        assert!(
+            !sat.fired.contains_key("fuse-qknorm-rope-pair-first"),
+            "{:?}",
+            sat.fired
+        );
     }
 
     #[test]
