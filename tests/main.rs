@@ -5,6 +5,7 @@
 mod common;
 
 mod cli;
+mod cpu;
 mod gpu;
 mod model;
 mod parity;

@@ -425,61 +425,7 @@ impl Eval<'_> {
         k: &Kernel,
         plan: &KernelPlan,
     ) -> Result<Vec<Dense>, String> {
-        use crate::fused::Fused;
-        let f = |x: Fused| Op::Fused(x);
-        let graph_op = match op {
-            TemplateOp::TopK { k, axis } => Op::TopK { k: *k, axis: *axis },
-            TemplateOp::ArgMax { axis } => Op::ArgMax { axis: *axis },
-            TemplateOp::ScatterAdd { axis } => Op::ScatterAddAlong { axis: *axis },
-            TemplateOp::RmsNormQuantFp8 { eps, residual, .. } => f(if *residual {
-                Fused::AddRmsNormQuantFp8 { eps: *eps }
-            } else {
-                Fused::RmsNormQuantFp8 { eps: *eps }
-            }),
-            TemplateOp::SwiGluQuantFp8 { .. } => f(Fused::SwiGluQuantFp8),
-            TemplateOp::GroupedGemm { epilogue, .. } => f(Fused::GroupedMatmul { epilogue: *epilogue }),
-            TemplateOp::Attention { scale, .. } => f(Fused::FlashAttention { scale: *scale }),
-            TemplateOp::LinearAttnChunk { chunk, .. } => f(Fused::LinearAttnChunk { chunk: *chunk }),
-            TemplateOp::LinearAttnStep { .. } => f(Fused::LinearAttnStep),
-            TemplateOp::RouteTopK {
-                k,
-                n_group,
-                topk_group,
-                scale,
-                normalize,
-                biased,
-                ..
-            } => f(Fused::RouteTopK {
-                k: *k,
-                n_group: *n_group,
-                topk_group: *topk_group,
-                scale: *scale,
-                normalize: *normalize,
-                biased: *biased,
-            }),
-            TemplateOp::QuantizeFp8 { rows, cols } => f(Fused::QuantizeFp8 {
-                rows: *rows,
-                cols: *cols,
-            }),
-            TemplateOp::DequantizeFp8 { rows, cols, to } => f(Fused::DequantizeFp8 {
-                rows: *rows,
-                cols: *cols,
-                to: *to,
-            }),
-            TemplateOp::ScaledGemmFp8 { out, .. } => f(Fused::ScaledMatmulFp8 { out: *out }),
-            TemplateOp::RmsNorm { eps, .. } => f(Fused::RmsNorm { eps: *eps }),
-            TemplateOp::AddRmsNorm { eps, .. } => f(Fused::AddRmsNorm { eps: *eps }),
-            TemplateOp::Softmax { .. } => f(Fused::Softmax),
-            TemplateOp::QkNormRope { eps, rotary, .. } => f(Fused::QkNormRope {
-                eps: *eps,
-                rotary: *rotary,
-            }),
-            TemplateOp::GroupNormGate { groups, eps, .. } => f(Fused::GroupNormGate {
-                groups: *groups,
-                eps: *eps,
-            }),
-            TemplateOp::Gemm(_) => return Err("gemm is evaluated directly".into()),
-        };
+        let graph_op = template_graph_op(op)?;
         let mut g = Graph::new();
         let mut args = Vec::new();
         let mut feed = HashMap::new();
@@ -515,6 +461,66 @@ impl Eval<'_> {
             })
             .collect())
     }
+}
+
+/// The graph op whose interpreter semantics a non-GEMM template has (ir::fused documents each):
+/// the oracle of every backend's template kernels.
+pub fn template_graph_op(op: &TemplateOp) -> Result<Op, String> {
+    use crate::fused::Fused;
+    let f = |x: Fused| Op::Fused(x);
+    Ok(match op {
+        TemplateOp::TopK { k, axis } => Op::TopK { k: *k, axis: *axis },
+        TemplateOp::ArgMax { axis } => Op::ArgMax { axis: *axis },
+        TemplateOp::ScatterAdd { axis } => Op::ScatterAddAlong { axis: *axis },
+        TemplateOp::RmsNormQuantFp8 { eps, residual, .. } => f(if *residual {
+            Fused::AddRmsNormQuantFp8 { eps: *eps }
+        } else {
+            Fused::RmsNormQuantFp8 { eps: *eps }
+        }),
+        TemplateOp::SwiGluQuantFp8 { .. } => f(Fused::SwiGluQuantFp8),
+        TemplateOp::GroupedGemm { epilogue, .. } => f(Fused::GroupedMatmul { epilogue: *epilogue }),
+        TemplateOp::Attention { scale, .. } => f(Fused::FlashAttention { scale: *scale }),
+        TemplateOp::LinearAttnChunk { chunk, .. } => f(Fused::LinearAttnChunk { chunk: *chunk }),
+        TemplateOp::LinearAttnStep { .. } => f(Fused::LinearAttnStep),
+        TemplateOp::RouteTopK {
+            k,
+            n_group,
+            topk_group,
+            scale,
+            normalize,
+            biased,
+            ..
+        } => f(Fused::RouteTopK {
+            k: *k,
+            n_group: *n_group,
+            topk_group: *topk_group,
+            scale: *scale,
+            normalize: *normalize,
+            biased: *biased,
+        }),
+        TemplateOp::QuantizeFp8 { rows, cols } => f(Fused::QuantizeFp8 {
+            rows: *rows,
+            cols: *cols,
+        }),
+        TemplateOp::DequantizeFp8 { rows, cols, to } => f(Fused::DequantizeFp8 {
+            rows: *rows,
+            cols: *cols,
+            to: *to,
+        }),
+        TemplateOp::ScaledGemmFp8 { out, .. } => f(Fused::ScaledMatmulFp8 { out: *out }),
+        TemplateOp::RmsNorm { eps, .. } => f(Fused::RmsNorm { eps: *eps }),
+        TemplateOp::AddRmsNorm { eps, .. } => f(Fused::AddRmsNorm { eps: *eps }),
+        TemplateOp::Softmax { .. } => f(Fused::Softmax),
+        TemplateOp::QkNormRope { eps, rotary, .. } => f(Fused::QkNormRope {
+            eps: *eps,
+            rotary: *rotary,
+        }),
+        TemplateOp::GroupNormGate { groups, eps, .. } => f(Fused::GroupNormGate {
+            groups: *groups,
+            eps: *eps,
+        }),
+        TemplateOp::Gemm(_) => return Err("gemm has no single graph op: it is evaluated directly".into()),
+    })
 }
 
 /// The dtype of a template operand: its buffer's, or its prologue's stored value's.

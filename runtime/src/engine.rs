@@ -4,6 +4,7 @@
 //! already in the state). Its `state` inputs (KV caches of softmax layers, [H, d, d] f32 states
 //! of linear layers) are fed from [`State`] and replaced by the step's carried outputs.
 
+use crate::cpu::{CpuExec, ParamCache, Pool};
 use crate::model::LoadedModel;
 use crate::{err, Error, Result};
 use ir::interp::{Interpreter, ParamSource};
@@ -12,6 +13,22 @@ use ir::{DType, DimEnv, Shape, Tensor};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
+
+/// One compiled step graph on its device.
+enum Exec {
+    Reference(Interpreter),
+    Cpu(Box<CpuExec>),
+}
+
+impl Exec {
+    fn run(&self, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Exec::Reference(i) => Ok(i.run(inputs)?),
+            Exec::Cpu(c) => c.run(inputs),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -24,12 +41,14 @@ pub enum Device {
 }
 
 impl Device {
-    /// Parse `--device`. `auto` picks the fastest backend available: today the reference.
+    /// Parse `--device`. `auto` picks the fastest backend available: the Cranelift CPU backend
+    /// (when the CUDA backend lands, `auto` should prefer it where a GPU is present: check
+    /// `cuda::driver_present()` here first).
     pub fn parse(s: &str) -> Result<Device> {
         match s {
             "reference" | "ref" => Ok(Device::Reference),
-            "auto" => Ok(Device::Reference),
-            "cpu" => err("--device cpu: the Cranelift CPU backend is not built yet; use --device reference (or auto)"),
+            "auto" => Ok(Device::Cpu),
+            "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => {
                 err("--device cuda: the PTX/CUDA backend is not built yet; use --device reference (or auto)")
             }
@@ -108,8 +127,8 @@ impl Default for EngineOptions {
 /// decode step of one token per sequence may choose different kernels, e.g. the chunked or
 /// the stepwise linear attention).
 pub struct Engine {
-    prefill: Interpreter,
-    decode: Interpreter,
+    prefill: Exec,
+    decode: Exec,
     states: Vec<StateSpec>,
     pub device: Device,
     pub vocab: usize,
@@ -130,7 +149,7 @@ impl Engine {
         opts: &EngineOptions,
         progress: &dyn Fn(u64, u64),
     ) -> Result<Engine> {
-        if device != Device::Reference {
+        if device == Device::Cuda {
             return err(format!("device {device} is not available yet"));
         }
         let graph = &m.model.graph;
@@ -186,18 +205,32 @@ impl Engine {
             reports.push(report);
         }
         let params = m.params()?;
-        let total: u64 = 2 * params
-            .iter()
-            .map(|p| (p.numel() * p.dtype.size_bytes()) as u64)
-            .sum::<u64>();
+        // the reference interpreter loads each plan's weights; the cpu plans share them
+        let copies = if device == Device::Reference { 2 } else { 1 };
+        let total: u64 = copies
+            * params
+                .iter()
+                .map(|p| (p.numel() * p.dtype.size_bytes()) as u64)
+                .sum::<u64>();
         let counting = Counting {
             inner: &m.weights,
             done: Cell::new(0),
             total,
             progress,
         };
-        let prefill = Interpreter::new(&compiled[0], &counting)?;
-        let decode = Interpreter::new(&compiled[1], &counting)?;
+        let (prefill, decode) = match device {
+            Device::Cpu => {
+                let pool = Arc::new(Pool::all_cores()?);
+                let mut cache = ParamCache::default();
+                let p = CpuExec::new(&compiled[0], &counting, &mut cache, pool.clone())?;
+                let d = CpuExec::new(&compiled[1], &counting, &mut cache, pool)?;
+                (Exec::Cpu(Box::new(p)), Exec::Cpu(Box::new(d)))
+            }
+            _ => (
+                Exec::Reference(Interpreter::new(&compiled[0], &counting)?),
+                Exec::Reference(Interpreter::new(&compiled[1], &counting)?),
+            ),
+        };
         Ok(Engine {
             prefill,
             decode,
@@ -253,7 +286,7 @@ impl Engine {
             Ok(o) => o,
             Err(e) => {
                 state.tensors = inputs; // nothing lost on failure
-                return Err(e.into());
+                return Err(e);
             }
         };
         for s in &self.states {

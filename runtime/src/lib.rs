@@ -1,10 +1,12 @@
 //! ringjit's runtime: loads a model (DSL file + config + weights), runs it on a device with
 //! per-sequence inference state, samples tokens and measures speed.
 //!
-//! Devices: `reference` runs the graph through `ir::interp` (the oracle). The Cranelift CPU
-//! backend and the CUDA backend arrive with their own issues; asking for them says so.
+//! Devices: `reference` runs the graph through `ir::interp` (the oracle); `cpu` runs its kernel
+//! plan as Cranelift-generated code on all cores (`cpu`, docs/cpu-backend.md) and is what `auto`
+//! picks; the CUDA backend arrives with its own issue, and asking for it says so.
 
 pub mod bench;
+pub mod cpu;
 pub mod cuda;
 pub mod cuda_plan;
 pub mod engine;

@@ -1,0 +1,100 @@
+//! The Cranelift CPU device end to end against the reference interpreter: whole tiny and small
+//! models in f32 compute (`ringjit_compute_dtype=float32`, the f32 model tier), prefill then
+//! decode through the state, and greedy generation token for token.
+
+use crate::common::*;
+use ir::tol::{check, Tol};
+use runtime::model::{LoadedModel, ModelSpec};
+use runtime::sample::argmax;
+use runtime::{Device, Engine};
+
+fn load(name: &str, f32_compute: bool) -> LoadedModel {
+    let overrides = if f32_compute {
+        vec!["ringjit_compute_dtype=float32".to_string()]
+    } else {
+        Vec::new()
+    };
+    LoadedModel::load(&ModelSpec {
+        config: Some(name.into()),
+        seed: 5,
+        overrides,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Logits of a prefill of `n` tokens then decode of the rest, on both devices.
+fn compare(name: &str, f32_compute: bool, t: usize, n: usize, tol: f64) {
+    let m = load(name, f32_compute);
+    let cpu = Engine::new(&m, Device::Cpu).unwrap();
+    let reference = Engine::new(&m, Device::Reference).unwrap();
+    let tokens = random_tokens(7, t, cpu.vocab);
+    for decode_from in [None, Some(n)] {
+        let got = cpu.forward(&tokens, decode_from).unwrap();
+        let want = reference.forward(&tokens, decode_from).unwrap();
+        check(
+            &format!("{name} cpu vs reference, {t} tokens, decode from {decode_from:?}"),
+            got.as_f32().unwrap(),
+            want.as_f32().unwrap(),
+            tol,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn the_tiny_model_on_cpu_equals_the_interpreter_in_f32() {
+    compare("tiny", true, 19, 13, Tol::F32.model());
+}
+
+#[test]
+fn the_small_model_on_cpu_equals_the_interpreter_in_f32() {
+    compare("small", true, 9, 6, Tol::F32.model());
+}
+
+#[test]
+fn greedy_generation_on_cpu_equals_the_interpreter_in_f32() {
+    let m = load("tiny", true);
+    let prompt = random_tokens(3, 5, 256);
+    let mut outs = Vec::new();
+    for device in [Device::Cpu, Device::Reference] {
+        let e = Engine::new(&m, device).unwrap();
+        let mut st = e.new_state(1).unwrap();
+        let mut logits = e.step(&mut st, &prompt, prompt.len()).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..12 {
+            let v = logits.as_f32().unwrap();
+            let last = &v[v.len() - e.vocab..];
+            let next = argmax(last) as i64;
+            got.push(next);
+            logits = e.step(&mut st, &[next], 1).unwrap();
+        }
+        outs.push(got);
+    }
+    assert_eq!(outs[0], outs[1], "cpu vs reference greedy tokens");
+}
+
+#[test]
+fn auto_picks_the_cpu_device() {
+    assert_eq!(Device::parse("auto").unwrap(), Device::Cpu);
+    assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
+}
+
+#[test]
+fn the_cli_generates_the_same_tokens_on_cpu_and_reference() {
+    let run = |device: &str| {
+        let out = run_ok(ringjit().args([
+            "generate",
+            "--config",
+            "tiny",
+            "--tokens",
+            "1,2,3",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            device,
+        ]));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run("cpu"), run("reference"));
+}
