@@ -20,6 +20,11 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// Whether a CUDA driver is here and sees at least one GPU.
+pub fn gpu_present() -> bool {
+    driver_present() && matches!(CudaContext::device_count(), Ok(n) if n > 0)
+}
+
 impl Gpu {
     pub fn open(ordinal: usize) -> Result<Gpu> {
         if !driver_present() {

@@ -196,6 +196,13 @@ pub struct DeviceStates {
     pub bufs: HashMap<String, DeviceBuf>,
 }
 
+impl std::fmt::Debug for DeviceStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: usize = self.bufs.values().map(|b| b.bytes).sum();
+        write!(f, "DeviceStates({} tensors, {total} bytes on the GPU)", self.bufs.len())
+    }
+}
+
 struct Loaded {
     func: CudaFunction,
     launch: LaunchGeometry,
@@ -277,7 +284,26 @@ impl CudaPlan {
                     k.name
                 ));
             }
-            let compiled = ptx_of(&plan, k, opts)?;
+        }
+        // LLVM compiles kernels independently (a context per kernel): spread them over the cores
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut compiled_all: Vec<Option<Result<PtxKernel>>> = (0..plan.kernels.len()).map(|_| None).collect();
+        let results = Mutex::new(&mut compiled_all);
+        std::thread::scope(|sc| {
+            for _ in 0..threads {
+                sc.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= plan.kernels.len() {
+                        break;
+                    }
+                    let r = ptx_of(&plan, &plan.kernels[i], opts);
+                    results.lock().expect("compile results")[i] = Some(r);
+                });
+            }
+        });
+        for (k, compiled) in plan.kernels.iter().zip(compiled_all) {
+            let compiled = compiled.ok_or_else(|| Error(format!("{}: not compiled", k.name)))??;
             let mut h = DefaultHasher::new();
             compiled.ptx.hash(&mut h);
             let key = h.finish();

@@ -5,6 +5,7 @@
 //! of linear layers) are fed from [`State`] and replaced by the step's carried outputs.
 
 use crate::cpu::{CpuExec, ParamCache, Pool};
+use crate::cuda_plan::{CudaModel, DeviceStates, GpuWeights};
 use crate::model::LoadedModel;
 use crate::{err, Error, Result};
 use ir::interp::{Interpreter, ParamSource};
@@ -19,6 +20,8 @@ use std::sync::Arc;
 enum Exec {
     Reference(Interpreter),
     Cpu(Box<CpuExec>),
+    /// The step runs in the engine's [`CudaModel`] (both plans share its weights).
+    Cuda,
 }
 
 impl Exec {
@@ -26,9 +29,15 @@ impl Exec {
         match self {
             Exec::Reference(i) => Ok(i.run(inputs)?),
             Exec::Cpu(c) => c.run(inputs),
+            Exec::Cuda => err("internal: a cuda step reached the host executor"),
         }
     }
 }
+
+/// Random weights with more parameters than this are made on the GPU itself (same
+/// distributions, different values than the host's generator; making billions of values on
+/// the host would take minutes).
+pub const GPU_RANDOM_ABOVE: usize = 1 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -41,16 +50,25 @@ pub enum Device {
 }
 
 impl Device {
-    /// Parse `--device`. `auto` picks the fastest backend available: the Cranelift CPU backend
-    /// (when the CUDA backend lands, `auto` should prefer it where a GPU is present: check
-    /// `cuda::driver_present()` here first).
+    /// Parse `--device`. `auto` picks the fastest backend available: the GPU where a CUDA
+    /// driver and a GPU are present, else the Cranelift CPU backend.
     pub fn parse(s: &str) -> Result<Device> {
         match s {
             "reference" | "ref" => Ok(Device::Reference),
-            "auto" => Ok(Device::Cpu),
+            "auto" => Ok(if crate::cuda::gpu_present() {
+                Device::Cuda
+            } else {
+                Device::Cpu
+            }),
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => {
-                err("--device cuda: the PTX/CUDA backend is not built yet; use --device reference (or auto)")
+                if !crate::cuda::driver_present() {
+                    return err(
+                        "--device cuda: no CUDA driver on this machine (libcuda.so could not be loaded); \
+                         use --device cpu (or auto)",
+                    );
+                }
+                Ok(Device::Cuda)
             }
             other => err(format!(
                 "unknown device `{other}`: expected reference, cpu, cuda or auto"
@@ -102,7 +120,10 @@ impl ParamSource for Counting<'_> {
 pub struct State {
     pub batch: usize,
     pub past: usize,
+    /// The states on the host (reference and cpu devices).
     pub tensors: HashMap<String, Tensor>,
+    /// The states on the GPU (cuda device); a clone shares them.
+    pub gpu: Option<Arc<std::sync::Mutex<DeviceStates>>>,
 }
 
 /// How the engine compiles the model's graph before running it.
@@ -129,6 +150,7 @@ impl Default for EngineOptions {
 pub struct Engine {
     prefill: Exec,
     decode: Exec,
+    cuda: Option<CudaModel>,
     states: Vec<StateSpec>,
     pub device: Device,
     pub vocab: usize,
@@ -149,9 +171,6 @@ impl Engine {
         opts: &EngineOptions,
         progress: &dyn Fn(u64, u64),
     ) -> Result<Engine> {
-        if device == Device::Cuda {
-            return err(format!("device {device} is not available yet"));
-        }
         let graph = &m.model.graph;
         let mut states = Vec::new();
         let mut has_tokens = false;
@@ -205,6 +224,26 @@ impl Engine {
             reports.push(report);
         }
         let params = m.params()?;
+        if device == Device::Cuda {
+            let gpu = Arc::new(crate::cuda::Gpu::open(0)?);
+            let n_params: usize = params.iter().map(|p| p.numel()).sum();
+            let weights = match &m.weights {
+                crate::model::Weights::Random(r) if n_params > GPU_RANDOM_ABOVE => {
+                    GpuWeights::random(gpu, &params, r.seed, &|p| r.moments(p), progress)?
+                }
+                w => GpuWeights::upload(gpu, &params, w, progress)?,
+            };
+            let cuda = CudaModel::new(weights, &compiled[0], &compiled[1], &codegen::ptx::PtxOptions::default())?;
+            return Ok(Engine {
+                prefill: Exec::Cuda,
+                decode: Exec::Cuda,
+                cuda: Some(cuda),
+                states,
+                device,
+                vocab,
+                reports,
+            });
+        }
         // the reference interpreter loads each plan's weights; the cpu plans share them
         let copies = if device == Device::Reference { 2 } else { 1 };
         let total: u64 = copies
@@ -234,6 +273,7 @@ impl Engine {
         Ok(Engine {
             prefill,
             decode,
+            cuda: None,
             states,
             device,
             vocab,
@@ -254,10 +294,20 @@ impl Engine {
             })?;
             tensors.insert(s.name.clone(), Tensor::zeros(s.dtype, shape));
         }
+        if let Some(cuda) = &self.cuda {
+            let dev = cuda.states(&tensors)?;
+            return Ok(State {
+                batch,
+                past: 0,
+                tensors: HashMap::new(),
+                gpu: Some(Arc::new(std::sync::Mutex::new(dev))),
+            });
+        }
         Ok(State {
             batch,
             past: 0,
             tensors,
+            gpu: None,
         })
     }
 
@@ -273,6 +323,19 @@ impl Engine {
         }
         if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.vocab) {
             return err(format!("token id {t} is outside the vocabulary (0..{})", self.vocab));
+        }
+        if let Some(cuda) = &self.cuda {
+            let dev = state
+                .gpu
+                .as_ref()
+                .ok_or_else(|| Error("this state was not made for the cuda device (Engine::new_state)".into()))?;
+            let mut dev = dev.lock().map_err(|_| Error("the GPU state is poisoned by an earlier failure".into()))?;
+            let toks = Tensor::from_i64(DType::I64, vec![state.batch, seq], tokens.to_vec());
+            let mut outs = cuda.step(&mut dev, toks, state.batch, seq, state.past)?;
+            state.past += seq;
+            return outs
+                .remove("logits")
+                .ok_or_else(|| Error("the step produced no logits".into()));
         }
         let mut inputs = std::mem::take(&mut state.tensors);
         inputs.insert(

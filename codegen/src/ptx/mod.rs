@@ -71,7 +71,10 @@ impl fmt::Display for CodegenError {
 impl std::error::Error for CodegenError {}
 
 fn target_machine(t: &GpuTarget) -> Result<TargetMachine, CodegenError> {
-    Target::initialize_nvptx(&InitializationConfig::default());
+    // once per process: LLVM's target registration is not safe to race, and the runtime
+    // compiles kernels on several threads
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| Target::initialize_nvptx(&InitializationConfig::default()));
     let triple = TargetTriple::create("nvptx64-nvidia-cuda");
     let target = Target::from_triple(&triple).map_err(|e| CodegenError(format!("NVPTX target: {e}")))?;
     target
