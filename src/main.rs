@@ -783,9 +783,17 @@ fn cmd_bench_gpu(a: BenchArgs) -> Result<()> {
     // measured ceilings of these cards (shared/perf.md): device copy and bf16 GEMM
     let bandwidth = if gpu.name.contains("H200") { 4.3e12 } else { 3.0e12 };
     let cfg = runtime::gpu_bench::GpuBenchConfig {
-        decode_batch: if a.decode_batch.is_empty() { vec![1, 64] } else { a.decode_batch.clone() },
+        decode_batch: if a.decode_batch.is_empty() {
+            vec![1, 64]
+        } else {
+            a.decode_batch.clone()
+        },
         context: a.context.unwrap_or(4096),
-        prefill: if a.prefill.is_empty() { vec![4096] } else { a.prefill.clone() },
+        prefill: if a.prefill.is_empty() {
+            vec![4096]
+        } else {
+            a.prefill.clone()
+        },
         repeats: a.steps.max(5),
         seed: a.model.seed,
         precision: a.device.precision.get(),

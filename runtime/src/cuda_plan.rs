@@ -286,7 +286,10 @@ impl CudaPlan {
             }
         }
         // LLVM compiles kernels independently (a context per kernel): spread them over the cores
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(16);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let mut compiled_all: Vec<Option<Result<PtxKernel>>> = (0..plan.kernels.len()).map(|_| None).collect();
         let results = Mutex::new(&mut compiled_all);

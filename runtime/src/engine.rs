@@ -233,7 +233,12 @@ impl Engine {
                 }
                 w => GpuWeights::upload(gpu, &params, w, progress)?,
             };
-            let cuda = CudaModel::new(weights, &compiled[0], &compiled[1], &codegen::ptx::PtxOptions::default())?;
+            let cuda = CudaModel::new(
+                weights,
+                &compiled[0],
+                &compiled[1],
+                &codegen::ptx::PtxOptions::default(),
+            )?;
             return Ok(Engine {
                 prefill: Exec::Cuda,
                 decode: Exec::Cuda,
@@ -329,7 +334,9 @@ impl Engine {
                 .gpu
                 .as_ref()
                 .ok_or_else(|| Error("this state was not made for the cuda device (Engine::new_state)".into()))?;
-            let mut dev = dev.lock().map_err(|_| Error("the GPU state is poisoned by an earlier failure".into()))?;
+            let mut dev = dev
+                .lock()
+                .map_err(|_| Error("the GPU state is poisoned by an earlier failure".into()))?;
             let toks = Tensor::from_i64(DType::I64, vec![state.batch, seq], tokens.to_vec());
             let mut outs = cuda.step(&mut dev, toks, state.batch, seq, state.past)?;
             state.past += seq;
