@@ -801,7 +801,7 @@ fn cmd_bench_gpu(a: BenchArgs) -> Result<()> {
         peak_flops: 790e12,
     };
     let rw = match &m.weights {
-        runtime::model::Weights::Random(r) => r.clone(),
+        runtime::model::Weights::Random(r) => *r,
         runtime::model::Weights::Checkpoint(_) => ir::checkpoint::RandomWeights::from_config(a.model.seed, &m.config),
     };
     let report = runtime::gpu_bench::run(gpu, &m.config, &m.model.graph, &|p| rw.moments(p), &cfg, &mut |what| {

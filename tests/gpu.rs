@@ -248,12 +248,11 @@ fn model_matches(g: &std::sync::Arc<Gpu>, config: &str, f32_compute: bool, preci
     );
     let mut worst = e;
     // greedy decode: the GPU's argmax feeds both, and with f32 compute the choices must agree
-    let mut past = 19;
     let mut next: Vec<i64> = (0..batch)
         .map(|s| argmax(&b[(s * 19 + 18) * p.vocab..][..p.vocab]))
         .collect();
     let steps = if f32_compute { 32 } else { 4 };
-    for _ in 0..steps {
+    for past in 19..19 + steps {
         let (a, b) = p.step(&mut dev, &mut host, &next, batch, past);
         let e = ir::tol::rel_err(&a, &b);
         assert!(e <= tier.model(), "{config} decode at {past}: {e:.3e} on {}", g.name);
@@ -268,7 +267,6 @@ fn model_matches(g: &std::sync::Arc<Gpu>, config: &str, f32_compute: bool, preci
             );
         }
         next = gb;
-        past += 1;
     }
     eprintln!(
         "gpu model {config} {} {:?}: prefill 19 + {steps} decode steps, worst logits error {worst:.2e} (tier {:.0e})",
@@ -326,4 +324,75 @@ fn gpu_prefill_then_decode_equals_the_forward() {
         g.name
     );
     eprintln!("gpu prefill+decode vs forward (small, f32): {e:.2e}");
+}
+
+/// Benchmark (ignored; run with `--ignored --nocapture` on the GPU machine) of the attention
+/// templates at the Ring-mini shapes: 16 query heads over 4 KV heads and 16 linear heads, d 128.
+/// Runs the whole-model GPU benchmark (`runtime::gpu_bench`, CUDA events, medians) and prints
+/// the per-layer time of the attention kinds with the bytes or FLOPs they imply. No assertion on
+/// time. `RINGJIT_BENCH_PREFILL` (default 4096; empty for none), `RINGJIT_BENCH_CONTEXT`
+/// (default 4096), `RINGJIT_ATTN=naive` to time the simple kernels instead.
+#[test]
+#[ignore]
+fn gpu_bench_attention_kernels_ring_mini() {
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let c = crate::common::config("ring-mini-linear-2.0", &[]);
+    let m = crate::common::model(&c);
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let prefill: Vec<usize> = env("RINGJIT_BENCH_PREFILL", "4096")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let context: usize = env("RINGJIT_BENCH_CONTEXT", "4096").parse().unwrap();
+    let cfg = runtime::gpu_bench::GpuBenchConfig {
+        decode_batch: vec![1, 64],
+        context,
+        prefill,
+        repeats: 5,
+        seed: 1,
+        precision: passes::Precision::Bf16,
+        bandwidth: 3.0e12,
+        peak_flops: 790e12,
+    };
+    let moments = |p: &ir::ParamSpec| {
+        if p.name.contains("norm") {
+            Some((1.0f32, 0.0f32))
+        } else {
+            Some((0.0f32, 0.02f32))
+        }
+    };
+    let r = runtime::gpu_bench::run(g.clone(), &c, &m.graph, &moments, &cfg, &mut |s| eprintln!("{s}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", r.table());
+    // Ring-mini: 20 layers, every 5th softmax attention (4), the rest lightning (16)
+    let (n_soft, n_lin, h, hkv, d) = (4.0, 16.0, 16.0, 4.0, 128.0);
+    for s in &r.steps {
+        let (b, t) = (s.batch as f64, s.tokens as f64);
+        for (kind, ms) in &s.by_kind {
+            let per = match kind.as_str() {
+                "attention" => ms / n_soft,
+                "linear_attn_chunk" | "linear_attn_step" => ms / n_lin,
+                _ => continue,
+            };
+            let what = if kind == "attention" {
+                if s.what.starts_with("decode") {
+                    // K and V of the context, bf16
+                    let bytes = b * hkv * context as f64 * d * 2.0 * 2.0;
+                    format!("{:.1} GB/s (KV read)", bytes / (per * 1e-3) / 1e9)
+                } else {
+                    let flops = 2.0 * h * t * t * d * b;
+                    format!("{:.2} TFLOP/s (causal)", flops / (per * 1e-3) / 1e12)
+                }
+            } else if s.what.starts_with("decode") {
+                // the f32 state read and written
+                let bytes = b * h * d * d * 4.0 * 2.0;
+                format!("{:.1} GB/s (state r+w)", bytes / (per * 1e-3) / 1e9)
+            } else {
+                let flops = 4.0 * d * d * h * t * b;
+                format!("{:.2} TFLOP/s (recurrence)", flops / (per * 1e-3) / 1e12)
+            };
+            eprintln!("BENCH {} on {}: {kind} {:.4} ms per layer, {what}", s.what, g.name, per);
+        }
+    }
 }

@@ -137,7 +137,7 @@ fn every_model_kernel_assembles_with_ptxas() {
                         worst = k.name.clone();
                     }
                     if is_loop && (k.spill_stores > 0 || k.spill_loads > 0) {
-                        failures.push(format!("loop kernel {name} spills: {k:?}"));
+                        failures.push(format!("loop or attention kernel {name} spills: {k:?}"));
                     }
                 }
             }
@@ -157,7 +157,47 @@ fn mark_loops(plan: &KernelPlan, out: &mut std::collections::HashSet<String>) {
                 out.insert(k.name.clone());
             }
             KernelKind::Scan(s) => mark_loops(&s.body, out),
-            KernelKind::Template(_) => {}
+            KernelKind::Template(_) => {
+                // the attention templates keep their state in registers: they must not spill
+                if ["attention", "linear_attn_chunk", "linear_attn_step"].contains(&k.kind_name()) {
+                    out.insert(k.name.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The attention templates take the tiled paths: the flash kernel stages tiles in dynamic
+/// shared memory and reduces with warp shuffles; the linear recurrence stages tokens in shared
+/// memory and spreads each head over several blocks.
+#[test]
+fn attention_templates_are_tiled() {
+    for (mode, want_split) in [(Mode::Prefill, true), (Mode::Decode, true)] {
+        for config in ["tiny", "ring-mini-linear-2.0"] {
+            let plan = plan_of(config, mode, Precision::Bf16);
+            let o = PtxOptions::default();
+            let a = first(&plan, &|k| k.kind_name() == "attention").expect("softmax layers");
+            let p = compile_kernel(&plan, a, &o).unwrap();
+            assert!(p.ptx.contains(".extern .shared"), "{}", p.ptx);
+            assert!(p.ptx.contains("shfl.sync.bfly"), "{}", p.ptx);
+            assert!(p.ptx.contains("ld.shared.v4.f32"), "{}", p.ptx);
+            assert!(p.ptx.contains("bar.warp.sync"), "{}", p.ptx);
+            assert!(p.launch.shared_bytes > 0, "{}", p.launch);
+            assert_eq!(p.launch.block, [256, 1, 1]);
+            let l = first(&plan, &|k| k.kind_name().starts_with("linear_attn")).expect("linear layers");
+            let p = compile_kernel(&plan, l, &o).unwrap();
+            assert!(p.ptx.contains("st.shared.f32"), "{}", p.ptx);
+            assert!(p.ptx.contains("bar.sync"), "{}", p.ptx);
+            assert_eq!(p.launch.block, [256, 1, 1]);
+            if config != "tiny" && want_split {
+                // d = 128: four blocks of 32 columns per (batch, head)
+                assert!(
+                    p.launch.to_string().contains("64*batch") || p.launch.to_string().contains("batch*64"),
+                    "{}",
+                    p.launch
+                );
+                assert!(p.ptx.contains("ld.shared.v4.f32"), "{}", p.ptx);
+            }
         }
     }
 }

@@ -4,6 +4,11 @@
 //! written through [`Em::finish`], which runs the epilogue `Fusion` with `ScalarOp::Result`
 //! bound to the value. Semantics follow `ir::fused` (the reference of `ir::kernel_eval`).
 
+#[path = "attention.rs"]
+mod attention;
+#[path = "linear_attn.rs"]
+mod linear_attn;
+
 use super::emit::{err, Em, Val, R};
 use super::expr::Scope;
 use inkwell::values::{FloatValue, IntValue};
@@ -34,9 +39,15 @@ pub(crate) fn emit(em: &mut Em, t: &TemplateKernel) -> R<LaunchGeometry> {
         TemplateOp::SwiGluQuantFp8 { width } => norm_quant(em, t, None, width, false)?,
         TemplateOp::ScaledGemmFp8 { out, .. } => scaled_gemm(em, t, *out)?,
         TemplateOp::GroupedGemm { epilogue, .. } => grouped_gemm(em, t, *epilogue)?,
-        TemplateOp::Attention { scale, .. } => attention(em, t, *scale)?,
+        TemplateOp::Attention { scale, .. } => match attention::flash_head_dim(em, t) {
+            Some(d) => attention::flash(em, t, *scale, d)?,
+            None => attention(em, t, *scale)?,
+        },
         TemplateOp::LinearAttnChunk { head_dim, .. } | TemplateOp::LinearAttnStep { head_dim, .. } => {
-            linear_attn(em, t, head_dim)?
+            match linear_attn::plan(em, t, head_dim) {
+                Some(p) => linear_attn::recurrence(em, t, p)?,
+                None => linear_attn(em, t, head_dim)?,
+            }
         }
         TemplateOp::RouteTopK {
             k,
