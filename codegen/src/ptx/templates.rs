@@ -534,6 +534,9 @@ fn qk_norm_rope<'c>(
     let row = em.sreg("ctaid.x")?;
     let base = em.mul(row, d)?;
     let tok = em.rem(em.div(row, heads)?, seq)?;
+    // the weight is [d], or [heads, d] when q's and k's norms run as one kernel (one row each)
+    let per_head = em.operand_shape(t, 1)?.len() == 2;
+    let head = em.rem(row, heads)?;
     let zero = em.i64c(0);
     let ss = em.row_reduce(ReduceOp::Sum, zero, d, |em, c| {
         let x = em.ld_lin(t, 0, em.add(base, c)?)?;
@@ -546,7 +549,11 @@ fn qk_norm_rope<'c>(
         let normed = |em: &mut Em<'c, '_>, c: IntValue<'c>| -> R<FloatValue<'c>> {
             let x = em.ld_lin(t, 0, em.add(base, c)?)?;
             let n = em.round(em.fmul(x, inv)?, xdt)?;
-            let w = em.ldf(t, 1, &[c])?;
+            let w = if per_head {
+                em.ldf(t, 1, &[head, c])?
+            } else {
+                em.ldf(t, 1, &[c])?
+            };
             em.round(em.fmul(n, w)?, ydt)
         };
         let y = normed(em, c)?;
