@@ -396,3 +396,141 @@ fn gpu_bench_attention_kernels_ring_mini() {
         }
     }
 }
+
+/// `y = x @ wᵀ` alone (x [b, s, k] bf16, w [n, k] bf16, the model's weight layout) compiled
+/// through the passes, on the GPU with host-made weights (kept for the reference).
+struct MatmulPlan {
+    plan: runtime::cuda_plan::CudaPlan,
+    w: Vec<f32>,
+    k: usize,
+}
+
+fn matmul_plan(g: &std::sync::Arc<Gpu>, n: usize, k: usize, seed: u64) -> MatmulPlan {
+    use passes::{Mode, Precision};
+    let src = format!(
+        "dim b, s; input x: bf16[b, s, {k}]; param w: bf16[{n}, {k}] = \"w\"; output \"y\" = x @ transpose(w);"
+    );
+    let graph = passes::testing::dsl(&src);
+    let (cg, _) = passes::compile(&graph, &opts(Mode::Prefill, Precision::Bf16)).unwrap();
+    let kplan = passes::partition::partition(&cg).unwrap();
+    let specs = cg.params().unwrap();
+    let mut rng = passes::testing::SplitMix(seed);
+    let w = ir::Tensor::from_f32(
+        ir::DType::BF16,
+        vec![n, k],
+        (0..n * k).map(|_| rng.unit() * 0.05).collect(),
+    );
+    let wv = w.as_f32().unwrap().to_vec();
+    let table: std::collections::HashMap<String, ir::Tensor> = [("w".to_string(), w)].into();
+    let weights =
+        runtime::cuda_plan::GpuWeights::upload(g.clone(), &specs, &crate::common::Table(&table), &|_, _| {}).unwrap();
+    let plan = runtime::cuda_plan::CudaPlan::new(&weights, &cg, kplan, &codegen::ptx::PtxOptions::default()).unwrap();
+    MatmulPlan { plan, w: wv, k }
+}
+
+impl MatmulPlan {
+    fn inputs(&self, b: usize, s: usize, seed: u64) -> (ir::DimEnv, std::collections::HashMap<String, ir::Tensor>) {
+        let env: ir::DimEnv = [("b".to_string(), b as i64), ("s".to_string(), s as i64)].into();
+        let mut rng = passes::testing::SplitMix(seed);
+        let x = ir::Tensor::from_f32(
+            ir::DType::BF16,
+            vec![b, s, self.k],
+            (0..b * s * self.k).map(|_| rng.unit()).collect(),
+        );
+        (env, [("x".to_string(), x)].into())
+    }
+}
+
+/// The bf16 GEMM fast paths (GEMV at up to 16 rows, tensor cores above) at Ring-like widths
+/// (K equal to, above and off the GEMV's 2048 chunk; N and K ragged against the 128×128×32
+/// tiles) against f64 dot products on the host.
+#[test]
+fn gpu_gemm_fast_paths_match_the_host() {
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    for (n, k) in [(6144, 2048), (520, 5120), (200, 72)] {
+        let mp = matmul_plan(&g, n, k, 3);
+        for (b, s) in [(1, 1), (3, 1), (1, 16), (1, 17), (2, 65), (1, 130)] {
+            let (env, inputs) = mp.inputs(b, s, 7 + s as u64);
+            let got = mp
+                .plan
+                .run(
+                    &env,
+                    &inputs,
+                    &mut runtime::cuda_plan::DeviceStates {
+                        bufs: Default::default(),
+                    },
+                )
+                .unwrap_or_else(|e| panic!("n={n} k={k} b={b} s={s}: {e}"));
+            let y = got["y"].as_f32().unwrap();
+            let x = inputs["x"].as_f32().unwrap();
+            let rows = b * s;
+            let mut want = vec![0f32; rows * n];
+            for r in 0..rows {
+                for c in 0..n {
+                    let xr = &x[r * k..][..k];
+                    let wc = &mp.w[c * k..][..k];
+                    want[r * n + c] = xr.iter().zip(wc).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+                }
+            }
+            let e = ir::tol::rel_err(y, &want);
+            assert!(
+                e <= Tol::BF16.op(),
+                "gemm n={n} k={k} b={b} s={s} on {}: rel err {e:.3e}",
+                g.name
+            );
+            eprintln!("gpu gemm n={n} k={k} b={b} s={s}: rel err {e:.2e}");
+        }
+    }
+}
+
+/// Times the Ring-mini GEMM shapes (`y = x @ wᵀ`, bf16, f32 accumulation) with CUDA events:
+/// median of 20 runs after a warm-up, per kernel, with the SIMT path (`RINGJIT_GEMM=naive`)
+/// beside it where it finishes in reasonable time. A benchmark print, no assertion on time.
+/// Weights are reused between runs: shapes under 50 MB partly live in L2.
+#[test]
+#[ignore]
+fn gpu_gemm_bench_ring_mini_shapes() {
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let time = |mp: &MatmulPlan, m: usize| -> f64 {
+        let (env, inputs) = mp.inputs(1, m, 5);
+        let mut st = runtime::cuda_plan::DeviceStates {
+            bufs: Default::default(),
+        };
+        let (_, t) = mp.plan.run_timed(&env, &inputs, &mut st, 20).unwrap();
+        t.kernels
+            .iter()
+            .filter(|(n, _)| n.contains("gemm"))
+            .map(|(_, ms)| ms)
+            .sum()
+    };
+    let mut table = Vec::new();
+    for (n, k) in [(6144, 2048), (2048, 2048), (512, 2048), (2048, 512), (157184, 2048)] {
+        std::env::remove_var("RINGJIT_GEMM");
+        let fast = matmul_plan(&g, n, k, 1);
+        std::env::set_var("RINGJIT_GEMM", "naive");
+        let naive = matmul_plan(&g, n, k, 1);
+        std::env::remove_var("RINGJIT_GEMM");
+        for m in [1usize, 64, 4096] {
+            let ms = time(&fast, m);
+            let flops = 2.0 * (m * n * k) as f64;
+            let bytes = 2.0 * (m * k + n * k + m * n) as f64;
+            let base = if (m * n * k) as f64 <= 2.0e10 {
+                format!("{:.4}", time(&naive, m))
+            } else {
+                "-".into()
+            };
+            table.push(format!(
+                "| {n:>6} x {k:>4} | {m:>4} | {ms:>9.4} | {:>7.1} | {:>7.0} | {base:>9} |",
+                flops / ms / 1e9,
+                bytes / ms / 1e6
+            ));
+        }
+    }
+    eprintln!("gemm bench on {} (bf16, y = x @ wT, median of 20)", g.name);
+    eprintln!("|      N x K    |    M |   fast ms | TFLOP/s |    GB/s |  naive ms |");
+    for r in table {
+        eprintln!("{r}");
+    }
+}

@@ -152,7 +152,7 @@ pub struct PtxKernel {
     /// `sm_90` or `sm_90a`: the module's `.target` (pass it to ptxas as `-arch`).
     pub arch: String,
     /// Grid (big extent on x), block, and the *dynamic* shared memory to pass at launch
-    /// (0: the kernels here use static shared memory only).
+    /// (0 except for the bf16 GEMM's tensor-core tiles, `templates/fastgemm.rs`).
     pub launch: LaunchGeometry,
     /// Per-launch scratch bytes (the last parameter); 0 for every kernel here.
     pub scratch_bytes: Dim,

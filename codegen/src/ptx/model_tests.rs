@@ -201,3 +201,65 @@ fn attention_templates_are_tiled() {
         }
     }
 }
+
+/// The bf16 GEMMs of a model take the fast paths: tensor cores (`mma.sync` fed by `ldmatrix`
+/// and `cp.async`) for many rows, 16-byte weight loads for the decode GEMV, in one module of
+/// 256 threads that ptxas assembles without spills; a GEMM whose A is a prologue computes A
+/// into shared memory (16-byte shared stores) and keeps the tensor cores.
+#[test]
+fn bf16_gemms_use_tensor_cores_and_vector_loads() {
+    use ir::kernel::{Operand, TemplateOp};
+    let plan = plan_of("small", Mode::Prefill, Precision::Bf16);
+    let o = PtxOptions::default();
+    let gemm = |prologue: bool| {
+        first(&plan, &|k| match &k.kind {
+            KernelKind::Template(t) => {
+                matches!(t.op, TemplateOp::Gemm(_))
+                    && matches!(t.operands[1], Operand::Buffer(_))
+                    && matches!(t.operands[0], Operand::Prologue(_)) == prologue
+            }
+            _ => false,
+        })
+        .expect("small has bf16 GEMMs")
+    };
+    for (k, prologue) in [(gemm(false), false), (gemm(true), true)] {
+        let p = compile_kernel(&plan, k, &o).unwrap();
+        for want in [
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+            "cp.async.cg.shared.global",
+            "ld.global.v4.u32",
+            "ld.shared.v4.u32",
+            "shfl.sync.bfly",
+        ] {
+            assert!(p.ptx.contains(want), "{}: no {want}\n{}", k.name, p.ptx);
+        }
+        if prologue {
+            assert!(
+                p.ptx.contains("st.shared.v4") || p.ptx.contains("st.shared.v8"),
+                "{}",
+                p.ptx
+            );
+        }
+        assert_eq!(p.launch.block, [256, 1, 1]);
+        match ptxas::check(&p.ptx) {
+            Ok(r) => {
+                eprintln!("{}: {:?}", k.name, r.kernels[0]);
+                assert_eq!(r.kernels[0].spill_stores, 0, "{}: {r:?}", k.name);
+                assert_eq!(r.kernels[0].spill_loads, 0, "{}: {r:?}", k.name);
+            }
+            Err(e) if e.0.contains("ptxas") && e.0.contains("not found") => eprintln!("skipped ptxas: {e}"),
+            Err(e) => panic!("{}: {e}", k.name),
+        }
+    }
+    // the MoE expert GEMMs (both epilogues) stream the expert weights with 16-byte loads
+    let mut grouped = 0;
+    for k in plan.kernels.iter().filter(|k| k.kind_name() == "grouped_gemm") {
+        let p = compile_kernel(&plan, k, &o).unwrap();
+        assert!(p.ptx.contains("ld.global.v4.u32"), "{}: {}", k.name, p.ptx);
+        assert!(p.ptx.contains("shfl.sync.bfly"), "{}: {}", k.name, p.ptx);
+        assert_eq!(p.launch.block, [256, 1, 1]);
+        grouped += 1;
+    }
+    assert!(grouped >= 2, "small routes experts");
+}

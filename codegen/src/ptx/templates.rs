@@ -6,6 +6,7 @@
 
 #[path = "attention.rs"]
 mod attention;
+mod fastgemm;
 #[path = "linear_attn.rs"]
 mod linear_attn;
 
@@ -281,8 +282,12 @@ fn matrix_index<'c>(
     idx
 }
 
-/// SIMT GEMM: one thread per output element, f32 accumulation (fma) over k.
+/// GEMM: the bf16 fast paths of [`fastgemm`] (GEMV at small M, tensor cores otherwise) when
+/// the kernel qualifies; else SIMT, one thread per output element, f32 accumulation (fma) over k.
 fn gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &ir::kernel::Gemm) -> R<LaunchGeometry> {
+    if let Some(geo) = fastgemm::gemm_fast(em, t, g)? {
+        return Ok(geo);
+    }
     let mut shape = g.batch.clone();
     shape.extend([g.m.clone(), g.n.clone()]);
     let (sa, sb) = (em.operand_shape(t, 0)?, em.operand_shape(t, 1)?);
@@ -353,8 +358,12 @@ fn scaled_gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, out: DType) -> R<Lau
     Ok(flat_geo(numel(&shape)))
 }
 
-/// MoE expert GEMMs over the chosen experts (`GroupedMatmul`), one thread per output element.
+/// MoE expert GEMMs over the chosen experts (`GroupedMatmul`): the GEMVs of [`fastgemm`] for bf16
+/// weights, else one thread per output element.
 fn grouped_gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, epi: GroupedEpilogue) -> R<LaunchGeometry> {
+    if let Some(geo) = fastgemm::grouped_fast(em, t, epi)? {
+        return Ok(geo);
+    }
     let (s0, s1, s2) = (
         em.operand_shape(t, 0)?,
         em.operand_shape(t, 1)?,

@@ -1,0 +1,944 @@
+//! The fast paths of the bf16 `Gemm` template (f32 accumulation), for a weight-like `B`: a
+//! rank-2 bf16 buffer broadcast over the batch dims, stored `[N, K]` (ColMajor as `[K, N]`, the
+//! transposed HF weight). The rows of every batch entry are flattened, `R = Π batch · M`, and
+//! one kernel holds two algorithms, chosen at run time on `R` (uniform over the grid):
+//!
+//! * `R <= GEMV_ROWS` (decode): a GEMV. Each warp owns `GEMV_CN` columns of `B` and streams
+//!   them along K with 16-byte loads (`UNROLL` k-steps in flight); the block first stages up to
+//!   `GEMV_RT` rows of `A` (through its view or prologue) in shared memory as bf16, so every
+//!   loaded weight vector serves all rows; lanes reduce with shuffles.
+//! * otherwise: a tensor-core GEMM, block tile 128×128×64, 8 warps of 64×32, `mma.sync
+//!   m16n8k16` bf16 with f32 accumulators, operands staged in dynamic shared memory (rows padded
+//!   to 144 bytes: conflict-free `ldmatrix`), three stages, `cp.async` 16-byte copies with zero fill
+//!   for ragged M/N/K. An `A` with a prologue (or an unaligned view) is computed element by
+//!   element into shared memory instead of copied.
+//!
+//! The grid is `[ceil(N/16), ceil(R/128), 1]` for both: the tensor-core path uses the blocks
+//! with `x < ceil(N/128)` and the others exit at once. Results go through the template's
+//! epilogue exactly as the SIMT path does. Anything else (f32 operands, a computed or batched
+//! `B`, K not a constant multiple of 8) keeps the SIMT path. `RINGJIT_GEMM=naive` forces the
+//! SIMT path everywhere.
+
+use super::super::emit::{Ck, Em, Val, R};
+use super::matrix_index;
+use inkwell::types::{BasicMetadataTypeEnum, BasicType, BasicTypeEnum};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue,
+};
+use inkwell::IntPredicate;
+use ir::kernel::{Gemm, GridDim, LaunchGeometry, Operand, TemplateKernel};
+use ir::op::ReduceOp;
+use ir::shape::numel;
+use ir::{DType, Dim};
+
+const THREADS: u32 = 256;
+const BM: i64 = 128;
+const BN: i64 = 128;
+const BK: i64 = 64;
+/// Pipeline stages (shared-memory buffers of A and B tiles in flight).
+const STAGES: i64 = 3;
+/// Shared row stride of a staged tile, in bf16 elements (144 bytes: 9 16-byte units, so the 8
+/// rows an `ldmatrix` reads fall in 8 different bank groups).
+const LDS: i64 = BK + 8;
+/// bf16 elements of one pipeline stage (the A tile, then the B tile).
+const STAGE: i64 = (BM + BN) * LDS;
+/// At most this many rows: the GEMV.
+pub(crate) const GEMV_ROWS: i64 = 16;
+/// Rows of A per GEMV pass (held in shared memory).
+const GEMV_RT: i64 = 8;
+/// Columns per warp in the GEMV.
+const GEMV_CN: i64 = 2;
+/// Columns per block in the GEMV (8 warps).
+const GEMV_COLS: i64 = 8 * GEMV_CN;
+/// K chunk of A staged in shared memory by the GEMV.
+const GEMV_KC: i64 = 2048;
+/// The one dynamic shared array, in bf16 elements: the stages, or the GEMV's A rows.
+const SMEM_ELEMS: i64 = STAGES * STAGE;
+/// Chunks of 8 bf16 per tile row.
+const ROW_CHUNKS: i64 = BK / 8;
+/// Rows of a tile one pass of the block's threads copies.
+const ROWS_PER_PASS: i64 = THREADS as i64 / ROW_CHUNKS;
+const _: () = assert!(GEMV_RT * GEMV_KC <= SMEM_ELEMS);
+/// Warp steps (256 elements of K each) whose weight loads are issued together.
+const UNROLL: i64 = 4;
+
+/// Whether the fast paths are on (`RINGJIT_GEMM=naive` turns them off).
+pub(crate) fn enabled() -> bool {
+    std::env::var("RINGJIT_GEMM").map(|v| v != "naive").unwrap_or(true)
+}
+
+/// Every coefficient a multiple of 8: 16-byte alignment of bf16 offsets.
+fn aligned8(d: &Dim) -> bool {
+    d.terms().all(|(_, c)| c % 8 == 0)
+}
+
+struct Shape {
+    /// Input index of B, its n stride.
+    b: usize,
+    /// Input index of A when it can be copied 16 bytes at a time (RowMajor, aligned).
+    a_direct: Option<usize>,
+    k: i64,
+}
+
+fn eligible(em: &Em, t: &TemplateKernel, g: &Gemm) -> R<Option<Shape>> {
+    let k = match g.k.as_const() {
+        Some(k) if k > 0 && k % 8 == 0 => k,
+        _ => return Ok(None),
+    };
+    if g.acc != DType::F32 || em.operand_dtype(t, 0)? != DType::BF16 || em.operand_dtype(t, 1)? != DType::BF16 {
+        return Ok(None);
+    }
+    let b = match t.operands.get(1) {
+        Some(Operand::Buffer(b)) => *b,
+        _ => return Ok(None),
+    };
+    let v = &em.kernel.inputs[b].view;
+    let one = Dim::constant(1);
+    if v.rank() != 2 || v.strides[0] != one || !aligned8(&v.strides[1]) || !aligned8(&v.offset) {
+        return Ok(None);
+    }
+    let sa = em.operand_shape(t, 0)?;
+    if sa.len() < 2 || sa.len() > g.batch.len() + 2 {
+        return Ok(None);
+    }
+    let a_direct = match t.operands.first() {
+        Some(Operand::Buffer(a)) => {
+            let v = &em.kernel.inputs[*a].view;
+            let r = v.rank();
+            let ok = v.strides[r - 1] == one && v.strides[..r - 1].iter().all(aligned8) && aligned8(&v.offset);
+            ok.then_some(*a)
+        }
+        _ => None,
+    };
+    Ok(Some(Shape { b, a_direct, k }))
+}
+
+/// The fast GEMM, or `None` when the kernel does not qualify (the caller emits the SIMT one).
+pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -> R<Option<LaunchGeometry>> {
+    if !enabled() {
+        return Ok(None);
+    }
+    let Some(sh) = eligible(em, t, g)? else {
+        return Ok(None);
+    };
+    let mut rows = g.batch.clone();
+    rows.push(g.m.clone());
+    let rows_dim = numel(&rows);
+    let mut cx = Cx {
+        rext: em.dims(&rows)?,
+        rr: em.i64c(0),
+        nn: em.dim(&g.n)?,
+        kk: em.i64c(sh.k),
+        sa: em.operand_shape(t, 0)?,
+        nb: g.batch.len(),
+        out: g.out,
+        smem: dynamic_smem(em),
+        sh,
+    };
+    cx.rr = em.product(&cx.rext)?;
+    let small = em.icmp(IntPredicate::SLE, cx.rr, em.i64c(GEMV_ROWS))?;
+    let gemv_bb = em.ctx.append_basic_block(em.f, "gemv");
+    let mma_bb = em.ctx.append_basic_block(em.f, "mma");
+    let done = em.ctx.append_basic_block(em.f, "gemm.done");
+    em.b.build_conditional_branch(small, gemv_bb, mma_bb).ck()?;
+    em.b.position_at_end(gemv_bb);
+    gemv(em, t, &cx)?;
+    em.b.build_unconditional_branch(done).ck()?;
+    em.b.position_at_end(mma_bb);
+    mma(em, t, &cx)?;
+    em.b.build_unconditional_branch(done).ck()?;
+    em.b.position_at_end(done);
+    Ok(Some(LaunchGeometry {
+        grid: [
+            GridDim::blocks(g.n.clone(), GEMV_COLS as u32),
+            GridDim::blocks(rows_dim, BM as u32),
+            GridDim::one(),
+        ],
+        block: [THREADS, 1, 1],
+        shared_bytes: (SMEM_ELEMS * 2) as u32,
+    }))
+}
+
+/// The kernel's dynamic shared memory (`.extern .shared`), sized at launch.
+fn dynamic_smem<'c>(em: &Em<'c, '_>) -> PointerValue<'c> {
+    let arr = em.ctx.i16_type().array_type(0);
+    let g = em.module.add_global(
+        arr,
+        Some(inkwell::AddressSpace::from(super::super::SHARED)),
+        "ringjit_dsmem",
+    );
+    g.set_linkage(inkwell::module::Linkage::External);
+    g.set_alignment(16);
+    g.as_pointer_value()
+}
+
+struct Cx<'c> {
+    /// Extents of the flattened rows: batch dims then M.
+    rext: Vec<IntValue<'c>>,
+    rr: IntValue<'c>,
+    nn: IntValue<'c>,
+    kk: IntValue<'c>,
+    sa: Vec<Dim>,
+    nb: usize,
+    out: DType,
+    smem: PointerValue<'c>,
+    sh: Shape,
+}
+
+impl<'c> Cx<'c> {
+    /// Operand index of A at flattened row `r`, column `k`.
+    fn a_index(&self, em: &Em<'c, '_>, ri: &[IntValue<'c>], k: IntValue<'c>) -> Vec<IntValue<'c>> {
+        matrix_index(&self.sa, &ri[..self.nb], ri[self.nb], k, em.i64c(0))
+    }
+}
+
+/// Inline PTX with side effects (and a memory clobber), returning `ret` or nothing.
+fn asm_se<'c>(
+    em: &Em<'c, '_>,
+    ret: Option<BasicTypeEnum<'c>>,
+    params: &[BasicMetadataTypeEnum<'c>],
+    text: &str,
+    constraints: &str,
+    args: &[BasicMetadataValueEnum<'c>],
+) -> R<Option<BasicValueEnum<'c>>> {
+    let ty = match ret {
+        Some(r) => r.fn_type(params, false),
+        None => em.ctx.void_type().fn_type(params, false),
+    };
+    let p = em
+        .ctx
+        .create_inline_asm(ty, text.to_string(), constraints.to_string(), true, false, None, false);
+    let c = em.b.build_indirect_call(ty, p, args, "").ck()?;
+    Ok(c.try_as_basic_value().basic())
+}
+
+/// The 32-bit shared-window address of bf16 element `e` of the shared array.
+fn smem_addr<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, e: IntValue<'c>) -> R<IntValue<'c>> {
+    let p = em.shared_gep(em.ctx.i16_type().into(), cx.smem, e)?;
+    em.b.build_ptr_to_int(p, em.ctx.i32_type(), "").ck()
+}
+
+/// The bf16 bits of an f32 holding a bf16 value.
+fn bf16_bits<'c>(em: &Em<'c, '_>, x: FloatValue<'c>) -> R<IntValue<'c>> {
+    let i32t = em.ctx.i32_type();
+    let w = em.b.build_bit_cast(x, i32t, "").ck()?.into_int_value();
+    let hi = em.b.build_right_shift(w, i32t.const_int(16, false), false, "").ck()?;
+    em.b.build_int_truncate(hi, em.ctx.i16_type(), "").ck()
+}
+
+/// 16 bytes at `p` (aligned) as 4 × i32.
+fn load_v4<'c>(em: &Em<'c, '_>, p: PointerValue<'c>) -> R<VectorValue<'c>> {
+    let vt = em.ctx.i32_type().vec_type(4);
+    let v = em.b.build_load(vt, p, "").ck()?;
+    v.as_instruction_value()
+        .expect("a load")
+        .set_alignment(16)
+        .map_err(|e| super::super::CodegenError(e.to_string()))?;
+    Ok(v.into_vector_value())
+}
+
+/// Store a 16-byte vector at `p` (aligned).
+fn store_v<'c>(em: &Em<'c, '_>, p: PointerValue<'c>, v: BasicValueEnum<'c>) -> R<()> {
+    let st = em.b.build_store(p, v).ck()?;
+    st.set_alignment(16)
+        .map_err(|e| super::super::CodegenError(e.to_string()))?;
+    Ok(())
+}
+
+/// The 8 bf16 values of a 4 × i32 vector as f32 (element order).
+fn unpack8<'c>(em: &Em<'c, '_>, v: VectorValue<'c>) -> R<Vec<FloatValue<'c>>> {
+    let (i32t, f32t) = (em.ctx.i32_type(), em.ctx.f32_type());
+    let mut out = Vec::with_capacity(8);
+    for j in 0..4 {
+        let w = em.b.build_extract_element(v, em.i32c(j), "").ck()?.into_int_value();
+        let lo = em.b.build_left_shift(w, i32t.const_int(16, false), "").ck()?;
+        let hi = em.b.build_and(w, i32t.const_int(0xffff_0000, false), "").ck()?;
+        out.push(em.b.build_bit_cast(lo, f32t, "").ck()?.into_float_value());
+        out.push(em.b.build_bit_cast(hi, f32t, "").ck()?.into_float_value());
+    }
+    Ok(out)
+}
+
+/// B element offset of (column `n`, k 0).
+fn b_col<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, n: IntValue<'c>) -> R<IntValue<'c>> {
+    let v = &em.kernel.inputs[cx.sh.b].view;
+    em.add(em.dim(&v.offset)?, em.mul(n, em.dim(&v.strides[1])?)?)
+}
+
+/// A element offset of (flattened row index `ri`, k 0), for the directly copied A.
+fn a_row<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, a: usize, ri: &[IntValue<'c>]) -> R<IntValue<'c>> {
+    let idx = cx.a_index(em, ri, em.i64c(0));
+    em.view_offset(&em.kernel.inputs[a].view, &idx)
+}
+
+fn gep16<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, e: IntValue<'c>) -> R<PointerValue<'c>> {
+    // SAFETY (of the generated code): offsets are in range or clamped to an in-range element.
+    unsafe { em.b.build_in_bounds_gep(em.ctx.i16_type(), base, &[e], "") }.ck()
+}
+
+// ---- GEMV -----------------------------------------------------------------------------------
+
+fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
+    let (zero, one) = (em.i64c(0), em.i64c(1));
+    let tid = em.sreg("tid.x")?;
+    let warp = em.div(tid, em.i64c(32))?;
+    let lane = em.rem(tid, em.i64c(32))?;
+    let n0 = em.add(
+        em.mul(em.sreg("ctaid.x")?, em.i64c(GEMV_COLS))?,
+        em.mul(warp, em.i64c(GEMV_CN))?,
+    )?;
+    let bbuf = em.inputs[cx.sh.b];
+    // column bases (clamped to column 0 past N: computed, never stored)
+    let mut cols = Vec::new();
+    for c in 0..GEMV_CN {
+        let n = em.add(n0, em.i64c(c))?;
+        let ok = em.icmp(IntPredicate::SLT, n, cx.nn)?;
+        let nc = em.select_i(ok, n, zero)?;
+        cols.push((n, ok, b_col(em, cx, nc)?));
+    }
+    let kc_n = em.i64c(GEMV_KC);
+    em.for_range(zero, cx.rr, em.i64c(GEMV_RT), |em, r0| {
+        let rows = em.imin(em.i64c(GEMV_RT), em.sub(cx.rr, r0)?)?;
+        let mut acc = Vec::new();
+        for _ in 0..GEMV_RT * GEMV_CN {
+            acc.push(em.fvar(em.f32c(0.0))?);
+        }
+        em.for_range(zero, cx.kk, kc_n, |em, kc| {
+            // stage rows r0.. of A, k in kc..kc+KC (zeros past K): 8 elements a thread per row
+            em.barrier()?;
+            em.for_range(zero, rows, one, |em, m| {
+                let ri = em.unravel(em.add(r0, m)?, &cx.rext)?;
+                let base = match cx.sh.a_direct {
+                    Some(a) => Some((a, a_row(em, cx, a, &ri)?)),
+                    None => None,
+                };
+                let start = em.mul(tid, em.i64c(8))?;
+                em.for_range(start, kc_n, em.i64c(8 * THREADS as i64), |em, kx| {
+                    let k = em.add(kc, kx)?;
+                    let ok = em.icmp(IntPredicate::SLT, k, cx.kk)?;
+                    let kcl = em.select_i(ok, k, zero)?;
+                    let at = em.add(em.mul(m, kc_n)?, kx)?;
+                    let dst = em.shared_gep(em.ctx.i16_type().into(), cx.smem, at)?;
+                    match base {
+                        Some((a, base)) => {
+                            let v = load_v4(em, gep16(em, em.inputs[a], em.add(base, kcl)?)?)?;
+                            let zv = em.ctx.i32_type().vec_type(4).const_zero();
+                            let v = em.b.build_select(ok, v, zv, "").ck()?.into_vector_value();
+                            store_v(em, dst, v.into())
+                        }
+                        None => {
+                            let i16t = em.ctx.i16_type();
+                            let mut v = i16t.vec_type(8).const_zero();
+                            for j in 0..8 {
+                                let kj = em.add(kcl, em.i64c(j))?;
+                                let idx = cx.a_index(em, &ri, kj);
+                                let x = em.ldf(t, 0, &idx)?;
+                                let x = em.select_f(ok, x, em.f32c(0.0))?;
+                                let bits = bf16_bits(em, x)?;
+                                v = em.b.build_insert_element(v, bits, em.i32c(j as i32), "").ck()?;
+                            }
+                            store_v(em, dst, v.into())
+                        }
+                    }
+                })
+            })?;
+            em.barrier()?;
+            let kcn = em.imin(kc_n, em.sub(cx.kk, kc)?)?;
+            let start = em.mul(lane, em.i64c(8))?;
+            em.for_range(start, kcn, em.i64c(256 * UNROLL), |em, kx| {
+                // UNROLL warp steps: every weight load issued before the first use
+                let zv = em.ctx.i32_type().vec_type(4).const_zero();
+                let mut steps = Vec::new();
+                for u in 0..UNROLL {
+                    let ku = em.add(kx, em.i64c(256 * u))?;
+                    let ok = em.icmp(IntPredicate::SLT, ku, kcn)?;
+                    steps.push((ok, em.select_i(ok, ku, kx)?));
+                }
+                let mut bv = Vec::new();
+                for (_, _, base) in &cols {
+                    let mut per = Vec::new();
+                    for (ok, ku) in &steps {
+                        let v = load_v4(em, gep16(em, bbuf, em.add(em.add(*base, kc)?, *ku)?)?)?;
+                        per.push(em.b.build_select(*ok, v, zv, "").ck()?.into_vector_value());
+                    }
+                    bv.push(per);
+                }
+                let mut bf = Vec::new();
+                for per in bv {
+                    let mut u = Vec::new();
+                    for v in per {
+                        u.push(unpack8(em, v)?);
+                    }
+                    bf.push(u);
+                }
+                for m in 0..GEMV_RT {
+                    let live = em.icmp(IntPredicate::SLT, em.i64c(m), rows)?;
+                    let bf = &bf;
+                    let acc = &acc;
+                    let steps = &steps;
+                    em.if_then(live, |em| {
+                        let row = em.i64c(m * GEMV_KC);
+                        let mut av = Vec::new();
+                        for (_, ku) in steps {
+                            let p = em.shared_gep(em.ctx.i16_type().into(), cx.smem, em.add(row, *ku)?)?;
+                            av.push(unpack8(em, load_v4(em, p)?)?);
+                        }
+                        for (c, per) in bf.iter().enumerate() {
+                            let slot = acc[(m * GEMV_CN) as usize + c];
+                            let mut s = em.getf(slot)?;
+                            for (a, b) in av.iter().zip(per) {
+                                for j in 0..8 {
+                                    s = em.fma(a[j], b[j], s)?;
+                                }
+                            }
+                            em.set(slot, s)?;
+                        }
+                        Ok(())
+                    })?;
+                }
+                Ok(())
+            })
+        })?;
+        // reduce over the lanes; lane 0 finishes each live (row, column)
+        for m in 0..GEMV_RT {
+            let live = em.icmp(IntPredicate::SLT, em.i64c(m), rows)?;
+            let acc = &acc;
+            let cols = &cols;
+            em.if_then(live, |em| {
+                let r = em.add(r0, em.i64c(m))?;
+                for (c, (n, ok, _)) in cols.iter().enumerate() {
+                    let s = em.getf(acc[(m * GEMV_CN) as usize + c])?;
+                    let s = em.warp_reduce(ReduceOp::Sum, s)?;
+                    let first = em.icmp(IntPredicate::EQ, lane, em.i64c(0))?;
+                    let st = em.and(first, *ok)?;
+                    let n = *n;
+                    em.if_then(st, |em| {
+                        let mut idx = em.unravel(r, &cx.rext)?;
+                        idx.push(n);
+                        let v = em.round(s, cx.out)?;
+                        em.finish(t, 0, &idx, Val::F(v), cx.out)
+                    })?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })
+}
+
+// ---- tensor cores -----------------------------------------------------------------------------
+
+fn mma<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
+    let bn = em.sreg("ctaid.x")?;
+    let n_tiles = em.ceil_div(cx.nn, em.i64c(BN))?;
+    let mine = em.icmp(IntPredicate::SLT, bn, n_tiles)?;
+    em.if_then(mine, |em| mma_tile(em, t, cx, bn))
+}
+
+fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntValue<'c>) -> R<()> {
+    let (zero, one) = (em.i64c(0), em.i64c(1));
+    let i32t = em.ctx.i32_type();
+    let i64t = em.ctx.i64_type();
+    let f32t = em.ctx.f32_type();
+    let tid = em.sreg("tid.x")?;
+    let warp = em.div(tid, em.i64c(32))?;
+    let lane = em.rem(tid, em.i64c(32))?;
+    let row0 = em.mul(em.sreg("ctaid.y")?, em.i64c(BM))?;
+    let col0 = em.mul(bn, em.i64c(BN))?;
+    let (wm, wn) = (em.div(warp, em.i64c(4))?, em.rem(warp, em.i64c(4))?);
+    let bbuf = em.inputs[cx.sh.b];
+    // this thread's copy assignments: chunk c = tid + 256 i → tile row c / 4, k offset (c % 4)·8
+    let kc8 = em.mul(em.rem(tid, em.i64c(ROW_CHUNKS))?, em.i64c(8))?;
+    struct Ld<'c> {
+        r: IntValue<'c>,
+        a_ok: IntValue<'c>,
+        a_ri: Vec<IntValue<'c>>,
+        a_base: Option<IntValue<'c>>,
+        b_ok: IntValue<'c>,
+        b_base: IntValue<'c>,
+    }
+    let mut lds = Vec::new();
+    for i in 0..(BM / ROWS_PER_PASS) {
+        let r = em.add(em.div(tid, em.i64c(ROW_CHUNKS))?, em.i64c(ROWS_PER_PASS * i))?;
+        let ar = em.add(row0, r)?;
+        let a_ok = em.icmp(IntPredicate::SLT, ar, cx.rr)?;
+        let a_ri = em.unravel(em.select_i(a_ok, ar, zero)?, &cx.rext)?;
+        let a_base = match cx.sh.a_direct {
+            Some(a) => Some(a_row(em, cx, a, &a_ri)?),
+            None => None,
+        };
+        let bn_i = em.add(col0, r)?;
+        let b_ok = em.icmp(IntPredicate::SLT, bn_i, cx.nn)?;
+        let b_base = b_col(em, cx, em.select_i(b_ok, bn_i, zero)?)?;
+        lds.push(Ld {
+            r,
+            a_ok,
+            a_ri,
+            a_base,
+            b_ok,
+            b_base,
+        });
+    }
+    let c16 = i32t.const_int(16, false);
+    let c0 = i32t.const_int(0, false);
+    let cp_async = |em: &Em<'c, '_>, dst: IntValue<'c>, src: PointerValue<'c>, ok: IntValue<'c>| -> R<()> {
+        let size = em.b.build_select(ok, c16, c0, "").ck()?.into_int_value();
+        let src = em.b.build_ptr_to_int(src, i64t, "").ck()?;
+        asm_se(
+            em,
+            None,
+            &[i32t.into(), i64t.into(), i32t.into()],
+            "cp.async.cg.shared.global [$0], [$1], 16, $2;",
+            "r,l,r,~{memory}",
+            &[dst.into(), src.into(), size.into()],
+        )?;
+        Ok(())
+    };
+    let load_tile = |em: &mut Em<'c, '_>, kt: IntValue<'c>, stage: IntValue<'c>| -> R<()> {
+        let k = em.add(em.mul(kt, em.i64c(BK))?, kc8)?;
+        let k_ok = em.icmp(IntPredicate::SLT, k, cx.kk)?;
+        let kcl = em.select_i(k_ok, k, zero)?;
+        let sbase = em.mul(stage, em.i64c(STAGE))?;
+        for l in &lds {
+            let a_at = em.add(em.add(sbase, em.mul(l.r, em.i64c(LDS))?)?, kc8)?;
+            match (cx.sh.a_direct, l.a_base) {
+                (Some(a), Some(base)) => {
+                    let src = gep16(em, em.inputs[a], em.add(base, kcl)?)?;
+                    let ok = em.and(l.a_ok, k_ok)?;
+                    cp_async(em, smem_addr(em, cx, a_at)?, src, ok)?;
+                }
+                _ => {
+                    // computed A: eight elements through the prologue, one 16-byte store
+                    let i16t = em.ctx.i16_type();
+                    let mut v = i16t.vec_type(8).const_zero();
+                    for j in 0..8 {
+                        let kj = em.add(k, em.i64c(j))?;
+                        let ok = em.and(l.a_ok, em.icmp(IntPredicate::SLT, kj, cx.kk)?)?;
+                        let kjc = em.select_i(ok, kj, zero)?;
+                        let idx = cx.a_index(em, &l.a_ri, kjc);
+                        let x = em.ldf(t, 0, &idx)?;
+                        let x = em.select_f(ok, x, em.f32c(0.0))?;
+                        let bits = bf16_bits(em, x)?;
+                        v = em.b.build_insert_element(v, bits, em.i32c(j as i32), "").ck()?;
+                    }
+                    let p = em.shared_gep(i16t.into(), cx.smem, a_at)?;
+                    let st = em.b.build_store(p, v).ck()?;
+                    st.set_alignment(16)
+                        .map_err(|e| super::super::CodegenError(e.to_string()))?;
+                }
+            }
+            let b_at = em.add(em.add(sbase, em.mul(em.add(l.r, em.i64c(BM))?, em.i64c(LDS))?)?, kc8)?;
+            let src = gep16(em, bbuf, em.add(l.b_base, kcl)?)?;
+            let ok = em.and(l.b_ok, k_ok)?;
+            cp_async(em, smem_addr(em, cx, b_at)?, src, ok)?;
+        }
+        Ok(())
+    };
+    let commit = |em: &Em<'c, '_>| -> R<()> {
+        asm_se(em, None, &[], "cp.async.commit_group;", "~{memory}", &[])?;
+        Ok(())
+    };
+    // 4 (m16) × 4 (n8) tiles of 4 f32 each
+    let mut acc = Vec::new();
+    for _ in 0..64 {
+        acc.push(em.fvar(em.f32c(0.0))?);
+    }
+    let kt_n = em.ceil_div(cx.kk, em.i64c(BK))?;
+    // the first STAGES - 1 tiles in flight (one commit group each, empty past K)
+    for s0 in 0..STAGES - 1 {
+        let kt = em.i64c(s0);
+        let some = em.icmp(IntPredicate::SLT, kt, kt_n)?;
+        em.if_then(some, |em| load_tile(em, kt, kt))?;
+        commit(em)?;
+    }
+    let g = em.div(lane, em.i64c(4))?;
+    let tq = em.rem(lane, em.i64c(4))?;
+    // ldmatrix lane addresses (tile-relative, in elements)
+    let a_lrow = em.add(em.mul(wm, em.i64c(64))?, em.rem(lane, em.i64c(16))?)?;
+    let a_lcol = em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?;
+    let b_ln = em.add(
+        em.add(em.mul(wn, em.i64c(32))?, em.rem(lane, em.i64c(8))?)?,
+        em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?,
+    )?;
+    let b_lk = em.mul(em.rem(em.div(lane, em.i64c(8))?, em.i64c(2))?, em.i64c(8))?;
+    let v4t: BasicTypeEnum = em.ctx.struct_type(&[i32t.into(); 4], false).into();
+    let f4t: BasicTypeEnum = em.ctx.struct_type(&[f32t.into(); 4], false).into();
+    let ldm = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> {
+        let addr = smem_addr(em, cx, e)?;
+        let s = asm_se(
+            em,
+            Some(v4t),
+            &[i32t.into()],
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [$4];",
+            "=r,=r,=r,=r,r,~{memory}",
+            &[addr.into()],
+        )?
+        .expect("a value")
+        .into_struct_value();
+        let mut out = [addr; 4];
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = em.b.build_extract_value(s, j as u32, "").ck()?.into_int_value();
+        }
+        Ok(out)
+    };
+    em.for_range(zero, kt_n, one, |em, kt| {
+        // tile kt landed (the STAGES - 2 newer groups may still fly); after the barrier every
+        // warp is done with tile kt - 1, whose buffer then receives tile kt + STAGES - 1
+        let wait = format!("cp.async.wait_group {};", STAGES - 2);
+        asm_se(em, None, &[], &wait, "~{memory}", &[])?;
+        em.barrier()?;
+        let stage = em.rem(kt, em.i64c(STAGES))?;
+        let nxt = em.add(kt, em.i64c(STAGES - 1))?;
+        let more = em.icmp(IntPredicate::SLT, nxt, kt_n)?;
+        em.if_then(more, |em| {
+            let into = em.rem(nxt, em.i64c(STAGES))?;
+            load_tile(em, nxt, into)
+        })?;
+        commit(em)?;
+        let sbase = em.mul(stage, em.i64c(STAGE))?;
+        for ks in 0..(BK / 16) {
+            let mut af = Vec::new();
+            for mi in 0..4 {
+                let row = em.add(a_lrow, em.i64c(mi * 16))?;
+                let col = em.add(a_lcol, em.i64c(ks * 16))?;
+                let e = em.add(sbase, em.add(em.mul(row, em.i64c(LDS))?, col)?)?;
+                af.push(ldm(em, e)?);
+            }
+            let mut bfr = Vec::new();
+            for nj in 0..2 {
+                let n = em.add(b_ln, em.i64c(BM + nj * 16))?;
+                let k = em.add(b_lk, em.i64c(ks * 16))?;
+                let e = em.add(sbase, em.add(em.mul(n, em.i64c(LDS))?, k)?)?;
+                let r = ldm(em, e)?;
+                bfr.push([r[0], r[1]]);
+                bfr.push([r[2], r[3]]);
+            }
+            for (mi, a) in af.iter().enumerate() {
+                for (ni, b) in bfr.iter().enumerate() {
+                    let base = (mi * 4 + ni) * 4;
+                    let mut args: Vec<BasicMetadataValueEnum> = Vec::new();
+                    args.extend(a.iter().map(|x| BasicMetadataValueEnum::from(*x)));
+                    args.extend(b.iter().map(|x| BasicMetadataValueEnum::from(*x)));
+                    for j in 0..4 {
+                        args.push(em.getf(acc[base + j])?.into());
+                    }
+                    let mut params: Vec<BasicMetadataTypeEnum> = vec![i32t.into(); 6];
+                    params.extend([BasicMetadataTypeEnum::from(f32t); 4]);
+                    let ty = f4t.fn_type(&params, false);
+                    let p = em.ctx.create_inline_asm(
+                        ty,
+                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, \
+                         {$8, $9}, {$10, $11, $12, $13};"
+                            .to_string(),
+                        "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3".to_string(),
+                        false,
+                        false,
+                        None,
+                        false,
+                    );
+                    let s =
+                        em.b.build_indirect_call(ty, p, &args, "")
+                            .ck()?
+                            .try_as_basic_value()
+                            .expect_basic("a value")
+                            .into_struct_value();
+                    for j in 0..4 {
+                        let v = em.b.build_extract_value(s, j as u32, "").ck()?;
+                        em.set(acc[base + j], v)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    // results: c0, c1 at (g, 2t..2t+1), c2, c3 at (g + 8, ..)
+    for mi in 0..4i64 {
+        for h in 0..2i64 {
+            let row = em.add(
+                em.add(row0, em.mul(wm, em.i64c(64))?)?,
+                em.add(em.i64c(mi * 16 + h * 8), g)?,
+            )?;
+            let ok = em.icmp(IntPredicate::SLT, row, cx.rr)?;
+            let acc = &acc;
+            em.if_then(ok, |em| {
+                let ri = em.unravel(row, &cx.rext)?;
+                for ni in 0..4i64 {
+                    for e in 0..2i64 {
+                        let col = em.add(
+                            em.add(col0, em.mul(wn, em.i64c(32))?)?,
+                            em.add(em.i64c(ni * 8 + e), em.mul(tq, em.i64c(2))?)?,
+                        )?;
+                        let okc = em.icmp(IntPredicate::SLT, col, cx.nn)?;
+                        let slot = acc[((mi * 4 + ni) * 4 + h * 2 + e) as usize];
+                        let ri = ri.clone();
+                        em.if_then(okc, |em| {
+                            let mut idx = ri;
+                            idx.push(col);
+                            let v = em.round(em.getf(slot)?, cx.out)?;
+                            em.finish(t, 0, &idx, Val::F(v), cx.out)
+                        })?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+// ---- grouped GEMM (MoE experts) -------------------------------------------------------------
+
+/// Operand `i` is a bf16 `[E, rows, K]` buffer with K contiguous and 16-byte aligned rows.
+fn experts_ok(em: &Em, t: &TemplateKernel, i: usize) -> R<Option<usize>> {
+    let b = match t.operands.get(i) {
+        Some(Operand::Buffer(b)) => *b,
+        _ => return Ok(None),
+    };
+    let v = &em.kernel.inputs[b].view;
+    let ok = em.operand_dtype(t, i)? == DType::BF16
+        && v.rank() == 3
+        && v.strides[2] == Dim::constant(1)
+        && aligned8(&v.strides[0])
+        && aligned8(&v.strides[1])
+        && aligned8(&v.offset);
+    Ok(ok.then_some(b))
+}
+
+/// Element offset of row `r` of expert `e` in expert buffer input `b`.
+fn expert_row<'c>(em: &Em<'c, '_>, b: usize, e: IntValue<'c>, r: IntValue<'c>) -> R<IntValue<'c>> {
+    let v = &em.kernel.inputs[b].view;
+    let at = em.add(em.dim(&v.offset)?, em.mul(e, em.dim(&v.strides[0])?)?)?;
+    em.add(at, em.mul(r, em.dim(&v.strides[1])?)?)
+}
+
+/// Per-lane partial dot products of the bf16 vector staged in shared memory at element `sbase`
+/// (`len` elements, a multiple of 8) with each global bf16 row `(buffer, element offset)`:
+/// 16-byte loads along the row, `UNROLL` steps of the warp in flight. Returns one f32 slot per row.
+fn lane_dots<'c>(
+    em: &mut Em<'c, '_>,
+    smem: PointerValue<'c>,
+    rows: &[(PointerValue<'c>, IntValue<'c>)],
+    sbase: IntValue<'c>,
+    len: IntValue<'c>,
+    lane: IntValue<'c>,
+) -> R<Vec<PointerValue<'c>>> {
+    let mut acc = Vec::new();
+    for _ in rows {
+        acc.push(em.fvar(em.f32c(0.0))?);
+    }
+    let start = em.mul(lane, em.i64c(8))?;
+    em.for_range(start, len, em.i64c(256 * UNROLL), |em, kx| {
+        let zv = em.ctx.i32_type().vec_type(4).const_zero();
+        let mut steps = Vec::new();
+        for u in 0..UNROLL {
+            let ku = em.add(kx, em.i64c(256 * u))?;
+            let ok = em.icmp(IntPredicate::SLT, ku, len)?;
+            steps.push((ok, em.select_i(ok, ku, kx)?));
+        }
+        let mut loaded = Vec::new();
+        for (buf, base) in rows {
+            let mut per = Vec::new();
+            for (ok, ku) in &steps {
+                let v = load_v4(em, gep16(em, *buf, em.add(*base, *ku)?)?)?;
+                per.push(em.b.build_select(*ok, v, zv, "").ck()?.into_vector_value());
+            }
+            loaded.push(per);
+        }
+        let i16t = em.ctx.i16_type().into();
+        let mut av = Vec::new();
+        for (_, ku) in &steps {
+            let p = em.shared_gep(i16t, smem, em.add(sbase, *ku)?)?;
+            av.push(unpack8(em, load_v4(em, p)?)?);
+        }
+        for (slot, per) in acc.iter().zip(loaded) {
+            let mut s = em.getf(*slot)?;
+            for (a, v) in av.iter().zip(per) {
+                let b = unpack8(em, v)?;
+                for j in 0..8 {
+                    s = em.fma(a[j], b[j], s)?;
+                }
+            }
+            em.set(*slot, s)?;
+        }
+        Ok(())
+    })?;
+    Ok(acc)
+}
+
+/// The expert chosen in slot `idx` of operand 1, clamped to `0..experts`.
+fn expert_of<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, idx: &[IntValue<'c>], experts: &Dim) -> R<IntValue<'c>> {
+    let e = em.ld(t, 1, idx)?;
+    let e = em.as_i(e)?;
+    let hi = em.sub(em.dim(experts)?, em.i64c(1))?;
+    em.imin(em.imax(e, em.i64c(0))?, hi)
+}
+
+/// MoE expert GEMMs as GEMVs over the routed (token, slot) rows, for every token count: a
+/// block per (token, slot) (SwiGlu) or per token (WeightedCombine) and 16 output columns; the
+/// token's activations (all its slots' for the combine) staged in shared memory as bf16, each
+/// warp streaming two weight rows per matrix with 16-byte loads. Same arithmetic order per
+/// output as the SIMT version. `None`: the SIMT version (f32 operands, unaligned or computed
+/// weights, activations wider than the shared buffer).
+pub(super) fn grouped_fast<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    epi: ir::fused::GroupedEpilogue,
+) -> R<Option<LaunchGeometry>> {
+    use ir::fused::GroupedEpilogue;
+    if !enabled() {
+        return Ok(None);
+    }
+    let (s0, s1) = (em.operand_shape(t, 0)?, em.operand_shape(t, 1)?);
+    let smem_cap = GEMV_RT * GEMV_KC;
+    match epi {
+        GroupedEpilogue::SwiGlu => {
+            let s2 = em.operand_shape(t, 2)?;
+            if s0.len() != 3 || s1.len() != 3 || s2.len() != 3 || em.operand_dtype(t, 0)? != DType::BF16 {
+                return Ok(None);
+            }
+            let d = match s0[2].as_const() {
+                Some(d) if d > 0 && d % 8 == 0 && d <= smem_cap => d,
+                _ => return Ok(None),
+            };
+            let (Some(wg), Some(wu)) = (experts_ok(em, t, 2)?, experts_ok(em, t, 3)?) else {
+                return Ok(None);
+            };
+            let dt = em.result_dtype(t, 0);
+            let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
+            let ext1 = em.dims(&s1)?;
+            let pi = em.unravel(em.sreg("ctaid.x")?, &ext1)?;
+            let (bi, si, slot) = (pi[0], pi[1], pi[2]);
+            let inter = em.dim(&s2[1])?;
+            let e = expert_of(em, t, &[bi, si, slot], &s2[0])?;
+            let tid = em.sreg("tid.x")?;
+            let dd = em.i64c(d);
+            em.for_range(tid, dd, em.i64c(THREADS as i64), |em, c| {
+                let x = em.ldf(t, 0, &[bi, si, c])?;
+                let bits = bf16_bits(em, x)?;
+                let p = em.shared_gep(em.ctx.i16_type().into(), smem, c)?;
+                em.set(p, bits)
+            })?;
+            em.barrier()?;
+            let warp = em.div(tid, em.i64c(32))?;
+            let lane = em.rem(tid, em.i64c(32))?;
+            let i0 = em.add(
+                em.mul(em.sreg("ctaid.y")?, em.i64c(GEMV_COLS))?,
+                em.mul(warp, em.i64c(GEMV_CN))?,
+            )?;
+            let mut cols = Vec::new();
+            let mut rows = Vec::new();
+            for c in 0..GEMV_CN {
+                let i = em.add(i0, em.i64c(c))?;
+                let ok = em.icmp(IntPredicate::SLT, i, inter)?;
+                let ic = em.select_i(ok, i, em.i64c(0))?;
+                rows.push((em.inputs[wg], expert_row(em, wg, e, ic)?));
+                rows.push((em.inputs[wu], expert_row(em, wu, e, ic)?));
+                cols.push((i, ok));
+            }
+            let acc = lane_dots(em, smem, &rows, em.i64c(0), dd, lane)?;
+            let first = em.icmp(IntPredicate::EQ, lane, em.i64c(0))?;
+            for (c, (i, ok)) in cols.into_iter().enumerate() {
+                let g = em.warp_reduce(ReduceOp::Sum, em.getf(acc[2 * c])?)?;
+                let u = em.warp_reduce(ReduceOp::Sum, em.getf(acc[2 * c + 1])?)?;
+                let st = em.and(first, ok)?;
+                em.if_then(st, |em| {
+                    let g = em.round(g, dt)?;
+                    let u = em.round(u, dt)?;
+                    let sg = em.round(em.sigmoid(g)?, dt)?;
+                    let silu = em.round(em.fmul(g, sg)?, dt)?;
+                    let h = em.round(em.fmul(silu, u)?, dt)?;
+                    em.finish(t, 0, &[bi, si, slot, i], Val::F(h), dt)
+                })?;
+            }
+            Ok(Some(LaunchGeometry {
+                grid: [
+                    GridDim::blocks(numel(&s1), 1),
+                    GridDim::blocks(s2[1].clone(), GEMV_COLS as u32),
+                    GridDim::one(),
+                ],
+                block: [THREADS, 1, 1],
+                shared_bytes: 0,
+            }))
+        }
+        GroupedEpilogue::WeightedCombine => {
+            let s3 = em.operand_shape(t, 3)?;
+            if s0.len() != 4 || s3.len() != 3 || em.operand_dtype(t, 0)? != DType::BF16 {
+                return Ok(None);
+            }
+            let (kn, ii) = match (s0[2].as_const(), s0[3].as_const()) {
+                (Some(kn), Some(ii)) if kn > 0 && ii > 0 && ii % 8 == 0 && kn * ii <= smem_cap => (kn, ii),
+                _ => return Ok(None),
+            };
+            let Some(wd) = experts_ok(em, t, 3)? else {
+                return Ok(None);
+            };
+            let ydt = DType::promote(em.operand_dtype(t, 0)?, em.operand_dtype(t, 3)?).unwrap_or(DType::F32);
+            let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
+            let ext = em.dims(&s0[..2])?;
+            let ti = em.unravel(em.sreg("ctaid.x")?, &ext)?;
+            let (bi, si) = (ti[0], ti[1]);
+            let dout = em.dim(&s3[1])?;
+            let tid = em.sreg("tid.x")?;
+            let (kk, iv) = (em.i64c(kn), em.i64c(ii));
+            em.for_range(tid, em.i64c(kn * ii), em.i64c(THREADS as i64), |em, x| {
+                let (slot, i) = (em.div(x, iv)?, em.rem(x, iv)?);
+                let h = em.ldf(t, 0, &[bi, si, slot, i])?;
+                let bits = bf16_bits(em, h)?;
+                let p = em.shared_gep(em.ctx.i16_type().into(), smem, x)?;
+                em.set(p, bits)
+            })?;
+            em.barrier()?;
+            let warp = em.div(tid, em.i64c(32))?;
+            let lane = em.rem(tid, em.i64c(32))?;
+            let j0 = em.add(
+                em.mul(em.sreg("ctaid.y")?, em.i64c(GEMV_COLS))?,
+                em.mul(warp, em.i64c(GEMV_CN))?,
+            )?;
+            let mut cols = Vec::new();
+            for c in 0..GEMV_CN {
+                let j = em.add(j0, em.i64c(c))?;
+                let ok = em.icmp(IntPredicate::SLT, j, dout)?;
+                cols.push((j, ok, em.select_i(ok, j, em.i64c(0))?));
+            }
+            let mut ys = Vec::new();
+            for _ in 0..GEMV_CN {
+                ys.push(em.fvar(em.f32c(0.0))?);
+            }
+            let zero = em.i64c(0);
+            em.for_range(zero, kk, em.i64c(1), |em, slot| {
+                let e = expert_of(em, t, &[bi, si, slot], &s3[0])?;
+                let w = em.ldf(t, 2, &[bi, si, slot])?;
+                let mut rows = Vec::new();
+                for (_, _, jc) in &cols {
+                    rows.push((em.inputs[wd], expert_row(em, wd, e, *jc)?));
+                }
+                let sbase = em.mul(slot, iv)?;
+                let acc = lane_dots(em, smem, &rows, sbase, iv, lane)?;
+                for (y, a) in ys.iter().zip(acc) {
+                    let dsum = em.warp_reduce(ReduceOp::Sum, em.getf(a)?)?;
+                    let down = em.round(dsum, ydt)?;
+                    let s = em.fma(w, down, em.getf(*y)?)?;
+                    em.set(*y, s)?;
+                }
+                Ok(())
+            })?;
+            let first = em.icmp(IntPredicate::EQ, lane, em.i64c(0))?;
+            for (y, (j, ok, _)) in ys.into_iter().zip(cols) {
+                let st = em.and(first, ok)?;
+                em.if_then(st, |em| {
+                    let v = em.getf(y)?;
+                    em.finish(t, 0, &[bi, si, j], Val::F(v), DType::F32)
+                })?;
+            }
+            Ok(Some(LaunchGeometry {
+                grid: [
+                    GridDim::blocks(numel(&s0[..2]), 1),
+                    GridDim::blocks(s3[1].clone(), GEMV_COLS as u32),
+                    GridDim::one(),
+                ],
+                block: [THREADS, 1, 1],
+                shared_bytes: 0,
+            }))
+        }
+    }
+}
