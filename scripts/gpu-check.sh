@@ -38,7 +38,7 @@ if [[ $parts == *,sanitizer,* ]]; then
   log="$out/sanitizer.log"
   if command -v compute-sanitizer >/dev/null; then
     compute-sanitizer --tool memcheck --error-exitcode 7 \
-      .gpu/bin/ringjit forward --config tiny --device cuda --tokens 1,2,3,4,5,6,7,8,9,10,11 --decode-from 6 \
+      .gpu/bin/ringjit forward --config tiny --device cuda --tokens 1,2,3,4,5,6,7,8,9,10,11 --decode-from 6 --out /tmp/sanitizer.npy \
       > "$log" 2>&1
     st=$?
     say "== compute-sanitizer memcheck, tiny forward (exit $st)"
