@@ -49,7 +49,10 @@ impl DeviceBuf {
 /// Allocates `bytes` (at least 1) of zeroed device memory; out of memory says how much was
 /// asked for, for what, and how much is free.
 pub fn alloc(gpu: &Gpu, bytes: usize, what: &str) -> Result<DeviceBuf> {
-    let slice = gpu.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| {
+    // At least 256 bytes: a kernel may issue a load it then discards (the unselected branch of
+    // a concat reading an empty KV cache at its base address), which must stay inside an
+    // allocation (compute-sanitizer found exactly that on a 0-token cache).
+    let slice = gpu.stream.alloc_zeros::<u8>(bytes.max(256)).map_err(|e| {
         let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
         Error(format!(
             "out of GPU memory? allocating {} for {what} failed: {e} ({} free of {})",
@@ -71,7 +74,7 @@ pub fn upload(gpu: &Gpu, t: &Tensor, what: &str) -> Result<DeviceBuf> {
     let mut d = alloc(gpu, bytes.len(), what)?;
     if !bytes.is_empty() {
         gpu.stream
-            .memcpy_htod(&bytes, &mut d.slice)
+            .memcpy_htod(&bytes, &mut d.slice.slice_mut(0..bytes.len()))
             .map_err(|e| Error(format!("copying {what} to the GPU: {e}")))?;
     }
     Ok(d)
@@ -80,13 +83,15 @@ pub fn upload(gpu: &Gpu, t: &Tensor, what: &str) -> Result<DeviceBuf> {
 /// Downloads `shape` elements of `dtype` from the start of `d`.
 pub fn download(gpu: &Gpu, d: &DeviceBuf, dtype: ir::DType, shape: Vec<usize>, what: &str) -> Result<Tensor> {
     let n: usize = shape.iter().product::<usize>() * dtype.size_bytes();
-    let mut host = vec![0u8; d.bytes];
+    let mut host = vec![0u8; n];
+    if n > d.bytes {
+        return err(format!("{what}: the device buffer holds {} bytes, {n} asked", d.bytes));
+    }
     if n > 0 {
         gpu.stream
-            .memcpy_dtoh(&d.slice, &mut host)
+            .memcpy_dtoh(&d.slice.slice(0..n), &mut host)
             .map_err(|e| Error(format!("copying {what} from the GPU: {e}")))?;
     }
-    host.truncate(n);
     Tensor::from_bytes(dtype, shape, &host).ok_or_else(|| Error(format!("{what}: the device buffer is too small")))
 }
 
@@ -563,7 +568,7 @@ impl CudaPlan {
                         let src = self.buffer_slice(o.buffer, &addr, bytes)?;
                         let mut host = vec![0u8; bytes];
                         gpu.stream
-                            .memcpy_dtoh(&src, &mut host)
+                            .memcpy_dtoh(&src.slice(0..bytes), &mut host)
                             .map_err(|e| Error(format!("copying {} from the GPU: {e}", o.name)))?;
                         Tensor::from_bytes(b.dtype, shape, &host)
                             .ok_or_else(|| Error(format!("output {}: size mismatch", o.name)))?

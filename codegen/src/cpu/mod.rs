@@ -5,7 +5,8 @@
 //! - a loop kernel into one generated function of the ABI signature plus its parallel extent;
 //! - a template kernel into a host driver ([`template`]) around generated code: its prologues
 //!   and epilogue are generated functions like loop kernels, GEMMs run the generated SIMD
-//!   micro-kernel ([`gemm`]);
+//!   micro-kernel ([`gemm`]), the row-wise, attention and linear-attention templates the
+//!   generated row kernels ([`vector`]);
 //! - a scan kernel into the compiled plan of its body, which the runtime runs once per step.
 //!
 //! The runtime (`runtime::cpu`) owns memory and threads: it calls [`CpuKernel::run`] with the
@@ -14,7 +15,9 @@
 pub(crate) mod expr;
 pub mod gemm;
 pub mod host;
+mod rows;
 mod template;
+pub mod vector;
 
 use expr::{Jit, LoopSpec, Sink, Source};
 use ir::kernel::{Kernel, KernelKind, KernelPlan, ScanKernel};
@@ -118,6 +121,16 @@ pub struct CpuKernel {
 }
 
 impl CpuKernel {
+    /// Whether the kernel runs generated code: loop kernels, GEMMs and the templates of
+    /// `rows.rs`; `false` for a template that still evaluates its reference semantics.
+    pub fn is_generated(&self) -> bool {
+        match &self.body {
+            CpuKernelBody::Loop(_) => true,
+            CpuKernelBody::Template(t) => t.is_generated(),
+            CpuKernelBody::Scan { .. } => false,
+        }
+    }
+
     /// Runs a loop or template kernel (scans are the runtime's: an error here).
     pub fn run(&self, l: &Launch) -> Result<(), String> {
         match &self.body {
@@ -157,6 +170,7 @@ pub fn compile_plan(plan: &KernelPlan) -> Result<CpuPlan, String> {
     let mut jit = Jit::new()?;
     let micro = gemm::compile_micro_kernel(&mut jit)?;
     let dot = gemm::compile_dot_kernel(&mut jit)?;
+    let vec_ids = vector::compile(&mut jit)?;
     let mut pending = Vec::new();
     let mut out = compile_kernels(&mut jit, plan, &symbols, "", &mut pending)?;
     jit.module
@@ -167,12 +181,13 @@ pub fn compile_plan(plan: &KernelPlan) -> Result<CpuPlan, String> {
     // SAFETY: the dot kernel was declared with DotKernel's signature.
     let dot: gemm::DotKernel = unsafe { std::mem::transmute(jit.module.get_finalized_function(dot)) };
     let gk = gemm::GemmKernels { micro, dot };
+    let vk = vec_ids.resolve(&jit);
     let mut fns = Vec::new();
     for id in &pending {
         // SAFETY: every pending function has the kernel ABI signature (expr::kernel_signature).
         fns.push(unsafe { std::mem::transmute::<*const u8, KernelFn>(jit.module.get_finalized_function(*id)) });
     }
-    link(&mut out.kernels, &fns, gk);
+    link(&mut out.kernels, &fns, gk, vk);
     out._code = Some(Mutex::new(Code(Some(jit.module))));
     Ok(out)
 }
@@ -189,12 +204,12 @@ fn resolve(f: &mut KernelFn, fns: &[KernelFn]) {
     *f = fns[i];
 }
 
-fn link(kernels: &mut [CpuKernel], fns: &[KernelFn], gk: gemm::GemmKernels) {
+fn link(kernels: &mut [CpuKernel], fns: &[KernelFn], gk: gemm::GemmKernels, vk: vector::VecKernels) {
     for k in kernels {
         match &mut k.body {
             CpuKernelBody::Loop(l) => resolve(&mut l.func, fns),
-            CpuKernelBody::Template(t) => t.link(&mut |f| resolve(f, fns), gk),
-            CpuKernelBody::Scan { body, .. } => link(&mut body.kernels, fns, gk),
+            CpuKernelBody::Template(t) => t.link(&mut |f| resolve(f, fns), gk, vk),
+            CpuKernelBody::Scan { body, .. } => link(&mut body.kernels, fns, gk, vk),
         }
     }
 }

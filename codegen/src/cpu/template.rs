@@ -8,14 +8,17 @@
 //!
 //! Algorithms: GEMM runs the generated micro-kernel (gemm.rs) over cache blocks; the grouped
 //! expert GEMM of MoE layers runs the same GEMM per chosen expert on the rows routed to it.
-//! The other templates (attention, linear attention, routing, norms, FP8 casts, top-k,
-//! argmax, scatter-add) currently evaluate their reference semantics (`ir::fused` through
-//! `ir::kernel_eval::template_graph_op`) on the dense operands: correct, single-threaded,
-//! not generated code (docs/cpu-backend.md lists this as open work).
+//! The row-wise templates (norms, softmax, QK-norm + RoPE, group-norm gate), attention and
+//! linear attention and the routing top-k run the generated row kernels (vector.rs) through the
+//! drivers of rows.rs. The others (FP8 casts, top-k, argmax, scatter-add) currently evaluate their
+//! reference semantics (`ir::fused` through `ir::kernel_eval::template_graph_op`) on the dense
+//! operands: correct, single-threaded, not generated code (docs/cpu-backend.md lists this as
+//! open work).
 
 use super::expr::{Jit, LoopSpec, Sink};
 use super::gemm::{gemm_batched, GemmKernels, MatRef};
 use super::host::{read_view, read_view_f32, write_view, ConcreteView};
+use super::vector::VecKernels;
 use super::{add_function, parallel_axes, sources, BufPtr, KernelFn, Launch, LoopFn};
 use ir::fused::GroupedEpilogue;
 use ir::graph::Graph;
@@ -61,6 +64,10 @@ pub struct TemplateExec {
     /// the epilogue and the shape of the result it reads
     epilogue: Option<LoopFn>,
     kernels: Option<GemmKernels>,
+    /// the generated row kernels (rows.rs, vector.rs)
+    vk: Option<VecKernels>,
+    /// runs the generated row kernels (see `row_dtypes`), not the reference semantics
+    generated: bool,
     /// parameter operands converted to f32 once (they never change within a plan)
     weights: Mutex<HashMap<usize, Arc<Vec<f32>>>>,
 }
@@ -178,11 +185,58 @@ impl TemplateExec {
             outputs,
             epilogue,
             kernels: None,
+            vk: None,
+            generated: false,
             weights: Mutex::new(HashMap::new()),
+        })
+        .map(|mut e| {
+            e.generated = e.row_dtypes().is_some();
+            e
         })
     }
 
-    pub(crate) fn link(&mut self, resolve: &mut dyn FnMut(&mut KernelFn), kernels: GemmKernels) {
+    /// Whether the template runs generated code (GEMMs and the row kernels of `rows.rs`)
+    /// rather than its reference semantics.
+    pub fn is_generated(&self) -> bool {
+        matches!(self.op, TemplateOp::Gemm(_) | TemplateOp::GroupedGemm { .. }) || self.generated
+    }
+
+    fn operand_dtype(&self, i: usize) -> Option<DType> {
+        match self.operands.get(i)? {
+            OperandExec::Buffer { dtype, .. } | OperandExec::Prologue { dtype, .. } => Some(*dtype),
+        }
+    }
+
+    /// For a template that `rows.rs` generates: (the dtype its normalised values are rounded
+    /// to, its result dtype), both f32 or bf16; `None` for the others (reference semantics).
+    fn row_dtypes(&self) -> Option<(DType, DType)> {
+        let dt = |i: usize| self.operand_dtype(i);
+        let (a, b) = match &self.op {
+            TemplateOp::RmsNorm { .. } | TemplateOp::QkNormRope { .. } => (dt(0)?, DType::promote(dt(0)?, dt(1)?)?),
+            TemplateOp::AddRmsNorm { .. } => {
+                if dt(0)? != dt(1)? {
+                    return None;
+                }
+                (dt(0)?, DType::promote(dt(0)?, dt(2)?)?)
+            }
+            TemplateOp::Softmax { .. } => (dt(0)?, dt(0)?),
+            TemplateOp::RouteTopK { .. } => (DType::F32, DType::F32),
+            TemplateOp::GroupNormGate { .. }
+            | TemplateOp::Attention { .. }
+            | TemplateOp::LinearAttnChunk { .. }
+            | TemplateOp::LinearAttnStep { .. } => (DType::F32, DType::F32),
+            _ => return None,
+        };
+        let floats = (0..self.operands.len()).all(|i| match dt(i) {
+            Some(d) if d.is_float() => super::rows::rounds(d),
+            Some(_) => true,
+            None => false,
+        });
+        (floats && super::rows::rounds(a) && super::rows::rounds(b)).then_some((a, b))
+    }
+
+    pub(crate) fn link(&mut self, resolve: &mut dyn FnMut(&mut KernelFn), kernels: GemmKernels, vk: VecKernels) {
+        self.vk = Some(vk);
         for o in &mut self.operands {
             if let OperandExec::Prologue { f, .. } = o {
                 resolve(&mut f.func);
@@ -328,6 +382,7 @@ impl TemplateExec {
         let results: Vec<Dense> = match &self.op {
             TemplateOp::Gemm(g) => vec![self.gemm(g, l)?],
             TemplateOp::GroupedGemm { epilogue, .. } => vec![self.grouped_gemm(*epilogue, l)?],
+            _ if self.generated => self.by_rows(l)?,
             op => self.by_reference(op, l)?,
         };
         self.finish(results, l)
@@ -554,6 +609,126 @@ impl TemplateExec {
                 })
             }
         }
+    }
+
+    /// The row-wise, attention and linear-attention templates on the generated row kernels.
+    fn by_rows(&self, l: &Launch) -> Result<Vec<Dense>, String> {
+        use super::rows;
+        let vk = self.vk.as_ref().ok_or("the row kernels are not linked")?;
+        let (norm_dt, out_dt) = self.row_dtypes().ok_or("not a generated template")?;
+        let last = |s: &[usize]| s.last().copied().unwrap_or(0);
+        let zeros = |n: usize| vec![0f32; n];
+        Ok(match &self.op {
+            TemplateOp::RmsNorm { eps, .. } => {
+                let (sx, x, _) = self.operand(0, l)?;
+                let (_, w, _) = self.operand(1, l)?;
+                let mut y = zeros(x.len());
+                rows::rms_norm(vk, &x, &w, last(&sx), *eps, (norm_dt, out_dt), &mut y, l.par)?;
+                vec![Dense { data: y }]
+            }
+            TemplateOp::AddRmsNorm { eps, .. } => {
+                let (sx, h, _) = self.operand(0, l)?;
+                let (_, a, _) = self.operand(1, l)?;
+                let (_, w, _) = self.operand(2, l)?;
+                let (mut s, mut y) = (zeros(h.len()), zeros(h.len()));
+                rows::add_rms_norm(
+                    vk,
+                    (&h, &a, &w),
+                    last(&sx),
+                    *eps,
+                    (norm_dt, out_dt),
+                    &mut s,
+                    &mut y,
+                    l.par,
+                )?;
+                vec![Dense { data: s }, Dense { data: y }]
+            }
+            TemplateOp::Softmax { .. } => {
+                let (sx, x, _) = self.operand(0, l)?;
+                let mut y = zeros(x.len());
+                rows::softmax(vk, &x, last(&sx), &mut y, l.par)?;
+                round_all(&mut y, out_dt);
+                vec![Dense { data: y }]
+            }
+            TemplateOp::QkNormRope { eps, .. } => {
+                let (sx, x, _) = self.operand(0, l)?;
+                let (_, w, _) = self.operand(1, l)?;
+                let (_, pos, _) = self.operand_exact(2, l)?;
+                let (_, inv, _) = self.operand(3, l)?;
+                let r = sx.len();
+                if r < 3 {
+                    return Err(format!("qk_norm_rope of a rank-{r} operand"));
+                }
+                let mut y = zeros(x.len());
+                rows::qk_norm_rope(
+                    vk,
+                    (&x, &w, &pos, &inv),
+                    (sx[r - 3], sx[r - 2], sx[r - 1]),
+                    *eps,
+                    (norm_dt, out_dt),
+                    &mut y,
+                    l.par,
+                )?;
+                vec![Dense { data: y }]
+            }
+            TemplateOp::GroupNormGate { groups, eps, .. } => {
+                let (_, o, _) = self.operand(0, l)?;
+                let (_, w, _) = self.operand(1, l)?;
+                let (_, g, _) = self.operand(2, l)?;
+                let mut y = zeros(g.len());
+                rows::group_norm_gate(vk, (&o, &w, &g), *groups, *eps, &mut y, l.par)?;
+                vec![Dense { data: y }]
+            }
+            TemplateOp::Attention { scale, .. } => {
+                let (sq, q, _) = self.operand(0, l)?;
+                let (sk, k, _) = self.operand(1, l)?;
+                let (_, v, _) = self.operand(2, l)?;
+                let (_, pos, _) = self.operand_exact(3, l)?;
+                let (&[b, hkv, g, s, d], &[_, _, t, _]) = (sq.as_slice(), sk.as_slice()) else {
+                    return Err(format!("attention of q {sq:?} and k {sk:?}"));
+                };
+                let mut y = zeros(q.len());
+                rows::attention(vk, (&q, &k, &v, &pos), (b, hkv, g, s, t, d), *scale, &mut y, l.par)?;
+                vec![Dense { data: y }]
+            }
+            TemplateOp::LinearAttnChunk { .. } | TemplateOp::LinearAttnStep { .. } => {
+                let (_, s0, _) = self.operand(0, l)?;
+                let (sq, q, _) = self.operand(1, l)?;
+                let (_, k, _) = self.operand(2, l)?;
+                let (_, v, _) = self.operand(3, l)?;
+                let (_, lam, _) = self.operand(4, l)?;
+                let &[b, t, h, d] = sq.as_slice() else {
+                    return Err(format!("linear attention of q {sq:?}"));
+                };
+                let (mut s, mut o) = (zeros(s0.len()), zeros(q.len()));
+                rows::linear_attn(vk, [&s0, &q, &k, &v, &lam], (b, t, h, d), &mut s, &mut o, l.par)?;
+                vec![Dense { data: s }, Dense { data: o }]
+            }
+            TemplateOp::RouteTopK {
+                k,
+                n_group,
+                topk_group,
+                scale,
+                normalize,
+                biased,
+                ..
+            } => {
+                let (sp, p, _) = self.operand(0, l)?;
+                let bias = if *biased { Some(self.operand(1, l)?.1) } else { None };
+                let (chosen, weights) = rows::route_topk(
+                    vk,
+                    &p,
+                    bias.as_deref().map(|b| b.as_slice()),
+                    last(&sp),
+                    (*k, *n_group, *topk_group),
+                    *scale,
+                    *normalize,
+                    l.par,
+                )?;
+                vec![Dense { data: chosen }, Dense { data: weights }]
+            }
+            op => return Err(format!("{} is not generated", op.name())),
+        })
     }
 
     /// The template's reference semantics on the dense operands (see the module doc).

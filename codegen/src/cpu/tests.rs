@@ -27,6 +27,22 @@ fn tier(d: DType) -> Option<f64> {
     }
 }
 
+/// The kernel kinds that run generated code (loops, GEMMs, the row kernels of rows.rs).
+const GENERATED: [&str; 12] = [
+    "route_topk",
+    "loop",
+    "gemm",
+    "grouped_gemm",
+    "rms_norm",
+    "add_rms_norm",
+    "softmax",
+    "qk_norm_rope",
+    "group_norm_gate",
+    "attention",
+    "linear_attn_chunk",
+    "linear_attn_step",
+];
+
 /// Runs every kernel of `plan` on the CPU and in the evaluator, from the evaluator's memory.
 fn check_plan_kernels(g: &ir::graph::Graph, plan: &KernelPlan, env: &DimEnv, seed: u64) -> usize {
     let compiled = compile_plan(plan).unwrap_or_else(|e| panic!("{e}"));
@@ -60,6 +76,15 @@ fn check_plan_kernels(g: &ir::graph::Graph, plan: &KernelPlan, env: &DimEnv, see
     let syms: Vec<i64> = compiled.symbols.iter().map(|s| env[s]).collect();
     let mut checked = 0;
     for (k, ck) in plan.kernels.iter().zip(&compiled.kernels) {
+        // the templates the backend generates must not fall back to their reference semantics
+        if GENERATED.contains(&k.kind_name()) {
+            assert!(
+                ck.is_generated(),
+                "{} ({}) runs its reference semantics",
+                k.name,
+                k.kind_name()
+            );
+        }
         // the kernel's buffers in their dtypes, from the evaluator's memory
         let mut host: HashMap<BufferId, Vec<u64>> = HashMap::new();
         for r in k.inputs.iter().chain(&k.outputs) {
@@ -147,7 +172,20 @@ fn every_kernel_of_the_tiny_model_matches_the_evaluator_at_ragged_sizes() {
             assert!(check_plan_kernels(&fused, &plan, &env, 11 + i as u64) > 0);
         }
     }
-    for kind in ["loop", "gemm", "grouped_gemm", "attention"] {
+    eprintln!("kernel kinds of the tiny model: {kinds:?}");
+    for kind in [
+        "loop",
+        "gemm",
+        "grouped_gemm",
+        "attention",
+        "rms_norm",
+        "add_rms_norm",
+        "qk_norm_rope",
+        "group_norm_gate",
+        "linear_attn_chunk",
+        "linear_attn_step",
+        "route_topk",
+    ] {
         assert!(kinds.contains(kind), "the tiny model has no {kind} kernel: {kinds:?}");
     }
 }
@@ -289,4 +327,123 @@ fn gemm_kernels() -> (expr::Jit, gemm::GemmKernels) {
         }
     };
     (jit, kernels)
+}
+
+fn vec_kernels() -> (expr::Jit, vector::VecKernels) {
+    let mut jit = expr::Jit::new().unwrap();
+    let ids = vector::compile(&mut jit).unwrap();
+    jit.module.finalize_definitions().unwrap();
+    let vk = ids.resolve(&jit);
+    (jit, vk)
+}
+
+/// Deterministic values in about [-scale, scale], none of them zero.
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let u = ((s >> 40) as f32) / (1u64 << 24) as f32; // [0, 1)
+            (u * 2.0 - 1.0) * scale + if u < 0.5 { -1e-3 } else { 1e-3 }
+        })
+        .collect()
+}
+
+#[test]
+fn the_row_kernels_match_scalar_arithmetic_at_ragged_lengths() {
+    let (_jit, vk) = vec_kernels();
+    for n in [0usize, 1, 3, 4, 5, 8, 13, 37, 128, 130] {
+        let x = values(n, n as u64, 3.0);
+        let w = values(n, 100 + n as u64, 1.5);
+        // dot and max
+        let want: f64 = x.iter().zip(&w).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+        let got = unsafe { (vk.dot)(n as i64, x.as_ptr(), w.as_ptr()) };
+        assert!(
+            (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "dot n={n}: {got} vs {want}"
+        );
+        let m = unsafe { (vk.maxv)(n as i64, x.as_ptr()) };
+        assert_eq!(m, x.iter().copied().fold(f32::NEG_INFINITY, f32::max), "max n={n}");
+        // rms-apply with every rounding combination: bit-exact with DType::round
+        for (rn, ro) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+            let mut y = vec![0f32; n];
+            unsafe { (vk.rms)(n as i64, x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), 0.37, rn, ro) };
+            let r = |v: f32, f: i64| if f == 1 { DType::BF16.round(v) } else { v };
+            let want: Vec<f32> = x.iter().zip(&w).map(|(&a, &b)| r(r(a * 0.37, rn) * b, ro)).collect();
+            assert_eq!(y, want, "rms n={n} rn={rn} ro={ro}");
+        }
+        // axpby
+        let mut y = w.clone();
+        unsafe { (vk.axpby)(n as i64, x.as_ptr(), y.as_mut_ptr(), 0.5, -2.0) };
+        for i in 0..n {
+            assert!(
+                (y[i] - (-2.0 * w[i] + 0.5 * x[i])).abs() <= 1e-5 * (1.0 + y[i].abs()),
+                "axpby n={n}"
+            );
+        }
+        // exp: relative error and the sum
+        let xs = values(n, 7 + n as u64, 40.0);
+        let mut e = vec![0f32; n];
+        let sum = unsafe { (vk.exp)(n as i64, xs.as_ptr(), e.as_mut_ptr(), 1.0, -1.0) };
+        let mut want_sum = 0f64;
+        for i in 0..n {
+            // the argument is formed in f32, as in the kernel
+            let want = f64::from(xs[i] - 1.0).exp();
+            want_sum += want;
+            assert!(
+                ((f64::from(e[i]) - want) / want).abs() < 1e-6,
+                "exp({}) = {} vs {want}",
+                xs[i] - 1.0,
+                e[i]
+            );
+        }
+        assert!(
+            (f64::from(sum) - want_sum).abs() <= 1e-5 * want_sum.max(1e-30),
+            "exp sum n={n}"
+        );
+    }
+    // argmax: NaN first, then descending, ties by the lowest index (a stable descending sort)
+    let v = [1.0f32, 3.0, f32::NAN, 3.0, -0.0, 0.0, f32::NEG_INFINITY, f32::NAN];
+    let mut taken = [0u8; 8];
+    let order: Vec<i64> = (0..9)
+        .map(|_| unsafe { (vk.argmax)(8, v.as_ptr(), taken.as_mut_ptr()) })
+        .collect();
+    assert_eq!(order, [2, 7, 1, 3, 0, 4, 5, 6, -1]);
+    // exp at the clamps and NaN
+    let xs = [-1000.0f32, -87.0, 0.0, 88.0, f32::NAN];
+    let mut e = [0f32; 5];
+    unsafe { (vk.exp)(5, xs.as_ptr(), e.as_mut_ptr(), 1.0, 0.0) };
+    assert!(
+        e[0] >= 0.0 && e[0] < 1e-37 && e[2] == 1.0 && e[3].is_finite() && e[4].is_nan(),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn the_generated_softmax_matches_the_reference() {
+    // softmax is in no compiled model plan of the tests: checked here against ir::fused's
+    // arithmetic (f64 exponentials and sum) at ragged row lengths
+    let (_jit, vk) = vec_kernels();
+    for n in [1usize, 3, 4, 7, 64, 65, 257] {
+        let rows = 5;
+        let x = values(rows * n, 3 + n as u64, 8.0);
+        let mut y = vec![0f32; x.len()];
+        rows::softmax(&vk, &x, n, &mut y, &Serial).unwrap();
+        let mut want = vec![0f32; x.len()];
+        for (xr, wr) in x.chunks(n).zip(want.chunks_mut(n)) {
+            let m = xr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+            let e: Vec<f64> = xr.iter().map(|&v| (f64::from(v) - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            for (w, v) in wr.iter_mut().zip(&e) {
+                *w = (v / s) as f32;
+            }
+        }
+        let err = rel_err(&y, &want);
+        assert!(err <= Tol::F32.op(), "softmax n={n}: error {err:.3e}");
+    }
+    // a row holding NaN gives NaN, as the reference does
+    let x = [1.0f32, f32::NAN, 2.0, 0.5, 3.0];
+    let mut y = [0f32; 5];
+    rows::softmax(&vk, &x, 5, &mut y, &Serial).unwrap();
+    assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
 }
