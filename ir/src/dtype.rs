@@ -258,8 +258,9 @@ mod tests {
             for b in 0u32..256 {
                 let x = dt.decode_float(b);
                 if x.is_finite() {
-                    // -0 and +0 are distinct codes; every finite code decodes to a value that
-                    // encodes back to itself
+                    // -0 and +0 are distinct codes; every finite code decodes to a value of the
+                    // format (a fixed point of `round`) that encodes back to itself
+                    assert_eq!(dt.round(x), x, "{dt} code {b:#x} decodes to a non-value {x}");
                     assert_eq!(dt.encode_float(x), b, "{dt} code {b:#x} = {x}");
                 }
             }

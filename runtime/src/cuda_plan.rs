@@ -478,15 +478,7 @@ impl CudaPlan {
                 }
             };
         }
-        let syms: Vec<u64> = self
-            .symbols
-            .iter()
-            .map(|s| {
-                env.get(s)
-                    .map(|&v| v as u64)
-                    .ok_or_else(|| Error(format!("symbolic dimension `{s}` has no value")))
-            })
-            .collect::<Result<_>>()?;
+        let syms = self.sym_values(env)?;
 
         for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
             self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
@@ -634,15 +626,7 @@ impl CudaPlan {
             0 => 0,
             _ => self.scratch.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0),
         };
-        let syms: Vec<u64> = self
-            .symbols
-            .iter()
-            .map(|s| {
-                env.get(s)
-                    .map(|&v| v as u64)
-                    .ok_or_else(|| Error(format!("no value for `{s}`")))
-            })
-            .collect::<Result<_>>()?;
+        let syms = self.sym_values(env)?;
         self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
         gpu.stream
             .synchronize()
@@ -654,6 +638,18 @@ impl CudaPlan {
             out.insert(r.buffer, download(gpu, &owned[&r.buffer], b.dtype, shape, &b.name)?);
         }
         Ok(out)
+    }
+
+    /// The symbols' values in the kernels' parameter order (docs/kernel-abi.md).
+    fn sym_values(&self, env: &DimEnv) -> Result<Vec<u64>> {
+        self.symbols
+            .iter()
+            .map(|s| {
+                env.get(s)
+                    .map(|&v| v as u64)
+                    .ok_or_else(|| Error(format!("symbolic dimension `{s}` has no value")))
+            })
+            .collect()
     }
 
     fn ensure(&self, slot: &RefCell<Option<DeviceBuf>>, bytes: usize, what: &str) -> Result<()> {

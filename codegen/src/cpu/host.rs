@@ -45,19 +45,19 @@ pub extern "C" fn rj_load_f16(bits: i32) -> f64 {
     f64::from(half::f16::from_bits(bits as u16).to_f32())
 }
 pub extern "C" fn rj_load_e4m3(bits: i32) -> f64 {
-    f64::from(decode_f8(bits as u8, 3, 7))
+    f64::from(DType::F8E4M3.decode_float(bits as u32 & 0xff))
 }
 pub extern "C" fn rj_load_e5m2(bits: i32) -> f64 {
-    f64::from(decode_f8(bits as u8, 2, 15))
+    f64::from(DType::F8E5M2.decode_float(bits as u32 & 0xff))
 }
 pub extern "C" fn rj_store_f16(x: f64) -> i32 {
     i32::from(half::f16::from_f32(x as f32).to_bits())
 }
 pub extern "C" fn rj_store_e4m3(x: f64) -> i32 {
-    i32::from(encode_f8(DType::F8E4M3.round(x as f32), 3, 7))
+    DType::F8E4M3.encode_float(x as f32) as i32
 }
 pub extern "C" fn rj_store_e5m2(x: f64) -> i32 {
-    i32::from(encode_f8(DType::F8E5M2.round(x as f32), 2, 15))
+    DType::F8E5M2.encode_float(x as f32) as i32
 }
 
 /// (name, address, number of f64 parameters or -1 for an i32 parameter, returns i32)
@@ -174,48 +174,6 @@ pub(crate) fn helper_fns() -> Vec<HelperFn> {
     ]
 }
 
-// ---- FP8 bit patterns (OCP: E4M3 bias 7 without infinities, E5M2 bias 15) ---------------------
-
-pub fn decode_f8(bits: u8, mbits: u32, bias: i32) -> f32 {
-    let sign = if bits & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let ebits = 7 - mbits;
-    let e = i32::from((bits >> mbits) & ((1 << ebits) - 1) as u8);
-    let m = u32::from(bits & ((1 << mbits) - 1) as u8);
-    let emax = (1 << ebits) - 1;
-    if mbits == 3 && e == emax && m == 7 {
-        return f32::NAN;
-    }
-    if mbits == 2 && e == emax {
-        return if m == 0 { sign * f32::INFINITY } else { f32::NAN };
-    }
-    let frac = m as f32 / (1 << mbits) as f32;
-    if e == 0 {
-        sign * frac * 2f32.powi(1 - bias)
-    } else {
-        sign * (1.0 + frac) * 2f32.powi(e - bias)
-    }
-}
-
-/// Bits of `x`, which must already be a value of the format (rounded, saturated).
-pub fn encode_f8(x: f32, mbits: u32, bias: i32) -> u8 {
-    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
-    if x.is_nan() {
-        return if mbits == 3 { 0x7f } else { 0x7e };
-    }
-    let a = x.abs();
-    if a == 0.0 {
-        return sign;
-    }
-    let min_normal = 2f32.powi(1 - bias);
-    if a < min_normal {
-        let m = (a / 2f32.powi(1 - bias - mbits as i32)).round() as u8;
-        return sign | m;
-    }
-    let e = a.log2().floor() as i32;
-    let m = ((a / 2f32.powi(e) - 1.0) * (1 << mbits) as f32).round() as u32;
-    sign | (((e + bias) as u8) << mbits) | m as u8
-}
-
 // ---- element access through views (template drivers) ------------------------------------------
 
 /// Element `i` (in elements) of a buffer of `dtype` at `ptr`, as f64.
@@ -227,8 +185,8 @@ pub unsafe fn load_elem(ptr: *const u8, dtype: DType, i: usize) -> f64 {
         DType::F32 => f64::from(*(ptr as *const f32).add(i)),
         DType::BF16 => f64::from(half::bf16::from_bits(*(ptr as *const u16).add(i)).to_f32()),
         DType::F16 => f64::from(half::f16::from_bits(*(ptr as *const u16).add(i)).to_f32()),
-        DType::F8E4M3 => f64::from(decode_f8(*ptr.add(i), 3, 7)),
-        DType::F8E5M2 => f64::from(decode_f8(*ptr.add(i), 2, 15)),
+        DType::F8E4M3 => f64::from(DType::F8E4M3.decode_float(u32::from(*ptr.add(i)))),
+        DType::F8E5M2 => f64::from(DType::F8E5M2.decode_float(u32::from(*ptr.add(i)))),
         DType::I32 => f64::from(*(ptr as *const i32).add(i)),
         DType::I64 => *(ptr as *const i64).add(i) as f64,
         DType::Bool => f64::from(*ptr.add(i)),
@@ -244,8 +202,8 @@ pub unsafe fn store_elem(ptr: *mut u8, dtype: DType, i: usize, x: f64) {
         DType::F32 => *(ptr as *mut f32).add(i) = x as f32,
         DType::BF16 => *(ptr as *mut u16).add(i) = half::bf16::from_f32(x as f32).to_bits(),
         DType::F16 => *(ptr as *mut u16).add(i) = half::f16::from_f32(x as f32).to_bits(),
-        DType::F8E4M3 => *ptr.add(i) = encode_f8(DType::F8E4M3.round(x as f32), 3, 7),
-        DType::F8E5M2 => *ptr.add(i) = encode_f8(DType::F8E5M2.round(x as f32), 2, 15),
+        DType::F8E4M3 => *ptr.add(i) = DType::F8E4M3.encode_float(x as f32) as u8,
+        DType::F8E5M2 => *ptr.add(i) = DType::F8E5M2.encode_float(x as f32) as u8,
         DType::I32 => *(ptr as *mut i32).add(i) = x as i64 as i32,
         DType::I64 => *(ptr as *mut i64).add(i) = x as i64,
         DType::Bool => *ptr.add(i) = u8::from(x != 0.0),
@@ -327,24 +285,4 @@ pub unsafe fn read_view_f32(ptr: *const u8, dtype: DType, view: &ConcreteView) -
 /// `ptr` must be the buffer the view was made for.
 pub unsafe fn write_view(ptr: *mut u8, dtype: DType, view: &ConcreteView, data: impl Fn(usize) -> f64) {
     view.for_each(|lin, a| store_elem(ptr, dtype, a, data(lin)));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fp8_codes_round_trip() {
-        for (mbits, bias, dt) in [(3, 7, DType::F8E4M3), (2, 15, DType::F8E5M2)] {
-            for b in 0..=255u8 {
-                let x = decode_f8(b, mbits, bias);
-                if !x.is_finite() {
-                    continue;
-                }
-                assert_eq!(dt.round(x), x, "{dt} code {b:#x} decodes to a non-value {x}");
-                let back = encode_f8(x, mbits, bias);
-                assert_eq!(decode_f8(back, mbits, bias), x, "{dt} code {b:#x}");
-            }
-        }
-    }
 }
