@@ -114,16 +114,27 @@ impl Jit {
         })
     }
 
-    /// Compiles `spec` into a function named `name` (a kernel name, or a kernel name with a
-    /// suffix for a template's fusions). Errors name the function.
-    pub fn compile_loop(&mut self, name: &str, spec: &LoopSpec, symbols: &[String]) -> Result<FuncId, String> {
-        let sig = kernel_signature(&self.module);
+    /// Declares a local function `name` of signature `sig` and returns its id with a fresh
+    /// context holding the signature, ready for a `FunctionBuilder`. Errors name the function.
+    pub(crate) fn declare_local(
+        &mut self,
+        name: &str,
+        sig: cranelift_codegen::ir::Signature,
+    ) -> Result<(FuncId, cranelift_codegen::Context), String> {
         let id = self
             .module
             .declare_function(name, Linkage::Local, &sig)
             .map_err(|e| format!("{name}: {e}"))?;
         let mut ctx = self.module.make_context();
         ctx.func.signature = sig;
+        Ok((id, ctx))
+    }
+
+    /// Compiles `spec` into a function named `name` (a kernel name, or a kernel name with a
+    /// suffix for a template's fusions). Errors name the function.
+    pub fn compile_loop(&mut self, name: &str, spec: &LoopSpec, symbols: &[String]) -> Result<FuncId, String> {
+        let sig = kernel_signature(&self.module);
+        let (id, mut ctx) = self.declare_local(name, sig)?;
         {
             let mut b = FunctionBuilder::new(&mut ctx.func, &mut self.fbc);
             let mut refs = HashMap::new();

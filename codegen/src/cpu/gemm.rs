@@ -12,7 +12,7 @@ use super::expr::{describe, Jit};
 use super::ParFor;
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, MemFlagsData};
 use cranelift_frontend::FunctionBuilder;
-use cranelift_module::{FuncId, Linkage, Module};
+use cranelift_module::{FuncId, Module};
 
 pub const MR: usize = 4;
 pub const NR: usize = 8;
@@ -42,12 +42,7 @@ pub(crate) fn compile_dot_kernel(jit: &mut Jit) -> Result<FuncId, String> {
     sig.params.push(AbiParam::new(ptr));
     sig.params.push(AbiParam::new(ptr));
     sig.returns.push(AbiParam::new(types::F32));
-    let id = jit
-        .module
-        .declare_function(name, Linkage::Local, &sig)
-        .map_err(|e| format!("{name}: {e}"))?;
-    let mut ctx = jit.module.make_context();
-    ctx.func.signature = sig;
+    let (id, mut ctx) = jit.declare_local(name, sig)?;
     let mut fbc = cranelift_frontend::FunctionBuilderContext::new();
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
@@ -150,12 +145,7 @@ pub(crate) fn compile_micro_kernel(jit: &mut Jit) -> Result<FuncId, String> {
     for _ in 0..3 {
         sig.params.push(AbiParam::new(ptr));
     }
-    let id = jit
-        .module
-        .declare_function(name, Linkage::Local, &sig)
-        .map_err(|e| format!("{name}: {e}"))?;
-    let mut ctx = jit.module.make_context();
-    ctx.func.signature = sig;
+    let (id, mut ctx) = jit.declare_local(name, sig)?;
     let mut fbc = cranelift_frontend::FunctionBuilderContext::new();
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);

@@ -13,7 +13,7 @@ use super::expr::{describe, Jit};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, AbiParam, Endianness, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_module::{FuncId, Linkage, Module};
+use cranelift_module::{FuncId, Module};
 
 /// `dot(n, x, y) = Σ x·y`
 pub type DotFn = unsafe extern "C" fn(i64, *const f32, *const f32) -> f32;
@@ -187,12 +187,7 @@ fn build(
     if red != Red::None {
         sig.returns.push(AbiParam::new(types::F32));
     }
-    let id = jit
-        .module
-        .declare_function(name, Linkage::Local, &sig)
-        .map_err(|e| format!("{name}: {e}"))?;
-    let mut ctx = jit.module.make_context();
-    ctx.func.signature = sig;
+    let (id, mut ctx) = jit.declare_local(name, sig)?;
     let mut fbc = FunctionBuilderContext::new();
     let fma = jit.has_fma;
     {
@@ -304,12 +299,7 @@ fn build_argmax(jit: &mut Jit) -> Result<FuncId, String> {
     sig.params.push(AbiParam::new(ptr));
     sig.params.push(AbiParam::new(ptr));
     sig.returns.push(AbiParam::new(types::I64));
-    let id = jit
-        .module
-        .declare_function(name, Linkage::Local, &sig)
-        .map_err(|e| format!("{name}: {e}"))?;
-    let mut ctx = jit.module.make_context();
-    ctx.func.signature = sig;
+    let (id, mut ctx) = jit.declare_local(name, sig)?;
     let mut fbc = FunctionBuilderContext::new();
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
