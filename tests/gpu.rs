@@ -326,6 +326,62 @@ fn gpu_prefill_then_decode_equals_the_forward() {
     eprintln!("gpu prefill+decode vs forward (small, f32): {e:.2e}");
 }
 
+/// Decode through fixed buffers and replayed CUDA graphs equals decode with plain launches,
+/// bit for bit, over enough steps to outgrow the first capacity (new buffers, new graphs).
+#[test]
+fn gpu_decode_as_cuda_graphs_equals_plain_launches() {
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let p = pair(&g, "tiny", &[], passes::Precision::Bf16);
+    assert!(
+        p.gpu.decode_plan().graph_blocker().is_none(),
+        "tiny decode cannot use graphs: {:?}",
+        p.gpu.decode_plan().graph_blocker()
+    );
+    let (batch, prompt_len, steps) = (2, 250, 300);
+    let prompt = crate::common::random_tokens(8, batch * prompt_len, p.vocab);
+    let run = |graphs: bool| -> (Vec<Vec<f32>>, usize) {
+        assert_eq!(
+            p.gpu.set_graphs(graphs),
+            graphs,
+            "RINGJIT_CUDA_GRAPH=0 or RINGJIT_DEBUG set?"
+        );
+        let host = p.zero_states(batch);
+        let mut dev = p.gpu.states(&host).unwrap();
+        let t = ir::Tensor::from_i64(ir::DType::I64, vec![batch, prompt_len], prompt.clone());
+        let first = p.gpu.step(&mut dev, t, batch, prompt_len, 0).unwrap();
+        let mut next: Vec<i64> = (0..batch)
+            .map(|s| {
+                argmax(&first["logits"].as_f32().unwrap()[(s * prompt_len + prompt_len - 1) * p.vocab..][..p.vocab])
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut most_graphs = 0;
+        for i in 0..steps {
+            let t = ir::Tensor::from_i64(ir::DType::I64, vec![batch, 1], next.clone());
+            let l = p.gpu.step(&mut dev, t, batch, 1, prompt_len + i).unwrap();
+            let l = l["logits"].as_f32().unwrap().to_vec();
+            next = (0..batch).map(|s| argmax(&l[s * p.vocab..][..p.vocab])).collect();
+            most_graphs = most_graphs.max(p.gpu.decode_plan().graph_count());
+            out.push(l);
+        }
+        (out, most_graphs)
+    };
+    let (plain, none) = run(false);
+    let (graphed, captured) = run(true);
+    assert_eq!(none, 0);
+    assert!(captured >= 2, "only {captured} graphs were captured");
+    for (i, (a, b)) in graphed.iter().zip(&plain).enumerate() {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same,
+            "decode step {i} (past {}): graph replay differs from plain launches",
+            prompt_len + i
+        );
+    }
+    eprintln!("gpu decode as CUDA graphs: {steps} steps identical to plain launches, {captured} graphs");
+}
+
 /// Benchmark (ignored; run with `--ignored --nocapture` on the GPU machine) of the attention
 /// templates at the Ring-mini shapes: 16 query heads over 4 KV heads and 16 linear heads, d 128.
 /// Runs the whole-model GPU benchmark (`runtime::gpu_bench`, CUDA events, medians) and prints

@@ -7,7 +7,7 @@ use crate::{err, Error, Result};
 use cudarc::driver::{CudaContext, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
-/// One GPU and its default stream.
+/// One GPU and the stream all of ringjit's work on it goes through.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -34,7 +34,13 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| Error(format!("GPU {ordinal}: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let stream = ctx.default_stream();
+        // one stream of our own: a CUDA graph cannot be captured on the legacy default stream;
+        // all work goes through it, so cudarc's cross-stream event tracking is not needed
+        // SAFETY: no other stream of this context touches our allocations.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| Error(format!("GPU {ordinal}: creating a stream: {e}")))?;
         Ok(Gpu { ctx, stream, name })
     }
 

@@ -263,9 +263,47 @@ pub struct CudaPlan {
     params: HashMap<BufferId, Arc<DeviceBuf>>,
     arena: RefCell<Option<DeviceBuf>>,
     scratch: RefCell<Option<DeviceBuf>>,
+    /// the symbols' values of the step being run (the kernels read them through a pointer)
+    syms: RefCell<Option<DeviceBuf>>,
+    /// fixed-address buffers and captured CUDA graphs of the steps of one batch (decode)
+    fixed: RefCell<Option<Fixed>>,
+    /// whether [`CudaPlan::run`] may use fixed buffers and CUDA graphs (see [`CudaPlan::set_graphs`])
+    graphs: std::cell::Cell<bool>,
+    /// why this plan cannot run with fixed buffers (None: it can)
+    not_fixable: Option<String>,
     pub cache: CacheStats,
     debug: u32,
 }
+
+/// Fixed-address buffers for the steps of one (batch, seq) up to a capacity of `past + seq`
+/// tokens, and the CUDA graphs captured over them. The arena is laid out for the capacity
+/// (every buffer's size only grows with `past`, and liveness does not depend on it, so the
+/// layout holds for every smaller `past`); carried states alternate between sets of buffers
+/// sized for the capacity (the step reads one set and writes another), so each direction is
+/// one graph, replayed with only the symbols and the tokens copied in before it.
+struct Fixed {
+    batch: i64,
+    seq: i64,
+    /// the most `past + seq` tokens these buffers hold
+    cap: i64,
+    cap_env: DimEnv,
+    addr_intermediate: Vec<Option<u64>>,
+    _arena: Option<DeviceBuf>,
+    scratch: u64,
+    _scratch_buf: Option<DeviceBuf>,
+    inputs: HashMap<BufferId, DeviceBuf>,
+    outputs: HashMap<BufferId, DeviceBuf>,
+    /// spare sets of state buffers (by state name), each sized for the capacity
+    pool: Vec<HashMap<String, DeviceBuf>>,
+    /// addresses of the state buffers made here (in the pool or handed out as a step's states)
+    ours: std::collections::HashSet<u64>,
+    graphs: HashMap<Vec<u64>, cudarc::driver::CudaGraph>,
+    /// each kernel's grid at the capacity
+    grids: Vec<[u64; 3]>,
+}
+
+/// The most graphs kept per batch size (one per direction of each sequence being decoded).
+const MAX_GRAPHS: usize = 8;
 
 fn debug_level() -> u32 {
     std::env::var("RINGJIT_DEBUG")
@@ -377,6 +415,7 @@ impl CudaPlan {
             dev_params.insert(BufferId(i as u32), d);
         }
         let symbols = plan.symbols();
+        let not_fixable = fixable(&plan, &kernels).err();
         Ok(CudaPlan {
             gpu,
             plan,
@@ -385,9 +424,36 @@ impl CudaPlan {
             params: dev_params,
             arena: RefCell::new(None),
             scratch: RefCell::new(None),
+            syms: RefCell::new(None),
+            fixed: RefCell::new(None),
+            graphs: std::cell::Cell::new(false),
+            not_fixable,
             cache,
             debug: debug_level(),
         })
+    }
+
+    /// Lets [`CudaPlan::run`] keep fixed buffers for a batch size and replay the step as a
+    /// CUDA graph (the decode plan: same batch, one token, a growing `past`). Off by default;
+    /// `RINGJIT_CUDA_GRAPH=0` and `RINGJIT_DEBUG` ≥ 1 keep it off. Returns whether it is on.
+    pub fn set_graphs(&self, on: bool) -> bool {
+        let env_off = std::env::var("RINGJIT_CUDA_GRAPH").is_ok_and(|v| v.trim() == "0");
+        let on = on && !env_off && self.debug == 0 && self.not_fixable.is_none();
+        self.graphs.set(on);
+        if !on {
+            *self.fixed.borrow_mut() = None;
+        }
+        on
+    }
+
+    /// Why the plan cannot use fixed buffers and graphs, if it cannot.
+    pub fn graph_blocker(&self) -> Option<&str> {
+        self.not_fixable.as_deref()
+    }
+
+    /// How many CUDA graphs are captured now (for tests and the benchmark).
+    pub fn graph_count(&self) -> usize {
+        self.fixed.borrow().as_ref().map_or(0, |f| f.graphs.len())
     }
 
     pub fn plan(&self) -> &KernelPlan {
@@ -428,6 +494,9 @@ impl CudaPlan {
         states: &mut DeviceStates,
         timing: Option<(usize, &mut StepTiming)>,
     ) -> Result<HashMap<String, Tensor>> {
+        if timing.is_none() && self.graphs.get() {
+            return self.run_fixed(env, inputs, states);
+        }
         let gpu = &*self.gpu;
         let mem = passes::memplan::plan(&self.plan, env).map_err(Error)?;
         self.ensure(&self.arena, mem.arena_peak_bytes as usize, "the activation arena")?;
@@ -478,10 +547,10 @@ impl CudaPlan {
                 }
             };
         }
-        let syms = self.sym_values(env)?;
+        let syms = self.put_syms(env)?;
 
         for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
-            self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+            self.launch(k, l, env, &addr, syms, scratch_ptr)?;
         }
         if let Some((repeats, t)) = timing {
             let ev = || {
@@ -498,7 +567,7 @@ impl CudaPlan {
             for _ in 0..repeats {
                 a.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
                 for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
-                    self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+                    self.launch(k, l, env, &addr, syms, scratch_ptr)?;
                 }
                 b.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
                 b.synchronize().map_err(|e| Error(e.to_string()))?;
@@ -507,7 +576,7 @@ impl CudaPlan {
             for _ in 0..repeats {
                 for (i, (k, l)) in self.plan.kernels.iter().zip(&self.kernels).enumerate() {
                     marks[i].record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
-                    self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+                    self.launch(k, l, env, &addr, syms, scratch_ptr)?;
                 }
                 marks[n].record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
                 marks[n].synchronize().map_err(|e| Error(e.to_string()))?;
@@ -572,6 +641,256 @@ impl CudaPlan {
         Ok(out)
     }
 
+    /// Buffers for steps of `batch` × `seq` tokens holding up to `cap` tokens in all.
+    fn make_fixed(&self, env: &DimEnv, batch: i64, seq: i64, cap: i64) -> Result<Fixed> {
+        let gpu = &*self.gpu;
+        let mut cap_env = env.clone();
+        if self.symbols.iter().any(|s| s == "past") {
+            cap_env.insert("past".to_string(), cap - seq);
+        }
+        let mem = passes::memplan::plan(&self.plan, &cap_env).map_err(Error)?;
+        let arena = match mem.arena_peak_bytes {
+            0 => None,
+            n => Some(alloc(gpu, n as usize, "the activation arena")?),
+        };
+        let arena_ptr = arena.as_ref().map_or(0, |a| a.ptr(gpu));
+        let mut addr_intermediate = vec![None; self.plan.buffers.len()];
+        let mut inputs = HashMap::new();
+        let mut outputs = HashMap::new();
+        let state_out = self.state_outputs();
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            let id = BufferId(i as u32);
+            let bytes = || -> Result<usize> { Ok(b.size_bytes(&cap_env).map_err(Error)? as usize) };
+            match b.kind {
+                BufferKind::Intermediate => addr_intermediate[i] = mem.offset(id).map(|o| arena_ptr + o),
+                BufferKind::Input => {
+                    inputs.insert(id, alloc(gpu, bytes()?, &b.name)?);
+                }
+                BufferKind::Output if !state_out.contains_key(&id) => {
+                    outputs.insert(id, alloc(gpu, bytes()?, &b.name)?);
+                }
+                _ => {}
+            }
+        }
+        let mut scratch_need = 0usize;
+        let mut grids = Vec::with_capacity(self.kernels.len());
+        for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
+            scratch_need = scratch_need.max(l.scratch.eval(&cap_env).map_err(Error)? as usize);
+            grids.push(l.launch.eval(&cap_env).map_err(|e| Error(format!("{}: {e}", k.name)))?);
+        }
+        let scratch_buf = match scratch_need {
+            0 => None,
+            n => Some(alloc(gpu, n, "kernel scratch space")?),
+        };
+        Ok(Fixed {
+            batch,
+            seq,
+            cap,
+            scratch: scratch_buf.as_ref().map_or(0, |d| d.ptr(gpu)),
+            _scratch_buf: scratch_buf,
+            cap_env,
+            addr_intermediate,
+            _arena: arena,
+            inputs,
+            outputs,
+            pool: Vec::new(),
+            ours: Default::default(),
+            graphs: HashMap::new(),
+            grids,
+        })
+    }
+
+    /// The plan's carried-state outputs: buffer → state name.
+    fn state_outputs(&self) -> HashMap<BufferId, String> {
+        self.plan
+            .outputs
+            .iter()
+            .filter(|o| o.kind == ir::op::InputKind::State)
+            .map(|o| (o.buffer, o.name.clone()))
+            .collect()
+    }
+
+    /// [`CudaPlan::run`] over fixed buffers, replaying a captured CUDA graph where the states
+    /// come from an earlier such step (see [`Fixed`]).
+    fn run_fixed(
+        &self,
+        env: &DimEnv,
+        inputs: &HashMap<String, Tensor>,
+        states: &mut DeviceStates,
+    ) -> Result<HashMap<String, Tensor>> {
+        let gpu = &*self.gpu;
+        let val = |n: &str| env.get(n).copied().unwrap_or(0);
+        let (batch, seq, past) = (val("batch"), val("seq"), val("past"));
+        let fits = self
+            .fixed
+            .borrow()
+            .as_ref()
+            .is_some_and(|f| f.batch == batch && f.seq == seq && past + seq <= f.cap);
+        if !fits {
+            *self.fixed.borrow_mut() = None; // free the old buffers first
+                                             // room for 256 more tokens past the next multiple of 256: a new capacity (and new
+                                             // graphs) every 256 decode steps at most
+            let cap = ((past + seq + 255) / 256) * 256 + 256;
+            *self.fixed.borrow_mut() = Some(self.make_fixed(env, batch, seq, cap)?);
+        }
+        let state_out = self.state_outputs();
+        let mut slot = self.fixed.borrow_mut();
+        let fx = slot
+            .as_mut()
+            .ok_or_else(|| Error("internal: no fixed buffers".into()))?;
+        let mut out_set = match fx.pool.pop() {
+            Some(set) => set,
+            None => {
+                let mut set = HashMap::new();
+                for (id, name) in &state_out {
+                    let b = &self.plan.buffers[id.0 as usize];
+                    let d = alloc(gpu, b.size_bytes(&fx.cap_env).map_err(Error)? as usize, name)?;
+                    fx.ours.insert(d.ptr(gpu));
+                    set.insert(name.clone(), d);
+                }
+                set
+            }
+        };
+
+        // every buffer's address
+        let mut addr = vec![0u64; self.plan.buffers.len()];
+        let mut from_pool = true;
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            let id = BufferId(i as u32);
+            addr[i] = match b.kind {
+                BufferKind::Param => self.params[&id].ptr(gpu),
+                BufferKind::Intermediate => fx.addr_intermediate[i]
+                    .ok_or_else(|| Error(format!("buffer {} has no place in the arena", b.name)))?,
+                BufferKind::Input => {
+                    let t = inputs
+                        .get(&b.name)
+                        .ok_or_else(|| Error(format!("input `{}` was not given", b.name)))?;
+                    let bytes = t.to_bytes();
+                    let d = fx
+                        .inputs
+                        .get_mut(&id)
+                        .ok_or_else(|| Error(format!("internal: no buffer for input {}", b.name)))?;
+                    d.write_at(gpu, 0, &bytes)
+                        .map_err(|e| Error(format!("input `{}`: {e}", b.name)))?;
+                    d.ptr(gpu)
+                }
+                BufferKind::State => {
+                    let d = states
+                        .bufs
+                        .get(&b.name)
+                        .ok_or_else(|| Error(format!("state `{}` is not on the GPU", b.name)))?;
+                    let need = b.size_bytes(env).map_err(Error)? as usize;
+                    if d.bytes < need {
+                        return err(format!(
+                            "state `{}` holds {} bytes on the GPU, the step needs {need}",
+                            b.name, d.bytes
+                        ));
+                    }
+                    let p = d.ptr(gpu);
+                    from_pool &= fx.ours.contains(&p);
+                    p
+                }
+                BufferKind::Output => match state_out.get(&id) {
+                    Some(name) => out_set
+                        .get(name)
+                        .ok_or_else(|| Error(format!("internal: no buffer for state {name}")))?
+                        .ptr(gpu),
+                    None => fx
+                        .outputs
+                        .get(&id)
+                        .ok_or_else(|| Error(format!("internal: no buffer for output {}", b.name)))?
+                        .ptr(gpu),
+                },
+            };
+        }
+        let syms = self.put_syms(env)?;
+
+        if from_pool {
+            // a step between two sets of our buffers: replay (capture the first time)
+            if !fx.graphs.contains_key(&addr) {
+                if fx.graphs.len() >= MAX_GRAPHS {
+                    fx.graphs.clear();
+                }
+                let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+                gpu.stream
+                    .begin_capture(mode)
+                    .map_err(|e| Error(format!("starting a CUDA graph capture: {e}")))?;
+                let mut launched = Ok(());
+                for ((k, l), grid) in self.plan.kernels.iter().zip(&self.kernels).zip(&fx.grids) {
+                    launched = self.launch_grid(k, l, *grid, &addr, syms, fx.scratch);
+                    if launched.is_err() {
+                        break;
+                    }
+                }
+                let graph = gpu
+                    .stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .map_err(|e| Error(format!("capturing the step as a CUDA graph: {e}")));
+                launched?;
+                let graph = graph?.ok_or_else(|| Error("the CUDA graph capture recorded nothing".into()))?;
+                fx.graphs.insert(addr.clone(), graph);
+            }
+            fx.graphs[&addr]
+                .launch()
+                .map_err(|e| Error(format!("replaying the step's CUDA graph: {e}")))?;
+        } else {
+            for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
+                self.launch(k, l, env, &addr, syms, fx.scratch)?;
+            }
+        }
+        gpu.stream.synchronize().map_err(|e| {
+            Error(format!(
+                "a kernel failed during the step: {e} (RINGJIT_DEBUG=1 synchronises after every launch and names it)"
+            ))
+        })?;
+
+        let mut out = HashMap::new();
+        for o in &self.plan.outputs {
+            if o.kind == ir::op::InputKind::State {
+                continue;
+            }
+            let b = &self.plan.buffers[o.buffer.0 as usize];
+            let shape = eval_shape(&o.shape, env).map_err(Error)?;
+            let d = fx
+                .outputs
+                .get(&o.buffer)
+                .ok_or_else(|| Error(format!("internal: no buffer for output {}", o.name)))?;
+            let bytes = b.size_bytes(env).map_err(Error)? as usize;
+            let mut host = vec![0u8; bytes];
+            gpu.stream
+                .memcpy_dtoh(&d.slice.slice(0..bytes), &mut host)
+                .map_err(|e| Error(format!("copying {} from the GPU: {e}", o.name)))?;
+            let t = Tensor::from_bytes(b.dtype, shape, &host)
+                .ok_or_else(|| Error(format!("output {}: size mismatch", o.name)))?;
+            out.insert(o.name.clone(), t);
+        }
+        // the new states in, the old ones back to the pool when they are ours and whole
+        let mut old = HashMap::new();
+        for (name, d) in out_set.drain() {
+            if let Some(prev) = states.bufs.insert(name.clone(), d) {
+                old.insert(name, prev);
+            }
+        }
+        let reusable = old.len() == state_out.len()
+            && old.iter().all(|(name, d)| {
+                fx.ours.contains(&d.ptr(gpu))
+                    && state_out.iter().any(|(id, n)| {
+                        n == name
+                            && self.plan.buffers[id.0 as usize]
+                                .size_bytes(&fx.cap_env)
+                                .is_ok_and(|want| want as usize == d.bytes)
+                    })
+            });
+        if reusable && fx.pool.len() < MAX_GRAPHS {
+            fx.pool.push(old);
+        } else {
+            for d in old.values() {
+                fx.ours.remove(&d.ptr(gpu));
+            }
+        }
+        Ok(out)
+    }
+
     /// A copy of a non-owned buffer's bytes on the device (a parameter, a state or an arena
     /// slice handed out as an output).
     fn buffer_slice(&self, id: BufferId, addr: &[u64], bytes: usize) -> Result<CudaSlice<u8>> {
@@ -626,8 +945,8 @@ impl CudaPlan {
             0 => 0,
             _ => self.scratch.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0),
         };
-        let syms = self.sym_values(env)?;
-        self.launch(k, l, env, &addr, &syms, scratch_ptr)?;
+        let syms = self.put_syms(env)?;
+        self.launch(k, l, env, &addr, syms, scratch_ptr)?;
         gpu.stream
             .synchronize()
             .map_err(|e| Error(format!("{}: failed: {e}", k.name)))?;
@@ -652,6 +971,21 @@ impl CudaPlan {
             .collect()
     }
 
+    /// Copies the symbols' values under `env` into the plan's symbol array on the device
+    /// (stream-ordered: kernels launched before still see their own values) and returns its
+    /// address.
+    fn put_syms(&self, env: &DimEnv) -> Result<u64> {
+        let vals = self.sym_values(env)?;
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.ensure(&self.syms, bytes.len().max(8), "the symbol array")?;
+        let mut slot = self.syms.borrow_mut();
+        let d = slot.as_mut().ok_or_else(|| Error("no symbol array".into()))?;
+        if !bytes.is_empty() {
+            d.write_at(&self.gpu, 0, &bytes)?;
+        }
+        Ok(d.ptr(&self.gpu))
+    }
+
     fn ensure(&self, slot: &RefCell<Option<DeviceBuf>>, bytes: usize, what: &str) -> Result<()> {
         let small = slot.borrow().as_ref().is_none_or(|a| a.bytes < bytes);
         if small && bytes > 0 {
@@ -661,8 +995,12 @@ impl CudaPlan {
         Ok(())
     }
 
-    fn launch(&self, k: &Kernel, l: &Loaded, env: &DimEnv, addr: &[u64], syms: &[u64], scratch: u64) -> Result<()> {
+    fn launch(&self, k: &Kernel, l: &Loaded, env: &DimEnv, addr: &[u64], syms: u64, scratch: u64) -> Result<()> {
         let grid = l.launch.eval(env).map_err(|e| Error(format!("{}: {e}", k.name)))?;
+        self.launch_grid(k, l, grid, addr, syms, scratch)
+    }
+
+    fn launch_grid(&self, k: &Kernel, l: &Loaded, grid: [u64; 3], addr: &[u64], syms: u64, scratch: u64) -> Result<()> {
         if grid.contains(&0) {
             return Ok(()); // nothing to do under this binding (e.g. an empty cache)
         }
@@ -673,10 +1011,10 @@ impl CudaPlan {
             block_dim: (l.launch.block[0], l.launch.block[1], l.launch.block[2]),
             shared_mem_bytes: l.launch.shared_bytes,
         };
-        let mut args: Vec<u64> = Vec::with_capacity(k.inputs.len() + k.outputs.len() + syms.len() + 1);
+        let mut args: Vec<u64> = Vec::with_capacity(k.inputs.len() + k.outputs.len() + 2);
         args.extend(k.inputs.iter().map(|r| addr[r.buffer.0 as usize]));
         args.extend(k.outputs.iter().map(|r| addr[r.buffer.0 as usize]));
-        args.extend_from_slice(syms);
+        args.push(syms);
         args.push(scratch);
         let mut b = self.gpu.stream.launch_builder(&l.func);
         for a in &args {
@@ -710,6 +1048,45 @@ impl CudaPlan {
     }
 }
 
+/// Whether `plan` can run over fixed buffers sized for a capacity (and so as a CUDA graph):
+/// every carried state and other output is written by a kernel into a buffer of its own, and
+/// a kernel whose grid grows with a symbol other than `batch`/`seq` is a loop kernel (loop
+/// kernels skip work past their extent, so a grid made for the capacity is safe).
+fn fixable(plan: &KernelPlan, kernels: &[Loaded]) -> std::result::Result<(), String> {
+    let mut states_in: Vec<&str> = plan
+        .buffers
+        .iter()
+        .filter(|b| b.kind == BufferKind::State)
+        .map(|b| b.name.as_str())
+        .collect();
+    let mut states_out = Vec::new();
+    for o in &plan.outputs {
+        let b = &plan.buffers[o.buffer.0 as usize];
+        if b.kind != BufferKind::Output {
+            return Err(format!("output {} is not written by a kernel of its own", o.name));
+        }
+        if o.kind == ir::op::InputKind::State {
+            states_out.push(o.name.as_str());
+        }
+    }
+    states_in.sort_unstable();
+    states_out.sort_unstable();
+    if states_in != states_out {
+        return Err("the carried states in and out differ".into());
+    }
+    for (k, l) in plan.kernels.iter().zip(kernels) {
+        let grows = l
+            .launch
+            .grid
+            .iter()
+            .any(|g| g.extent.symbols().any(|s| s != "batch" && s != "seq"));
+        if grows && !matches!(k.kind, KernelKind::Loop(_)) {
+            return Err(format!("{}: its grid grows with the context", k.name));
+        }
+    }
+    Ok(())
+}
+
 /// A model on one GPU: the prefill and the decode plans over one copy of the weights.
 pub struct CudaModel {
     pub weights: GpuWeights,
@@ -723,11 +1100,23 @@ impl CudaModel {
         let part = |g: &Graph| passes::partition::partition(g).map_err(|e| Error(format!("kernel partition: {e}")));
         let prefill = CudaPlan::new(&weights, prefill, part(prefill)?, opts)?;
         let decode = CudaPlan::new(&weights, decode, part(decode)?, opts)?;
+        decode.set_graphs(true);
         Ok(CudaModel {
             weights,
             prefill,
             decode,
         })
+    }
+
+    /// Turns the decode step's CUDA graphs on or off (on by default; see
+    /// [`CudaPlan::set_graphs`]); returns whether they are on.
+    pub fn set_graphs(&self, on: bool) -> bool {
+        self.decode.set_graphs(on)
+    }
+
+    /// The decode plan (for tests and the benchmark).
+    pub fn decode_plan(&self) -> &CudaPlan {
+        &self.decode
     }
 
     /// Fresh device states from host tensors (zeros for a new sequence).

@@ -72,12 +72,9 @@ impl<'c, 'a> Em<'c, 'a> {
         let gptr = ctx.ptr_type(AddressSpace::from(GLOBAL));
         let symbols = plan.symbols();
         let n_ptr = kernel.inputs.len() + kernel.outputs.len();
-        let mut params: Vec<BasicMetadataTypeEnum> = vec![gptr.into(); n_ptr];
-        params.extend(std::iter::repeat_n(
-            BasicMetadataTypeEnum::from(ctx.i64_type()),
-            symbols.len(),
-        ));
-        params.push(gptr.into());
+        // buffers, then one pointer to the symbols' values (i64 each, in `symbols` order), then
+        // the scratch pointer (docs/kernel-abi.md)
+        let params: Vec<BasicMetadataTypeEnum> = vec![gptr.into(); n_ptr + 2];
         let f = module.add_function(&kernel.name, ctx.void_type().fn_type(&params, false), None);
         f.set_call_conventions(PTX_KERNEL_CC);
         let entry = ctx.append_basic_block(f, "entry");
@@ -88,12 +85,24 @@ impl<'c, 'a> Em<'c, 'a> {
         let outputs = (0..kernel.outputs.len())
             .map(|i| p(kernel.inputs.len() + i).into_pointer_value())
             .collect();
-        let syms = symbols
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.clone(), p(n_ptr + i).into_int_value()))
-            .collect();
-        let scratch = p(n_ptr + symbols.len()).into_pointer_value();
+        let sym_ptr = p(n_ptr).into_pointer_value();
+        let i64t = ctx.i64_type();
+        let mut syms = HashMap::new();
+        for (i, s) in symbols.iter().enumerate() {
+            // SAFETY: in bounds of the symbol array the runtime passes (one i64 per symbol)
+            let at =
+                unsafe { b.build_in_bounds_gep(i64t, sym_ptr, &[i64t.const_int(i as u64, false)], "symp") }.ck()?;
+            let ld = b.build_load(i64t, at, &format!("sym_{s}")).ck()?;
+            if let Some(inst) = ld.into_int_value().as_instruction() {
+                // the values do not change during a launch: cacheable, hoistable loads
+                let md = ctx.metadata_node(&[]);
+                inst.set_metadata(md, ctx.get_kind_id("invariant.load"))
+                    .map_err(|e| CodegenError(format!("LLVM: {e}")))?;
+                inst.set_alignment(8).map_err(|e| CodegenError(format!("LLVM: {e}")))?;
+            }
+            syms.insert(s.clone(), ld.into_int_value());
+        }
+        let scratch = p(n_ptr + 1).into_pointer_value();
         for i in 0..params.len() {
             p(i).set_name(&format!("p{i}"));
         }
@@ -413,6 +422,18 @@ impl<'c, 'a> Em<'c, 'a> {
         body(self)?;
         self.b.build_unconditional_branch(done).ck()?;
         self.b.position_at_end(done);
+        Ok(())
+    }
+
+    /// `if (c) return;` (for a block whose whole work is out of range: uniform across the
+    /// block, so no barrier is skipped by part of it).
+    pub fn return_if(&mut self, c: IntValue<'c>) -> R<()> {
+        let early = self.ctx.append_basic_block(self.f, "early_exit");
+        let go = self.ctx.append_basic_block(self.f, "in_range");
+        self.b.build_conditional_branch(c, early, go).ck()?;
+        self.b.position_at_end(early);
+        self.b.build_return(None).ck()?;
+        self.b.position_at_end(go);
         Ok(())
     }
 

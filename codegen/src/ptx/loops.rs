@@ -12,6 +12,7 @@
 
 use super::emit::{Em, Val, R};
 use super::expr::Scope;
+use inkwell::IntPredicate;
 use ir::kernel::{ExprGraph, ExprId, GridDim, LaunchGeometry, LoopKernel, ScalarOp};
 use ir::shape::numel;
 use ir::Dim;
@@ -72,6 +73,11 @@ pub(crate) fn emit(em: &mut Em, l: &LoopKernel) -> R<LaunchGeometry> {
 
     let outer_ext = em.dims(outer_dims)?;
     let row = em.sreg("ctaid.x")?;
+    // a grid launched for larger dims than the step's (a CUDA graph captured at the cache's
+    // capacity) has blocks past the last row: they do nothing
+    let rows = em.product(&outer_ext)?;
+    let past_end = em.icmp(IntPredicate::UGE, row, rows)?;
+    em.return_if(past_end)?;
     let outer_idx = em.unravel(row, &outer_ext)?;
     let tid = em.sreg("tid.x")?;
     let ntid = em.sreg("ntid.x")?;

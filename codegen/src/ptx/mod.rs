@@ -156,7 +156,7 @@ pub struct PtxKernel {
     pub launch: LaunchGeometry,
     /// Per-launch scratch bytes (the last parameter); 0 for every kernel here.
     pub scratch_bytes: Dim,
-    /// Inputs + outputs + symbols + 1 (scratch).
+    /// Inputs + outputs + 2 (the symbol array and the scratch pointer).
     pub n_params: usize,
     /// The optimised LLVM IR when `PtxOptions::dump_llvm_ir`.
     pub llvm_ir: Option<String>,
@@ -213,7 +213,7 @@ fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Resul
         arch: opts.target.cpu(),
         launch,
         scratch_bytes: Dim::constant(0),
-        n_params: kernel.inputs.len() + kernel.outputs.len() + plan.symbols().len() + 1,
+        n_params: kernel.inputs.len() + kernel.outputs.len() + 2,
         llvm_ir,
     })
 }

@@ -33,7 +33,7 @@ fn loop_reductions_use_shuffles_and_gemm_emits_an_entry() {
         assert!(p.ptx.contains(&format!(".visible .entry {}(", k.name)), "{}", p.ptx);
         assert!(p.ptx.starts_with("// ringjit kernel"), "{}", p.ptx);
         assert_eq!(p.arch, "sm_90");
-        assert_eq!(p.n_params, k.inputs.len() + k.outputs.len() + plan.symbols().len() + 1);
+        assert_eq!(p.n_params, k.inputs.len() + k.outputs.len() + 2);
         if let KernelKind::Loop(l) = &k.kind {
             if l.exprs.has_reduce() {
                 seen_reduce = true;
