@@ -715,6 +715,7 @@ fn cmd_ptx(a: PtxArgs) -> Result<()> {
     let kplan = passes::partition::partition(&g).map_err(|e| anyhow!("kernel partition: {e}"))?;
     let popts = codegen::ptx::PtxOptions {
         dump_llvm_ir: debug_level() >= 4,
+        prefill: mode == passes::Mode::Prefill,
         ..Default::default()
     };
     let mut kernels = codegen::ptx::compile_plan(&kplan, &popts)?;

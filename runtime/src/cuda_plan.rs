@@ -1099,7 +1099,11 @@ impl CudaModel {
     pub fn new(weights: GpuWeights, prefill: &Graph, decode: &Graph, opts: &PtxOptions) -> Result<CudaModel> {
         let part = |g: &Graph| passes::partition::partition(g).map_err(|e| Error(format!("kernel partition: {e}")));
         let prefill = CudaPlan::new(&weights, prefill, part(prefill)?, opts)?;
-        let decode = CudaPlan::new(&weights, decode, part(decode)?, opts)?;
+        let dopts = PtxOptions {
+            prefill: false,
+            ..opts.clone()
+        };
+        let decode = CudaPlan::new(&weights, decode, part(decode)?, &dopts)?;
         decode.set_graphs(true);
         Ok(CudaModel {
             weights,

@@ -199,10 +199,11 @@ pub fn run(
         };
         let (g, _) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling: {e}")))?;
         let plan = passes::partition::partition(&g).map_err(|e| Error(format!("kernel partition: {e}")))?;
-        plans.push((
-            CudaPlan::new(&weights, &g, plan, &codegen::ptx::PtxOptions::default())?,
-            g,
-        ));
+        let popts = codegen::ptx::PtxOptions {
+            prefill: mode == passes::Mode::Prefill,
+            ..Default::default()
+        };
+        plans.push((CudaPlan::new(&weights, &g, plan, &popts)?, g));
     }
     let compile_s = t0.elapsed().as_secs_f64();
     let states = state_specs(graph);

@@ -293,26 +293,38 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
             Ok((valid, tok, gi, last))
         };
 
+    // the tensor-core prefill path takes ROWS rows a block, and stages its own (bf16) Q
+    let mma = super::attention_mma::eligible(em, t, d);
+    let block_rows = if mma { super::attention_mma::ROWS } else { BR };
+    let decode = em.icmp(IntPredicate::SLE, rows, em.i64c(RW))?;
+    let simt_q = if mma {
+        decode
+    } else {
+        em.b.build_int_compare(IntPredicate::EQ, one, one, "")
+            .map_err(|e| super::super::CodegenError(e.to_string()))?
+    };
+
     // stage the block's query rows (pre-scaled) into Q
     let qn = em.i64c(BR * d / 4);
-    em.for_range(tid, qn, nthreads, |em, i4| {
-        let r = em.div(i4, d4)?;
-        let c = em.mul(em.rem(i4, d4)?, em.i64c(4))?;
-        let row = em.add(em.mul(tile, em.i64c(BR))?, r)?;
-        let valid = em.icmp(IntPredicate::SLT, row, rows)?;
-        let rc = em.select_i(valid, row, em.i64c(0))?;
-        let (tok, gi) = (em.div(rc, g)?, em.rem(rc, g)?);
-        let x = ld4(em, t, 0, &[bi, hk, gi, tok], c)?;
-        let mut y = [em.f32c(0.0); 4];
-        for e in 0..4 {
-            let v = em.fmul(x[e], em.f32c(scale))?;
-            y[e] = em.select_f(valid, v, em.f32c(0.0))?;
-        }
-        sts4(em, qs, em.add(em.mul(r, dd)?, c)?, y)
+    em.if_then(simt_q, |em| {
+        em.for_range(tid, qn, nthreads, |em, i4| {
+            let r = em.div(i4, d4)?;
+            let c = em.mul(em.rem(i4, d4)?, em.i64c(4))?;
+            let row = em.add(em.mul(tile, em.i64c(BR))?, r)?;
+            let valid = em.icmp(IntPredicate::SLT, row, rows)?;
+            let rc = em.select_i(valid, row, em.i64c(0))?;
+            let (tok, gi) = (em.div(rc, g)?, em.rem(rc, g)?);
+            let x = ld4(em, t, 0, &[bi, hk, gi, tok], c)?;
+            let mut y = [em.f32c(0.0); 4];
+            for e in 0..4 {
+                let v = em.fmul(x[e], em.f32c(scale))?;
+                y[e] = em.select_f(valid, v, em.f32c(0.0))?;
+            }
+            sts4(em, qs, em.add(em.mul(r, dd)?, c)?, y)
+        })
     })?;
     em.barrier()?;
 
-    let decode = em.icmp(IntPredicate::SLE, rows, em.i64c(RW))?;
     let pre_bb = em.ctx.append_basic_block(em.f, "attn.prefill");
     let dec_bb = em.ctx.append_basic_block(em.f, "attn.decode");
     let done_bb = em.ctx.append_basic_block(em.f, "attn.done");
@@ -323,7 +335,17 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
 
     // ---------------- prefill path ----------------
     em.b.position_at_end(pre_bb);
-    {
+    if mma {
+        let cx = super::attention_mma::Ctx {
+            bi,
+            hk,
+            g,
+            rows,
+            tk,
+            ydt,
+        };
+        super::attention_mma::prefill(em, t, scale, d, &cx)?;
+    } else {
         let row0 = em.add(em.mul(tile, em.i64c(BR))?, em.mul(warp, em.i64c(RW))?)?;
         let mut info = Vec::new();
         let mut wmax = em.i64c(-1);
@@ -558,13 +580,17 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
     }
     em.b.position_at_end(done_bb);
 
+    let smem = match mma {
+        true => (total * 4).max(super::attention_mma::smem_bytes(d)),
+        false => total * 4,
+    };
     Ok(LaunchGeometry {
         grid: [
-            GridDim::blocks(sq[2].mul(&sq[3]), BR as u32),
+            GridDim::blocks(sq[2].mul(&sq[3]), block_rows as u32),
             GridDim::blocks(sq[0].mul(&sq[1]), 1),
             GridDim::one(),
         ],
         block: [(NW * 32) as u32, 1, 1],
-        shared_bytes: (total * 4) as u32,
+        shared_bytes: smem as u32,
     })
 }

@@ -63,6 +63,8 @@ pub(crate) struct Em<'c, 'a> {
     pub scratch: PointerValue<'c>,
     entry: BasicBlock<'c>,
     red_smem: Option<PointerValue<'c>>,
+    /// [`super::PtxOptions::prefill`]
+    pub prefill: bool,
 }
 
 impl<'c, 'a> Em<'c, 'a> {
@@ -119,6 +121,7 @@ impl<'c, 'a> Em<'c, 'a> {
             scratch,
             entry,
             red_smem: None,
+            prefill: true,
         })
     }
 

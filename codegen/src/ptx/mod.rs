@@ -130,6 +130,10 @@ pub struct PtxOptions {
     pub opt_level: u8,
     /// Keep the optimised LLVM IR of each kernel in [`PtxKernel::llvm_ir`].
     pub dump_llvm_ir: bool,
+    /// The plan runs many tokens a step (prefill): templates include their many-row paths
+    /// (the tensor-core flash attention). A decode plan (one token a step) sets it false and
+    /// gets kernels without them, which need fewer registers.
+    pub prefill: bool,
 }
 
 impl Default for PtxOptions {
@@ -138,6 +142,7 @@ impl Default for PtxOptions {
             target: GpuTarget::default(),
             opt_level: 3,
             dump_llvm_ir: false,
+            prefill: true,
         }
     }
 }
@@ -171,6 +176,7 @@ pub fn compile_kernel(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> 
 fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel, CodegenError> {
     let ctx = Context::create();
     let mut em = emit::Em::new(&ctx, plan, kernel)?;
+    em.prefill = opts.prefill;
     let launch = match &kernel.kind {
         KernelKind::Loop(l) => loops::emit(&mut em, l)?,
         KernelKind::Template(t) => templates::emit(&mut em, t)?,

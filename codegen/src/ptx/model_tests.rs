@@ -84,7 +84,6 @@ fn every_model_kernel_assembles_with_ptxas() {
         eprintln!("\n\n!!!!! SKIPPING the ptxas check: {e} !!!!!\n\n");
         return;
     }
-    let o = PtxOptions::default();
     // body with the name blanked -> (name, is loop)
     let mut unique: HashMap<String, (String, bool, String)> = HashMap::new();
     let mut count = 0;
@@ -95,6 +94,10 @@ fn every_model_kernel_assembles_with_ptxas() {
             (Mode::Prefill, Precision::Fp8),
         ] {
             let plan = plan_of(config, mode, precision);
+            let o = PtxOptions {
+                prefill: mode == Mode::Prefill,
+                ..Default::default()
+            };
             let ks = compile_plan(&plan, &o).unwrap_or_else(|e| panic!("{config} {mode:?} {precision:?}: {e}"));
             let mut loops = std::collections::HashSet::new();
             mark_loops(&plan, &mut loops);
@@ -175,13 +178,25 @@ fn attention_templates_are_tiled() {
     for (mode, want_split) in [(Mode::Prefill, true), (Mode::Decode, true)] {
         for config in ["tiny", "ring-mini-linear-2.0"] {
             let plan = plan_of(config, mode, Precision::Bf16);
-            let o = PtxOptions::default();
+            let o = PtxOptions {
+                prefill: mode == Mode::Prefill,
+                ..Default::default()
+            };
             let a = first(&plan, &|k| k.kind_name() == "attention").expect("softmax layers");
             let p = compile_kernel(&plan, a, &o).unwrap();
+            // bf16 q/k/v with d = 128 in a prefill plan: the tensor-core path (tiny is f32)
+            let tensor_cores = config != "tiny" && mode == Mode::Prefill;
+            assert_eq!(
+                p.ptx.contains("mma.sync.aligned.m16n8k16"),
+                tensor_cores,
+                "{config} {mode:?}"
+            );
+            assert_eq!(p.ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans"), tensor_cores);
             assert!(p.ptx.contains(".extern .shared"), "{}", p.ptx);
             assert!(p.ptx.contains("shfl.sync.bfly"), "{}", p.ptx);
             assert!(p.ptx.contains("ld.shared.v4.f32"), "{}", p.ptx);
-            assert!(p.ptx.contains("bar.warp.sync"), "{}", p.ptx);
+            // (the SIMT prefill path hands probabilities through shared memory per warp)
+            assert!(tensor_cores || p.ptx.contains("bar.warp.sync"), "{}", p.ptx);
             assert!(p.launch.shared_bytes > 0, "{}", p.launch);
             assert_eq!(p.launch.block, [256, 1, 1]);
             let l = first(&plan, &|k| k.kind_name().starts_with("linear_attn")).expect("linear layers");

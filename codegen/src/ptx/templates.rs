@@ -6,6 +6,8 @@
 
 #[path = "attention.rs"]
 mod attention;
+#[path = "attention_mma.rs"]
+mod attention_mma;
 mod fastgemm;
 #[path = "linear_attn.rs"]
 mod linear_attn;
