@@ -1,12 +1,13 @@
 //! The Cranelift CPU device end to end against the reference interpreter: whole tiny and small
 //! models in f32 compute (`ringjit_compute_dtype=float32`, the f32 model tier), prefill then
-//! decode through the state, and greedy generation token for token.
+//! decode through the state, without fusion (scan kernels), and greedy generation token for
+//! token.
 
 use crate::common::*;
 use ir::tol::{check, Tol};
 use runtime::model::{LoadedModel, ModelSpec};
 use runtime::sample::argmax;
-use runtime::{Device, Engine};
+use runtime::{Device, Engine, EngineOptions};
 
 fn load(name: &str, f32_compute: bool) -> LoadedModel {
     let overrides = if f32_compute {
@@ -25,8 +26,13 @@ fn load(name: &str, f32_compute: bool) -> LoadedModel {
 
 /// Logits of a prefill of `n` tokens then decode of the rest, on both devices.
 fn compare(name: &str, f32_compute: bool, t: usize, n: usize, tol: f64) {
+    compare_with(name, f32_compute, &EngineOptions::default(), t, n, tol);
+}
+
+/// The same with the cpu engine compiled with `opts`.
+fn compare_with(name: &str, f32_compute: bool, opts: &EngineOptions, t: usize, n: usize, tol: f64) {
     let m = load(name, f32_compute);
-    let cpu = Engine::new(&m, Device::Cpu).unwrap();
+    let cpu = Engine::with_options(&m, Device::Cpu, opts, &|_, _| {}).unwrap();
     let reference = Engine::new(&m, Device::Reference).unwrap();
     let tokens = random_tokens(7, t, cpu.vocab);
     for decode_from in [None, Some(n)] {
@@ -45,6 +51,17 @@ fn compare(name: &str, f32_compute: bool, t: usize, n: usize, tol: f64) {
 #[test]
 fn the_tiny_model_on_cpu_equals_the_interpreter_in_f32() {
     compare("tiny", true, 19, 13, Tol::F32.model());
+}
+
+#[test]
+fn the_tiny_model_without_fusion_on_cpu_equals_the_interpreter_in_f32() {
+    // `--no-fuse`: the linear-attention recurrence stays a scan (its body runs once per
+    // token) and the routing stays primitive top-k kernels
+    let opts = EngineOptions {
+        fuse: false,
+        ..Default::default()
+    };
+    compare_with("tiny", true, &opts, 11, 7, Tol::F32.model());
 }
 
 #[test]

@@ -7,14 +7,18 @@
 //! returns the graph's outputs by name, so the engine keeps one state layout for every device.
 //! Each run binds the symbolic dims from the inputs' shapes, lays the intermediates out in one
 //! arena (`passes::memplan`), and runs the kernels in order; each kernel's parallel extent is
-//! split over a thread pool of `available_parallelism()` threads.
+//! split over a thread pool of `available_parallelism()` threads. A scan kernel (a recurrence
+//! the rewrite passes kept, as with `--no-fuse`) runs its compiled body plan once per step, as
+//! `ir::kernel::ScanKernel` documents: carries and captured values copied in once, each step's
+//! slice of the sequences copied in, the new carries copied back, each step's outputs copied
+//! to their slice.
 
 use crate::{err, Error, Result};
-use codegen::cpu::host::{load_elem, store_elem};
-use codegen::cpu::{compile_plan, BufPtr, CpuKernelBody, CpuPlan, Launch, ParFor};
+use codegen::cpu::host::{load_elem, store_elem, ConcreteView};
+use codegen::cpu::{compile_plan, BufPtr, CpuKernel, CpuKernelBody, CpuPlan, Launch, ParFor};
 use ir::graph::Graph;
 use ir::interp::ParamSource;
-use ir::kernel::{BufferId, BufferKind, KernelPlan};
+use ir::kernel::{BufferId, BufferKind, Kernel, KernelPlan, ScanKernel};
 use ir::op::Op;
 use ir::shape::DimEnv;
 use ir::{DType, Tensor};
@@ -156,37 +160,20 @@ impl ParFor for Pool {
     }
 }
 
-/// A graph compiled for the CPU device.
-pub struct CpuExec {
-    plan: KernelPlan,
-    compiled: CpuPlan,
-    /// graph input names in `plan.inputs` order, with their declared shapes
-    inputs: Vec<(String, Vec<ir::shape::Dim>)>,
-    params: HashMap<BufferId, Arc<HostBuf>>,
-    pool: Arc<Pool>,
-    /// the arena of the last run, reused while big enough
-    arena: Mutex<Option<HostBuf>>,
+/// The parameter buffers of a plan by id, and those of its scan kernels' bodies (folded
+/// constants of the body graphs) by kernel index.
+#[derive(Default)]
+struct PlanParams {
+    bufs: HashMap<BufferId, Arc<HostBuf>>,
+    scans: HashMap<usize, PlanParams>,
 }
 
-impl CpuExec {
-    /// Partitions and compiles `graph` (already through `passes::compile`), uploads its
-    /// parameters (from `cache` when another plan of the model loaded them).
-    pub fn new(graph: &Graph, weights: &dyn ParamSource, cache: &mut ParamCache, pool: Arc<Pool>) -> Result<CpuExec> {
-        let plan = passes::partition::partition(graph).map_err(|e| Error(format!("partitioning the graph: {e}")))?;
-        let compiled = compile_plan(&plan).map_err(|e| Error(format!("cpu codegen: {e}")))?;
-        if let Some(k) = compiled
-            .kernels
-            .iter()
-            .find(|k| matches!(k.body, CpuKernelBody::Scan { .. }))
-        {
-            return err(format!(
-                "{}: scan kernels (recurrences the rewrite passes kept) do not run on the cpu device yet; \
-                 compile with fusion on, or use --device reference",
-                k.name
-            ));
-        }
+impl PlanParams {
+    /// Uploads the parameters of `plan` (partitioned from `graph`), from `cache` when another
+    /// plan of the model loaded them, recursing into scan bodies.
+    fn load(graph: &Graph, plan: &KernelPlan, weights: &dyn ParamSource, cache: &mut ParamCache) -> Result<PlanParams> {
         let specs = graph.params().map_err(Error)?;
-        let mut params = HashMap::new();
+        let mut out = PlanParams::default();
         for (i, b) in plan.buffers.iter().enumerate() {
             if b.kind != BufferKind::Param {
                 continue;
@@ -207,8 +194,73 @@ impl CpuExec {
                 cache.loaded.insert(b.name.clone(), hb.clone());
                 hb
             };
-            params.insert(id, buf);
+            out.bufs.insert(id, buf);
         }
+        for (i, k) in plan.kernels.iter().enumerate() {
+            let ir::kernel::KernelKind::Scan(s) = &k.kind else {
+                continue;
+            };
+            let body = k
+                .nodes
+                .iter()
+                .find_map(|&n| match &graph.node(n).op {
+                    Op::Scan { body, .. } => Some(body),
+                    _ => None,
+                })
+                .ok_or_else(|| Error(format!("{}: no scan node among the kernel's nodes", k.name)))?;
+            out.scans.insert(i, PlanParams::load(body, &s.body, weights, cache)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Addresses of a plan's buffers during one run.
+type Addrs = HashMap<BufferId, *mut u8>;
+
+/// Copies element `i` of `src` (of `sdt`) to element `j` of `dst` (of `ddt`).
+///
+/// # Safety
+/// Both buffers hold those elements.
+unsafe fn copy_elem(src: *const u8, sdt: DType, i: usize, dst: *mut u8, ddt: DType, j: usize) {
+    if sdt == ddt {
+        let n = sdt.size_bytes();
+        std::ptr::copy_nonoverlapping(src.add(i * n), dst.add(j * n), n);
+    } else {
+        store_elem(dst, ddt, j, load_elem(src, sdt, i));
+    }
+}
+
+/// `view` with its `axis` fixed at `t` (the axis removed).
+fn slice_at(view: &ConcreteView, axis: usize, t: usize) -> Result<ConcreteView> {
+    if axis >= view.shape.len() || t >= view.shape[axis] {
+        return err(format!("slice {t} of axis {axis} of a view of shape {:?}", view.shape));
+    }
+    let mut v = view.clone();
+    v.offset += t as i64 * v.strides[axis];
+    v.shape.remove(axis);
+    v.strides.remove(axis);
+    Ok(v)
+}
+
+/// A graph compiled for the CPU device.
+pub struct CpuExec {
+    plan: KernelPlan,
+    compiled: CpuPlan,
+    /// graph input names in `plan.inputs` order, with their declared shapes
+    inputs: Vec<(String, Vec<ir::shape::Dim>)>,
+    params: PlanParams,
+    pool: Arc<Pool>,
+    /// the arena of the last run, reused while big enough
+    arena: Mutex<Option<HostBuf>>,
+}
+
+impl CpuExec {
+    /// Partitions and compiles `graph` (already through `passes::compile`), uploads its
+    /// parameters (from `cache` when another plan of the model loaded them).
+    pub fn new(graph: &Graph, weights: &dyn ParamSource, cache: &mut ParamCache, pool: Arc<Pool>) -> Result<CpuExec> {
+        let plan = passes::partition::partition(graph).map_err(|e| Error(format!("partitioning the graph: {e}")))?;
+        let compiled = compile_plan(&plan).map_err(|e| Error(format!("cpu codegen: {e}")))?;
+        let params = PlanParams::load(graph, &plan, weights, cache)?;
         let mut inputs = Vec::new();
         for &n in &graph.inputs {
             if let Op::Input { name, shape, .. } = &graph.node(n).op {
@@ -301,7 +353,7 @@ impl CpuExec {
                 continue;
             }
             let p = match b.kind {
-                BufferKind::Param => self.params[&id].ptr(),
+                BufferKind::Param => self.params.bufs[&id].ptr(),
                 BufferKind::Intermediate => match mem.offset(id) {
                     // SAFETY: the memory plan keeps every offset inside the arena.
                     Some(o) => unsafe { arena.add(o as usize) },
@@ -321,28 +373,8 @@ impl CpuExec {
             };
             addr.insert(id, p);
         }
-        let pool: &dyn ParFor = &*self.pool;
-        let debug = passes::debug_level() >= 2;
         let t_setup = t_start.elapsed();
-        for (k, ck) in self.plan.kernels.iter().zip(&self.compiled.kernels) {
-            let bufs: Vec<BufPtr> = k
-                .inputs
-                .iter()
-                .chain(&k.outputs)
-                .map(|r| BufPtr(addr[&r.buffer]))
-                .collect();
-            let t0 = std::time::Instant::now();
-            ck.run(&Launch {
-                bufs: &bufs,
-                syms: &syms,
-                env: &env,
-                par: pool,
-            })
-            .map_err(Error)?;
-            if debug {
-                eprintln!("[cpu] {:<40} {:>9.3} ms", ck.name, t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
+        self.run_kernels(&self.plan, &self.compiled.kernels, &self.params, &addr, &env, &syms)?;
         let mut outs = HashMap::new();
         for o in &self.plan.outputs {
             let b = &self.plan.buffers[o.buffer.0 as usize];
@@ -360,7 +392,7 @@ impl CpuExec {
             };
             outs.insert(o.name.clone(), t);
         }
-        if debug {
+        if passes::debug_level() >= 2 {
             let total = t_start.elapsed().as_secs_f64() * 1e3;
             eprintln!(
                 "[cpu] run {env:?}: {total:.3} ms, of which {:.3} ms binding, arena and input upload",
@@ -368,5 +400,180 @@ impl CpuExec {
             );
         }
         Ok(outs)
+    }
+
+    /// Runs `kernels` (the compiled kernels of `plan`) in order on the buffers at `addr`.
+    fn run_kernels(
+        &self,
+        plan: &KernelPlan,
+        kernels: &[CpuKernel],
+        params: &PlanParams,
+        addr: &Addrs,
+        env: &DimEnv,
+        syms: &[i64],
+    ) -> Result<()> {
+        let pool: &dyn ParFor = &*self.pool;
+        let debug = passes::debug_level() >= 2;
+        for (i, (k, ck)) in plan.kernels.iter().zip(kernels).enumerate() {
+            let t0 = std::time::Instant::now();
+            if let CpuKernelBody::Scan { scan, body } = &ck.body {
+                let bp = params
+                    .scans
+                    .get(&i)
+                    .ok_or_else(|| Error(format!("{}: no body parameters", k.name)))?;
+                self.run_scan(plan, k, scan, body, bp, addr, env, syms)
+                    .map_err(|e| Error(format!("{}: {}", k.name, e.0)))?;
+            } else {
+                let bufs: Vec<BufPtr> = k
+                    .inputs
+                    .iter()
+                    .chain(&k.outputs)
+                    .map(|r| BufPtr(addr[&r.buffer]))
+                    .collect();
+                ck.run(&Launch {
+                    bufs: &bufs,
+                    syms,
+                    env,
+                    par: pool,
+                })
+                .map_err(Error)?;
+            }
+            if debug {
+                eprintln!("[cpu] {:<40} {:>9.3} ms", ck.name, t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(())
+    }
+
+    /// A scan kernel: its body plan once per step (ir::kernel::ScanKernel). The body's inputs,
+    /// outputs and intermediates get memory of their own (dense, in the body's layout); values
+    /// cross between the scan's views and the body's buffers by element copies.
+    #[allow(clippy::too_many_arguments)]
+    fn run_scan(
+        &self,
+        plan: &KernelPlan,
+        k: &Kernel,
+        s: &ScanKernel,
+        body: &CpuPlan,
+        params: &PlanParams,
+        addr: &Addrs,
+        env: &DimEnv,
+        syms: &[i64],
+    ) -> Result<()> {
+        let bp = &*s.body;
+        let (n_carry, n_seq) = (s.n_carry, s.n_seq);
+        if k.inputs.len() != bp.inputs.len() || k.outputs.len() != bp.outputs.len() || n_carry + n_seq > bp.inputs.len()
+        {
+            return err("the scan's operands do not match its body's inputs and outputs");
+        }
+        let len =
+            usize::try_from(s.length.eval(env).map_err(Error)?).map_err(|_| Error("negative scan length".into()))?;
+        // the body's memory
+        let mem = passes::memplan::plan(bp, env).map_err(Error)?;
+        let arena = HostBuf::zeroed(mem.arena_peak_bytes as usize);
+        let mut owned: Vec<HostBuf> = Vec::new();
+        let mut baddr: Addrs = HashMap::new();
+        for (i, b) in bp.buffers.iter().enumerate() {
+            let id = BufferId(i as u32);
+            let p = match (b.kind, mem.offset(id)) {
+                (BufferKind::Param, _) => params
+                    .bufs
+                    .get(&id)
+                    .ok_or_else(|| Error(format!("body parameter `{}` not loaded", b.name)))?
+                    .ptr(),
+                // SAFETY: the memory plan keeps every offset inside the arena.
+                (BufferKind::Intermediate, Some(o)) => unsafe { arena.ptr().add(o as usize) },
+                _ => {
+                    let hb = HostBuf::zeroed(b.size_bytes(env).map_err(Error)? as usize);
+                    let p = hb.ptr();
+                    owned.push(hb);
+                    p
+                }
+            };
+            baddr.insert(id, p);
+        }
+        let numel = |b: BufferId| -> Result<usize> {
+            let n = bp.buffers[b.0 as usize].numel().eval(env).map_err(Error)?;
+            Ok(n.max(0) as usize)
+        };
+        // copies a view of an outer buffer into a dense body buffer, or back
+        let gather = |r: &ir::kernel::BufferRef, view: &ConcreteView, b: BufferId| -> Result<()> {
+            let (sdt, ddt) = (plan.buffers[r.buffer.0 as usize].dtype, bp.buffers[b.0 as usize].dtype);
+            if view.numel() != numel(b)? {
+                return err(format!(
+                    "a view of {} elements for a body buffer of {}",
+                    view.numel(),
+                    numel(b)?
+                ));
+            }
+            let (src, dst) = (addr[&r.buffer], baddr[&b]);
+            // SAFETY: the view lies in the outer buffer; the body buffer holds numel elements.
+            view.for_each(|lin, a| unsafe { copy_elem(src, sdt, a, dst, ddt, lin) });
+            Ok(())
+        };
+        let scatter = |b: BufferId, r: &ir::kernel::BufferRef, view: &ConcreteView| -> Result<()> {
+            let (sdt, ddt) = (bp.buffers[b.0 as usize].dtype, plan.buffers[r.buffer.0 as usize].dtype);
+            if view.numel() != numel(b)? {
+                return err(format!(
+                    "a body buffer of {} elements for a view of {}",
+                    numel(b)?,
+                    view.numel()
+                ));
+            }
+            let (src, dst) = (baddr[&b], addr[&r.buffer]);
+            // SAFETY: as in `gather`, the other way.
+            view.for_each(|lin, a| unsafe { copy_elem(src, sdt, lin, dst, ddt, a) });
+            Ok(())
+        };
+        let views_in: Vec<ConcreteView> = k
+            .inputs
+            .iter()
+            .map(|r| ConcreteView::new(&r.view, env).map_err(Error))
+            .collect::<Result<_>>()?;
+        let views_out: Vec<ConcreteView> = k
+            .outputs
+            .iter()
+            .map(|r| ConcreteView::new(&r.view, env).map_err(Error))
+            .collect::<Result<_>>()?;
+        // the initial carries and the captured values, once
+        for (i, (r, v)) in k.inputs.iter().zip(&views_in).enumerate() {
+            if i < n_carry || i >= n_carry + n_seq {
+                gather(r, v, bp.inputs[i])?;
+            }
+        }
+        for t in 0..len {
+            for ((r, v), &b) in k.inputs.iter().zip(&views_in).zip(&bp.inputs).skip(n_carry).take(n_seq) {
+                gather(r, &slice_at(v, s.axis, t)?, b)?;
+            }
+            self.run_kernels(bp, &body.kernels, params, &baddr, env, syms)?;
+            // the new carries (all read before any is written: a body may swap them)
+            let mut next = Vec::with_capacity(n_carry);
+            for j in 0..n_carry {
+                let (o, c) = (bp.outputs[j].buffer, bp.inputs[j]);
+                let (sdt, ddt) = (bp.buffers[o.0 as usize].dtype, bp.buffers[c.0 as usize].dtype);
+                let n = numel(c)?;
+                if numel(o)? != n {
+                    return err(format!("carry {j}: a body output of {} elements for {n}", numel(o)?));
+                }
+                let tmp = HostBuf::zeroed(n * ddt.size_bytes());
+                for e in 0..n {
+                    // SAFETY: both hold n elements.
+                    unsafe { copy_elem(baddr[&o], sdt, e, tmp.ptr(), ddt, e) };
+                }
+                next.push((c, tmp, n * ddt.size_bytes()));
+            }
+            for (c, tmp, bytes) in next {
+                // SAFETY: the carry's buffer holds `bytes`.
+                unsafe { std::ptr::copy_nonoverlapping(tmp.ptr(), baddr[&c], bytes) };
+            }
+            for ((o, r), v) in bp.outputs.iter().zip(&k.outputs).zip(&views_out).skip(n_carry) {
+                scatter(o.buffer, r, &slice_at(v, s.axis, t)?)?;
+            }
+        }
+        for ((&b, r), v) in bp.inputs.iter().zip(&k.outputs).zip(&views_out).take(n_carry) {
+            scatter(b, r, v)?;
+        }
+        drop(owned);
+        Ok(())
     }
 }

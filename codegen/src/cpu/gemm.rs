@@ -245,6 +245,73 @@ impl MatRef<'_> {
     }
 }
 
+/// A B operand the blocked driver packs into `kc × NR` panels.
+trait PackB: Copy + Sync {
+    /// Panels of `NR` columns `j0..j0 + ncw` (zero-padded), rows `p0..p0 + kc`, into `dst`.
+    fn pack(&self, p0: usize, kc: usize, j0: usize, ncw: usize, dst: &mut [f32]);
+}
+
+impl PackB for MatRef<'_> {
+    fn pack(&self, p0: usize, kc: usize, j0: usize, ncw: usize, dst: &mut [f32]) {
+        for pj in 0..ncw.div_ceil(NR) {
+            let dst = &mut dst[pj * kc * NR..(pj + 1) * kc * NR];
+            for p in 0..kc {
+                for jj in 0..NR {
+                    let j = pj * NR + jj;
+                    dst[p * NR + jj] = if j < ncw { self.at(p0 + p, j0 + j) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// Edge of the square weight blocks of the scaled FP8 GEMM (ir::fused::fp8).
+pub const FP8_BLOCK: usize = 128;
+
+/// A `K × N` E4M3 operand with one f32 scale per 128×128 block: `x[i, j]` is
+/// `decode(q[base + i·rs + j·cs]) · scales[(i / 128)·scale_cols + j / 128]`, one f32 product,
+/// computed as the panels are packed (never stored as an f32 copy).
+#[derive(Clone, Copy)]
+pub struct Fp8Mat<'a> {
+    pub q: &'a [u8],
+    pub base: usize,
+    pub rs: usize,
+    pub cs: usize,
+    pub scales: &'a [f32],
+    pub scale_cols: usize,
+}
+
+/// The value of every E4M3 byte (`DType::F8E4M3.decode_float`, so bit-exact by construction).
+pub fn e4m3_values() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|b| ir::DType::F8E4M3.decode_float(b as u32)))
+}
+
+impl PackB for Fp8Mat<'_> {
+    fn pack(&self, p0: usize, kc: usize, j0: usize, ncw: usize, dst: &mut [f32]) {
+        let lut = e4m3_values();
+        for pj in 0..ncw.div_ceil(NR) {
+            let dst = &mut dst[pj * kc * NR..(pj + 1) * kc * NR];
+            // a panel of NR columns never straddles a block edge: NR divides 128 and j0
+            let col0 = j0 + pj * NR;
+            let cols = NR.min(ncw - pj * NR);
+            for p in 0..kc {
+                let i = p0 + p;
+                let scale = self.scales[(i / FP8_BLOCK) * self.scale_cols + col0 / FP8_BLOCK];
+                let row = self.base + i * self.rs + col0 * self.cs;
+                let d = &mut dst[p * NR..(p + 1) * NR];
+                for (jj, x) in d.iter_mut().enumerate() {
+                    *x = if jj < cols {
+                        lut[usize::from(self.q[row + jj * self.cs])] * scale
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
 /// `c[m×n] (row-major, ldc = n) = a[m×k] · b[k×n]` for each of `jobs` independent products,
 /// over all threads of `par`.
 /// Job `j` writes `c[off_j .. off_j + m·n]`; the offsets must not overlap.
@@ -264,7 +331,35 @@ pub fn gemm_batched(
     if m <= 16 && jobs.iter().all(|(a, b, _)| a.cs == 1 && b.rs == 1) {
         return gemv(kernels.dot, jobs, c, (m, n, k), par);
     }
-    let micro = kernels.micro;
+    blocked(kernels.micro, jobs, c, (m, n, k), par);
+}
+
+/// `c[m×n] = a[m×k] · b[k×n]` with the E4M3 B operand dequantised as it is packed (the scaled
+/// FP8 GEMM; `a` already dequantised), over all threads of `par`.
+pub fn gemm_fp8_b(
+    kernels: GemmKernels,
+    a: MatRef,
+    b: Fp8Mat,
+    c: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    par: &dyn ParFor,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(m * n <= c.len(), "gemm: C too small");
+    blocked(kernels.micro, &[(a, b, 0)], c, (m, n, k), par);
+}
+
+/// The cache-blocked driver: (job, M block, N block) tiles over the threads, B packed per
+/// `KC × NC` block, A per `MC × KC` block, the micro-kernel per `MR × NR` tile.
+fn blocked<B: PackB>(
+    micro: MicroKernel,
+    jobs: &[(MatRef, B, usize)],
+    c: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    par: &dyn ParFor,
+) {
     let threads = par.threads().max(1);
     let mb = m.div_ceil(MC);
     // enough column blocks for every thread when the rows are few (decode)
@@ -296,15 +391,7 @@ pub fn gemm_batched(
                 let kc = KC.min(k - p0);
                 // pack B: panels of NR columns, kc rows each
                 let panels_n = ncw.div_ceil(NR);
-                for pj in 0..panels_n {
-                    let dst = &mut bpack[pj * kc * NR..(pj + 1) * kc * NR];
-                    for p in 0..kc {
-                        for jj in 0..NR {
-                            let j = pj * NR + jj;
-                            dst[p * NR + jj] = if j < ncw { b.at(p0 + p, j0 + j) } else { 0.0 };
-                        }
-                    }
-                }
+                b.pack(p0, kc, j0, ncw, &mut bpack);
                 let panels_m = mc.div_ceil(MR);
                 for pi in 0..panels_m {
                     let dst = &mut apack[pi * kc * MR..(pi + 1) * kc * MR];

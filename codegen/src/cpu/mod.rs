@@ -15,7 +15,9 @@
 pub(crate) mod expr;
 pub mod gemm;
 pub mod host;
+mod quant;
 mod rows;
+mod select;
 mod template;
 pub mod vector;
 

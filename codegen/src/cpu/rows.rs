@@ -24,14 +24,9 @@ impl Out {
     }
 }
 
-/// The bf16 flag of the generated kernels' rounding.
-fn bf(d: DType) -> i64 {
-    i64::from(d == DType::BF16)
-}
-
-/// Whether the generated kernels round to `d` as the reference does (f32 and bf16).
-pub fn rounds(d: DType) -> bool {
-    matches!(d, DType::F32 | DType::BF16)
+/// The rounding code of the generated kernels for float dtype `d` (f32 for any other).
+pub(crate) fn code(d: DType) -> i64 {
+    super::vector::round_code(d).unwrap_or(0)
 }
 
 fn check(what: &str, got: usize, want: usize) -> Result<(), String> {
@@ -66,7 +61,7 @@ pub fn rms_norm(
     check("rms_norm weight", w.len(), w_rows.max(1) * d)?;
     let rows = x.len() / d;
     let out = Out(y.as_mut_ptr());
-    let (rn, ro) = (bf(norm_dt), bf(out_dt));
+    let (rn, ro) = (code(norm_dt), code(out_dt));
     par.run(rows, &|lo, hi| {
         for r in lo..hi {
             let xr = x[r * d..].as_ptr();
@@ -102,7 +97,7 @@ pub fn add_rms_norm(
     }
     let rows = h.len() / d;
     let (so, yo) = (Out(s.as_mut_ptr()), Out(y.as_mut_ptr()));
-    let (rs, ro) = (bf(sum_dt), bf(out_dt));
+    let (rs, ro) = (code(sum_dt), code(out_dt));
     par.run(rows, &|lo, hi| {
         for r in lo..hi {
             let at = r * d;
@@ -178,7 +173,7 @@ pub fn qk_norm_rope(
         }
     }
     let out = Out(y.as_mut_ptr());
-    let ro = bf(out_dt);
+    let ro = code(out_dt);
     par.run(y.len() / d, &|lo, hi| {
         for r in lo..hi {
             let t = (r / heads) % seq;

@@ -2,41 +2,104 @@
 //!
 //! Every operand is first made dense (row-major over its shape): a buffer operand is read
 //! through its view with its dtype converted, a prologue operand is computed by its generated
-//! function into an f32 buffer. The algorithm then produces dense results rounded to their
-//! dtypes; an epilogue (a generated function reading the dense result) or a plain strided
-//! store writes the kernel's outputs.
+//! function into an f32 buffer; E4M3 operands are read as their bytes (in place when the view
+//! is dense). The algorithm then produces dense results rounded to their dtypes (or writes
+//! them in their storage format straight into the kernel's buffer when its view is dense); an
+//! epilogue (a generated function reading the dense result) or a strided store writes the
+//! kernel's outputs.
 //!
-//! Algorithms: GEMM runs the generated micro-kernel (gemm.rs) over cache blocks; the grouped
-//! expert GEMM of MoE layers runs the same GEMM per chosen expert on the rows routed to it.
-//! The row-wise templates (norms, softmax, QK-norm + RoPE, group-norm gate), attention and
-//! linear attention and the routing top-k run the generated row kernels (vector.rs) through the
-//! drivers of rows.rs. The others (FP8 casts, top-k, argmax, scatter-add) currently evaluate their
-//! reference semantics (`ir::fused` through `ir::kernel_eval::template_graph_op`) on the dense
-//! operands: correct, single-threaded, not generated code (docs/cpu-backend.md lists this as
-//! open work).
+//! Algorithms, all on generated code: GEMM runs the generated micro-kernel (gemm.rs) over cache
+//! blocks; the grouped expert GEMM of MoE layers runs the same GEMM per chosen expert on the
+//! rows routed to it. The row-wise templates (norms, softmax, QK-norm + RoPE, group-norm gate),
+//! attention and linear attention and the routing top-k run the generated row kernels
+//! (vector.rs) through the drivers of rows.rs; the FP8 templates (quantise, dequantise, the
+//! fused norm/SwiGLU quantisation, the block-scaled GEMM) those of quant.rs; top-k, argmax and
+//! scatter-add those of select.rs. No template evaluates its reference semantics.
 
 use super::expr::{Jit, LoopSpec, Sink};
-use super::gemm::{gemm_batched, GemmKernels, MatRef};
-use super::host::{read_view, read_view_f32, write_view, ConcreteView};
+use super::gemm::{gemm_batched, Fp8Mat, GemmKernels, MatRef};
+use super::host::{load_elem, read_view, read_view_f32, store_elem, write_view, ConcreteView};
 use super::vector::VecKernels;
 use super::{add_function, parallel_axes, sources, BufPtr, KernelFn, Launch, LoopFn};
 use ir::fused::GroupedEpilogue;
-use ir::graph::Graph;
-use ir::interp::{Interpreter, ParamSource};
 use ir::kernel::{BufferKind, Gemm, Kernel, KernelPlan, Operand, ScalarOp, TemplateKernel, TemplateOp, View};
-use ir::op::{InputKind, Op};
 use ir::shape::{eval_shape, Dim};
-use ir::{DType, ParamSpec, Tensor};
+use ir::DType;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// A dense result: elements row-major (shape and dtype are the kernel's, known from its IR).
-struct Dense {
-    data: Vec<f32>,
+/// A dense result, row-major over the output's shape.
+enum Dense {
+    /// values (rounded to the output's dtype, or rounded by the store)
+    F32(Vec<f32>),
+    /// exact integers (indices, integer sums)
+    I64(Vec<i64>),
+    /// the output's storage bytes (its dtype's encoding), to be copied through its view
+    Raw(Arc<Vec<u8>>),
+    /// already written into the output buffer by the driver
+    Stored,
 }
+
+impl Dense {
+    fn len(&self, dtype: DType) -> Option<usize> {
+        match self {
+            Dense::F32(v) => Some(v.len()),
+            Dense::I64(v) => Some(v.len()),
+            Dense::Raw(b) => Some(b.len() / dtype.size_bytes()),
+            Dense::Stored => None,
+        }
+    }
+
+    /// The values as f32, for an epilogue (`ScalarOp::Result` reads f32).
+    fn into_f32(self, dtype: DType) -> Vec<f32> {
+        match self {
+            Dense::F32(v) => v,
+            Dense::I64(v) => v.into_iter().map(|x| x as f32).collect(),
+            Dense::Raw(b) => (0..b.len() / dtype.size_bytes())
+                // SAFETY: element i of the row-major bytes.
+                .map(|i| unsafe { load_elem(b.as_ptr(), dtype, i) } as f32)
+                .collect(),
+            Dense::Stored => Vec::new(),
+        }
+    }
+}
+
+/// A parameter's E4M3 bytes and scales.
+type Quantized = (Arc<Vec<u8>>, Arc<Vec<f32>>);
 
 /// A dense operand: shape, elements (f32), dtype.
 type DenseOperand = (Vec<usize>, Arc<Vec<f32>>, DType);
+
+/// Where a driver writes output elements of type `T` (the output's storage format): the
+/// kernel's buffer itself when its view is dense row-major and no epilogue reads the result,
+/// else a staging vector stored through the view by `finish`.
+enum OutBuf<T> {
+    Direct(*mut T, usize),
+    Staged(Vec<T>),
+}
+
+impl<T> OutBuf<T> {
+    fn slice(&mut self) -> &mut [T] {
+        match self {
+            // SAFETY: `OutBuf::direct` checked that the buffer holds these elements.
+            OutBuf::Direct(p, n) => unsafe { std::slice::from_raw_parts_mut(*p, *n) },
+            OutBuf::Staged(v) => v,
+        }
+    }
+}
+
+/// The offset (in elements) of a view that is dense row-major, else `None`.
+fn dense_offset(cv: &ConcreteView) -> Option<usize> {
+    let mut want = 1i64;
+    for (&n, &s) in cv.shape.iter().zip(&cv.strides).rev() {
+        if n > 1 && s != want {
+            return None;
+        }
+        want *= n as i64;
+    }
+    usize::try_from(cv.offset).ok()
+}
 
 enum OperandExec {
     Buffer {
@@ -66,10 +129,10 @@ pub struct TemplateExec {
     kernels: Option<GemmKernels>,
     /// the generated row kernels (rows.rs, vector.rs)
     vk: Option<VecKernels>,
-    /// runs the generated row kernels (see `row_dtypes`), not the reference semantics
-    generated: bool,
     /// parameter operands converted to f32 once (they never change within a plan)
     weights: Mutex<HashMap<usize, Arc<Vec<f32>>>>,
+    /// the quantisation of a parameter (bytes and scales), computed once per plan
+    quantized: Mutex<Option<Quantized>>,
 }
 
 impl TemplateExec {
@@ -186,19 +249,15 @@ impl TemplateExec {
             epilogue,
             kernels: None,
             vk: None,
-            generated: false,
             weights: Mutex::new(HashMap::new()),
-        })
-        .map(|mut e| {
-            e.generated = e.row_dtypes().is_some();
-            e
+            quantized: Mutex::new(None),
         })
     }
 
-    /// Whether the template runs generated code (GEMMs and the row kernels of `rows.rs`)
-    /// rather than its reference semantics.
+    /// Whether the template runs generated code: every kind does (GEMMs on the micro-kernel,
+    /// the others on the row kernels of vector.rs); none falls back to its reference semantics.
     pub fn is_generated(&self) -> bool {
-        matches!(self.op, TemplateOp::Gemm(_) | TemplateOp::GroupedGemm { .. }) || self.generated
+        true
     }
 
     fn operand_dtype(&self, i: usize) -> Option<DType> {
@@ -208,7 +267,7 @@ impl TemplateExec {
     }
 
     /// For a template that `rows.rs` generates: (the dtype its normalised values are rounded
-    /// to, its result dtype), both f32 or bf16; `None` for the others (reference semantics).
+    /// to, its result dtype), floats; `None` for the others.
     fn row_dtypes(&self) -> Option<(DType, DType)> {
         let dt = |i: usize| self.operand_dtype(i);
         let (a, b) = match &self.op {
@@ -227,12 +286,7 @@ impl TemplateExec {
             | TemplateOp::LinearAttnStep { .. } => (DType::F32, DType::F32),
             _ => return None,
         };
-        let floats = (0..self.operands.len()).all(|i| match dt(i) {
-            Some(d) if d.is_float() => super::rows::rounds(d),
-            Some(_) => true,
-            None => false,
-        });
-        (floats && super::rows::rounds(a) && super::rows::rounds(b)).then_some((a, b))
+        (a.is_float() && b.is_float()).then_some((a, b))
     }
 
     pub(crate) fn link(&mut self, resolve: &mut dyn FnMut(&mut KernelFn), kernels: GemmKernels, vk: VecKernels) {
@@ -378,37 +432,474 @@ impl TemplateExec {
         }
     }
 
+    /// Operand `i` as exact i64 (integer and bool buffers read in their dtype; others
+    /// through f64).
+    fn operand_i64(&self, i: usize, l: &Launch) -> Result<(Vec<usize>, Vec<i64>), String> {
+        if let OperandExec::Buffer { input, view, dtype, .. } = &self.operands[i] {
+            if !dtype.is_float() {
+                let cv = ConcreteView::new(view, l.env)?;
+                let p = l.bufs[*input].0 as *const u8;
+                let mut out = vec![0i64; cv.numel()];
+                // SAFETY: the runtime hands the buffer the view was made for.
+                cv.for_each(|lin, a| {
+                    out[lin] = unsafe {
+                        match dtype {
+                            DType::I64 => *(p as *const i64).add(a),
+                            DType::I32 => i64::from(*(p as *const i32).add(a)),
+                            _ => i64::from(*p.add(a)),
+                        }
+                    }
+                });
+                return Ok((cv.shape, out));
+            }
+        }
+        let (s, d, _) = self.operand_exact(i, l)?;
+        Ok((s, d.iter().map(|&x| x as i64).collect()))
+    }
+
+    /// Operand `i` as E4M3 bytes, row-major: the buffer itself when its view is dense, else
+    /// gathered through the view (a prologue's values are encoded).
+    fn operand_bytes<'l>(&self, i: usize, l: &Launch<'l>) -> Result<(Vec<usize>, Cow<'l, [u8]>), String> {
+        match &self.operands[i] {
+            OperandExec::Buffer { input, view, dtype, .. } if *dtype == DType::F8E4M3 => {
+                let cv = ConcreteView::new(view, l.env)?;
+                let p = l.bufs[*input].0 as *const u8;
+                if let Some(off) = dense_offset(&cv) {
+                    // SAFETY: the view's elements (dense, one byte each) lie in the buffer.
+                    let b = unsafe { std::slice::from_raw_parts(p.add(off), cv.numel()) };
+                    return Ok((cv.shape, Cow::Borrowed(b)));
+                }
+                let mut out = vec![0u8; cv.numel()];
+                // SAFETY: as above, element by element.
+                cv.for_each(|lin, a| out[lin] = unsafe { *p.add(a) });
+                Ok((cv.shape, Cow::Owned(out)))
+            }
+            _ => {
+                let (s, d, _) = self.operand(i, l)?;
+                let bytes = d.iter().map(|&x| DType::F8E4M3.encode_float(x) as u8).collect();
+                Ok((s, Cow::Owned(bytes)))
+            }
+        }
+    }
+
+    /// Where to write output `o` (`numel` elements of `T`, its storage type).
+    fn out_buf<T: Default + Clone>(&self, o: usize, numel: usize, l: &Launch) -> Result<OutBuf<T>, String> {
+        let (view, dtype) = &self.outputs[o];
+        if std::mem::size_of::<T>() != dtype.size_bytes() {
+            return Err(format!("output {o} is {dtype}"));
+        }
+        let cv = ConcreteView::new(view, l.env)?;
+        if cv.numel() != numel {
+            return Err(format!("output {o}: {numel} results for a view of {}", cv.numel()));
+        }
+        match dense_offset(&cv) {
+            Some(off) if self.epilogue.is_none() => {
+                // SAFETY: the view's dense elements lie in the buffer the runtime hands us.
+                let p = unsafe { (l.bufs[self.n_inputs + o].0 as *mut T).add(off) };
+                Ok(OutBuf::Direct(p, numel))
+            }
+            _ => Ok(OutBuf::Staged(vec![T::default(); numel])),
+        }
+    }
+
+    fn f32_result(b: OutBuf<f32>) -> Dense {
+        match b {
+            OutBuf::Direct(..) => Dense::Stored,
+            OutBuf::Staged(v) => Dense::F32(v),
+        }
+    }
+
+    fn byte_result(b: OutBuf<u8>) -> Dense {
+        match b {
+            OutBuf::Direct(..) => Dense::Stored,
+            OutBuf::Staged(v) => Dense::Raw(Arc::new(v)),
+        }
+    }
+
+    /// Whether operand `i` depends only on parameters (its value never changes in a plan).
+    fn is_constant(&self, i: usize) -> bool {
+        matches!(
+            &self.operands[i],
+            OperandExec::Buffer { param: true, .. } | OperandExec::Prologue { constant: true, .. }
+        )
+    }
+
+    fn vk(&self) -> Result<&VecKernels, String> {
+        self.vk
+            .as_ref()
+            .ok_or_else(|| "the row kernels are not linked".to_string())
+    }
+
     pub fn run(&self, l: &Launch) -> Result<(), String> {
         let results: Vec<Dense> = match &self.op {
             TemplateOp::Gemm(g) => vec![self.gemm(g, l)?],
             TemplateOp::GroupedGemm { epilogue, .. } => vec![self.grouped_gemm(*epilogue, l)?],
-            _ if self.generated => self.by_rows(l)?,
-            op => self.by_reference(op, l)?,
+            TemplateOp::QuantizeFp8 { rows, cols } => self.quantize(*rows, *cols, l)?,
+            TemplateOp::DequantizeFp8 { rows, cols, to } => vec![self.dequantize(*rows, *cols, *to, l)?],
+            TemplateOp::ScaledGemmFp8 { out, .. } => vec![self.scaled_gemm(*out, l)?],
+            TemplateOp::RmsNormQuantFp8 { eps, residual, .. } => self.rms_norm_quant(*eps, *residual, l)?,
+            TemplateOp::SwiGluQuantFp8 { .. } => self.swiglu_quant(l)?,
+            TemplateOp::TopK { k, axis } => self.topk(*k, *axis, l)?,
+            TemplateOp::ArgMax { axis } => self.argmax(*axis, l)?,
+            TemplateOp::ScatterAdd { axis } => vec![self.scatter_add(*axis, l)?],
+            _ => self.by_rows(l)?,
         };
         self.finish(results, l)
     }
 
     fn finish(&self, mut results: Vec<Dense>, l: &Launch) -> Result<(), String> {
         if let Some(e) = &self.epilogue {
-            let r = results.first_mut().ok_or("no result for the epilogue")?;
+            let r = std::mem::replace(results.first_mut().ok_or("no result for the epilogue")?, Dense::Stored);
+            let mut data = r.into_f32(self.outputs.first().map_or(DType::F32, |o| o.1));
             let mut bufs: Vec<BufPtr> = l.bufs.to_vec();
-            bufs.push(BufPtr(r.data.as_mut_ptr() as *mut u8));
+            bufs.push(BufPtr(data.as_mut_ptr() as *mut u8));
             return e.call(&bufs, l.syms, l.env, l.par);
         }
         for (o, (view, dtype)) in self.outputs.iter().enumerate() {
             let r = results.get(o).ok_or_else(|| format!("{}: no result {o}", self.name))?;
             let cv = ConcreteView::new(view, l.env)?;
-            if cv.numel() != r.data.len() {
-                return Err(format!(
-                    "result {o} has {} elements for a view of {}",
-                    r.data.len(),
-                    cv.numel()
-                ));
+            if let Some(n) = r.len(*dtype) {
+                if cv.numel() != n {
+                    return Err(format!("result {o} has {n} elements for a view of {}", cv.numel()));
+                }
             }
+            let p = l.bufs[self.n_inputs + o].0;
+            let size = dtype.size_bytes();
             // SAFETY: the runtime hands the buffer the view was made for.
-            unsafe { write_view(l.bufs[self.n_inputs + o].0, *dtype, &cv, |i| f64::from(r.data[i])) };
+            unsafe {
+                // storage-format results into a dense view: one copy
+                let dense = dense_offset(&cv).map(|off| p.add(off * size));
+                match (r, dense) {
+                    (Dense::Raw(b), Some(d)) => {
+                        std::ptr::copy_nonoverlapping(b.as_ptr(), d, b.len());
+                        continue;
+                    }
+                    (Dense::F32(v), Some(d)) if *dtype == DType::F32 => {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), d as *mut f32, v.len());
+                        continue;
+                    }
+                    _ => {}
+                }
+                match r {
+                    Dense::F32(v) => write_view(p, *dtype, &cv, |i| f64::from(v[i])),
+                    Dense::I64(v) if dtype.is_float() => write_view(p, *dtype, &cv, |i| v[i] as f64),
+                    Dense::I64(v) => cv.for_each(|lin, a| match dtype {
+                        DType::I64 => *(p as *mut i64).add(a) = v[lin],
+                        DType::I32 => *(p as *mut i32).add(a) = v[lin] as i32,
+                        _ => store_elem(p, *dtype, a, v[lin] as f64),
+                    }),
+                    Dense::Raw(b) => {
+                        cv.for_each(|lin, a| {
+                            std::ptr::copy_nonoverlapping(b.as_ptr().add(lin * size), p.add(a * size), size)
+                        });
+                    }
+                    Dense::Stored => {}
+                }
+            }
         }
         Ok(())
+    }
+
+    /// `QuantizeFp8 { rows, cols }`; a parameter's quantisation is computed once per plan.
+    fn quantize(&self, rows: usize, cols: usize, l: &Launch) -> Result<Vec<Dense>, String> {
+        let vk = self.vk()?;
+        let cached = self.quantized.lock().map_err(|e| e.to_string())?.clone();
+        if let Some((q, s)) = cached {
+            return Ok(vec![Dense::Raw(q), Dense::F32(s.as_ref().clone())]);
+        }
+        let (shape, x, _) = self.operand(0, l)?;
+        let r = shape.len();
+        if r < 2 {
+            return Err(format!("quantize_fp8 needs a tensor of rank >= 2, got shape {shape:?}"));
+        }
+        let (batch, rr, c): (usize, usize, usize) = (shape[..r - 2].iter().product(), shape[r - 2], shape[r - 1]);
+        let n_s = batch * rr.div_ceil(rows.max(1)) * c.div_ceil(cols.max(1));
+        if self.is_constant(0) {
+            let (mut q, mut s) = (vec![0u8; x.len()], vec![0f32; n_s]);
+            super::quant::quantize(vk, &x, (batch, rr, c), (rows, cols), &mut q, &mut s, l.par)?;
+            let (q, s) = (Arc::new(q), Arc::new(s));
+            *self.quantized.lock().map_err(|e| e.to_string())? = Some((q.clone(), s.clone()));
+            return Ok(vec![Dense::Raw(q), Dense::F32(s.as_ref().clone())]);
+        }
+        let mut q = self.out_buf::<u8>(0, x.len(), l)?;
+        let mut s = self.out_buf::<f32>(1, n_s, l)?;
+        super::quant::quantize(vk, &x, (batch, rr, c), (rows, cols), q.slice(), s.slice(), l.par)?;
+        Ok(vec![Self::byte_result(q), Self::f32_result(s)])
+    }
+
+    /// `DequantizeFp8 { rows, cols, to }`.
+    fn dequantize(&self, rows: usize, cols: usize, to: DType, l: &Launch) -> Result<Dense, String> {
+        let vk = self.vk()?;
+        let (shape, q) = self.operand_bytes(0, l)?;
+        let (_, s, _) = self.operand(1, l)?;
+        let r = shape.len();
+        if r < 2 {
+            return Err(format!(
+                "dequantize_fp8 needs a tensor of rank >= 2, got shape {shape:?}"
+            ));
+        }
+        let dims = (shape[..r - 2].iter().product(), shape[r - 2], shape[r - 1]);
+        if !to.is_float() {
+            return Err(format!("dequantize_fp8 to {to}: the result must be a float"));
+        }
+        let mut y = if to == DType::F32 {
+            self.out_buf::<f32>(0, q.len(), l)?
+        } else {
+            OutBuf::Staged(vec![0f32; q.len()])
+        };
+        super::quant::dequantize(vk, (&q, &s), dims, (rows, cols), to, y.slice(), l.par)?;
+        Ok(Self::f32_result(y))
+    }
+
+    /// `ScaledGemmFp8`: `a_q [.., M, K]`, `a_s [.., M, K/128]`, `b_q [K, N]`, `b_s [K/128, N/128]`.
+    fn scaled_gemm(&self, out: DType, l: &Launch) -> Result<Dense, String> {
+        let (gk, vk) = (self.kernels.ok_or("the GEMM kernels are not linked")?, self.vk()?);
+        let (sa, aq) = self.operand_bytes(0, l)?;
+        let (ss, a_s, _) = self.operand(1, l)?;
+        let (_, b_s, _) = self.operand(3, l)?;
+        let ra = sa.len();
+        if ra < 2 {
+            return Err(format!("scaled_matmul_fp8 of a_q {sa:?}"));
+        }
+        let k = sa[ra - 1];
+        let rows = aq.len() / k.max(1);
+        let mut want_s = sa.clone();
+        want_s[ra - 1] = k.div_ceil(super::gemm::FP8_BLOCK);
+        if ss != want_s {
+            return Err(format!(
+                "scaled_matmul_fp8: a's scales {ss:?} are not its 1x128 blocks' (expected {want_s:?})"
+            ));
+        }
+        // B in place through its view when it is a buffer, else its bytes row-major
+        let owned;
+        let (bq, base, rs, cs, kb, n) = match &self.operands[2] {
+            OperandExec::Buffer { input, view, dtype, .. } if *dtype == DType::F8E4M3 && view.rank() == 2 => {
+                let cv = ConcreteView::new(view, l.env)?;
+                let (rs, cs) = (cv.strides[0], cv.strides[1]);
+                let (kk, n) = (cv.shape[0], cv.shape[1]);
+                if cv.offset < 0 || rs < 0 || cs < 0 {
+                    return Err("scaled_matmul_fp8: a negative stride of b".into());
+                }
+                let last = cv.offset as usize + kk.saturating_sub(1) * rs as usize + n.saturating_sub(1) * cs as usize;
+                let len = if kk * n == 0 { 0 } else { last + 1 };
+                // SAFETY: every element of the view lies in the buffer the runtime hands us.
+                let q = unsafe { std::slice::from_raw_parts(l.bufs[*input].0 as *const u8, len) };
+                (q, cv.offset as usize, rs as usize, cs as usize, kk, n)
+            }
+            _ => {
+                let (sb, b) = self.operand_bytes(2, l)?;
+                if sb.len() != 2 {
+                    return Err(format!("scaled_matmul_fp8 of b_q {sb:?}"));
+                }
+                owned = b.into_owned();
+                (&owned[..], 0, sb[1], 1, sb[0], sb[1])
+            }
+        };
+        if kb != k {
+            return Err(format!("scaled_matmul_fp8 of a_q {sa:?} and b_q [{kb}, {n}]"));
+        }
+        let b = Fp8Mat {
+            q: bq,
+            base,
+            rs,
+            cs,
+            scales: &b_s,
+            scale_cols: n.div_ceil(super::gemm::FP8_BLOCK),
+        };
+        let mut c = vec![0f32; rows * n];
+        super::quant::scaled_gemm(gk, vk, (&aq, &a_s), b, (rows, n, k), &mut c, l.par)?;
+        round_all(&mut c, out);
+        Ok(Dense::F32(c))
+    }
+
+    /// `RmsNormQuantFp8` (with the residual add first when `residual`): outputs
+    /// `([sum,] q, scales)`.
+    fn rms_norm_quant(&self, eps: f64, residual: bool, l: &Launch) -> Result<Vec<Dense>, String> {
+        let vk = self.vk()?;
+        let (sh, h, hdt) = self.operand(0, l)?;
+        let d = sh.last().copied().unwrap_or(0);
+        let tiles = h.len() / d.max(1) * d.div_ceil(super::gemm::FP8_BLOCK);
+        let (a, (_, w, wdt)) = if residual {
+            (Some(self.operand(1, l)?.1), self.operand(2, l)?)
+        } else {
+            (None, self.operand(1, l)?)
+        };
+        let normed = DType::promote(hdt, wdt)
+            .filter(|d| d.is_float())
+            .ok_or("rms_norm_quant_fp8 of non-floats")?;
+        let qi = usize::from(residual);
+        let mut sum = if residual {
+            let sum_dt = self.outputs[0].1;
+            Some((sum_dt, self.out_buf_f32_rounded(0, h.len(), l)?))
+        } else {
+            None
+        };
+        let norm_dt = sum.as_ref().map_or(hdt, |s| s.0);
+        let mut q = self.out_buf::<u8>(qi, h.len(), l)?;
+        let mut s = self.out_buf::<f32>(qi + 1, tiles, l)?;
+        super::quant::rms_norm_quant(
+            vk,
+            (&h, a.as_deref().map(|a| a.as_slice()), &w),
+            d,
+            eps,
+            (norm_dt, normed),
+            sum.as_mut().map(|s| s.1.slice()),
+            q.slice(),
+            s.slice(),
+            l.par,
+        )?;
+        let mut out = Vec::new();
+        if let Some((_, sb)) = sum {
+            out.push(Self::f32_result(sb));
+        }
+        out.push(Self::byte_result(q));
+        out.push(Self::f32_result(s));
+        Ok(out)
+    }
+
+    /// An f32 output written directly when it is f32 and dense, else staged (values already
+    /// rounded to its dtype, which the store keeps).
+    fn out_buf_f32_rounded(&self, o: usize, numel: usize, l: &Launch) -> Result<OutBuf<f32>, String> {
+        if self.outputs[o].1 == DType::F32 {
+            self.out_buf::<f32>(o, numel, l)
+        } else {
+            Ok(OutBuf::Staged(vec![0f32; numel]))
+        }
+    }
+
+    /// `SwiGluQuantFp8`: outputs `(q, scales)`.
+    fn swiglu_quant(&self, l: &Launch) -> Result<Vec<Dense>, String> {
+        let vk = self.vk()?;
+        let (sg, g, gdt) = self.operand(0, l)?;
+        let (su, u, udt) = self.operand(1, l)?;
+        if sg != su {
+            return Err(format!("swiglu_quant_fp8 of {sg:?} and {su:?}"));
+        }
+        let ydt = DType::promote(gdt, udt)
+            .filter(|d| d.is_float())
+            .ok_or("swiglu_quant_fp8 of non-floats")?;
+        let d = sg.last().copied().unwrap_or(0);
+        let tiles = g.len() / d.max(1) * d.div_ceil(super::gemm::FP8_BLOCK);
+        let mut q = self.out_buf::<u8>(0, g.len(), l)?;
+        let mut s = self.out_buf::<f32>(1, tiles, l)?;
+        super::quant::swiglu_quant(vk, (&g, &u), d, (gdt, ydt), q.slice(), s.slice(), l.par)?;
+        Ok(vec![Self::byte_result(q), Self::f32_result(s)])
+    }
+
+    /// `(pre, n, post)` around `axis` of `shape`.
+    fn around(shape: &[usize], axis: usize) -> Result<(usize, usize, usize), String> {
+        if axis >= shape.len() {
+            return Err(format!("axis {axis} is out of range for rank {}", shape.len()));
+        }
+        Ok((
+            shape[..axis].iter().product(),
+            shape[axis],
+            shape[axis + 1..].iter().product(),
+        ))
+    }
+
+    /// `TopK { k, axis }`: (values, i64 indices).
+    fn topk(&self, k: usize, axis: usize, l: &Launch) -> Result<Vec<Dense>, String> {
+        let vk = *self.vk()?;
+        let mut ids = vec![0i64; 0];
+        let dims;
+        let values = match self.operand_dtype(0) {
+            Some(d) if d.is_float() => {
+                let (shape, x, _) = self.operand(0, l)?;
+                dims = Self::around(&shape, axis)?;
+                ids.resize(dims.0 * k * dims.2, 0);
+                let mut vals = vec![0f32; ids.len()];
+                let select = move |n: usize, v: *const f32, t: *mut u8| unsafe { (vk.argmax)(n as i64, v, t) };
+                super::select::topk(&x, dims, k, &select, Some(&mut vals), &mut ids, l.par)?;
+                Dense::F32(vals)
+            }
+            _ => {
+                let (shape, x) = self.operand_i64(0, l)?;
+                dims = Self::around(&shape, axis)?;
+                ids.resize(dims.0 * k * dims.2, 0);
+                let mut vals = vec![0i64; ids.len()];
+                let select = move |n: usize, v: *const i64, t: *mut u8| unsafe { (vk.argmax_i64)(n as i64, v, t) };
+                super::select::topk(&x, dims, k, &select, Some(&mut vals), &mut ids, l.par)?;
+                Dense::I64(vals)
+            }
+        };
+        Ok(vec![values, Dense::I64(ids)])
+    }
+
+    /// `ArgMax { axis }`: the first index of the greatest value along the axis (removed).
+    fn argmax(&self, axis: usize, l: &Launch) -> Result<Vec<Dense>, String> {
+        let vk = *self.vk()?;
+        let float = self.operand_dtype(0).is_some_and(|d| d.is_float());
+        let (xf, xi, shape) = if float {
+            let (s, x, _) = self.operand(0, l)?;
+            (Some(x), None, s)
+        } else {
+            let (s, x) = self.operand_i64(0, l)?;
+            (None, Some(x), s)
+        };
+        let (pre, n, post) = Self::around(&shape, axis)?;
+        if n == 0 && pre * post > 0 {
+            return Err("argmax over an empty axis".into());
+        }
+        let mut ids = vec![0i64; pre * post];
+        if let Some(x) = xf {
+            let select = move |n: usize, v: *const f32, t: *mut u8| unsafe { (vk.argmax)(n as i64, v, t) };
+            super::select::topk(&x, (pre, n, post), 1.min(n), &select, None, &mut ids, l.par)?;
+        } else if let Some(x) = xi {
+            let select = move |n: usize, v: *const i64, t: *mut u8| unsafe { (vk.argmax_i64)(n as i64, v, t) };
+            super::select::topk(&x, (pre, n, post), 1.min(n), &select, None, &mut ids, l.par)?;
+        }
+        Ok(vec![Dense::I64(ids)])
+    }
+
+    /// `ScatterAdd { axis }`: `x` with `src` added at `idx` along the axis.
+    fn scatter_add(&self, axis: usize, l: &Launch) -> Result<Dense, String> {
+        let vk = *self.vk()?;
+        let (si, idx) = self.operand_i64(1, l)?;
+        let xdt = self.operand_dtype(0).ok_or("scatter-add without x")?;
+        let sdt = self.operand_dtype(2).ok_or("scatter-add without a source")?;
+        let shape_x = match &self.operands[0] {
+            OperandExec::Buffer { view, .. } => eval_shape(&view.shape, l.env)?,
+            OperandExec::Prologue { domain, .. } => eval_shape(domain, l.env)?,
+        };
+        let (pre, n, post) = Self::around(&shape_x, axis)?;
+        let agree = si.len() == shape_x.len()
+            && shape_x
+                .iter()
+                .zip(&si)
+                .enumerate()
+                .all(|(i, (a, b))| i == axis || a == b);
+        if !agree {
+            return Err(format!("indices {si:?} do not fit {shape_x:?} along axis {axis}"));
+        }
+        let m = si[axis];
+        if xdt.is_float() && sdt.is_float() {
+            let (_, x, _) = self.operand(0, l)?;
+            let (ss, src, _) = self.operand(2, l)?;
+            if ss != si {
+                return Err(format!("scatter source {ss:?} must have the indices' shape"));
+            }
+            let mut acc: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+            let scatter = move |m: usize, i: *const i64, s: *const f32, a: *mut f64, post: usize, n: usize| unsafe {
+                (vk.scatter_f64)(m as i64, i, s, a, post as i64, n as i64)
+            };
+            super::select::scatter_add(&mut acc, &idx, &src, (pre, n, m, post), axis, &scatter, l.par)?;
+            // one rounding: to f32, then to x's dtype
+            Ok(Dense::F32(acc.iter().map(|&v| xdt.round(v as f32)).collect()))
+        } else if !xdt.is_float() && !sdt.is_float() {
+            let (_, mut acc) = self.operand_i64(0, l)?;
+            let (ss, src) = self.operand_i64(2, l)?;
+            if ss != si {
+                return Err(format!("scatter source {ss:?} must have the indices' shape"));
+            }
+            let scatter = move |m: usize, i: *const i64, s: *const i64, a: *mut i64, post: usize, n: usize| unsafe {
+                (vk.scatter_i64)(m as i64, i, s, a, post as i64, n as i64)
+            };
+            super::select::scatter_add(&mut acc, &idx, &src, (pre, n, m, post), axis, &scatter, l.par)?;
+            Ok(Dense::I64(acc))
+        } else {
+            Err(format!("scatter-add is not defined on {xdt} and {sdt}"))
+        }
     }
 
     fn gemm(&self, g: &Gemm, l: &Launch) -> Result<Dense, String> {
@@ -478,7 +969,7 @@ impl TemplateExec {
         let mut c = vec![0f32; nb * m * n];
         gemm_batched(micro, &jobs, &mut c, (m, n, k), l.par);
         round_all(&mut c, g.out);
-        Ok(Dense { data: c })
+        Ok(Dense::F32(c))
     }
 
     /// `Fused::GroupedMatmul`: the rows routed to each expert gathered, one GEMM per expert
@@ -549,7 +1040,7 @@ impl TemplateExec {
                         }
                     }
                 }
-                Ok(Dense { data: h })
+                Ok(Dense::F32(h))
             }
             GroupedEpilogue::WeightedCombine => {
                 // h [.., K, I], weights [.., K] f32, w_down [E, D, I]: Σ_k w_k · (h_k · W_downᵀ)
@@ -604,9 +1095,7 @@ impl TemplateExec {
                         }
                     }
                 }
-                Ok(Dense {
-                    data: y.iter().map(|&v| v as f32).collect(),
-                })
+                Ok(Dense::F32(y.iter().map(|&v| v as f32).collect()))
             }
         }
     }
@@ -624,7 +1113,7 @@ impl TemplateExec {
                 let (_, w, _) = self.operand(1, l)?;
                 let mut y = zeros(x.len());
                 rows::rms_norm(vk, &x, &w, last(&sx), *eps, (norm_dt, out_dt), &mut y, l.par)?;
-                vec![Dense { data: y }]
+                vec![Dense::F32(y)]
             }
             TemplateOp::AddRmsNorm { eps, .. } => {
                 let (sx, h, _) = self.operand(0, l)?;
@@ -641,14 +1130,14 @@ impl TemplateExec {
                     &mut y,
                     l.par,
                 )?;
-                vec![Dense { data: s }, Dense { data: y }]
+                vec![Dense::F32(s), Dense::F32(y)]
             }
             TemplateOp::Softmax { .. } => {
                 let (sx, x, _) = self.operand(0, l)?;
                 let mut y = zeros(x.len());
                 rows::softmax(vk, &x, last(&sx), &mut y, l.par)?;
                 round_all(&mut y, out_dt);
-                vec![Dense { data: y }]
+                vec![Dense::F32(y)]
             }
             TemplateOp::QkNormRope { eps, .. } => {
                 let (sx, x, _) = self.operand(0, l)?;
@@ -669,7 +1158,7 @@ impl TemplateExec {
                     &mut y,
                     l.par,
                 )?;
-                vec![Dense { data: y }]
+                vec![Dense::F32(y)]
             }
             TemplateOp::GroupNormGate { groups, eps, .. } => {
                 let (_, o, _) = self.operand(0, l)?;
@@ -677,7 +1166,7 @@ impl TemplateExec {
                 let (_, g, _) = self.operand(2, l)?;
                 let mut y = zeros(g.len());
                 rows::group_norm_gate(vk, (&o, &w, &g), *groups, *eps, &mut y, l.par)?;
-                vec![Dense { data: y }]
+                vec![Dense::F32(y)]
             }
             TemplateOp::Attention { scale, .. } => {
                 let (sq, q, _) = self.operand(0, l)?;
@@ -689,7 +1178,7 @@ impl TemplateExec {
                 };
                 let mut y = zeros(q.len());
                 rows::attention(vk, (&q, &k, &v, &pos), (b, hkv, g, s, t, d), *scale, &mut y, l.par)?;
-                vec![Dense { data: y }]
+                vec![Dense::F32(y)]
             }
             TemplateOp::LinearAttnChunk { .. } | TemplateOp::LinearAttnStep { .. } => {
                 let (_, s0, _) = self.operand(0, l)?;
@@ -702,7 +1191,7 @@ impl TemplateExec {
                 };
                 let (mut s, mut o) = (zeros(s0.len()), zeros(q.len()));
                 rows::linear_attn(vk, [&s0, &q, &k, &v, &lam], (b, t, h, d), &mut s, &mut o, l.par)?;
-                vec![Dense { data: s }, Dense { data: o }]
+                vec![Dense::F32(s), Dense::F32(o)]
             }
             TemplateOp::RouteTopK {
                 k,
@@ -725,45 +1214,10 @@ impl TemplateExec {
                     *normalize,
                     l.par,
                 )?;
-                vec![Dense { data: chosen }, Dense { data: weights }]
+                vec![Dense::F32(chosen), Dense::F32(weights)]
             }
             op => return Err(format!("{} is not generated", op.name())),
         })
-    }
-
-    /// The template's reference semantics on the dense operands (see the module doc).
-    fn by_reference(&self, op: &TemplateOp, l: &Launch) -> Result<Vec<Dense>, String> {
-        let graph_op = ir::kernel_eval::template_graph_op(op)?;
-        let mut g = Graph::new();
-        let mut args = Vec::new();
-        let mut feed = HashMap::new();
-        for i in 0..self.operands.len() {
-            let (shape, data, dtype) = self.operand_exact(i, l)?;
-            let name = format!("a{i}");
-            let dims = shape.iter().map(|&d| Dim::constant(d as i64)).collect();
-            let input = Op::Input {
-                name: name.clone(),
-                kind: InputKind::Data,
-                dtype,
-                shape: dims,
-            };
-            args.push(g.add1(input, &[], None).map_err(|e| e.to_string())?);
-            feed.insert(name, ir::kernel_eval::tensor(dtype, shape, &data));
-        }
-        let outs = g.add(graph_op, &args, None).map_err(|e| e.to_string())?;
-        for (i, o) in outs.iter().enumerate() {
-            g.add_output(&format!("o{i}"), *o, InputKind::Data);
-        }
-        let interp = Interpreter::new(&g, &NoParams).map_err(|e| e.to_string())?;
-        let mut res = interp.run(&feed).map_err(|e| e.to_string())?;
-        (0..outs.len())
-            .map(|i| {
-                let t = res.remove(&format!("o{i}")).ok_or("missing result")?;
-                Ok(Dense {
-                    data: t.to_f64_vec().iter().map(|&x| x as f32).collect(),
-                })
-            })
-            .collect()
     }
 }
 
@@ -795,12 +1249,5 @@ fn sigmoid(x: f32) -> f32 {
     } else {
         let e = x.exp();
         e / (1.0 + e)
-    }
-}
-
-struct NoParams;
-impl ParamSource for NoParams {
-    fn load(&self, spec: &ParamSpec) -> Result<Tensor, String> {
-        Err(format!("no parameter {}", spec.name))
     }
 }
