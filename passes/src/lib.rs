@@ -15,6 +15,7 @@
 pub mod cleanup;
 pub mod egraph;
 pub mod extract;
+pub mod inplace;
 pub mod manager;
 pub mod memplan;
 pub mod partition;
