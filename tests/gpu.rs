@@ -340,7 +340,11 @@ fn gpu_decode_as_cuda_graphs_equals_plain_launches() {
     );
     let (batch, prompt_len, steps) = (2, 250, 300);
     let prompt = crate::common::random_tokens(8, batch * prompt_len, p.vocab);
-    let run = |graphs: bool| -> (Vec<Vec<f32>>, usize) {
+    assert!(
+        p.gpu.decode_plan().caches_in_place(),
+        "tiny decode keeps functional caches"
+    );
+    let run = |graphs: bool| -> (Vec<Vec<f32>>, usize, Vec<ir::Tensor>) {
         assert_eq!(
             p.gpu.set_graphs(graphs),
             graphs,
@@ -365,12 +369,35 @@ fn gpu_decode_as_cuda_graphs_equals_plain_launches() {
             most_graphs = most_graphs.max(p.gpu.decode_plan().graph_count());
             out.push(l);
         }
-        (out, most_graphs)
+        // the caches (in place, in their capacity layout, when graphs are on) read back
+        let env: ir::DimEnv = [
+            ("batch".to_string(), batch as i64),
+            ("past".to_string(), (prompt_len + steps) as i64),
+        ]
+        .into();
+        let specs: Vec<(String, ir::DType, Vec<usize>)> = p
+            .states
+            .iter()
+            .map(|(n, d, s)| (n.clone(), *d, ir::shape::eval_shape(s, &env).unwrap()))
+            .collect();
+        let back = p.gpu.download_states(&dev, &specs).unwrap();
+        (
+            out,
+            most_graphs,
+            specs.iter().map(|(n, _, _)| back[n].clone()).collect(),
+        )
     };
-    let (plain, none) = run(false);
-    let (graphed, captured) = run(true);
+    let (plain, none, plain_states) = run(false);
+    let (graphed, captured, graphed_states) = run(true);
     assert_eq!(none, 0);
     assert!(captured >= 2, "only {captured} graphs were captured");
+    for (a, b) in graphed_states.iter().zip(&plain_states) {
+        assert_eq!(
+            a.to_bytes(),
+            b.to_bytes(),
+            "a state read back after the in-place steps differs"
+        );
+    }
     for (i, (a, b)) in graphed.iter().zip(&plain).enumerate() {
         let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(
@@ -510,13 +537,7 @@ fn gpu_gemm_fast_paths_match_the_host() {
             let (env, inputs) = mp.inputs(b, s, 7 + s as u64);
             let got = mp
                 .plan
-                .run(
-                    &env,
-                    &inputs,
-                    &mut runtime::cuda_plan::DeviceStates {
-                        bufs: Default::default(),
-                    },
-                )
+                .run(&env, &inputs, &mut runtime::cuda_plan::DeviceStates::default())
                 .unwrap_or_else(|e| panic!("n={n} k={k} b={b} s={s}: {e}"));
             let y = got["y"].as_f32().unwrap();
             let x = inputs["x"].as_f32().unwrap();
@@ -551,9 +572,7 @@ fn gpu_gemm_bench_ring_mini_shapes() {
     let g = std::sync::Arc::new(g);
     let time = |mp: &MatmulPlan, m: usize| -> f64 {
         let (env, inputs) = mp.inputs(1, m, 5);
-        let mut st = runtime::cuda_plan::DeviceStates {
-            bufs: Default::default(),
-        };
+        let mut st = runtime::cuda_plan::DeviceStates::default();
         let (_, t) = mp.plan.run_timed(&env, &inputs, &mut st, 20).unwrap();
         t.kernels
             .iter()

@@ -199,6 +199,67 @@ impl GpuWeights {
 #[derive(Default)]
 pub struct DeviceStates {
     pub bufs: HashMap<String, DeviceBuf>,
+    /// KV caches kept in a capacity layout by the in-place decode step (absent: the plain
+    /// row-major layout of the state's shape)
+    pub layout: HashMap<String, CapLayout>,
+}
+
+impl DeviceStates {
+    pub fn new(bufs: HashMap<String, DeviceBuf>) -> DeviceStates {
+        DeviceStates {
+            bufs,
+            layout: HashMap::new(),
+        }
+    }
+}
+
+/// A cache laid out for `cap` tokens along its growing axis: `rows` rows (the axes before it),
+/// each `cap` tokens of `inner_bytes`, the first `tokens` of them valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapLayout {
+    pub cap: usize,
+    pub tokens: usize,
+    pub rows: usize,
+    pub inner_bytes: usize,
+}
+
+/// Copies `rows` rows of `width` bytes between two pitched device layouts (stream-ordered).
+fn copy_rows(
+    gpu: &Gpu,
+    src: u64,
+    src_pitch: usize,
+    dst: u64,
+    dst_pitch: usize,
+    width: usize,
+    rows: usize,
+) -> Result<()> {
+    if width == 0 || rows == 0 {
+        return Ok(());
+    }
+    use cudarc::driver::sys;
+    let c = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_pitch,
+        WidthInBytes: width,
+        Height: rows,
+    };
+    // SAFETY: both regions are live device allocations of at least rows × pitch bytes (the
+    // callers size them so), and the copy is ordered on our stream.
+    let r = unsafe { sys::cuMemcpy2DAsync_v2(&c, gpu.stream.cu_stream()) };
+    r.result()
+        .map_err(|e| Error(format!("re-laying out a KV cache on the GPU: {e}")))
 }
 
 impl std::fmt::Debug for DeviceStates {
@@ -271,6 +332,9 @@ pub struct CudaPlan {
     graphs: std::cell::Cell<bool>,
     /// why this plan cannot run with fixed buffers (None: it can)
     not_fixable: Option<String>,
+    /// the in-place variant the fixed-buffer steps run ([`CudaPlan::for_decode`])
+    inplace: Option<InPlace>,
+    opts: PtxOptions,
     pub cache: CacheStats,
     debug: u32,
 }
@@ -302,6 +366,47 @@ struct Fixed {
     grids: Vec<[u64; 3]>,
 }
 
+/// A plan with its loaded kernels and symbol order, as the fixed-buffer step runs it.
+struct Exe<'a> {
+    plan: &'a KernelPlan,
+    kernels: &'a [Loaded],
+    symbols: &'a [String],
+    /// the caches it updates in place
+    inplace: &'a [passes::inplace::InPlaceState],
+}
+
+/// The decode plan with its KV caches updated in place (`passes::inplace`), for the
+/// fixed-buffer steps.
+struct InPlace {
+    plan: KernelPlan,
+    kernels: Vec<Loaded>,
+    symbols: Vec<String>,
+    states: Vec<passes::inplace::InPlaceState>,
+}
+
+/// The plan's carried-state outputs written into buffers of their own: buffer → state name.
+fn state_outputs(plan: &KernelPlan) -> HashMap<BufferId, String> {
+    plan.outputs
+        .iter()
+        .filter(|o| o.kind == ir::op::InputKind::State && plan.buffers[o.buffer.0 as usize].kind == BufferKind::Output)
+        .map(|o| (o.buffer, o.name.clone()))
+        .collect()
+}
+
+/// Which buffers a kernel or an output of `plan` refers to.
+fn used_buffers(plan: &KernelPlan) -> Vec<bool> {
+    let mut used = vec![false; plan.buffers.len()];
+    for k in &plan.kernels {
+        for r in k.inputs.iter().chain(&k.outputs) {
+            used[r.buffer.0 as usize] = true;
+        }
+    }
+    for o in &plan.outputs {
+        used[o.buffer.0 as usize] = true;
+    }
+    used
+}
+
 /// The most graphs kept per batch size (one per direction of each sequence being decoded).
 const MAX_GRAPHS: usize = 8;
 
@@ -318,78 +423,7 @@ impl CudaPlan {
     pub fn new(weights: &GpuWeights, graph: &Graph, plan: KernelPlan, opts: &PtxOptions) -> Result<CudaPlan> {
         let gpu = weights.gpu.clone();
         let mut cache = CacheStats::default();
-        let mut kernels = Vec::with_capacity(plan.kernels.len());
-        for k in &plan.kernels {
-            if let KernelKind::Scan(_) = k.kind {
-                return err(format!(
-                    "{}: a recurrence the rewrite passes did not replace runs only on the cpu and reference \
-                     devices (compile with fusion on: drop --no-fuse)",
-                    k.name
-                ));
-            }
-        }
-        // LLVM compiles kernels independently (a context per kernel): spread them over the cores
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(16);
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut compiled_all: Vec<Option<Result<PtxKernel>>> = (0..plan.kernels.len()).map(|_| None).collect();
-        let results = Mutex::new(&mut compiled_all);
-        std::thread::scope(|sc| {
-            for _ in 0..threads {
-                sc.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= plan.kernels.len() {
-                        break;
-                    }
-                    let r = ptx_of(&plan, &plan.kernels[i], opts);
-                    results.lock().expect("compile results")[i] = Some(r);
-                });
-            }
-        });
-        for (k, compiled) in plan.kernels.iter().zip(compiled_all) {
-            let compiled = compiled.ok_or_else(|| Error(format!("{}: not compiled", k.name)))??;
-            let mut h = DefaultHasher::new();
-            compiled.ptx.hash(&mut h);
-            let key = h.finish();
-            let cached = module_cache().lock().expect("module cache").get(&key).cloned();
-            let module = match cached {
-                Some(m) => {
-                    cache.memory_hits += 1;
-                    m
-                }
-                None => {
-                    cache.compiled += 1;
-                    let m = gpu
-                        .load_ptx(&compiled.ptx)
-                        .map_err(|e| Error(format!("{}: {e}", k.name)))?;
-                    module_cache().lock().expect("module cache").insert(key, m.clone());
-                    m
-                }
-            };
-            let func = module
-                .load_function(&compiled.name)
-                .map_err(|e| Error(format!("{}: no entry `{}` in its PTX: {e}", k.name, compiled.name)))?;
-            if compiled.launch.shared_bytes > 48 * 1024 {
-                func.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    compiled.launch.shared_bytes as i32,
-                )
-                .map_err(|e| {
-                    Error(format!(
-                        "{}: asks for {} bytes of shared memory: {e}",
-                        k.name, compiled.launch.shared_bytes
-                    ))
-                })?;
-            }
-            kernels.push(Loaded {
-                func,
-                launch: compiled.launch,
-                scratch: compiled.scratch_bytes,
-                _module: module,
-            });
-        }
+        let kernels = load_kernels(&gpu, &plan, opts, &mut cache)?;
         let mut dev_params = HashMap::new();
         for (i, b) in plan.buffers.iter().enumerate() {
             if b.kind != BufferKind::Param {
@@ -428,6 +462,8 @@ impl CudaPlan {
             fixed: RefCell::new(None),
             graphs: std::cell::Cell::new(false),
             not_fixable,
+            inplace: None,
+            opts: opts.clone(),
             cache,
             debug: debug_level(),
         })
@@ -444,6 +480,41 @@ impl CudaPlan {
             *self.fixed.borrow_mut() = None;
         }
         on
+    }
+
+    /// The decode plan: also compiles the variant that updates the KV caches in place
+    /// (`passes::inplace`), which the fixed-buffer steps run, and turns graphs on (see
+    /// [`CudaPlan::set_graphs`]). A plan that does not fit the pattern keeps its functional
+    /// caches (`RINGJIT_DEBUG=1` says why).
+    pub fn for_decode(mut self) -> Result<CudaPlan> {
+        match passes::inplace::append_in_place(&self.plan) {
+            Ok((plan, states)) => {
+                let mut cache = self.cache;
+                let kernels = load_kernels(&self.gpu, &plan, &self.opts, &mut cache)?;
+                match fixable(&plan, &kernels) {
+                    Ok(()) => {
+                        self.cache = cache;
+                        self.inplace = Some(InPlace {
+                            symbols: plan.symbols(),
+                            plan,
+                            kernels,
+                            states,
+                        });
+                    }
+                    Err(e) if self.debug >= 1 => eprintln!("[ringjit] KV caches not in place: {e}"),
+                    Err(_) => {}
+                }
+            }
+            Err(e) if self.debug >= 1 => eprintln!("[ringjit] KV caches not in place: {e}"),
+            Err(_) => {}
+        }
+        self.set_graphs(true);
+        Ok(self)
+    }
+
+    /// Whether the fixed-buffer steps update the KV caches in place.
+    pub fn caches_in_place(&self) -> bool {
+        self.inplace.is_some()
     }
 
     /// Why the plan cannot use fixed buffers and graphs, if it cannot.
@@ -497,6 +568,7 @@ impl CudaPlan {
         if timing.is_none() && self.graphs.get() {
             return self.run_fixed(env, inputs, states);
         }
+        self.plain_states(states)?;
         let gpu = &*self.gpu;
         let mem = passes::memplan::plan(&self.plan, env).map_err(Error)?;
         self.ensure(&self.arena, mem.arena_peak_bytes as usize, "the activation arena")?;
@@ -547,7 +619,7 @@ impl CudaPlan {
                 }
             };
         }
-        let syms = self.put_syms(env)?;
+        let syms = self.put_syms(&self.symbols, env)?;
 
         for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
             self.launch(k, l, env, &addr, syms, scratch_ptr)?;
@@ -641,25 +713,50 @@ impl CudaPlan {
         Ok(out)
     }
 
+    /// The plan the fixed-buffer steps run: the in-place one where it was made.
+    fn exe(&self) -> Exe<'_> {
+        match &self.inplace {
+            Some(ip) => Exe {
+                plan: &ip.plan,
+                kernels: &ip.kernels,
+                symbols: &ip.symbols,
+                inplace: &ip.states,
+            },
+            None => Exe {
+                plan: &self.plan,
+                kernels: &self.kernels,
+                symbols: &self.symbols,
+                inplace: &[],
+            },
+        }
+    }
+
     /// Buffers for steps of `batch` × `seq` tokens holding up to `cap` tokens in all.
-    fn make_fixed(&self, env: &DimEnv, batch: i64, seq: i64, cap: i64) -> Result<Fixed> {
+    fn make_fixed(&self, exe: &Exe, env: &DimEnv, batch: i64, seq: i64, cap: i64) -> Result<Fixed> {
         let gpu = &*self.gpu;
         let mut cap_env = env.clone();
-        if self.symbols.iter().any(|s| s == "past") {
+        if exe.symbols.iter().any(|s| s == "past") {
             cap_env.insert("past".to_string(), cap - seq);
         }
-        let mem = passes::memplan::plan(&self.plan, &cap_env).map_err(Error)?;
+        if exe.symbols.iter().any(|s| s == passes::inplace::CAP) {
+            cap_env.insert(passes::inplace::CAP.to_string(), cap);
+        }
+        let mem = passes::memplan::plan(exe.plan, &cap_env).map_err(Error)?;
         let arena = match mem.arena_peak_bytes {
             0 => None,
             n => Some(alloc(gpu, n as usize, "the activation arena")?),
         };
         let arena_ptr = arena.as_ref().map_or(0, |a| a.ptr(gpu));
-        let mut addr_intermediate = vec![None; self.plan.buffers.len()];
+        let mut addr_intermediate = vec![None; exe.plan.buffers.len()];
         let mut inputs = HashMap::new();
         let mut outputs = HashMap::new();
-        let state_out = self.state_outputs();
-        for (i, b) in self.plan.buffers.iter().enumerate() {
+        let state_out = state_outputs(exe.plan);
+        let used = used_buffers(exe.plan);
+        for (i, b) in exe.plan.buffers.iter().enumerate() {
             let id = BufferId(i as u32);
+            if !used[i] {
+                continue; // the functional caches' outputs of an in-place plan
+            }
             let bytes = || -> Result<usize> { Ok(b.size_bytes(&cap_env).map_err(Error)? as usize) };
             match b.kind {
                 BufferKind::Intermediate => addr_intermediate[i] = mem.offset(id).map(|o| arena_ptr + o),
@@ -673,8 +770,8 @@ impl CudaPlan {
             }
         }
         let mut scratch_need = 0usize;
-        let mut grids = Vec::with_capacity(self.kernels.len());
-        for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
+        let mut grids = Vec::with_capacity(exe.kernels.len());
+        for (k, l) in exe.plan.kernels.iter().zip(exe.kernels) {
             scratch_need = scratch_need.max(l.scratch.eval(&cap_env).map_err(Error)? as usize);
             grids.push(l.launch.eval(&cap_env).map_err(|e| Error(format!("{}: {e}", k.name)))?);
         }
@@ -700,18 +797,49 @@ impl CudaPlan {
         })
     }
 
-    /// The plan's carried-state outputs: buffer → state name.
-    fn state_outputs(&self) -> HashMap<BufferId, String> {
-        self.plan
-            .outputs
+    /// Where an in-place cache's rows lie: (rows, bytes per token) of state `name` under `env`.
+    fn cache_rows(&self, name: &str, axis: usize, env: &DimEnv) -> Result<(usize, usize)> {
+        let b = self
+            .plan
+            .buffers
             .iter()
-            .filter(|o| o.kind == ir::op::InputKind::State)
-            .map(|o| (o.buffer, o.name.clone()))
-            .collect()
+            .find(|b| b.kind == BufferKind::State && b.name == name)
+            .ok_or_else(|| Error(format!("internal: no state {name} in the plan")))?;
+        let shape = eval_shape(&b.shape, env).map_err(Error)?;
+        let rows = shape[..axis].iter().product();
+        let inner = shape[axis + 1..].iter().product::<usize>() * b.dtype.size_bytes();
+        Ok((rows, inner))
+    }
+
+    /// Every cache of `states` in a capacity layout back in its plain layout (for the
+    /// functional plan and for reading it back).
+    fn plain_states(&self, states: &mut DeviceStates) -> Result<()> {
+        let names: Vec<String> = states.layout.keys().cloned().collect();
+        for name in names {
+            let l = states.layout[&name];
+            let src = states
+                .bufs
+                .get(&name)
+                .ok_or_else(|| Error(format!("state `{name}` is not on the GPU")))?;
+            let dst = alloc(&self.gpu, l.rows * l.tokens * l.inner_bytes, &name)?;
+            copy_rows(
+                &self.gpu,
+                src.ptr(&self.gpu),
+                l.cap * l.inner_bytes,
+                dst.ptr(&self.gpu),
+                l.tokens * l.inner_bytes,
+                l.tokens * l.inner_bytes,
+                l.rows,
+            )?;
+            states.bufs.insert(name.clone(), dst);
+            states.layout.remove(&name);
+        }
+        Ok(())
     }
 
     /// [`CudaPlan::run`] over fixed buffers, replaying a captured CUDA graph where the states
-    /// come from an earlier such step (see [`Fixed`]).
+    /// come from an earlier such step (see [`Fixed`]); KV caches are updated in place when the
+    /// in-place plan was made.
     fn run_fixed(
         &self,
         env: &DimEnv,
@@ -719,6 +847,7 @@ impl CudaPlan {
         states: &mut DeviceStates,
     ) -> Result<HashMap<String, Tensor>> {
         let gpu = &*self.gpu;
+        let exe = self.exe();
         let val = |n: &str| env.get(n).copied().unwrap_or(0);
         let (batch, seq, past) = (val("batch"), val("seq"), val("past"));
         let fits = self
@@ -731,19 +860,75 @@ impl CudaPlan {
                                              // room for 256 more tokens past the next multiple of 256: a new capacity (and new
                                              // graphs) every 256 decode steps at most
             let cap = ((past + seq + 255) / 256) * 256 + 256;
-            *self.fixed.borrow_mut() = Some(self.make_fixed(env, batch, seq, cap)?);
+            *self.fixed.borrow_mut() = Some(self.make_fixed(&exe, env, batch, seq, cap)?);
         }
-        let state_out = self.state_outputs();
+        let state_out = state_outputs(exe.plan);
         let mut slot = self.fixed.borrow_mut();
         let fx = slot
             .as_mut()
             .ok_or_else(|| Error("internal: no fixed buffers".into()))?;
+        let mut env = env.clone();
+        if exe.symbols.iter().any(|s| s == passes::inplace::CAP) {
+            env.insert(passes::inplace::CAP.to_string(), fx.cap);
+        }
+        // the in-place caches in this capacity's layout (a cache from a prefill, or from a
+        // smaller capacity, is copied over once)
+        for st in exe.inplace {
+            let (rows, inner) = self.cache_rows(&st.name, st.axis, &env)?;
+            let cap = fx.cap as usize;
+            let want = CapLayout {
+                cap,
+                tokens: past as usize,
+                rows,
+                inner_bytes: inner,
+            };
+            let cur = states.layout.get(&st.name).copied();
+            if cur == Some(want) {
+                continue;
+            }
+            let src = states
+                .bufs
+                .get(&st.name)
+                .ok_or_else(|| Error(format!("state `{}` is not on the GPU", st.name)))?;
+            let src_pitch = match cur {
+                Some(l) if l.tokens == want.tokens && l.rows == rows && l.inner_bytes == inner => l.cap * inner,
+                Some(l) => {
+                    return err(format!(
+                        "state `{}` holds {} tokens in {} rows, the step expects {past} in {rows}",
+                        st.name, l.tokens, l.rows
+                    ))
+                }
+                None => {
+                    let need = rows * past as usize * inner;
+                    if src.bytes < need {
+                        return err(format!(
+                            "state `{}` holds {} bytes on the GPU, the step needs {need}",
+                            st.name, src.bytes
+                        ));
+                    }
+                    past as usize * inner
+                }
+            };
+            let dst = alloc(gpu, rows * cap * inner, &st.name)?;
+            copy_rows(
+                gpu,
+                src.ptr(gpu),
+                src_pitch,
+                dst.ptr(gpu),
+                cap * inner,
+                past as usize * inner,
+                rows,
+            )?;
+            fx.ours.insert(dst.ptr(gpu));
+            states.bufs.insert(st.name.clone(), dst);
+            states.layout.insert(st.name.clone(), want);
+        }
         let mut out_set = match fx.pool.pop() {
             Some(set) => set,
             None => {
                 let mut set = HashMap::new();
                 for (id, name) in &state_out {
-                    let b = &self.plan.buffers[id.0 as usize];
+                    let b = &exe.plan.buffers[id.0 as usize];
                     let d = alloc(gpu, b.size_bytes(&fx.cap_env).map_err(Error)? as usize, name)?;
                     fx.ours.insert(d.ptr(gpu));
                     set.insert(name.clone(), d);
@@ -753,10 +938,14 @@ impl CudaPlan {
         };
 
         // every buffer's address
-        let mut addr = vec![0u64; self.plan.buffers.len()];
+        let used = used_buffers(exe.plan);
+        let mut addr = vec![0u64; exe.plan.buffers.len()];
         let mut from_pool = true;
-        for (i, b) in self.plan.buffers.iter().enumerate() {
+        for (i, b) in exe.plan.buffers.iter().enumerate() {
             let id = BufferId(i as u32);
+            if !used[i] {
+                continue;
+            }
             addr[i] = match b.kind {
                 BufferKind::Param => self.params[&id].ptr(gpu),
                 BufferKind::Intermediate => fx.addr_intermediate[i]
@@ -779,7 +968,7 @@ impl CudaPlan {
                         .bufs
                         .get(&b.name)
                         .ok_or_else(|| Error(format!("state `{}` is not on the GPU", b.name)))?;
-                    let need = b.size_bytes(env).map_err(Error)? as usize;
+                    let need = b.size_bytes(&env).map_err(Error)? as usize;
                     if d.bytes < need {
                         return err(format!(
                             "state `{}` holds {} bytes on the GPU, the step needs {need}",
@@ -803,7 +992,7 @@ impl CudaPlan {
                 },
             };
         }
-        let syms = self.put_syms(env)?;
+        let syms = self.put_syms(exe.symbols, &env)?;
 
         if from_pool {
             // a step between two sets of our buffers: replay (capture the first time)
@@ -816,7 +1005,7 @@ impl CudaPlan {
                     .begin_capture(mode)
                     .map_err(|e| Error(format!("starting a CUDA graph capture: {e}")))?;
                 let mut launched = Ok(());
-                for ((k, l), grid) in self.plan.kernels.iter().zip(&self.kernels).zip(&fx.grids) {
+                for ((k, l), grid) in exe.plan.kernels.iter().zip(exe.kernels).zip(&fx.grids) {
                     launched = self.launch_grid(k, l, *grid, &addr, syms, fx.scratch);
                     if launched.is_err() {
                         break;
@@ -834,8 +1023,8 @@ impl CudaPlan {
                 .launch()
                 .map_err(|e| Error(format!("replaying the step's CUDA graph: {e}")))?;
         } else {
-            for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
-                self.launch(k, l, env, &addr, syms, fx.scratch)?;
+            for (k, l) in exe.plan.kernels.iter().zip(exe.kernels) {
+                self.launch(k, l, &env, &addr, syms, fx.scratch)?;
             }
         }
         gpu.stream.synchronize().map_err(|e| {
@@ -845,17 +1034,17 @@ impl CudaPlan {
         })?;
 
         let mut out = HashMap::new();
-        for o in &self.plan.outputs {
+        for o in &exe.plan.outputs {
             if o.kind == ir::op::InputKind::State {
                 continue;
             }
-            let b = &self.plan.buffers[o.buffer.0 as usize];
-            let shape = eval_shape(&o.shape, env).map_err(Error)?;
+            let b = &exe.plan.buffers[o.buffer.0 as usize];
+            let shape = eval_shape(&o.shape, &env).map_err(Error)?;
             let d = fx
                 .outputs
                 .get(&o.buffer)
                 .ok_or_else(|| Error(format!("internal: no buffer for output {}", o.name)))?;
-            let bytes = b.size_bytes(env).map_err(Error)? as usize;
+            let bytes = b.size_bytes(&env).map_err(Error)? as usize;
             let mut host = vec![0u8; bytes];
             gpu.stream
                 .memcpy_dtoh(&d.slice.slice(0..bytes), &mut host)
@@ -863,6 +1052,12 @@ impl CudaPlan {
             let t = Tensor::from_bytes(b.dtype, shape, &host)
                 .ok_or_else(|| Error(format!("output {}: size mismatch", o.name)))?;
             out.insert(o.name.clone(), t);
+        }
+        // the caches grew in place
+        for st in exe.inplace {
+            if let Some(l) = states.layout.get_mut(&st.name) {
+                l.tokens += seq as usize;
+            }
         }
         // the new states in, the old ones back to the pool when they are ours and whole
         let mut old = HashMap::new();
@@ -876,7 +1071,7 @@ impl CudaPlan {
                 fx.ours.contains(&d.ptr(gpu))
                     && state_out.iter().any(|(id, n)| {
                         n == name
-                            && self.plan.buffers[id.0 as usize]
+                            && exe.plan.buffers[id.0 as usize]
                                 .size_bytes(&fx.cap_env)
                                 .is_ok_and(|want| want as usize == d.bytes)
                     })
@@ -945,7 +1140,7 @@ impl CudaPlan {
             0 => 0,
             _ => self.scratch.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0),
         };
-        let syms = self.put_syms(env)?;
+        let syms = self.put_syms(&self.symbols, env)?;
         self.launch(k, l, env, &addr, syms, scratch_ptr)?;
         gpu.stream
             .synchronize()
@@ -960,8 +1155,8 @@ impl CudaPlan {
     }
 
     /// The symbols' values in the kernels' parameter order (docs/kernel-abi.md).
-    fn sym_values(&self, env: &DimEnv) -> Result<Vec<u64>> {
-        self.symbols
+    fn sym_values(symbols: &[String], env: &DimEnv) -> Result<Vec<u64>> {
+        symbols
             .iter()
             .map(|s| {
                 env.get(s)
@@ -974,10 +1169,14 @@ impl CudaPlan {
     /// Copies the symbols' values under `env` into the plan's symbol array on the device
     /// (stream-ordered: kernels launched before still see their own values) and returns its
     /// address.
-    fn put_syms(&self, env: &DimEnv) -> Result<u64> {
-        let vals = self.sym_values(env)?;
+    fn put_syms(&self, symbols: &[String], env: &DimEnv) -> Result<u64> {
+        let vals = Self::sym_values(symbols, env)?;
         let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.ensure(&self.syms, bytes.len().max(8), "the symbol array")?;
+        // one fixed allocation: captured graphs keep its address
+        if bytes.len() > 256 {
+            return err(format!("{} symbolic dims: at most 32 are supported", vals.len()));
+        }
+        self.ensure(&self.syms, 256, "the symbol array")?;
         let mut slot = self.syms.borrow_mut();
         let d = slot.as_mut().ok_or_else(|| Error("no symbol array".into()))?;
         if !bytes.is_empty() {
@@ -1048,6 +1247,83 @@ impl CudaPlan {
     }
 }
 
+/// Compiles (through the PTX caches) and loads every kernel of `plan`.
+fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mut CacheStats) -> Result<Vec<Loaded>> {
+    let mut kernels = Vec::with_capacity(plan.kernels.len());
+    for k in &plan.kernels {
+        if let KernelKind::Scan(_) = k.kind {
+            return err(format!(
+                "{}: a recurrence the rewrite passes did not replace runs only on the cpu and reference \
+                     devices (compile with fusion on: drop --no-fuse)",
+                k.name
+            ));
+        }
+    }
+    // LLVM compiles kernels independently (a context per kernel): spread them over the cores
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(16);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut compiled_all: Vec<Option<Result<PtxKernel>>> = (0..plan.kernels.len()).map(|_| None).collect();
+    let results = Mutex::new(&mut compiled_all);
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= plan.kernels.len() {
+                    break;
+                }
+                let r = ptx_of(plan, &plan.kernels[i], opts);
+                results.lock().expect("compile results")[i] = Some(r);
+            });
+        }
+    });
+    for (k, compiled) in plan.kernels.iter().zip(compiled_all) {
+        let compiled = compiled.ok_or_else(|| Error(format!("{}: not compiled", k.name)))??;
+        let mut h = DefaultHasher::new();
+        compiled.ptx.hash(&mut h);
+        let key = h.finish();
+        let cached = module_cache().lock().expect("module cache").get(&key).cloned();
+        let module = match cached {
+            Some(m) => {
+                cache.memory_hits += 1;
+                m
+            }
+            None => {
+                cache.compiled += 1;
+                let m = gpu
+                    .load_ptx(&compiled.ptx)
+                    .map_err(|e| Error(format!("{}: {e}", k.name)))?;
+                module_cache().lock().expect("module cache").insert(key, m.clone());
+                m
+            }
+        };
+        let func = module
+            .load_function(&compiled.name)
+            .map_err(|e| Error(format!("{}: no entry `{}` in its PTX: {e}", k.name, compiled.name)))?;
+        if compiled.launch.shared_bytes > 48 * 1024 {
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                compiled.launch.shared_bytes as i32,
+            )
+            .map_err(|e| {
+                Error(format!(
+                    "{}: asks for {} bytes of shared memory: {e}",
+                    k.name, compiled.launch.shared_bytes
+                ))
+            })?;
+        }
+        kernels.push(Loaded {
+            func,
+            launch: compiled.launch,
+            scratch: compiled.scratch_bytes,
+            _module: module,
+        });
+    }
+    Ok(kernels)
+}
+
 /// Whether `plan` can run over fixed buffers sized for a capacity (and so as a CUDA graph):
 /// every carried state and other output is written by a kernel into a buffer of its own, and
 /// a kernel whose grid grows with a symbol other than `batch`/`seq` is a loop kernel (loop
@@ -1062,7 +1338,8 @@ fn fixable(plan: &KernelPlan, kernels: &[Loaded]) -> std::result::Result<(), Str
     let mut states_out = Vec::new();
     for o in &plan.outputs {
         let b = &plan.buffers[o.buffer.0 as usize];
-        if b.kind != BufferKind::Output {
+        let in_place = o.kind == ir::op::InputKind::State && b.kind == BufferKind::State && b.name == o.name;
+        if b.kind != BufferKind::Output && !in_place {
             return Err(format!("output {} is not written by a kernel of its own", o.name));
         }
         if o.kind == ir::op::InputKind::State {
@@ -1103,8 +1380,7 @@ impl CudaModel {
             prefill: false,
             ..opts.clone()
         };
-        let decode = CudaPlan::new(&weights, decode, part(decode)?, &dopts)?;
-        decode.set_graphs(true);
+        let decode = CudaPlan::new(&weights, decode, part(decode)?, &dopts)?.for_decode()?;
         Ok(CudaModel {
             weights,
             prefill,
@@ -1129,7 +1405,7 @@ impl CudaModel {
         for (name, t) in host {
             bufs.insert(name.clone(), upload(self.weights.gpu(), t, name)?);
         }
-        Ok(DeviceStates { bufs })
+        Ok(DeviceStates::new(bufs))
     }
 
     /// One step of `seq` tokens per sequence for `batch` sequences holding `past` tokens.
@@ -1165,10 +1441,25 @@ impl CudaModel {
                 .bufs
                 .get(name)
                 .ok_or_else(|| Error(format!("state `{name}` is not on the GPU")))?;
-            out.insert(
-                name.clone(),
-                download(self.weights.gpu(), d, *dtype, shape.clone(), name)?,
-            );
+            let gpu = self.weights.gpu();
+            let t = match states.layout.get(name) {
+                // a cache in its capacity layout: its valid tokens, row by row
+                Some(l) => {
+                    let plain = alloc(gpu, l.rows * l.tokens * l.inner_bytes, name)?;
+                    copy_rows(
+                        gpu,
+                        d.ptr(gpu),
+                        l.cap * l.inner_bytes,
+                        plain.ptr(gpu),
+                        l.tokens * l.inner_bytes,
+                        l.tokens * l.inner_bytes,
+                        l.rows,
+                    )?;
+                    download(gpu, &plain, *dtype, shape.clone(), name)?
+                }
+                None => download(gpu, d, *dtype, shape.clone(), name)?,
+            };
+            out.insert(name.clone(), t);
         }
         Ok(out)
     }
