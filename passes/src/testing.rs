@@ -166,6 +166,43 @@ pub fn dsl(src: &str) -> Graph {
     }
 }
 
+/// A graph of one routing top-k (`Fused::RouteTopK`, normalised, scale 2.5) over inputs
+/// `probs: f32[b, s, experts]` and `bias: f32[experts]` (inputs, so a test picks their values:
+/// ties, NaN, ±0), with outputs `chosen` and `weights`: a backend's route_topk kernel alone.
+pub fn route_graph(experts: usize, n_group: usize, topk_group: usize, k: usize) -> Graph {
+    use ir::op::InputKind;
+    use ir::{DType, Dim};
+    let mut g = Graph::new();
+    let input = |g: &mut Graph, name: &str, shape: Vec<Dim>| {
+        g.add1(
+            Op::Input {
+                name: name.into(),
+                kind: InputKind::Data,
+                dtype: DType::F32,
+                shape,
+            },
+            &[],
+            None,
+        )
+        .unwrap()
+    };
+    let e = Dim::constant(experts as i64);
+    let probs = input(&mut g, "probs", vec![Dim::sym("b"), Dim::sym("s"), e.clone()]);
+    let bias = input(&mut g, "bias", vec![e]);
+    let op = Op::Fused(ir::fused::Fused::RouteTopK {
+        k,
+        n_group,
+        topk_group,
+        scale: 2.5,
+        normalize: true,
+        biased: true,
+    });
+    let outs = g.add(op, &[probs, bias], None).unwrap();
+    g.add_output("chosen", outs[0], InputKind::Data);
+    g.add_output("weights", outs[1], InputKind::Data);
+    g
+}
+
 /// Limits for rule tests: small and explicit (style.md 7).
 pub fn test_limits() -> Limits {
     Limits {

@@ -12,11 +12,16 @@
 //!   broadcast 16-byte vectors. Online softmax per row in f32 (running max, per-lane partial
 //!   sums). `P·V`: the probabilities go through a per-warp shared slot, lanes over the channels
 //!   (4 consecutive channels a lane, so d ≤ 128). Tiles past a warp's last visible key are skipped.
-//! - **decode** (G·s ≤ [`RW`], e.g. one token of 4 query heads): every warp takes all the rows
-//!   and its own contiguous share of the keys (split-K inside the block), reading K/V rows
-//!   straight from memory, 4 keys in flight, lanes over the channels and a butterfly for each
-//!   dot product; the warps' partial (max, sum, accumulator) are combined through shared
-//!   memory at the end.
+//! - **decode** (G·s ≤ [`RW`], e.g. one token of 4 query heads): the keys are split over up to
+//!   [`SPLIT`] blocks per (batch, kv head) (the grid's x holds [`SPLIT`] − 1 blocks beyond the
+//!   row tiles; at least [`SPLIT_MIN_KEYS`] keys a split), so a batch-1 step fills the GPU.
+//!   In a block every warp takes all the rows and its own contiguous share of the block's keys,
+//!   reading K/V rows straight from memory, 4 keys in flight, lanes over the channels and a
+//!   butterfly for each dot product; the warps' partial (max, sum, accumulator) are combined
+//!   through shared memory, and the block's partial goes to the kernel's scratch. The last
+//!   block to arrive (an atomic counter per (batch, kv head), `membar.gl` on both sides, volatile
+//!   reads) combines the partials, writes the rows and puts the counter back to zero (scratch is
+//!   zeroed when the runtime allocates it).
 //!
 //! Shared memory is dynamic (the launch passes its size; the runtime raises the limit past
 //! 48 KiB when needed).
@@ -41,6 +46,18 @@ pub(super) const BR: i64 = NW * RW;
 const KT: i64 = 32;
 /// Keys in flight per warp in the decode path.
 const U: i64 = 4;
+/// At most this many blocks split the keys of one (batch, kv head) in the decode path.
+const SPLIT: i64 = 32;
+/// Fewest keys per split: shorter caches use fewer blocks.
+const SPLIT_MIN_KEYS: i64 = 16;
+
+/// f32 slots of scratch per (batch, kv head) in the decode path: a u32 arrival counter padded
+/// to 16 bytes, then `SPLIT` partials of `RW` rows of `[m, l, acc[d]]`. The layout of a
+/// (batch, kv head) does not depend on the batch size, so counters (left at zero by every
+/// launch) never share bytes with partials, whatever the binding.
+fn split_stride(d: i64) -> i64 {
+    4 + SPLIT * RW * (d + 2)
+}
 
 /// Whether the fast kernels are switched off (`RINGJIT_ATTN=naive`): the simple SIMT versions
 /// of `templates` are emitted instead.
@@ -252,6 +269,9 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
     let ydt = em.result_dtype(t, 0);
     let (hkv, g, s, tk) = (em.dim(&sq[1])?, em.dim(&sq[2])?, em.dim(&sq[3])?, em.dim(&sk[2])?);
     let rows = em.mul(g, s)?;
+    let decode = em.icmp(IntPredicate::SLE, rows, em.i64c(RW))?;
+    // the row tile (always 0 in the decode path, whose blocks split the keys instead)
+    let tile = em.select_i(decode, em.i64c(0), em.sreg("ctaid.x")?)?;
     let dd = em.i64c(d);
     let (zero, one) = (em.i64c(0), em.i64c(1));
     let smem = dyn_smem(em);
@@ -269,7 +289,6 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
     let tid = em.sreg("tid.x")?;
     let lane = em.rem(tid, em.i64c(32))?;
     let warp = em.div(tid, em.i64c(32))?;
-    let tile = em.sreg("ctaid.x")?;
     let bh = em.sreg("ctaid.y")?;
     let (bi, hk) = (em.div(bh, hkv)?, em.rem(bh, hkv)?);
     let nthreads = em.i64c(NW * 32);
@@ -293,15 +312,13 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
             Ok((valid, tok, gi, last))
         };
 
-    // the tensor-core prefill path takes ROWS rows a block, and stages its own (bf16) Q
+    // the tensor-core prefill path takes ROWS rows a block and stages its own (bf16) Q
     let mma = super::attention_mma::eligible(em, t, d);
     let block_rows = if mma { super::attention_mma::ROWS } else { BR };
-    let decode = em.icmp(IntPredicate::SLE, rows, em.i64c(RW))?;
     let simt_q = if mma {
         decode
     } else {
-        em.b.build_int_compare(IntPredicate::EQ, one, one, "")
-            .map_err(|e| super::super::CodegenError(e.to_string()))?
+        em.icmp(IntPredicate::EQ, zero, zero)?
     };
 
     // stage the block's query rows (pre-scaled) into Q
@@ -467,112 +484,30 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
             info.push(ri);
         }
         let kend = em.add(kmax, one)?;
-        // q rows in registers: this lane's 4 channels (0 on idle lanes)
-        let mut qr = Vec::new();
-        for r in 0..RW {
-            let q4 = lds4(em, qs, em.add(em.i64c(r * d), chc)?)?;
-            let mut x = [em.f32c(0.0); 4];
-            for e in 0..4 {
-                x[e] = em.select_f(ch_ok, q4[e], em.f32c(0.0))?;
-            }
-            qr.push(x);
-        }
-        let ninf = neg_inf(em);
-        let m: Vec<_> = (0..RW).map(|_| em.fvar(ninf)).collect::<R<_>>()?;
-        let l: Vec<_> = (0..RW).map(|_| em.fvar(em.f32c(0.0))).collect::<R<_>>()?;
-        let acc: Vec<Vec<_>> = (0..RW)
-            .map(|_| (0..4).map(|_| em.fvar(em.f32c(0.0))).collect::<R<Vec<_>>>())
-            .collect::<R<_>>()?;
-        let chunk = em.ceil_div(kend, em.i64c(NW))?;
-        let kb = em.mul(warp, chunk)?;
-        let ke = em.imin(em.add(kb, chunk)?, kend)?;
-        em.for_range(kb, ke, em.i64c(U), |em, j| {
-            let mut kk = Vec::new();
-            for u in 0..U {
-                let key = em.add(j, em.i64c(u))?;
-                let ok = em.icmp(IntPredicate::SLT, key, ke)?;
-                let kc = em.select_i(ok, key, zero)?;
-                let k4 = ld4(em, t, 1, &[bi, hk, kc], chc)?;
-                let v4 = ld4(em, t, 2, &[bi, hk, kc], chc)?;
-                kk.push((key, ok, k4, v4));
-            }
-            for (key, ok, k4, v4) in kk {
-                for r in 0..RW as usize {
-                    let mut part = em.f32c(0.0);
-                    for e in 0..4 {
-                        part = em.fma(qr[r][e], k4[e], part)?;
-                    }
-                    let sdot = em.warp_reduce(ReduceOp::Sum, part)?;
-                    let vis = em.and(ok, em.icmp(IntPredicate::SLE, key, info[r].3)?)?;
-                    let sc = em.select_f(vis, sdot, neg_inf(em))?;
-                    let p = online(em, m[r], l[r], &acc[r], sc, sc)?;
-                    for e in 0..4 {
-                        let a = em.fma(p, v4[e], em.getf(acc[r][e])?)?;
-                        em.set(acc[r][e], a)?;
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        // combine the warps: slot (warp, r) = [m, l, acc[d]] over the K tile area
-        let cst = d + 2;
-        for r in 0..RW as usize {
-            let base = em.mul(em.add(em.mul(warp, em.i64c(RW))?, em.i64c(r as i64))?, em.i64c(cst))?;
-            let is0 = em.icmp(IntPredicate::EQ, lane, zero)?;
-            let (mv, lv) = (em.getf(m[r])?, em.getf(l[r])?);
-            em.if_then(is0, |em| {
-                sts(em, ks, base, mv)?;
-                sts(em, ks, em.add(base, one)?, lv)
-            })?;
-            let accr = acc[r].clone();
-            em.if_then(ch_ok, |em| {
-                for (e, a) in accr.iter().enumerate() {
-                    let at = em.add(em.add(base, em.i64c(2 + e as i64))?, ch)?;
-                    sts(em, ks, at, em.getf(*a)?)?;
-                }
-                Ok(())
-            })?;
-        }
-        em.barrier()?;
-        // warp r finishes row r
-        let rr = warp;
-        let mine = em.icmp(IntPredicate::SLT, rr, em.i64c(RW))?;
-        em.if_then(mine, |em| {
-            let (valid, tok, gi, _) = row_info(em, rr)?;
-            let mm = em.fvar(neg_inf(em))?;
-            em.for_range(zero, em.i64c(NW), one, |em, w| {
-                let base = em.mul(em.add(em.mul(w, em.i64c(RW))?, rr)?, em.i64c(cst))?;
-                let x = lds(em, ks, base)?;
-                em.set(mm, em.fmax(em.getf(mm)?, x)?)
-            })?;
-            let mx = em.getf(mm)?;
-            let none = em.fcmp(FloatPredicate::OEQ, mx, neg_inf(em))?;
-            let mref = em.select_f(none, em.f32c(0.0), mx)?;
-            let lt = em.fvar(em.f32c(0.0))?;
-            let at: Vec<_> = (0..4).map(|_| em.fvar(em.f32c(0.0))).collect::<R<_>>()?;
-            em.for_range(zero, em.i64c(NW), one, |em, w| {
-                let base = em.mul(em.add(em.mul(w, em.i64c(RW))?, rr)?, em.i64c(cst))?;
-                let mw = lds(em, ks, base)?;
-                let f = em.exp(em.fsub(mw, mref)?)?;
-                let lw = lds(em, ks, em.add(base, one)?)?;
-                em.set(lt, em.fma(lw, f, em.getf(lt)?)?)?;
-                for (e, a) in at.iter().enumerate() {
-                    let x = lds(em, ks, em.add(em.add(base, em.i64c(2 + e as i64))?, chc)?)?;
-                    em.set(*a, em.fma(x, f, em.getf(*a)?)?)?;
-                }
-                Ok(())
-            })?;
-            let w = em.and(valid, ch_ok)?;
-            em.if_then(w, |em| {
-                let lsum = em.getf(lt)?;
-                for (e, a) in at.iter().enumerate() {
-                    let y = em.round(em.fdiv(em.getf(*a)?, lsum)?, ydt)?;
-                    let c = em.add(ch, em.i64c(e as i64))?;
-                    em.finish(t, 0, &[bi, hk, gi, tok, c], Val::F(y), ydt)?;
-                }
-                Ok(())
-            })
-        })?;
+        // the keys split over the blocks x < nsplit (the same count in every block)
+        let z = em.sreg("ctaid.x")?;
+        let want = em.ceil_div(kend, em.i64c(SPLIT_MIN_KEYS))?;
+        let nsplit = em.imax(one, em.imin(em.i64c(SPLIT), want)?)?;
+        let active = em.icmp(IntPredicate::SLT, z, nsplit)?;
+        let cx = Dec {
+            d,
+            bh,
+            bi,
+            hk,
+            z,
+            nsplit,
+            kend,
+            qs,
+            ks,
+            ch,
+            chc,
+            ch_ok,
+            lane,
+            warp,
+            tid,
+            ydt,
+        };
+        em.if_then(active, |em| decode_split(em, t, &cx, &info, &row_info))?;
     }
     {
         use super::super::emit::Ck;
@@ -580,17 +515,298 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
     }
     em.b.position_at_end(done_bb);
 
-    let smem = match mma {
+    em.scratch_bytes = sq[0].mul(&sq[1]).mul(&Dim::constant(split_stride(d) * 4));
+    let smem_bytes = match mma {
         true => (total * 4).max(super::attention_mma::smem_bytes(d)),
         false => total * 4,
     };
     Ok(LaunchGeometry {
         grid: [
-            GridDim::blocks(sq[2].mul(&sq[3]), block_rows as u32),
+            // the row tiles, plus SPLIT - 1 more blocks for the decode path's key splits
+            GridDim::blocks(
+                sq[2].mul(&sq[3]).add(&Dim::constant((SPLIT - 1) * block_rows)),
+                block_rows as u32,
+            ),
             GridDim::blocks(sq[0].mul(&sq[1]), 1),
             GridDim::one(),
         ],
         block: [(NW * 32) as u32, 1, 1],
-        shared_bytes: smem as u32,
+        shared_bytes: smem_bytes as u32,
     })
+}
+
+/// The decode path's values of one block (see [`decode_split`]).
+struct Dec<'c> {
+    d: i64,
+    bh: IntValue<'c>,
+    bi: IntValue<'c>,
+    hk: IntValue<'c>,
+    /// This block's split and the split count.
+    z: IntValue<'c>,
+    nsplit: IntValue<'c>,
+    /// One past the last key any row sees.
+    kend: IntValue<'c>,
+    qs: PointerValue<'c>,
+    ks: PointerValue<'c>,
+    ch: IntValue<'c>,
+    chc: IntValue<'c>,
+    ch_ok: IntValue<'c>,
+    lane: IntValue<'c>,
+    warp: IntValue<'c>,
+    tid: IntValue<'c>,
+    ydt: DType,
+}
+
+type RowInfo<'c> = (IntValue<'c>, IntValue<'c>, IntValue<'c>, IntValue<'c>);
+
+/// Decode attention over split `z` of the keys: the 8 warps take contiguous shares of the
+/// split (4 keys in flight, lanes over channels, a butterfly per dot product), their partial
+/// (max, sum, accumulator) rows are combined in shared memory, and the block's partial goes to
+/// scratch. The last block of the (batch, kv head) to arrive (an atomic counter, fences on
+/// both sides) combines the `nsplit` partials, writes the rows and resets the counter.
+fn decode_split<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    cx: &Dec<'c>,
+    info: &[RowInfo<'c>],
+    row_info: &dyn Fn(&mut Em<'c, '_>, IntValue<'c>) -> R<RowInfo<'c>>,
+) -> R<()> {
+    use super::super::emit::Ck;
+    let d = cx.d;
+    let (zero, one) = (em.i64c(0), em.i64c(1));
+    let (qs, ks, ch, chc, ch_ok, lane, warp) = (cx.qs, cx.ks, cx.ch, cx.chc, cx.ch_ok, cx.lane, cx.warp);
+    let (bi, hk) = (cx.bi, cx.hk);
+    // q rows in registers: this lane's 4 channels (0 on idle lanes)
+    let mut qr = Vec::new();
+    for r in 0..RW {
+        let q4 = lds4(em, qs, em.add(em.i64c(r * d), chc)?)?;
+        let mut x = [em.f32c(0.0); 4];
+        for e in 0..4 {
+            x[e] = em.select_f(ch_ok, q4[e], em.f32c(0.0))?;
+        }
+        qr.push(x);
+    }
+    let ninf = neg_inf(em);
+    let m: Vec<_> = (0..RW).map(|_| em.fvar(ninf)).collect::<R<_>>()?;
+    let l: Vec<_> = (0..RW).map(|_| em.fvar(em.f32c(0.0))).collect::<R<_>>()?;
+    let acc: Vec<Vec<_>> = (0..RW)
+        .map(|_| (0..4).map(|_| em.fvar(em.f32c(0.0))).collect::<R<Vec<_>>>())
+        .collect::<R<_>>()?;
+    // this block's keys zb..ze, then this warp's share kb..ke
+    let span = em.ceil_div(cx.kend, cx.nsplit)?;
+    let zb = em.mul(cx.z, span)?;
+    let ze = em.imin(em.add(zb, span)?, cx.kend)?;
+    let n = em.imax(em.sub(ze, zb)?, zero)?;
+    let chunk = em.ceil_div(n, em.i64c(NW))?;
+    let kb = em.add(zb, em.mul(warp, chunk)?)?;
+    let ke = em.imin(em.add(kb, chunk)?, ze)?;
+    em.for_range(kb, ke, em.i64c(U), |em, j| {
+        let mut kk = Vec::new();
+        for u in 0..U {
+            let key = em.add(j, em.i64c(u))?;
+            let ok = em.icmp(IntPredicate::SLT, key, ke)?;
+            let kc = em.select_i(ok, key, zero)?;
+            let k4 = ld4(em, t, 1, &[bi, hk, kc], chc)?;
+            let v4 = ld4(em, t, 2, &[bi, hk, kc], chc)?;
+            kk.push((key, ok, k4, v4));
+        }
+        for (key, ok, k4, v4) in kk {
+            for r in 0..RW as usize {
+                let mut part = em.f32c(0.0);
+                for e in 0..4 {
+                    part = em.fma(qr[r][e], k4[e], part)?;
+                }
+                let sdot = em.warp_reduce(ReduceOp::Sum, part)?;
+                let vis = em.and(ok, em.icmp(IntPredicate::SLE, key, info[r].3)?)?;
+                let sc = em.select_f(vis, sdot, neg_inf(em))?;
+                let p = online(em, m[r], l[r], &acc[r], sc, sc)?;
+                for e in 0..4 {
+                    let a = em.fma(p, v4[e], em.getf(acc[r][e])?)?;
+                    em.set(acc[r][e], a)?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    // combine the warps: slot (warp, r) = [m, l, acc[d]] over the K tile area
+    let cst = d + 2;
+    for r in 0..RW as usize {
+        let base = em.mul(em.add(em.mul(warp, em.i64c(RW))?, em.i64c(r as i64))?, em.i64c(cst))?;
+        let is0 = em.icmp(IntPredicate::EQ, lane, zero)?;
+        let (mv, lv) = (em.getf(m[r])?, em.getf(l[r])?);
+        em.if_then(is0, |em| {
+            sts(em, ks, base, mv)?;
+            sts(em, ks, em.add(base, one)?, lv)
+        })?;
+        let accr = acc[r].clone();
+        em.if_then(ch_ok, |em| {
+            for (e, a) in accr.iter().enumerate() {
+                let at = em.add(em.add(base, em.i64c(2 + e as i64))?, ch)?;
+                sts(em, ks, at, em.getf(*a)?)?;
+            }
+            Ok(())
+        })?;
+    }
+    em.barrier()?;
+    // scratch of this (batch, kv head): counter, then partial (split, row) at
+    // 4 + (split·RW + row)·(d + 2)
+    let scratch = em.scratch;
+    let region = em.mul(cx.bh, em.i64c(split_stride(d)))?;
+    let partial = |em: &Em<'c, '_>, split: IntValue<'c>, row: IntValue<'c>| -> R<IntValue<'c>> {
+        let slot = em.add(em.mul(split, em.i64c(RW))?, row)?;
+        em.add(region, em.add(em.i64c(4), em.mul(slot, em.i64c(cst))?)?)
+    };
+    // warp r < RW combines row r over the warps and stores the block's partial
+    let rr = warp;
+    let mine = em.icmp(IntPredicate::SLT, rr, em.i64c(RW))?;
+    em.if_then(mine, |em| {
+        let (m_all, l_all, a_all) = merge(em, cx.chc, em.i64c(NW), |em, w| {
+            let base = em.mul(em.add(em.mul(w, em.i64c(RW))?, rr)?, em.i64c(cst))?;
+            Ok((
+                lds(em, ks, base)?,
+                lds(em, ks, em.add(base, one)?)?,
+                ks,
+                em.add(base, em.i64c(2))?,
+            ))
+        })?;
+        let at = partial(em, cx.z, rr)?;
+        let is0 = em.icmp(IntPredicate::EQ, lane, zero)?;
+        em.if_then(is0, |em| {
+            sts(em, scratch, at, m_all)?;
+            sts(em, scratch, em.add(at, one)?, l_all)
+        })?;
+        em.if_then(ch_ok, |em| {
+            for (e, a) in a_all.iter().enumerate() {
+                sts(em, scratch, em.add(em.add(at, em.i64c(2 + e as i64))?, ch)?, *a)?;
+            }
+            Ok(())
+        })
+    })?;
+    // publish, then count the arrival; the last block combines
+    fence(em)?;
+    em.barrier()?;
+    let last = em.shared_array("ringjit_attn_last", em.ctx.i32_type().into(), 1);
+    let counter = fptr(em, scratch, region)?;
+    let first = em.icmp(IntPredicate::EQ, cx.tid, zero)?;
+    let i32t = em.ctx.i32_type();
+    em.if_then(first, |em| {
+        let old =
+            em.b.build_atomicrmw(
+                inkwell::AtomicRMWBinOp::Add,
+                counter,
+                i32t.const_int(1, false),
+                inkwell::AtomicOrdering::Monotonic,
+            )
+            .ck()?;
+        let n1 = em.b.build_int_truncate(em.sub(cx.nsplit, one)?, i32t, "").ck()?;
+        let is_last = em.icmp(IntPredicate::EQ, old, n1)?;
+        let flag = em.b.build_int_z_extend(is_last, i32t, "").ck()?;
+        em.set(last, flag)
+    })?;
+    em.barrier()?;
+    let flag = em.b.build_load(i32t, last, "").ck()?.into_int_value();
+    let is_last = em.icmp(IntPredicate::NE, flag, i32t.const_zero())?;
+    em.if_then(is_last, |em| {
+        fence(em)?;
+        em.if_then(mine, |em| {
+            let (valid, tok, gi, _) = row_info(em, rr)?;
+            let (_, lsum, a_all) = merge(em, cx.chc, cx.nsplit, |em, z| {
+                let at = partial(em, z, rr)?;
+                Ok((
+                    ldv(em, scratch, at)?,
+                    ldv(em, scratch, em.add(at, one)?)?,
+                    scratch,
+                    em.add(at, em.i64c(2))?,
+                ))
+            })?;
+            let w = em.and(valid, ch_ok)?;
+            em.if_then(w, |em| {
+                for (e, a) in a_all.iter().enumerate() {
+                    let y = em.round(em.fdiv(*a, lsum)?, cx.ydt)?;
+                    let c = em.add(ch, em.i64c(e as i64))?;
+                    em.finish(t, 0, &[bi, hk, gi, tok, c], Val::F(y), cx.ydt)?;
+                }
+                Ok(())
+            })
+        })?;
+        em.if_then(first, |em| {
+            let st = em.b.build_store(counter, i32t.const_zero()).ck()?;
+            st.set_volatile(true)
+                .map_err(|e| super::super::CodegenError(e.to_string()))?;
+            Ok(())
+        })
+    })
+}
+
+/// Combine `n` partial softmax states `(m, l, acc)` (`part(i)` gives m, l and where this
+/// lane's 4 accumulator channels start, at channel `chc`): the overall max `M`, and `l` and
+/// `acc` rescaled by `exp(m_i − M)` and summed (a state with no visible key has m = −∞ and
+/// weighs 0). Returns (M, l, acc[4]).
+type Part<'c> = (FloatValue<'c>, FloatValue<'c>, PointerValue<'c>, IntValue<'c>);
+fn merge<'c>(
+    em: &mut Em<'c, '_>,
+    chc: IntValue<'c>,
+    n: IntValue<'c>,
+    part: impl Fn(&mut Em<'c, '_>, IntValue<'c>) -> R<Part<'c>>,
+) -> R<(FloatValue<'c>, FloatValue<'c>, [FloatValue<'c>; 4])> {
+    let (zero, one) = (em.i64c(0), em.i64c(1));
+    let mm = em.fvar(neg_inf(em))?;
+    em.for_range(zero, n, one, |em, i| {
+        let (mi, _, _, _) = part(em, i)?;
+        em.set(mm, em.fmax(em.getf(mm)?, mi)?)
+    })?;
+    let mx = em.getf(mm)?;
+    let none = em.fcmp(FloatPredicate::OEQ, mx, neg_inf(em))?;
+    let mref = em.select_f(none, em.f32c(0.0), mx)?;
+    let lt = em.fvar(em.f32c(0.0))?;
+    let at: Vec<_> = (0..4).map(|_| em.fvar(em.f32c(0.0))).collect::<R<_>>()?;
+    em.for_range(zero, n, one, |em, i| {
+        let (mi, li, base, off) = part(em, i)?;
+        let f = em.exp(em.fsub(mi, mref)?)?;
+        em.set(lt, em.fma(li, f, em.getf(lt)?)?)?;
+        for (e, a) in at.iter().enumerate() {
+            let at = em.add(em.add(off, em.i64c(e as i64))?, chc)?;
+            let x = if base == em.scratch {
+                ldv(em, base, at)?
+            } else {
+                lds(em, base, at)?
+            };
+            em.set(*a, em.fma(x, f, em.getf(*a)?)?)?;
+        }
+        Ok(())
+    })?;
+    let mut acc = [em.f32c(0.0); 4];
+    for (e, a) in at.iter().enumerate() {
+        acc[e] = em.getf(*a)?;
+    }
+    Ok((mx, em.getf(lt)?, acc))
+}
+
+/// A volatile f32 load of `base[i]` (global memory another block wrote: never from L1).
+fn ldv<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, i: IntValue<'c>) -> R<FloatValue<'c>> {
+    use super::super::emit::Ck;
+    let p = fptr(em, base, i)?;
+    let v = em.b.build_load(em.ctx.f32_type(), p, "").ck()?;
+    if let Some(ins) = v.as_instruction_value() {
+        ins.set_volatile(true)
+            .map_err(|e| super::super::CodegenError(e.to_string()))?;
+    }
+    Ok(v.into_float_value())
+}
+
+/// `membar.gl`: this thread's global writes are visible device-wide before its later ones.
+fn fence(em: &Em) -> R<()> {
+    use super::super::emit::Ck;
+    let ty = em.ctx.void_type().fn_type(&[], false);
+    let asm = em.ctx.create_inline_asm(
+        ty,
+        "membar.gl;".to_string(),
+        "~{memory}".to_string(),
+        true,
+        false,
+        None,
+        false,
+    );
+    em.b.build_indirect_call(ty, asm, &[], "").ck()?;
+    Ok(())
 }

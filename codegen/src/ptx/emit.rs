@@ -59,8 +59,10 @@ pub(crate) struct Em<'c, 'a> {
     syms: HashMap<String, IntValue<'c>>,
     pub inputs: Vec<PointerValue<'c>>,
     pub outputs: Vec<PointerValue<'c>>,
-    #[allow(dead_code)]
+    /// The per-launch workspace (docs/kernel-abi.md), `scratch_bytes` long.
     pub scratch: PointerValue<'c>,
+    /// Bytes of scratch the kernel needs (set by the generators that use it; 0 otherwise).
+    pub scratch_bytes: Dim,
     entry: BasicBlock<'c>,
     red_smem: Option<PointerValue<'c>>,
     /// [`super::PtxOptions::prefill`]
@@ -119,6 +121,7 @@ impl<'c, 'a> Em<'c, 'a> {
             inputs,
             outputs,
             scratch,
+            scratch_bytes: Dim::constant(0),
             entry,
             red_smem: None,
             prefill: true,

@@ -159,7 +159,8 @@ pub struct PtxKernel {
     /// Grid (big extent on x), block, and the *dynamic* shared memory to pass at launch
     /// (0 except for the bf16 GEMM's tensor-core tiles, `templates/fastgemm.rs`).
     pub launch: LaunchGeometry,
-    /// Per-launch scratch bytes (the last parameter); 0 for every kernel here.
+    /// Per-launch scratch bytes (the last parameter): the decode attention's split-K partials
+    /// and counters; 0 for every other kernel.
     pub scratch_bytes: Dim,
     /// Inputs + outputs + 2 (the symbol array and the scratch pointer).
     pub n_params: usize,
@@ -218,7 +219,7 @@ fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Resul
         ptx,
         arch: opts.target.cpu(),
         launch,
-        scratch_bytes: Dim::constant(0),
+        scratch_bytes: em.scratch_bytes.clone(),
         n_params: kernel.inputs.len() + kernel.outputs.len() + 2,
         llvm_ir,
     })

@@ -199,6 +199,11 @@ fn attention_templates_are_tiled() {
             assert!(tensor_cores || p.ptx.contains("bar.warp.sync"), "{}", p.ptx);
             assert!(p.launch.shared_bytes > 0, "{}", p.launch);
             assert_eq!(p.launch.block, [256, 1, 1]);
+            // decode: the keys split over blocks, partials in scratch, the last block combines
+            assert!(p.ptx.contains("atom.global.add.u32"), "{}", p.ptx);
+            assert!(p.ptx.contains("membar.gl"), "{}", p.ptx);
+            assert!(p.ptx.contains("ld.volatile.global.f32"), "{}", p.ptx);
+            assert!(p.scratch_bytes.is_symbolic(), "{}", p.scratch_bytes);
             let l = first(&plan, &|k| k.kind_name().starts_with("linear_attn")).expect("linear layers");
             let p = compile_kernel(&plan, l, &o).unwrap();
             assert!(p.ptx.contains("st.shared.f32"), "{}", p.ptx);
@@ -277,4 +282,64 @@ fn bf16_gemms_use_tensor_cores_and_vector_loads() {
         grouped += 1;
     }
     assert!(grouped >= 2, "small routes experts");
+}
+
+/// The routing kernel is one block per token with the threads over the experts (block-wide
+/// shuffle rounds, no O(E²) rank count), for the models' expert counts and others (odd group
+/// sizes, more experts than threads), and assembles without spills.
+#[test]
+fn route_topk_is_block_parallel_for_any_expert_count() {
+    let o = PtxOptions::default();
+    for (e, groups, keep, k) in [
+        (8, 4, 2, 2),
+        (16, 4, 2, 4),
+        (256, 8, 4, 8),
+        (96, 3, 2, 5),
+        (40, 40, 7, 7),
+        (126, 63, 10, 9),
+        (512, 8, 4, 8),
+        (1000, 10, 3, 12),
+        (3, 1, 1, 3),
+    ] {
+        let g = passes::testing::route_graph(e, groups, keep, k);
+        let plan = passes::partition::partition(&g).unwrap_or_else(|err| panic!("{e}: {err}"));
+        let rk = first(&plan, &|k| k.kind_name() == "route_topk").expect("a route_topk kernel");
+        let p = compile_kernel(&plan, rk, &o).unwrap_or_else(|err| panic!("E={e}: {err}"));
+        assert!(p.ptx.contains("shfl.sync.bfly"), "E={e}\n{}", p.ptx);
+        assert!(p.ptx.contains("bar.sync"), "E={e}\n{}", p.ptx);
+        let want = (e as u32).next_power_of_two().clamp(64, 256);
+        assert_eq!(p.launch.block, [want, 1, 1], "E={e}");
+        match ptxas::check(&p.ptx) {
+            Ok(r) => {
+                eprintln!("route_topk E={e}: {:?}", r.kernels[0]);
+                assert_eq!(r.kernels[0].spill_stores, 0, "E={e}: {r:?}");
+                assert_eq!(r.kernels[0].spill_loads, 0, "E={e}: {r:?}");
+            }
+            Err(err) if err.0.contains("ptxas") && err.0.contains("not found") => eprintln!("skipped ptxas: {err}"),
+            Err(err) => panic!("E={e}: {err}"),
+        }
+    }
+}
+
+/// Every GEMM of the bf16 models takes the fast paths, whatever form its operands have: the
+/// LM head and the router (bf16 activations and weights cast to f32 in prologues, B read
+/// transposed), the concatenated weights of the wide GEMMs (a `where` over n in B's prologue),
+/// activations computed in A's prologue.
+#[test]
+fn every_bf16_model_gemm_takes_the_fast_path() {
+    let o = PtxOptions::default();
+    for config in ["small", "ring-mini-linear-2.0"] {
+        for mode in [Mode::Decode, Mode::Prefill] {
+            let plan = plan_of(config, mode, Precision::Bf16);
+            let mut n = 0;
+            for k in plan.kernels.iter().filter(|k| k.kind_name() == "gemm") {
+                let p = compile_kernel(&plan, k, &o).unwrap();
+                for want in ["mma.sync.aligned.m16n8k16", "ld.global.v4.u32"] {
+                    assert!(p.ptx.contains(want), "{config} {mode:?} {}: no {want}", k.name);
+                }
+                n += 1;
+            }
+            assert!(n > 0, "{config} has GEMMs");
+        }
+    }
 }

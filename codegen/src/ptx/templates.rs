@@ -11,6 +11,8 @@ mod attention_mma;
 mod fastgemm;
 #[path = "linear_attn.rs"]
 mod linear_attn;
+#[path = "route.rs"]
+mod route;
 
 use super::emit::{err, Em, Val, R};
 use super::expr::Scope;
@@ -61,7 +63,7 @@ pub(crate) fn emit(em: &mut Em, t: &TemplateKernel) -> R<LaunchGeometry> {
             biased,
             experts,
             ..
-        } => route_topk(em, t, *k, *n_group, *topk_group, *scale, *normalize, *biased, experts)?,
+        } => route::route_topk(em, t, *k, *n_group, *topk_group, *scale, *normalize, *biased, experts)?,
         TemplateOp::TopK { .. } | TemplateOp::ArgMax { .. } | TemplateOp::ScatterAdd { .. } => {
             return err(format!("the {} template has no PTX generator yet", t.op.name()))
         }
@@ -917,170 +919,4 @@ fn linear_attn<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, head_dim: &Dim) -> R
     })?;
     let threads = ((dc as u32).div_ceil(32) * 32).max(32);
     Ok(rows_geo(s0[0].mul(&s0[1]), threads))
-}
-
-// ---- routing ------------------------------------------------------------------------------------
-
-/// Group-limited top-k routing: one thread per token row, selections by rank counting (a value's
-/// slot is the number of values that beat it, ties to the lower index, as a stable sort).
-#[allow(clippy::too_many_arguments)]
-fn route_topk<'c>(
-    em: &mut Em<'c, '_>,
-    t: &TemplateKernel,
-    k: usize,
-    n_group: usize,
-    topk_group: usize,
-    scale: f64,
-    normalize: bool,
-    biased: bool,
-    experts: &Dim,
-) -> R<LaunchGeometry> {
-    let e_n = experts
-        .as_const()
-        .ok_or_else(|| super::CodegenError("route_topk: the expert count must be a constant".into()))?;
-    if n_group == 0 || e_n % n_group as i64 != 0 || n_group > 63 {
-        return err(format!("route_topk: {e_n} experts do not split into {n_group} groups"));
-    }
-    let per = e_n / n_group as i64;
-    let s0 = em.operand_shape(t, 0)?;
-    let rows = numel(&s0[..s0.len().saturating_sub(1)]);
-    let rows_v = em.dim(&rows)?;
-    let (zero, one) = (em.i64c(0), em.i64c(1));
-    let en = em.i64c(e_n);
-    let neg_inf = em.identity(ReduceOp::Max);
-    em.flat(rows_v, |em, row| {
-        let base = em.mul(row, en)?;
-        let prob = |em: &mut Em<'c, '_>, e: IntValue<'c>| -> R<FloatValue<'c>> { em.ld_lin(t, 0, em.add(base, e)?) };
-        let sel = |em: &mut Em<'c, '_>, e: IntValue<'c>| -> R<FloatValue<'c>> {
-            let p = prob(em, e)?;
-            if biased {
-                let b = em.ldf(t, 1, &[e])?;
-                em.fadd(p, b)
-            } else {
-                Ok(p)
-            }
-        };
-        // score of group g: the sum of its top min(per, 2) selection scores
-        let group_score = |em: &mut Em<'c, '_>, g: IntValue<'c>| -> R<FloatValue<'c>> {
-            let (m1, m2) = (em.fvar(neg_inf)?, em.fvar(neg_inf)?);
-            let lo = em.mul(g, em.i64c(per))?;
-            let hi = em.add(lo, em.i64c(per))?;
-            em.for_range(lo, hi, one, |em, e| {
-                let v = sel(em, e)?;
-                let (a, b) = (em.getf(m1)?, em.getf(m2)?);
-                let gt1 = em.fcmp(FloatPredicate::OGT, v, a)?;
-                let gt2 = em.fcmp(FloatPredicate::OGT, v, b)?;
-                let nb = em.select_f(gt1, a, em.select_f(gt2, v, b)?)?;
-                let na = em.select_f(gt1, v, a)?;
-                em.set(m1, na)?;
-                em.set(m2, nb)
-            })?;
-            if per >= 2 {
-                em.fadd(em.getf(m1)?, em.getf(m2)?)
-            } else {
-                em.getf(m1)
-            }
-        };
-        // kept groups as a bit mask
-        let kept = em.ivar(zero)?;
-        let ng = em.i64c(n_group as i64);
-        em.for_range(zero, ng, one, |em, g| {
-            let sg = group_score(em, g)?;
-            let rank = em.ivar(zero)?;
-            em.for_range(zero, ng, one, |em, g2| {
-                let s2 = group_score(em, g2)?;
-                let beats = beats(em, s2, sg, g2, g)?;
-                let r = em.add(em.geti(rank)?, beats)?;
-                em.set(rank, r)
-            })?;
-            let keep = em.icmp(IntPredicate::SLT, em.geti(rank)?, em.i64c(topk_group as i64))?;
-            let bit =
-                em.b.build_left_shift(one, g, "")
-                    .map_err(|e| super::CodegenError(e.to_string()))?;
-            let add = em.select_i(keep, bit, zero)?;
-            let k2 =
-                em.b.build_or(em.geti(kept)?, add, "")
-                    .map_err(|e| super::CodegenError(e.to_string()))?;
-            em.set(kept, k2)
-        })?;
-        let kept_v = em.geti(kept)?;
-        let masked = |em: &mut Em<'c, '_>, e: IntValue<'c>| -> R<FloatValue<'c>> {
-            let g = em.div(e, em.i64c(per))?;
-            let bit =
-                em.b.build_right_shift(kept_v, g, false, "")
-                    .map_err(|e| super::CodegenError(e.to_string()))?;
-            let on = em.icmp(IntPredicate::NE, em.and(bit, one)?, zero)?;
-            let v = sel(em, e)?;
-            em.select_f(on, v, neg_inf)
-        };
-        // rank of expert e among the masked scores
-        let rank_of = |em: &mut Em<'c, '_>, e: IntValue<'c>| -> R<IntValue<'c>> {
-            let me = masked(em, e)?;
-            let rank = em.ivar(zero)?;
-            em.for_range(zero, en, one, |em, e2| {
-                let v = masked(em, e2)?;
-                let b = beats(em, v, me, e2, e)?;
-                let r = em.add(em.geti(rank)?, b)?;
-                em.set(rank, r)
-            })?;
-            em.geti(rank)
-        };
-        let kk = em.i64c(k as i64);
-        let total = em.fvar(em.f32c(0.0))?;
-        if normalize {
-            em.for_range(zero, en, one, |em, e| {
-                let r = rank_of(em, e)?;
-                let chosen = em.icmp(IntPredicate::SLT, r, kk)?;
-                let p = prob(em, e)?;
-                let add = em.select_f(chosen, p, em.f32c(0.0))?;
-                let s = em.fadd(em.getf(total)?, add)?;
-                em.set(total, s)
-            })?;
-        }
-        em.for_range(zero, en, one, |em, e| {
-            let r = rank_of(em, e)?;
-            let chosen = em.icmp(IntPredicate::SLT, r, kk)?;
-            em.if_then(chosen, |em| {
-                let mut w = prob(em, e)?;
-                if normalize {
-                    let tot = em.fadd(em.getf(total)?, em.f32c(1e-20))?;
-                    w = em.fdiv(w, tot)?;
-                }
-                let w = em.fmul(w, em.f32c(scale))?;
-                let at = em.add(em.mul(row, kk)?, r)?;
-                em.store_lin(0, at, Val::I(e), DType::I64)?;
-                em.store_lin(1, at, Val::F(w), DType::F32)
-            })
-        })
-    })?;
-    Ok(flat_geo(rows))
-}
-
-/// 1 when `(a, ia)` ranks before `(b, ib)`: larger, or equal with the smaller index (NaN
-/// counts as the largest).
-fn beats<'c>(
-    em: &Em<'c, '_>,
-    a: FloatValue<'c>,
-    b: FloatValue<'c>,
-    ia: IntValue<'c>,
-    ib: IntValue<'c>,
-) -> R<IntValue<'c>> {
-    let gt = em.fcmp(FloatPredicate::OGT, a, b)?;
-    let eq = em.fcmp(FloatPredicate::OEQ, a, b)?;
-    let lower = em.icmp(IntPredicate::SLT, ia, ib)?;
-    let tie = em.and(eq, lower)?;
-    let a_nan = em.fcmp(FloatPredicate::UNO, a, a)?;
-    let b_nan = em.fcmp(FloatPredicate::UNO, b, b)?;
-    let nan_win = em.and(
-        a_nan,
-        em.b.build_not(b_nan, "")
-            .map_err(|e| super::CodegenError(e.to_string()))?,
-    )?;
-    let r =
-        em.b.build_or(gt, tie, "")
-            .map_err(|e| super::CodegenError(e.to_string()))?;
-    let r =
-        em.b.build_or(r, nan_win, "")
-            .map_err(|e| super::CodegenError(e.to_string()))?;
-    em.bool_to_i64(r)
 }

@@ -26,7 +26,10 @@ use inkwell::values::{
     BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue,
 };
 use inkwell::IntPredicate;
-use ir::kernel::{Gemm, GridDim, LaunchGeometry, Operand, TemplateKernel};
+use ir::kernel::{
+    ExprGraph, ExprId, Gemm, GridDim, IndexExpr, IndexVar, LaunchGeometry, Operand, ScalarOp, TemplateKernel,
+};
+use ir::op::BinaryOp;
 use ir::op::ReduceOp;
 use ir::shape::numel;
 use ir::{DType, Dim};
@@ -73,11 +76,181 @@ fn aligned8(d: &Dim) -> bool {
 }
 
 struct Shape {
-    /// Input index of B, its n stride.
-    b: usize,
-    /// Input index of A when it can be copied 16 bytes at a time (RowMajor, aligned).
+    /// Where B's columns live (ascending, contiguous ranges of n).
+    b: Vec<BPart>,
+    /// Input index of A when it can be copied 16 bytes at a time (RowMajor, aligned, bf16).
     a_direct: Option<usize>,
     k: i64,
+}
+
+/// Columns from `lo` (to the next part's `lo`) of B are the rows `n + shift` of a bf16 matrix
+/// with K contiguous: element (k, n) at `offset + (n + shift) · n_stride + k` of input `input`.
+struct BPart {
+    input: usize,
+    lo: i64,
+    offset: Dim,
+    n_stride: Dim,
+    shift: i64,
+}
+
+/// The view of input `i` when its buffer is bf16.
+fn bf16_view<'k>(em: &Em<'_, 'k>, i: usize) -> Option<&'k ir::kernel::View> {
+    let r = em.kernel.inputs.get(i)?;
+    (em.plan.buffer(r.buffer)?.dtype == DType::BF16).then_some(&r.view)
+}
+
+/// `i` is exactly `Loop(v) + off` for a constant `off`: `Some(off)`.
+fn var_plus(i: &IndexExpr, v: u32) -> Option<i64> {
+    match i.terms.as_slice() {
+        [(IndexVar::Loop(l), c)] if *l == v && *c == Dim::constant(1) => i.offset.as_const(),
+        _ => None,
+    }
+}
+
+/// B's layout as parts, when every element is a bf16 weight read in place: a rank-2 bf16
+/// buffer stored `[N, K]` (viewed `[K, N]`, stride 1 along k), or a prologue over `[K, N]`
+/// made of in-range loads of such matrices (`load in[i1 + c, i0]` / `load in[i0, i1 + c]`),
+/// `where(i1 < c, ..)` splits along n (a concatenation of weights) and casts of bf16 values
+/// (exact, so the product of the cast values is the product of the bf16 values).
+fn b_parts(em: &Em, t: &TemplateKernel, g: &Gemm, k: i64) -> R<Option<Vec<BPart>>> {
+    let one = Dim::constant(1);
+    match t.operands.get(1) {
+        Some(Operand::Buffer(b)) => {
+            let Some(v) = bf16_view(em, *b) else { return Ok(None) };
+            let ok = v.rank() == 2 && v.strides[0] == one && aligned8(&v.strides[1]) && aligned8(&v.offset);
+            Ok(ok.then(|| {
+                vec![BPart {
+                    input: *b,
+                    lo: 0,
+                    offset: v.offset.clone(),
+                    n_stride: v.strides[1].clone(),
+                    shift: 0,
+                }]
+            }))
+        }
+        Some(Operand::Prologue(f)) => {
+            let (Some(&root), Some(n)) = (f.stores.first(), g.n.as_const()) else {
+                return Ok(None);
+            };
+            if f.domain.len() != 2 || f.domain[0] != g.k || f.domain[1] != g.n {
+                return Ok(None);
+            }
+            let mut parts = Vec::new();
+            let ok = prologue_parts(em, &f.exprs, root, (0, n), k, &mut parts);
+            Ok((ok && !parts.is_empty()).then_some(parts))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The parts of prologue node `e` over the columns `lo..hi` (see [`b_parts`]); false when `e`
+/// is anything else.
+fn prologue_parts(em: &Em, x: &ExprGraph, e: ExprId, (lo, hi): (i64, i64), k: i64, out: &mut Vec<BPart>) -> bool {
+    let Some(node) = x.get(e) else { return false };
+    match &node.op {
+        ScalarOp::Cast(a) => {
+            let from = x.get(*a).map(|n| n.dtype);
+            from == Some(DType::BF16)
+                && matches!(node.dtype, DType::F32 | DType::BF16)
+                && prologue_parts(em, x, *a, (lo, hi), k, out)
+        }
+        ScalarOp::Where(c, a, b) => {
+            let split = match x.get(*c).map(|n| &n.op) {
+                Some(ScalarOp::Binary(BinaryOp::Lt, l, r)) => {
+                    match (x.get(*l).map(|n| &n.op), x.get(*r).map(|n| &n.op)) {
+                        (Some(ScalarOp::Index(l)), Some(ScalarOp::Index(r))) if var_plus(l, 1) == Some(0) => {
+                            r.as_const().and_then(Dim::as_const)
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let Some(c) = split else { return false };
+            let mid = c.clamp(lo, hi);
+            (lo >= mid || prologue_parts(em, x, *a, (lo, mid), k, out))
+                && (mid >= hi || prologue_parts(em, x, *b, (mid, hi), k, out))
+        }
+        ScalarOp::Load { input, index } => {
+            let Some(v) = bf16_view(em, *input) else { return false };
+            if node.dtype != DType::BF16 || v.rank() != 2 || index.len() != 2 {
+                return false;
+            }
+            // which view dim runs along k (offset 0) and which along n (offset `shift`)
+            let (kd, nd, shift) = match (var_plus(&index[0], 0), var_plus(&index[1], 1)) {
+                (Some(0), Some(s)) => (0, 1, s),
+                _ => match (var_plus(&index[1], 0), var_plus(&index[0], 1)) {
+                    (Some(0), Some(s)) => (1, 0, s),
+                    _ => return false,
+                },
+            };
+            let in_range = v.shape[kd].as_const() == Some(k)
+                && v.shape[nd]
+                    .as_const()
+                    .is_some_and(|w| lo + shift >= 0 && hi + shift <= w);
+            if !(in_range && v.strides[kd] == Dim::constant(1) && aligned8(&v.strides[nd]) && aligned8(&v.offset)) {
+                return false;
+            }
+            out.push(BPart {
+                input: *input,
+                lo,
+                offset: v.offset.clone(),
+                n_stride: v.strides[nd].clone(),
+                shift,
+            });
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Whether A's values are bf16 values: a bf16 operand, or a prologue whose value is a bf16
+/// value cast to f32 (exact). `Some(direct)`: also the input to copy A from, when A is a
+/// bf16 buffer (or such a cast of an identity load of one) with 16-byte aligned rows.
+fn a_form(em: &Em, t: &TemplateKernel) -> R<Option<Option<usize>>> {
+    let one = Dim::constant(1);
+    let direct = |i: usize, shape: &[Dim]| -> Option<usize> {
+        let v = bf16_view(em, i)?;
+        let r = v.rank();
+        let ok = r >= 1
+            && v.shape == shape
+            && v.strides[r - 1] == one
+            && v.strides[..r - 1].iter().all(aligned8)
+            && aligned8(&v.offset);
+        ok.then_some(i)
+    };
+    match t.operands.first() {
+        Some(Operand::Buffer(a)) => {
+            if em.operand_dtype(t, 0)? != DType::BF16 {
+                return Ok(None);
+            }
+            let shape = em.kernel.inputs[*a].view.shape.clone();
+            Ok(Some(direct(*a, &shape)))
+        }
+        Some(Operand::Prologue(f)) => {
+            let Some(node) = f.stores.first().and_then(|e| f.exprs.get(*e)) else {
+                return Ok(None);
+            };
+            if node.dtype == DType::BF16 {
+                return Ok(Some(None));
+            }
+            let ScalarOp::Cast(x) = node.op else { return Ok(None) };
+            let Some(inner) = f.exprs.get(x) else { return Ok(None) };
+            if node.dtype != DType::F32 || inner.dtype != DType::BF16 {
+                return Ok(None);
+            }
+            // an identity load of a bf16 buffer: copy it directly
+            if let ScalarOp::Load { input, index } = &inner.op {
+                let identity = index.len() == f.domain.len()
+                    && index.iter().enumerate().all(|(d, i)| var_plus(i, d as u32) == Some(0));
+                if identity {
+                    return Ok(Some(direct(*input, &f.domain)));
+                }
+            }
+            Ok(Some(None))
+        }
+        None => Ok(None),
+    }
 }
 
 fn eligible(em: &Em, t: &TemplateKernel, g: &Gemm) -> R<Option<Shape>> {
@@ -85,31 +258,19 @@ fn eligible(em: &Em, t: &TemplateKernel, g: &Gemm) -> R<Option<Shape>> {
         Some(k) if k > 0 && k % 8 == 0 => k,
         _ => return Ok(None),
     };
-    if g.acc != DType::F32 || em.operand_dtype(t, 0)? != DType::BF16 || em.operand_dtype(t, 1)? != DType::BF16 {
+    if g.acc != DType::F32 {
         return Ok(None);
     }
-    let b = match t.operands.get(1) {
-        Some(Operand::Buffer(b)) => *b,
-        _ => return Ok(None),
+    let Some(a_direct) = a_form(em, t)? else {
+        return Ok(None);
     };
-    let v = &em.kernel.inputs[b].view;
-    let one = Dim::constant(1);
-    if v.rank() != 2 || v.strides[0] != one || !aligned8(&v.strides[1]) || !aligned8(&v.offset) {
+    let Some(b) = b_parts(em, t, g, k)? else {
         return Ok(None);
-    }
+    };
     let sa = em.operand_shape(t, 0)?;
     if sa.len() < 2 || sa.len() > g.batch.len() + 2 {
         return Ok(None);
     }
-    let a_direct = match t.operands.first() {
-        Some(Operand::Buffer(a)) => {
-            let v = &em.kernel.inputs[*a].view;
-            let r = v.rank();
-            let ok = v.strides[r - 1] == one && v.strides[..r - 1].iter().all(aligned8) && aligned8(&v.offset);
-            ok.then_some(*a)
-        }
-        _ => None,
-    };
     Ok(Some(Shape { b, a_direct, k }))
 }
 
@@ -259,10 +420,24 @@ fn unpack8<'c>(em: &Em<'c, '_>, v: VectorValue<'c>) -> R<Vec<FloatValue<'c>>> {
     Ok(out)
 }
 
-/// B element offset of (column `n`, k 0).
-fn b_col<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, n: IntValue<'c>) -> R<IntValue<'c>> {
-    let v = &em.kernel.inputs[cx.sh.b].view;
-    em.add(em.dim(&v.offset)?, em.mul(n, em.dim(&v.strides[1])?)?)
+/// B's buffer and element offset of (column `n`, k 0): the part holding column `n` (`n` in
+/// range, or clamped to 0).
+fn b_col<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, n: IntValue<'c>) -> R<(PointerValue<'c>, IntValue<'c>)> {
+    let at = |em: &Em<'c, '_>, p: &BPart| -> R<IntValue<'c>> {
+        let row = em.add(n, em.i64c(p.shift))?;
+        em.add(em.dim(&p.offset)?, em.mul(row, em.dim(&p.n_stride)?)?)
+    };
+    let first = &cx.sh.b[0];
+    let (mut ptr, mut off) = (em.inputs[first.input], at(em, first)?);
+    for p in &cx.sh.b[1..] {
+        let here = em.icmp(IntPredicate::SGE, n, em.i64c(p.lo))?;
+        ptr =
+            em.b.build_select(here, em.inputs[p.input], ptr, "")
+                .ck()?
+                .into_pointer_value();
+        off = em.select_i(here, at(em, p)?, off)?;
+    }
+    Ok((ptr, off))
 }
 
 /// A element offset of (flattened row index `ri`, k 0), for the directly copied A.
@@ -287,7 +462,6 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
         em.mul(em.sreg("ctaid.x")?, em.i64c(GEMV_COLS))?,
         em.mul(warp, em.i64c(GEMV_CN))?,
     )?;
-    let bbuf = em.inputs[cx.sh.b];
     // column bases (clamped to column 0 past N: computed, never stored)
     let mut cols = Vec::new();
     for c in 0..GEMV_CN {
@@ -355,10 +529,10 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
                     steps.push((ok, em.select_i(ok, ku, kx)?));
                 }
                 let mut bv = Vec::new();
-                for (_, _, base) in &cols {
+                for (_, _, (bbuf, base)) in &cols {
                     let mut per = Vec::new();
                     for (ok, ku) in &steps {
-                        let v = load_v4(em, gep16(em, bbuf, em.add(em.add(*base, kc)?, *ku)?)?)?;
+                        let v = load_v4(em, gep16(em, *bbuf, em.add(em.add(*base, kc)?, *ku)?)?)?;
                         per.push(em.b.build_select(*ok, v, zv, "").ck()?.into_vector_value());
                     }
                     bv.push(per);
@@ -446,7 +620,6 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
     let row0 = em.mul(em.sreg("ctaid.y")?, em.i64c(BM))?;
     let col0 = em.mul(bn, em.i64c(BN))?;
     let (wm, wn) = (em.div(warp, em.i64c(4))?, em.rem(warp, em.i64c(4))?);
-    let bbuf = em.inputs[cx.sh.b];
     // this thread's copy assignments: chunk c = tid + 256 i → tile row c / 4, k offset (c % 4)·8
     let kc8 = em.mul(em.rem(tid, em.i64c(ROW_CHUNKS))?, em.i64c(8))?;
     struct Ld<'c> {
@@ -455,6 +628,7 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         a_ri: Vec<IntValue<'c>>,
         a_base: Option<IntValue<'c>>,
         b_ok: IntValue<'c>,
+        b_buf: PointerValue<'c>,
         b_base: IntValue<'c>,
     }
     let mut lds = Vec::new();
@@ -469,13 +643,14 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         };
         let bn_i = em.add(col0, r)?;
         let b_ok = em.icmp(IntPredicate::SLT, bn_i, cx.nn)?;
-        let b_base = b_col(em, cx, em.select_i(b_ok, bn_i, zero)?)?;
+        let (b_buf, b_base) = b_col(em, cx, em.select_i(b_ok, bn_i, zero)?)?;
         lds.push(Ld {
             r,
             a_ok,
             a_ri,
             a_base,
             b_ok,
+            b_buf,
             b_base,
         });
     }
@@ -528,7 +703,7 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
                 }
             }
             let b_at = em.add(em.add(sbase, em.mul(em.add(l.r, em.i64c(BM))?, em.i64c(LDS))?)?, kc8)?;
-            let src = gep16(em, bbuf, em.add(l.b_base, kcl)?)?;
+            let src = gep16(em, l.b_buf, em.add(l.b_base, kcl)?)?;
             let ok = em.and(l.b_ok, k_ok)?;
             cp_async(em, smem_addr(em, cx, b_at)?, src, ok)?;
         }

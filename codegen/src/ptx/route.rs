@@ -1,0 +1,288 @@
+//! Group-limited top-k routing (`TemplateOp::RouteTopK`, reference `ir::fused::moe::route_topk`):
+//! one block per token row, the threads over the experts. A child of `templates`.
+//!
+//! Every selection ranks by one total order, that of the reference's stable descending sort:
+//! larger first, NaN above every number (all NaNs equal), −0 equal to +0, ties to the lower
+//! index. A value and its index are packed into one u64 *key* that sorts in that order
+//! (`ord(v) << 32 | (2³¹ − 1 − index)`, with `ord` the usual sign-flip of the f32 bits after
+//! canonicalising NaN and −0), so "best" is an unsigned maximum and keys never tie.
+//!
+//! 1. Each thread loads its experts' probabilities (through the operand's prologue, e.g. the
+//!    router's sigmoid) and biased scores `σ̃ = p + bias` (f32) into shared memory.
+//! 2. Thread g scores group g: the sum of its two best σ̃ (strict improvements in index order:
+//!    the stable top-2), an f32 add, which equals the reference's f64 sum rounded to f32
+//!    (a double rounding of one addition through 53 bits is innocuous).
+//! 3. Thread g keeps group g when fewer than `topk_group` group keys beat its key.
+//! 4. `k` rounds of a block-wide u64 maximum over the masked keys (σ̃ of kept groups, −∞
+//!    otherwise), each round restricted to keys below the previous winner: warp butterflies on
+//!    the two halves, one shared slot per warp (double-buffered by round parity, so one barrier
+//!    a round), every thread reducing the slots.
+//! 5. Thread r < k writes slot r: the expert, and its weight `p / (Σ p + 1e−20) · scale` with
+//!    the sum accumulated in f64 over the chosen experts in rank order and rounded to f32, as the
+//!    reference does.
+
+use super::super::emit::{err, Ck, Em, Val, R};
+use inkwell::values::{FloatValue, IntValue};
+use inkwell::{FloatPredicate, IntPredicate};
+use ir::kernel::{LaunchGeometry, TemplateKernel};
+use ir::shape::numel;
+use ir::{DType, Dim};
+
+/// Threads of a block: one per expert up to this many.
+const MAX_THREADS: i64 = 256;
+/// The low half of a key is `LOW − index`.
+const LOW: i64 = 0x7fff_ffff;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn route_topk<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    k: usize,
+    n_group: usize,
+    topk_group: usize,
+    scale: f64,
+    normalize: bool,
+    biased: bool,
+    experts: &Dim,
+) -> R<LaunchGeometry> {
+    let e_n = experts
+        .as_const()
+        .ok_or_else(|| super::super::CodegenError("route_topk: the expert count must be a constant".into()))?;
+    if e_n <= 0 || e_n >= 1 << 31 || n_group == 0 || e_n % n_group as i64 != 0 || n_group > 63 {
+        return err(format!("route_topk: {e_n} experts do not split into {n_group} groups"));
+    }
+    let per = e_n / n_group as i64;
+    if k == 0 || topk_group > n_group || k as i64 > topk_group as i64 * per {
+        return err(format!(
+            "route_topk: cannot choose {k} experts from {topk_group} of {n_group} groups of {per}"
+        ));
+    }
+    let threads = (e_n as u64).next_power_of_two().clamp(64, MAX_THREADS as u64) as i64;
+    let per_thread = (e_n + threads - 1) / threads;
+    let warps = threads / 32;
+    let s0 = em.operand_shape(t, 0)?;
+    let rows = numel(&s0[..s0.len().saturating_sub(1)]);
+
+    let (i32t, i64t, f32t) = (em.ctx.i32_type(), em.ctx.i64_type(), em.ctx.f32_type());
+    let probs = em.shared_array("route_probs", f32t.into(), e_n as u32);
+    let sel = em.shared_array("route_sel", f32t.into(), e_n as u32);
+    let gkeys = em.shared_array("route_gkeys", i64t.into(), n_group as u32);
+    let kept = em.shared_array("route_kept", i32t.into(), n_group as u32);
+    let slots = em.shared_array("route_slots", i64t.into(), 64);
+    let chosen = em.shared_array("route_chosen", i64t.into(), k as u32);
+
+    let row = em.sreg("ctaid.x")?;
+    let tid = em.sreg("tid.x")?;
+    let (zero, one) = (em.i64c(0), em.i64c(1));
+    let step = em.i64c(threads);
+    let en = em.i64c(e_n);
+    let base = em.mul(row, en)?;
+    let ng = em.i64c(n_group as i64);
+
+    // 1. probabilities and selection scores
+    em.for_range(tid, en, step, |em, e| {
+        let p = em.ld_lin(t, 0, em.add(base, e)?)?;
+        let s = if biased {
+            let b = em.ldf(t, 1, &[e])?;
+            em.fadd(p, b)?
+        } else {
+            p
+        };
+        em.set(em.shared_gep(f32t.into(), probs, e)?, p)?;
+        em.set(em.shared_gep(f32t.into(), sel, e)?, s)
+    })?;
+    em.barrier()?;
+
+    // 2. group scores: the two best σ̃ of each group
+    em.for_range(tid, ng, step, |em, g| {
+        let neg_inf = f32t.const_float(f64::NEG_INFINITY);
+        let (m1o, m1v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
+        let (m2o, m2v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
+        let lo = em.mul(g, em.i64c(per))?;
+        let hi = em.add(lo, em.i64c(per))?;
+        em.for_range(lo, hi, one, |em, e| {
+            let v =
+                em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, e)?, "")
+                    .ck()?
+                    .into_float_value();
+            let o = ord(em, v)?;
+            let a = em.b.build_load(i32t, m1o, "").ck()?.into_int_value();
+            let b = em.b.build_load(i32t, m2o, "").ck()?.into_int_value();
+            let (av, bv) = (em.getf(m1v)?, em.getf(m2v)?);
+            let gt1 = em.icmp(IntPredicate::UGT, o, a)?;
+            let gt2 = em.icmp(IntPredicate::UGT, o, b)?;
+            // new second: the old first when v takes first place, v when it takes second
+            em.set(m2o, em.select_i(gt1, a, em.select_i(gt2, o, b)?)?)?;
+            em.set(m2v, em.select_f(gt1, av, em.select_f(gt2, v, bv)?)?)?;
+            em.set(m1o, em.select_i(gt1, o, a)?)?;
+            em.set(m1v, em.select_f(gt1, v, av)?)
+        })?;
+        let score = if per >= 2 {
+            em.fadd(em.getf(m1v)?, em.getf(m2v)?)?
+        } else {
+            em.getf(m1v)?
+        };
+        let key = key(em, score, g)?;
+        em.set(em.shared_gep(i64t.into(), gkeys, g)?, key)
+    })?;
+    em.barrier()?;
+
+    // 3. kept groups: fewer than topk_group keys above their own
+    em.for_range(tid, ng, step, |em, g| {
+        let mine = em.geti(em.shared_gep(i64t.into(), gkeys, g)?)?;
+        let rank = em.ivar(zero)?;
+        em.for_range(zero, ng, one, |em, g2| {
+            let other = em.geti(em.shared_gep(i64t.into(), gkeys, g2)?)?;
+            let above = em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mine)?)?;
+            em.set(rank, em.add(em.geti(rank)?, above)?)
+        })?;
+        let keep = em.icmp(IntPredicate::SLT, em.geti(rank)?, em.i64c(topk_group as i64))?;
+        let flag = em.b.build_int_z_extend(keep, i32t, "").ck()?;
+        em.set(em.shared_gep(i32t.into(), kept, g)?, flag)
+    })?;
+    em.barrier()?;
+
+    // 4. the masked keys of this thread's experts (0, below every key, past E)
+    let mut keys = Vec::new();
+    for j in 0..per_thread {
+        let e = em.add(tid, em.i64c(j * threads))?;
+        let valid = em.icmp(IntPredicate::SLT, e, en)?;
+        let ec = em.select_i(valid, e, zero)?;
+        let g = em.div(ec, em.i64c(per))?;
+        let on =
+            em.b.build_load(i32t, em.shared_gep(i32t.into(), kept, g)?, "")
+                .ck()?
+                .into_int_value();
+        let on = em.icmp(IntPredicate::NE, on, i32t.const_zero())?;
+        let v =
+            em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, ec)?, "")
+                .ck()?
+                .into_float_value();
+        let v = em.select_f(on, v, f32t.const_float(f64::NEG_INFINITY))?;
+        let kv = key(em, v, ec)?;
+        keys.push(em.select_i(valid, kv, zero)?);
+    }
+    let prev = em.ivar(em.i64c(-1))?;
+    let lane = em.rem(tid, em.i64c(32))?;
+    let warp = em.div(tid, em.i64c(32))?;
+    em.for_range(zero, em.i64c(k as i64), one, |em, r| {
+        let below = em.geti(prev)?;
+        let mut best = zero;
+        for &kv in &keys {
+            let ok = em.icmp(IntPredicate::ULT, kv, below)?;
+            best = umax(em, best, em.select_i(ok, kv, zero)?)?;
+        }
+        let best = warp_umax(em, best)?;
+        let parity = em.mul(em.rem(r, em.i64c(2))?, em.i64c(32))?;
+        let is0 = em.icmp(IntPredicate::EQ, lane, zero)?;
+        em.if_then(is0, |em| {
+            em.set(em.shared_gep(i64t.into(), slots, em.add(parity, warp)?)?, best)
+        })?;
+        em.barrier()?;
+        let mut all = zero;
+        for w in 0..warps {
+            let s = em.geti(em.shared_gep(i64t.into(), slots, em.add(parity, em.i64c(w))?)?)?;
+            all = umax(em, all, s)?;
+        }
+        em.set(prev, all)?;
+        let first = em.icmp(IntPredicate::EQ, tid, zero)?;
+        em.if_then(first, |em| {
+            let low = em.b.build_and(all, i64t.const_int(0xffff_ffff, false), "").ck()?;
+            let e = em.sub(em.i64c(LOW), low)?;
+            em.set(em.shared_gep(i64t.into(), chosen, r)?, e)
+        })
+    })?;
+    em.barrier()?;
+
+    // 5. weights of the chosen experts, in rank order
+    let kk = em.i64c(k as i64);
+    em.for_range(tid, kk, step, |em, r| {
+        let e = em.geti(em.shared_gep(i64t.into(), chosen, r)?)?;
+        let p =
+            em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e)?, "")
+                .ck()?
+                .into_float_value();
+        let mut w = p;
+        if normalize {
+            let f64t = em.ctx.f64_type();
+            let total = em.var(f64t.into(), f64t.const_zero().into())?;
+            em.for_range(zero, kk, one, |em, r2| {
+                let e2 = em.geti(em.shared_gep(i64t.into(), chosen, r2)?)?;
+                let q =
+                    em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e2)?, "")
+                        .ck()?
+                        .into_float_value();
+                let q = em.b.build_float_ext(q, f64t, "").ck()?;
+                let s = em.b.build_load(f64t, total, "").ck()?.into_float_value();
+                em.set(total, em.b.build_float_add(s, q, "").ck()?)
+            })?;
+            let s = em.b.build_load(f64t, total, "").ck()?.into_float_value();
+            let s = em.b.build_float_trunc(s, f32t, "").ck()?;
+            let s = em.fadd(s, em.f32c(1e-20))?;
+            w = em.fdiv(w, s)?;
+        }
+        let w = em.fmul(w, em.f32c(scale))?;
+        let at = em.add(em.mul(row, kk)?, r)?;
+        em.store_lin(0, at, Val::I(e), DType::I64)?;
+        em.store_lin(1, at, Val::F(w), DType::F32)
+    })?;
+    Ok(super::rows_geo(rows, threads as u32))
+}
+
+/// The f32 `v` as a u32 (in an i32) whose unsigned order is the ranking order: NaN highest,
+/// −0 as +0.
+fn ord<'c>(em: &Em<'c, '_>, v: FloatValue<'c>) -> R<IntValue<'c>> {
+    let i32t = em.ctx.i32_type();
+    let bits = em.b.build_bit_cast(v, i32t, "").ck()?.into_int_value();
+    let is_zero = em.fcmp(FloatPredicate::OEQ, v, em.f32c(0.0))?;
+    let bits = em.select_i(is_zero, i32t.const_zero(), bits)?;
+    let neg = em.icmp(IntPredicate::SLT, bits, i32t.const_zero())?;
+    let flipped = em.b.build_not(bits, "").ck()?;
+    let raised = em.b.build_or(bits, i32t.const_int(0x8000_0000, false), "").ck()?;
+    let o = em.select_i(neg, flipped, raised)?;
+    let nan = em.fcmp(FloatPredicate::UNO, v, v)?;
+    em.select_i(nan, i32t.const_all_ones(), o)
+}
+
+/// The u64 ranking key of value `v` at index `i` (< 2³¹): larger first, ties to the lower index.
+/// The low half stays below 2³¹, so no key is `u64::MAX` (the first round's bound).
+fn key<'c>(em: &Em<'c, '_>, v: FloatValue<'c>, i: IntValue<'c>) -> R<IntValue<'c>> {
+    let i64t = em.ctx.i64_type();
+    let o = em.b.build_int_z_extend(ord(em, v)?, i64t, "").ck()?;
+    let hi = em.b.build_left_shift(o, i64t.const_int(32, false), "").ck()?;
+    let lo = em.sub(em.i64c(LOW), i)?;
+    em.b.build_or(hi, lo, "").ck()
+}
+
+fn umax<'c>(em: &Em<'c, '_>, a: IntValue<'c>, b: IntValue<'c>) -> R<IntValue<'c>> {
+    let c = em.icmp(IntPredicate::UGT, a, b)?;
+    em.select_i(c, a, b)
+}
+
+/// Unsigned maximum of a u64 over the warp (butterfly on the two 32-bit halves).
+fn warp_umax<'c>(em: &Em<'c, '_>, v: IntValue<'c>) -> R<IntValue<'c>> {
+    let (i32t, i64t) = (em.ctx.i32_type(), em.ctx.i64_type());
+    let shfl = |em: &Em<'c, '_>, x: IntValue<'c>, off: i32| -> R<IntValue<'c>> {
+        Ok(em
+            .call(
+                "llvm.nvvm.shfl.sync.bfly.i32",
+                i32t.into(),
+                &[i32t.into(), i32t.into(), i32t.into(), i32t.into()],
+                &[em.i32c(-1).into(), x.into(), em.i32c(off).into(), em.i32c(31).into()],
+            )?
+            .into_int_value())
+    };
+    let mut v = v;
+    for off in [16, 8, 4, 2, 1] {
+        let lo = em.b.build_int_truncate(v, i32t, "").ck()?;
+        let hi = em.b.build_right_shift(v, i64t.const_int(32, false), false, "").ck()?;
+        let hi = em.b.build_int_truncate(hi, i32t, "").ck()?;
+        let (lo, hi) = (shfl(em, lo, off)?, shfl(em, hi, off)?);
+        let lo = em.b.build_int_z_extend(lo, i64t, "").ck()?;
+        let hi = em.b.build_int_z_extend(hi, i64t, "").ck()?;
+        let hi = em.b.build_left_shift(hi, i64t.const_int(32, false), "").ck()?;
+        let o = em.b.build_or(hi, lo, "").ck()?;
+        v = umax(em, v, o)?;
+    }
+    Ok(v)
+}
