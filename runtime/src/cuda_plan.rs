@@ -362,6 +362,8 @@ struct Fixed {
     /// addresses of the state buffers made here (in the pool or handed out as a step's states)
     ours: std::collections::HashSet<u64>,
     graphs: HashMap<Vec<u64>, cudarc::driver::CudaGraph>,
+    /// the graph the last step replayed
+    last: Option<Vec<u64>>,
     /// each kernel's grid at the capacity
     grids: Vec<[u64; 3]>,
 }
@@ -520,6 +522,36 @@ impl CudaPlan {
     /// Why the plan cannot use fixed buffers and graphs, if it cannot.
     pub fn graph_blocker(&self) -> Option<&str> {
         self.not_fixable.as_deref()
+    }
+
+    /// The median GPU time (CUDA events, ms) of replaying the last step's graph `repeats`
+    /// times: what the step costs the GPU, without the host's part (tokens up, logits down).
+    /// The replay is idempotent (states are read from one buffer set and written to another;
+    /// the caches get the same token at the same place). None when the last step was not a
+    /// replay.
+    pub fn replay_ms(&self, repeats: usize) -> Result<Option<f64>> {
+        let slot = self.fixed.borrow();
+        let Some(fx) = slot.as_ref() else { return Ok(None) };
+        let Some(g) = fx.last.as_ref().and_then(|k| fx.graphs.get(k)) else {
+            return Ok(None);
+        };
+        let gpu = &*self.gpu;
+        let ev = || {
+            gpu.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| Error(format!("CUDA event: {e}")))
+        };
+        let (a, b) = (ev()?, ev()?);
+        let mut t = Vec::with_capacity(repeats);
+        for _ in 0..repeats.max(1) {
+            a.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+            g.launch()
+                .map_err(|e| Error(format!("replaying the step's CUDA graph: {e}")))?;
+            b.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+            b.synchronize().map_err(|e| Error(e.to_string()))?;
+            t.push(f64::from(a.elapsed_ms(&b).map_err(|e| Error(e.to_string()))?));
+        }
+        Ok(Some(median(&mut t)))
     }
 
     /// How many CUDA graphs are captured now (for tests and the benchmark).
@@ -793,6 +825,7 @@ impl CudaPlan {
             pool: Vec::new(),
             ours: Default::default(),
             graphs: HashMap::new(),
+            last: None,
             grids,
         })
     }
@@ -1022,7 +1055,9 @@ impl CudaPlan {
             fx.graphs[&addr]
                 .launch()
                 .map_err(|e| Error(format!("replaying the step's CUDA graph: {e}")))?;
+            fx.last = Some(addr.clone());
         } else {
+            fx.last = None;
             for (k, l) in exe.plan.kernels.iter().zip(exe.kernels) {
                 self.launch(k, l, &env, &addr, syms, fx.scratch)?;
             }
@@ -1045,12 +1080,23 @@ impl CudaPlan {
                 .get(&o.buffer)
                 .ok_or_else(|| Error(format!("internal: no buffer for output {}", o.name)))?;
             let bytes = b.size_bytes(&env).map_err(Error)? as usize;
-            let mut host = vec![0u8; bytes];
-            gpu.stream
-                .memcpy_dtoh(&d.slice.slice(0..bytes), &mut host)
-                .map_err(|e| Error(format!("copying {} from the GPU: {e}", o.name)))?;
-            let t = Tensor::from_bytes(b.dtype, shape, &host)
-                .ok_or_else(|| Error(format!("output {}: size mismatch", o.name)))?;
+            let t = if b.dtype == ir::DType::F32 {
+                // straight into the f32s (the logits: 0.6 MB a sequence)
+                let mut host = vec![0f32; bytes / 4];
+                // SAFETY: a f32 slice viewed as its bytes (any bit pattern is a valid f32).
+                let raw = unsafe { std::slice::from_raw_parts_mut(host.as_mut_ptr().cast::<u8>(), bytes) };
+                gpu.stream
+                    .memcpy_dtoh(&d.slice.slice(0..bytes), raw)
+                    .map_err(|e| Error(format!("copying {} from the GPU: {e}", o.name)))?;
+                Tensor::from_f32(ir::DType::F32, shape, host)
+            } else {
+                let mut host = vec![0u8; bytes];
+                gpu.stream
+                    .memcpy_dtoh(&d.slice.slice(0..bytes), &mut host)
+                    .map_err(|e| Error(format!("copying {} from the GPU: {e}", o.name)))?;
+                Tensor::from_bytes(b.dtype, shape, &host)
+                    .ok_or_else(|| Error(format!("output {}: size mismatch", o.name)))?
+            };
             out.insert(o.name.clone(), t);
         }
         // the caches grew in place
