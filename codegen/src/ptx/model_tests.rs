@@ -273,15 +273,40 @@ fn bf16_gemms_use_tensor_cores_and_vector_loads() {
         }
     }
     // the MoE expert GEMMs (both epilogues) stream the expert weights with 16-byte loads
-    let mut grouped = 0;
+    super::templates::fastgemm::force_grouped_mma();
+    let (mut grouped, mut swiglus) = (0, 0);
     for k in plan.kernels.iter().filter(|k| k.kind_name() == "grouped_gemm") {
         let p = compile_kernel(&plan, k, &o).unwrap();
         assert!(p.ptx.contains("ld.global.v4.u32"), "{}: {}", k.name, p.ptx);
         assert!(p.ptx.contains("shfl.sync.bfly"), "{}: {}", k.name, p.ptx);
         assert_eq!(p.launch.block, [256, 1, 1]);
+        let swiglu = matches!(
+            &k.kind,
+            KernelKind::Template(t) if matches!(
+                t.op,
+                TemplateOp::GroupedGemm { epilogue: ir::fused::GroupedEpilogue::SwiGlu, .. }
+            )
+        );
+        if swiglu {
+            // many tokens: the expert-major tensor-core tiles, chosen at run time
+            for want in [
+                "vote.sync.ballot.b32",
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                "cp.async.cg.shared.global",
+            ] {
+                assert!(p.ptx.contains(want), "{}: no {want}", k.name);
+            }
+            swiglus += 1;
+        }
+        match ptxas::check(&p.ptx) {
+            Ok(r) => assert_eq!(r.kernels[0].spill_stores, 0, "{}: {r:?}", k.name),
+            Err(e) if e.0.contains("ptxas") && e.0.contains("not found") => eprintln!("skipped ptxas: {e}"),
+            Err(e) => panic!("{}: {e}", k.name),
+        }
         grouped += 1;
     }
-    assert!(grouped >= 2, "small routes experts");
+    assert!(grouped >= 2 && swiglus >= 1, "small routes experts");
 }
 
 /// The routing kernel is one block per token with the threads over the experts (block-wide

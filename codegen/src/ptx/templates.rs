@@ -8,7 +8,7 @@
 mod attention;
 #[path = "attention_mma.rs"]
 mod attention_mma;
-mod fastgemm;
+pub(crate) mod fastgemm;
 #[path = "linear_attn.rs"]
 mod linear_attn;
 #[path = "route.rs"]

@@ -948,7 +948,9 @@ fn expert_of<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, idx: &[IntValue<'c>], 
     em.imin(em.imax(e, em.i64c(0))?, hi)
 }
 
-/// MoE expert GEMMs as GEMVs over the routed (token, slot) rows, for every token count: a
+/// MoE expert GEMMs. SwiGlu with many (token, slot) pairs (`P >= max(4E, 64)`, a run-time
+/// choice) takes the expert-major tensor-core tiles of [`swiglu_mma`]; otherwise GEMVs over the
+/// routed (token, slot) rows: a
 /// block per (token, slot) (SwiGlu) or per token (WeightedCombine) and 16 output columns; the
 /// token's activations (all its slots' for the combine) staged in shared memory as bf16, each
 /// warp streaming two weight rows per matrix with 16-byte loads. Same arithmetic order per
@@ -980,6 +982,20 @@ pub(super) fn grouped_fast<'c>(
             };
             let dt = em.result_dtype(t, 0);
             let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
+            let done = em.ctx.append_basic_block(em.f, "grouped.done");
+            if let Some(x) = grouped_a_direct(em, t).filter(|_| em.prefill && grouped_mma_enabled()) {
+                // many (token, slot) pairs: the expert-major tensor-core tiles
+                let pairs = em.product(&em.dims(&s1)?)?;
+                let need = em.imax(em.mul(em.dim(&s2[0])?, em.i64c(4))?, em.i64c(64))?;
+                let big = em.icmp(IntPredicate::SGE, pairs, need)?;
+                let mma_bb = em.ctx.append_basic_block(em.f, "grouped.mma");
+                let gemv_bb = em.ctx.append_basic_block(em.f, "grouped.gemv");
+                em.b.build_conditional_branch(big, mma_bb, gemv_bb).ck()?;
+                em.b.position_at_end(mma_bb);
+                swiglu_mma(em, t, smem, x, (wg, wu), d, dt, (&s1, &s2))?;
+                em.b.build_unconditional_branch(done).ck()?;
+                em.b.position_at_end(gemv_bb);
+            }
             let ext1 = em.dims(&s1)?;
             let pi = em.unravel(em.sreg("ctaid.x")?, &ext1)?;
             let (bi, si, slot) = (pi[0], pi[1], pi[2]);
@@ -1025,6 +1041,8 @@ pub(super) fn grouped_fast<'c>(
                     em.finish(t, 0, &[bi, si, slot, i], Val::F(h), dt)
                 })?;
             }
+            em.b.build_unconditional_branch(done).ck()?;
+            em.b.position_at_end(done);
             Ok(Some(LaunchGeometry {
                 grid: [
                     GridDim::blocks(numel(&s1), 1),
@@ -1116,4 +1134,453 @@ pub(super) fn grouped_fast<'c>(
             }))
         }
     }
+}
+
+// ---- grouped SwiGlu on tensor cores (many tokens) ---------------------------------------------
+
+/// (token, slot) rows of one expert tile.
+const GB_M: i64 = 64;
+/// Intermediate columns of one tile (as many gate rows and up rows of the expert's weights).
+const GB_N: i64 = 64;
+/// K step of the grouped tile.
+const GB_K: i64 = 32;
+/// Shared row stride in bf16 elements (80 bytes: the 8 rows of an `ldmatrix` fall in 8
+/// different bank groups).
+const GB_LDS: i64 = GB_K + 8;
+/// bf16 elements of one stage: the A rows, the gate rows, the up rows.
+const GB_STAGE: i64 = (GB_M + 2 * GB_N) * GB_LDS;
+/// Pipeline stages of the grouped tile (two: the stages share the GEMV's static buffer).
+const GB_STAGES: i64 = 2;
+/// Routing entries scanned per step (one per thread).
+const GB_SCAN: i64 = THREADS as i64;
+const _: () = assert!(GB_STAGES * GB_STAGE <= GEMV_RT * GEMV_KC);
+const _: () = assert!(GB_M * (GB_K / 8) == THREADS as i64 && GB_N * (GB_K / 8) == THREADS as i64);
+
+/// Whether the expert-major tensor-core path of the grouped SwiGlu is compiled into prefill
+/// plans' kernels (decode plans never get it): on by default, `RINGJIT_GROUPED=gemv` leaves
+/// only the GEMVs (`RINGJIT_GROUPED=mma` forces it on; tests force it with
+/// [`force_grouped_mma`]).
+fn grouped_mma_enabled() -> bool {
+    if FORCE_GROUPED_MMA.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    match std::env::var("RINGJIT_GROUPED") {
+        Ok(v) if v == "gemv" => false,
+        Ok(v) if v == "mma" => true,
+        _ => GROUPED_MMA_DEFAULT,
+    }
+}
+const GROUPED_MMA_DEFAULT: bool = true;
+static FORCE_GROUPED_MMA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Compile the grouped SwiGlu's tensor-core path into every prefill kernel from now on, in this
+/// process (tests of the generated code).
+#[cfg(test)]
+pub(crate) fn force_grouped_mma() {
+    FORCE_GROUPED_MMA.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Operand 0 as a bf16 `[b, s, d]` buffer whose rows can be copied 16 bytes at a time.
+fn grouped_a_direct(em: &Em, t: &TemplateKernel) -> Option<usize> {
+    let Some(Operand::Buffer(b)) = t.operands.first() else {
+        return None;
+    };
+    let v = bf16_view(em, *b)?;
+    let ok = v.rank() == 3
+        && v.strides[2] == Dim::constant(1)
+        && aligned8(&v.strides[0])
+        && aligned8(&v.strides[1])
+        && aligned8(&v.offset);
+    ok.then_some(*b)
+}
+
+/// `while (cond()) body()`.
+fn while_loop<'c, 'a>(
+    em: &mut Em<'c, 'a>,
+    cond: impl Fn(&mut Em<'c, 'a>) -> R<IntValue<'c>>,
+    body: impl FnOnce(&mut Em<'c, 'a>) -> R<()>,
+) -> R<()> {
+    let cb = em.ctx.append_basic_block(em.f, "while.cond");
+    let bb = em.ctx.append_basic_block(em.f, "while.body");
+    let exit = em.ctx.append_basic_block(em.f, "while.exit");
+    em.b.build_unconditional_branch(cb).ck()?;
+    em.b.position_at_end(cb);
+    let c = cond(em)?;
+    em.b.build_conditional_branch(c, bb, exit).ck()?;
+    em.b.position_at_end(bb);
+    body(em)?;
+    em.b.build_unconditional_branch(cb).ck()?;
+    em.b.position_at_end(exit);
+    Ok(())
+}
+
+struct Gx<'c> {
+    smem: PointerValue<'c>,
+    list: PointerValue<'c>,
+    x: usize,
+    /// Extents of the routing operand `[b, s, k]`.
+    ext1: Vec<IntValue<'c>>,
+    inter: IntValue<'c>,
+    col0: IntValue<'c>,
+    d: i64,
+    dt: DType,
+    /// Gate and up weight rows this thread copies: (buffer, element offset of k 0, in range).
+    brows: [(PointerValue<'c>, IntValue<'c>, IntValue<'c>); 2],
+}
+
+/// The (token, slot) pair at list position `r` (clamped to a valid entry when `ok` is false).
+fn list_pair<'c>(em: &Em<'c, '_>, g: &Gx<'c>, r: IntValue<'c>, ok: IntValue<'c>) -> R<IntValue<'c>> {
+    let i32t = em.ctx.i32_type();
+    let rc = em.select_i(ok, r, em.i64c(0))?;
+    let p = em.shared_gep(i32t.into(), g.list, rc)?;
+    let v = em.b.build_load(i32t, p, "").ck()?.into_int_value();
+    let v = em.b.build_int_s_extend(v, em.ctx.i64_type(), "").ck()?;
+    em.select_i(ok, v, em.i64c(0))
+}
+
+/// One `GB_M × GB_N` tile of expert rows: the first `nrows` pairs of the shared list against
+/// the block's gate and up weight rows, then the SwiGlu epilogue.
+fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: IntValue<'c>) -> R<()> {
+    let (zero, one) = (em.i64c(0), em.i64c(1));
+    let i32t = em.ctx.i32_type();
+    let i64t = em.ctx.i64_type();
+    let f32t = em.ctx.f32_type();
+    let tid = em.sreg("tid.x")?;
+    let warp = em.div(tid, em.i64c(32))?;
+    let lane = em.rem(tid, em.i64c(32))?;
+    let (wm, wn) = (em.div(warp, em.i64c(4))?, em.rem(warp, em.i64c(4))?);
+    let crow = em.div(tid, em.i64c(GB_K / 8))?;
+    let kc8 = em.mul(em.rem(tid, em.i64c(GB_K / 8))?, em.i64c(8))?;
+    // this thread's A row: the token of list entry `crow`
+    let a_ok = em.icmp(IntPredicate::SLT, crow, nrows)?;
+    let p = list_pair(em, g, crow, a_ok)?;
+    let tok = em.div(p, g.ext1[2])?;
+    let ti = em.unravel(tok, &g.ext1[..2])?;
+    let a_base = em.view_offset(&em.kernel.inputs[g.x].view, &[ti[0], ti[1], zero])?;
+    let kk = em.i64c(g.d);
+    let c16 = i32t.const_int(16, false);
+    let c0 = i32t.const_int(0, false);
+    let cp_async = |em: &Em<'c, '_>, dst: IntValue<'c>, src: PointerValue<'c>, ok: IntValue<'c>| -> R<()> {
+        let size = em.b.build_select(ok, c16, c0, "").ck()?.into_int_value();
+        let src = em.b.build_ptr_to_int(src, i64t, "").ck()?;
+        asm_se(
+            em,
+            None,
+            &[i32t.into(), i64t.into(), i32t.into()],
+            "cp.async.cg.shared.global [$0], [$1], 16, $2;",
+            "r,l,r,~{memory}",
+            &[dst.into(), src.into(), size.into()],
+        )?;
+        Ok(())
+    };
+    let saddr = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<IntValue<'c>> {
+        let p = em.shared_gep(em.ctx.i16_type().into(), g.smem, e)?;
+        em.b.build_ptr_to_int(p, i32t, "").ck()
+    };
+    let load_tile = |em: &mut Em<'c, '_>, kt: IntValue<'c>, stage: IntValue<'c>| -> R<()> {
+        let k = em.add(em.mul(kt, em.i64c(GB_K))?, kc8)?;
+        let k_ok = em.icmp(IntPredicate::SLT, k, kk)?;
+        let kcl = em.select_i(k_ok, k, zero)?;
+        let sbase = em.mul(stage, em.i64c(GB_STAGE))?;
+        let a_at = em.add(em.add(sbase, em.mul(crow, em.i64c(GB_LDS))?)?, kc8)?;
+        let src = gep16(em, em.inputs[g.x], em.add(a_base, kcl)?)?;
+        cp_async(em, saddr(em, a_at)?, src, em.and(a_ok, k_ok)?)?;
+        for (j, (buf, base, ok)) in g.brows.iter().enumerate() {
+            let r = em.add(crow, em.i64c(GB_M + GB_N * j as i64))?;
+            let at = em.add(em.add(sbase, em.mul(r, em.i64c(GB_LDS))?)?, kc8)?;
+            let src = gep16(em, *buf, em.add(*base, kcl)?)?;
+            cp_async(em, saddr(em, at)?, src, em.and(*ok, k_ok)?)?;
+        }
+        Ok(())
+    };
+    let commit = |em: &Em<'c, '_>| -> R<()> {
+        asm_se(em, None, &[], "cp.async.commit_group;", "~{memory}", &[])?;
+        Ok(())
+    };
+    // (gate, up) × 2 (m16) × 2 (n8) tiles of 4 f32 each
+    let mut acc = Vec::new();
+    for _ in 0..32 {
+        acc.push(em.fvar(em.f32c(0.0))?);
+    }
+    let kt_n = em.i64c((g.d + GB_K - 1) / GB_K);
+    for s0 in 0..GB_STAGES - 1 {
+        let kt = em.i64c(s0);
+        let some = em.icmp(IntPredicate::SLT, kt, kt_n)?;
+        em.if_then(some, |em| load_tile(em, kt, kt))?;
+        commit(em)?;
+    }
+    let gq = em.div(lane, em.i64c(4))?;
+    let tq = em.rem(lane, em.i64c(4))?;
+    let a_lrow = em.add(em.mul(wm, em.i64c(32))?, em.rem(lane, em.i64c(16))?)?;
+    let a_lcol = em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?;
+    let b_ln = em.add(
+        em.add(em.mul(wn, em.i64c(16))?, em.rem(lane, em.i64c(8))?)?,
+        em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?,
+    )?;
+    let b_lk = em.mul(em.rem(em.div(lane, em.i64c(8))?, em.i64c(2))?, em.i64c(8))?;
+    let v4t: BasicTypeEnum = em.ctx.struct_type(&[i32t.into(); 4], false).into();
+    let f4t: BasicTypeEnum = em.ctx.struct_type(&[f32t.into(); 4], false).into();
+    let ldm = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> {
+        let addr = saddr(em, e)?;
+        let s = asm_se(
+            em,
+            Some(v4t),
+            &[i32t.into()],
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [$4];",
+            "=r,=r,=r,=r,r,~{memory}",
+            &[addr.into()],
+        )?
+        .expect("a value")
+        .into_struct_value();
+        let mut out = [addr; 4];
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = em.b.build_extract_value(s, j as u32, "").ck()?.into_int_value();
+        }
+        Ok(out)
+    };
+    em.for_range(zero, kt_n, one, |em, kt| {
+        let wait = format!("cp.async.wait_group {};", GB_STAGES - 2);
+        asm_se(em, None, &[], &wait, "~{memory}", &[])?;
+        em.barrier()?;
+        let stage = em.rem(kt, em.i64c(GB_STAGES))?;
+        let nxt = em.add(kt, em.i64c(GB_STAGES - 1))?;
+        let more = em.icmp(IntPredicate::SLT, nxt, kt_n)?;
+        em.if_then(more, |em| {
+            let into = em.rem(nxt, em.i64c(GB_STAGES))?;
+            load_tile(em, nxt, into)
+        })?;
+        commit(em)?;
+        let sbase = em.mul(stage, em.i64c(GB_STAGE))?;
+        for ks in 0..(GB_K / 16) {
+            let mut af = Vec::new();
+            for mi in 0..2 {
+                let row = em.add(a_lrow, em.i64c(mi * 16))?;
+                let col = em.add(a_lcol, em.i64c(ks * 16))?;
+                let e = em.add(sbase, em.add(em.mul(row, em.i64c(GB_LDS))?, col)?)?;
+                af.push(ldm(em, e)?);
+            }
+            // bfr[which][ni]: gate (0) / up (1) fragments of n8 tiles 0, 1
+            let mut bfr = Vec::new();
+            for which in 0..2 {
+                let n = em.add(b_ln, em.i64c(GB_M + which * GB_N))?;
+                let k = em.add(b_lk, em.i64c(ks * 16))?;
+                let e = em.add(sbase, em.add(em.mul(n, em.i64c(GB_LDS))?, k)?)?;
+                let r = ldm(em, e)?;
+                bfr.push([[r[0], r[1]], [r[2], r[3]]]);
+            }
+            for (which, bw) in bfr.iter().enumerate() {
+                for (mi, a) in af.iter().enumerate() {
+                    for (ni, b) in bw.iter().enumerate() {
+                        let base = ((which * 2 + mi) * 2 + ni) * 4;
+                        let mut args: Vec<BasicMetadataValueEnum> = Vec::new();
+                        args.extend(a.iter().map(|x| BasicMetadataValueEnum::from(*x)));
+                        args.extend(b.iter().map(|x| BasicMetadataValueEnum::from(*x)));
+                        for j in 0..4 {
+                            args.push(em.getf(acc[base + j])?.into());
+                        }
+                        let mut params: Vec<BasicMetadataTypeEnum> = vec![i32t.into(); 6];
+                        params.extend([BasicMetadataTypeEnum::from(f32t); 4]);
+                        let ty = f4t.fn_type(&params, false);
+                        let p = em.ctx.create_inline_asm(
+                            ty,
+                            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, \
+                             {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
+                                .to_string(),
+                            "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3".to_string(),
+                            false,
+                            false,
+                            None,
+                            false,
+                        );
+                        let s =
+                            em.b.build_indirect_call(ty, p, &args, "")
+                                .ck()?
+                                .try_as_basic_value()
+                                .expect_basic("a value")
+                                .into_struct_value();
+                        for j in 0..4 {
+                            let v = em.b.build_extract_value(s, j as u32, "").ck()?;
+                            em.set(acc[base + j], v)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    asm_se(em, None, &[], "cp.async.wait_group 0;", "~{memory}", &[])?;
+    // results: c0, c1 at (g, 2t..2t+1), c2, c3 at (g + 8, ..)
+    let dt = g.dt;
+    for mi in 0..2i64 {
+        for h in 0..2i64 {
+            let row = em.add(em.mul(wm, em.i64c(32))?, em.add(em.i64c(mi * 16 + h * 8), gq)?)?;
+            let ok = em.icmp(IntPredicate::SLT, row, nrows)?;
+            let acc = &acc;
+            em.if_then(ok, |em| {
+                let p = list_pair(em, g, row, ok)?;
+                let pi = em.unravel(p, &g.ext1)?;
+                for ni in 0..2i64 {
+                    for e2 in 0..2i64 {
+                        let col = em.add(
+                            em.add(g.col0, em.mul(wn, em.i64c(16))?)?,
+                            em.add(em.i64c(ni * 8 + e2), em.mul(tq, em.i64c(2))?)?,
+                        )?;
+                        let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
+                        let at = |which: i64| ((((which * 2 + mi) * 2 + ni) * 4) + h * 2 + e2) as usize;
+                        let (gs, us) = (acc[at(0)], acc[at(1)]);
+                        let pi = pi.clone();
+                        em.if_then(okc, |em| {
+                            let gv = em.round(em.getf(gs)?, dt)?;
+                            let uv = em.round(em.getf(us)?, dt)?;
+                            let sg = em.round(em.sigmoid(gv)?, dt)?;
+                            let silu = em.round(em.fmul(gv, sg)?, dt)?;
+                            let hv = em.round(em.fmul(silu, uv)?, dt)?;
+                            em.finish(t, 0, &[pi[0], pi[1], pi[2], col], Val::F(hv), dt)
+                        })?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The expert-major SwiGlu: block (expert e, tile of GB_N intermediate columns), numbered in
+/// launch order, scans the routing operand 256 entries at a time, appends the (token, slot) pairs
+/// routed to e to a shared list (warp ballots, then warp offsets), and runs a tensor-core tile
+/// each time GB_M pairs are listed, and once more for the rest at the end. Blocks past
+/// `E · ceil(I / GB_N)` exit (the grid `[P, ceil(I/16)]` holds enough when `P >= 4E`). Each output is written by exactly one block (no atomics).
+#[allow(clippy::too_many_arguments)]
+fn swiglu_mma<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    smem: PointerValue<'c>,
+    x: usize,
+    (wg, wu): (usize, usize),
+    d: i64,
+    dt: DType,
+    (s1, s2): (&[Dim], &[Dim]),
+) -> R<()> {
+    let zero = em.i64c(0);
+    let i32t = em.ctx.i32_type();
+    let list = em.shared_array("ringjit_grouped_list", i32t.into(), (GB_M + GB_SCAN) as u32);
+    let wcnt = em.shared_array("ringjit_grouped_wcnt", i32t.into(), 8);
+    let ext1 = em.dims(s1)?;
+    let pairs = em.product(&ext1)?;
+    let experts = em.dim(&s2[0])?;
+    let inter = em.dim(&s2[1])?;
+    // the first E · ceil(I / GB_N) blocks in launch order work (an expert's column tiles
+    // together, sharing its gathered rows in L2); the others exit at once
+    let n_tiles = em.ceil_div(inter, em.i64c(GB_N))?;
+    let lin = em.add(em.sreg("ctaid.x")?, em.mul(em.sreg("ctaid.y")?, em.sreg("nctaid.x")?)?)?;
+    let out = em.icmp(IntPredicate::SGE, lin, em.mul(experts, n_tiles)?)?;
+    em.return_if(out)?;
+    let e = em.div(lin, n_tiles)?;
+    let by = em.rem(lin, n_tiles)?;
+    let tid = em.sreg("tid.x")?;
+    let warp = em.div(tid, em.i64c(32))?;
+    let lane = em.rem(tid, em.i64c(32))?;
+    let col0 = em.mul(by, em.i64c(GB_N))?;
+    let crow = em.div(tid, em.i64c(GB_K / 8))?;
+    let mut brows = Vec::new();
+    for w in [wg, wu] {
+        let n = em.add(col0, crow)?;
+        let ok = em.icmp(IntPredicate::SLT, n, inter)?;
+        let nc = em.select_i(ok, n, zero)?;
+        brows.push((em.inputs[w], expert_row(em, w, e, nc)?, ok));
+    }
+    let g = Gx {
+        smem,
+        list,
+        x,
+        ext1: ext1.clone(),
+        inter,
+        col0,
+        d,
+        dt,
+        brows: [brows[0], brows[1]],
+    };
+    let count = em.ivar(zero)?;
+    let lane32 = em.b.build_int_truncate(lane, i32t, "").ck()?;
+    let lt_mask = {
+        let bit = em.b.build_left_shift(i32t.const_int(1, false), lane32, "").ck()?;
+        em.b.build_int_sub(bit, i32t.const_int(1, false), "").ck()?
+    };
+    let popc = |em: &Em<'c, '_>, v: IntValue<'c>| -> R<IntValue<'c>> {
+        let c = em.call("llvm.ctpop.i32", i32t.into(), &[i32t.into()], &[v.into()])?;
+        em.b.build_int_z_extend(c.into_int_value(), em.ctx.i64_type(), "").ck()
+    };
+    em.for_range(zero, pairs, em.i64c(GB_SCAN), |em, c0| {
+        let p = em.add(c0, tid)?;
+        let ok = em.icmp(IntPredicate::SLT, p, pairs)?;
+        let pc = em.select_i(ok, p, zero)?;
+        let pi = em.unravel(pc, &ext1)?;
+        let ep = expert_of(em, t, &pi, &s2[0])?;
+        let flag = em.and(ok, em.icmp(IntPredicate::EQ, ep, e)?)?;
+        let f32v = em.b.build_int_z_extend(flag, i32t, "").ck()?;
+        let bal = asm_se(
+            em,
+            Some(i32t.into()),
+            &[i32t.into()],
+            "{ .reg .pred q; setp.ne.u32 q, $1, 0; vote.sync.ballot.b32 $0, q, 0xffffffff; }",
+            "=r,r,~{memory}",
+            &[f32v.into()],
+        )?
+        .expect("a value")
+        .into_int_value();
+        let below = popc(em, em.b.build_and(bal, lt_mask, "").ck()?)?;
+        let first = em.icmp(IntPredicate::EQ, lane, zero)?;
+        em.if_then(first, |em| {
+            let n = em.call("llvm.ctpop.i32", i32t.into(), &[i32t.into()], &[bal.into()])?;
+            let q = em.shared_gep(i32t.into(), wcnt, warp)?;
+            em.set(q, n.into_int_value())
+        })?;
+        em.barrier()?;
+        let (mut off, mut total) = (zero, zero);
+        for w in 0..8 {
+            let q = em.shared_gep(i32t.into(), wcnt, em.i64c(w))?;
+            let c = em.b.build_load(i32t, q, "").ck()?.into_int_value();
+            let c = em.b.build_int_z_extend(c, em.ctx.i64_type(), "").ck()?;
+            total = em.add(total, c)?;
+            let before = em.icmp(IntPredicate::SLT, em.i64c(w), warp)?;
+            off = em.add(off, em.select_i(before, c, zero)?)?;
+        }
+        let cnt = em.geti(count)?;
+        em.if_then(flag, |em| {
+            let at = em.add(em.add(cnt, off)?, below)?;
+            let q = em.shared_gep(i32t.into(), list, at)?;
+            let v = em.b.build_int_truncate(p, i32t, "").ck()?;
+            em.set(q, v)
+        })?;
+        em.barrier()?;
+        em.set(count, em.add(cnt, total)?)?;
+        while_loop(
+            em,
+            |em| {
+                let c = em.geti(count)?;
+                em.icmp(IntPredicate::SGE, c, em.i64c(GB_M))
+            },
+            |em| {
+                let m = em.i64c(GB_M);
+                grouped_tile(em, t, &g, m)?;
+                let rem = em.sub(em.geti(count)?, em.i64c(GB_M))?;
+                let has = em.icmp(IntPredicate::SLT, tid, rem)?;
+                let src = em.select_i(has, em.add(tid, em.i64c(GB_M))?, zero)?;
+                let q = em.shared_gep(i32t.into(), list, src)?;
+                let v = em.b.build_load(i32t, q, "").ck()?.into_int_value();
+                em.barrier()?;
+                em.if_then(has, |em| {
+                    let q = em.shared_gep(i32t.into(), list, tid)?;
+                    em.set(q, v)
+                })?;
+                em.barrier()?;
+                em.set(count, rem)
+            },
+        )?;
+        Ok(())
+    })?;
+    let rest = em.geti(count)?;
+    let some = em.icmp(IntPredicate::SGT, rest, zero)?;
+    em.if_then(some, |em| grouped_tile(em, t, &g, rest))
 }
