@@ -24,8 +24,8 @@
 
 use super::super::emit::{Ck, Em, Val, R};
 use super::attention::dyn_smem;
-use inkwell::types::{BasicMetadataTypeEnum, BasicType, BasicTypeEnum};
-use inkwell::values::{BasicMetadataValueEnum, BasicValue, FloatValue, IntValue, VectorValue};
+use super::tc::{ldmatrix, mma};
+use inkwell::values::{BasicValue, FloatValue, IntValue, VectorValue};
 use inkwell::{FloatPredicate, IntPredicate};
 use ir::kernel::{Operand, TemplateKernel};
 use ir::op::ReduceOp;
@@ -85,62 +85,6 @@ pub(super) struct Ctx<'c> {
     /// keys (cache + new tokens)
     pub tk: IntValue<'c>,
     pub ydt: DType,
-}
-
-/// `ldmatrix.x4` (optionally `.trans`) at the 32-bit shared address `a`: four b16x2 registers.
-fn ldmatrix<'c>(em: &Em<'c, '_>, a: IntValue<'c>, trans: bool) -> R<[IntValue<'c>; 4]> {
-    let i32t = em.ctx.i32_type();
-    let ty: BasicTypeEnum = em.ctx.struct_type(&[i32t.into(); 4], false).into();
-    let text = format!(
-        "ldmatrix.sync.aligned.m8n8.x4{}.shared.b16 {{$0, $1, $2, $3}}, [$4];",
-        if trans { ".trans" } else { "" }
-    );
-    let f = ty.fn_type(&[i32t.into()], false);
-    let asm = em
-        .ctx
-        .create_inline_asm(f, text, "=r,=r,=r,=r,r,~{memory}".to_string(), true, false, None, false);
-    let s =
-        em.b.build_indirect_call(f, asm, &[a.into()], "")
-            .ck()?
-            .try_as_basic_value()
-            .expect_basic("a value")
-            .into_struct_value();
-    let mut out = [a; 4];
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = em.b.build_extract_value(s, j as u32, "").ck()?.into_int_value();
-    }
-    Ok(out)
-}
-
-/// `c + a·b` on one m16n8k16 bf16 tile (f32 accumulators).
-fn mma<'c>(
-    em: &Em<'c, '_>,
-    a: &[IntValue<'c>; 4],
-    b: [IntValue<'c>; 2],
-    c: [FloatValue<'c>; 4],
-) -> R<[FloatValue<'c>; 4]> {
-    let (i32t, f32t) = (em.ctx.i32_type(), em.ctx.f32_type());
-    let mut params: Vec<BasicMetadataTypeEnum> = vec![i32t.into(); 6];
-    params.extend([BasicMetadataTypeEnum::from(f32t); 4]);
-    let mut args: Vec<BasicMetadataValueEnum> = Vec::with_capacity(10);
-    args.extend(a.iter().map(|x| BasicMetadataValueEnum::from(*x)));
-    args.extend(b.iter().map(|x| BasicMetadataValueEnum::from(*x)));
-    args.extend(c.iter().map(|x| BasicMetadataValueEnum::from(*x)));
-    let s = em
-        .asm(
-            em.ctx.struct_type(&[f32t.into(); 4], false).into(),
-            &params,
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, \
-             {$8, $9}, {$10, $11, $12, $13};",
-            "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3",
-            &args,
-        )?
-        .into_struct_value();
-    let mut out = c;
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = em.b.build_extract_value(s, j as u32, "").ck()?.into_float_value();
-    }
-    Ok(out)
 }
 
 /// Two f32 as a bf16x2 register (round to nearest even): `lo` in the low half.

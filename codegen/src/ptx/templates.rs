@@ -13,6 +13,7 @@ pub(crate) mod fastgemm;
 mod linear_attn;
 #[path = "route.rs"]
 mod route;
+mod tc;
 
 use super::emit::{err, Em, Val, R};
 use super::expr::Scope;

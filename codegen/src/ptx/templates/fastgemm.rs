@@ -613,7 +613,6 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
     let (zero, one) = (em.i64c(0), em.i64c(1));
     let i32t = em.ctx.i32_type();
     let i64t = em.ctx.i64_type();
-    let f32t = em.ctx.f32_type();
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
@@ -736,25 +735,8 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?,
     )?;
     let b_lk = em.mul(em.rem(em.div(lane, em.i64c(8))?, em.i64c(2))?, em.i64c(8))?;
-    let v4t: BasicTypeEnum = em.ctx.struct_type(&[i32t.into(); 4], false).into();
-    let f4t: BasicTypeEnum = em.ctx.struct_type(&[f32t.into(); 4], false).into();
     let ldm = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> {
-        let addr = smem_addr(em, cx, e)?;
-        let s = asm_se(
-            em,
-            Some(v4t),
-            &[i32t.into()],
-            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [$4];",
-            "=r,=r,=r,=r,r,~{memory}",
-            &[addr.into()],
-        )?
-        .expect("a value")
-        .into_struct_value();
-        let mut out = [addr; 4];
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = em.b.build_extract_value(s, j as u32, "").ck()?.into_int_value();
-        }
-        Ok(out)
+        super::tc::ldmatrix(em, smem_addr(em, cx, e)?, false)
     };
     em.for_range(zero, kt_n, one, |em, kt| {
         // tile kt landed (the STAGES - 2 newer groups may still fly); after the barrier every
@@ -791,35 +773,13 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
             for (mi, a) in af.iter().enumerate() {
                 for (ni, b) in bfr.iter().enumerate() {
                     let base = (mi * 4 + ni) * 4;
-                    let mut args: Vec<BasicMetadataValueEnum> = Vec::new();
-                    args.extend(a.iter().map(|x| BasicMetadataValueEnum::from(*x)));
-                    args.extend(b.iter().map(|x| BasicMetadataValueEnum::from(*x)));
-                    for j in 0..4 {
-                        args.push(em.getf(acc[base + j])?.into());
+                    let mut c = [em.f32c(0.0); 4];
+                    for (j, cj) in c.iter_mut().enumerate() {
+                        *cj = em.getf(acc[base + j])?;
                     }
-                    let mut params: Vec<BasicMetadataTypeEnum> = vec![i32t.into(); 6];
-                    params.extend([BasicMetadataTypeEnum::from(f32t); 4]);
-                    let ty = f4t.fn_type(&params, false);
-                    let p = em.ctx.create_inline_asm(
-                        ty,
-                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, \
-                         {$8, $9}, {$10, $11, $12, $13};"
-                            .to_string(),
-                        "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3".to_string(),
-                        false,
-                        false,
-                        None,
-                        false,
-                    );
-                    let s =
-                        em.b.build_indirect_call(ty, p, &args, "")
-                            .ck()?
-                            .try_as_basic_value()
-                            .expect_basic("a value")
-                            .into_struct_value();
-                    for j in 0..4 {
-                        let v = em.b.build_extract_value(s, j as u32, "").ck()?;
-                        em.set(acc[base + j], v)?;
+                    let c = super::tc::mma(em, a, *b, c)?;
+                    for (j, cj) in c.into_iter().enumerate() {
+                        em.set(acc[base + j], cj)?;
                     }
                 }
             }
@@ -1244,7 +1204,6 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     let (zero, one) = (em.i64c(0), em.i64c(1));
     let i32t = em.ctx.i32_type();
     let i64t = em.ctx.i64_type();
-    let f32t = em.ctx.f32_type();
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
@@ -1318,26 +1277,8 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
         em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?,
     )?;
     let b_lk = em.mul(em.rem(em.div(lane, em.i64c(8))?, em.i64c(2))?, em.i64c(8))?;
-    let v4t: BasicTypeEnum = em.ctx.struct_type(&[i32t.into(); 4], false).into();
-    let f4t: BasicTypeEnum = em.ctx.struct_type(&[f32t.into(); 4], false).into();
-    let ldm = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> {
-        let addr = saddr(em, e)?;
-        let s = asm_se(
-            em,
-            Some(v4t),
-            &[i32t.into()],
-            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [$4];",
-            "=r,=r,=r,=r,r,~{memory}",
-            &[addr.into()],
-        )?
-        .expect("a value")
-        .into_struct_value();
-        let mut out = [addr; 4];
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = em.b.build_extract_value(s, j as u32, "").ck()?.into_int_value();
-        }
-        Ok(out)
-    };
+    let ldm =
+        |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> { super::tc::ldmatrix(em, saddr(em, e)?, false) };
     em.for_range(zero, kt_n, one, |em, kt| {
         let wait = format!("cp.async.wait_group {};", GB_STAGES - 2);
         asm_se(em, None, &[], &wait, "~{memory}", &[])?;
@@ -1372,35 +1313,13 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
                 for (mi, a) in af.iter().enumerate() {
                     for (ni, b) in bw.iter().enumerate() {
                         let base = ((which * 2 + mi) * 2 + ni) * 4;
-                        let mut args: Vec<BasicMetadataValueEnum> = Vec::new();
-                        args.extend(a.iter().map(|x| BasicMetadataValueEnum::from(*x)));
-                        args.extend(b.iter().map(|x| BasicMetadataValueEnum::from(*x)));
-                        for j in 0..4 {
-                            args.push(em.getf(acc[base + j])?.into());
+                        let mut c = [em.f32c(0.0); 4];
+                        for (j, cj) in c.iter_mut().enumerate() {
+                            *cj = em.getf(acc[base + j])?;
                         }
-                        let mut params: Vec<BasicMetadataTypeEnum> = vec![i32t.into(); 6];
-                        params.extend([BasicMetadataTypeEnum::from(f32t); 4]);
-                        let ty = f4t.fn_type(&params, false);
-                        let p = em.ctx.create_inline_asm(
-                            ty,
-                            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, \
-                             {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
-                                .to_string(),
-                            "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3".to_string(),
-                            false,
-                            false,
-                            None,
-                            false,
-                        );
-                        let s =
-                            em.b.build_indirect_call(ty, p, &args, "")
-                                .ck()?
-                                .try_as_basic_value()
-                                .expect_basic("a value")
-                                .into_struct_value();
-                        for j in 0..4 {
-                            let v = em.b.build_extract_value(s, j as u32, "").ck()?;
-                            em.set(acc[base + j], v)?;
+                        let c = super::tc::mma(em, a, *b, c)?;
+                        for (j, cj) in c.into_iter().enumerate() {
+                            em.set(acc[base + j], cj)?;
                         }
                     }
                 }
