@@ -130,6 +130,21 @@ impl Jit {
         Ok((id, ctx))
     }
 
+    /// Defines function `id` from its built context (the end of every hand-built function);
+    /// a Cranelift error names the function.
+    pub(crate) fn define_local(
+        &mut self,
+        name: &str,
+        id: FuncId,
+        mut ctx: cranelift_codegen::Context,
+    ) -> Result<FuncId, String> {
+        self.module
+            .define_function(id, &mut ctx)
+            .map_err(|e| format!("{name}: cranelift: {}", describe(&e)))?;
+        self.module.clear_context(&mut ctx);
+        Ok(id)
+    }
+
     /// Compiles `spec` into a function named `name` (a kernel name, or a kernel name with a
     /// suffix for a template's fusions). Errors name the function.
     pub fn compile_loop(&mut self, name: &str, spec: &LoopSpec, symbols: &[String]) -> Result<FuncId, String> {
@@ -182,11 +197,7 @@ impl Jit {
             e.b.seal_all_blocks();
             e.b.finalize(self.module.target_config());
         }
-        self.module
-            .define_function(id, &mut ctx)
-            .map_err(|err| format!("{name}: cranelift: {}", describe(&err)))?;
-        self.module.clear_context(&mut ctx);
-        Ok(id)
+        self.define_local(name, id, ctx)
     }
 }
 

@@ -8,7 +8,7 @@
 //! at the edges, so the micro-kernel never branches. Accumulation is f32; the result is rounded
 //! to the GEMM's output dtype by the caller.
 
-use super::expr::{describe, Jit};
+use super::expr::Jit;
 use super::ParFor;
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, MemFlagsData};
 use cranelift_frontend::FunctionBuilder;
@@ -99,11 +99,7 @@ pub(crate) fn compile_dot_kernel(jit: &mut Jit) -> Result<FuncId, String> {
         b.seal_all_blocks();
         b.finalize(jit.module.target_config());
     }
-    jit.module
-        .define_function(id, &mut ctx)
-        .map_err(|e| format!("{name}: cranelift: {}", describe(&e)))?;
-    jit.module.clear_context(&mut ctx);
-    Ok(id)
+    jit.define_local(name, id, ctx)
 }
 
 /// Few rows (decode) and both operands contiguous along K: one dot product per output
@@ -210,11 +206,7 @@ pub(crate) fn compile_micro_kernel(jit: &mut Jit) -> Result<FuncId, String> {
         b.seal_all_blocks();
         b.finalize(jit.module.target_config());
     }
-    jit.module
-        .define_function(id, &mut ctx)
-        .map_err(|e| format!("{name}: cranelift: {}", describe(&e)))?;
-    jit.module.clear_context(&mut ctx);
-    Ok(id)
+    jit.define_local(name, id, ctx)
 }
 
 /// A raw pointer that work items share; each writes a disjoint part.

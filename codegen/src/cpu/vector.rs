@@ -16,7 +16,7 @@
 //! bytes are encoded and decoded bit-exactly with `DType::encode_float`/`decode_float`. `exp`
 //! is a degree-6 polynomial after range reduction by `ln 2` (relative error ~2e-7).
 
-use super::expr::{describe, Jit};
+use super::expr::Jit;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, Endianness, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -578,11 +578,7 @@ fn build(
         b.seal_all_blocks();
         b.finalize(jit.module.target_config());
     }
-    jit.module
-        .define_function(id, &mut ctx)
-        .map_err(|e| format!("{name}: cranelift: {}", describe(&e)))?;
-    jit.module.clear_context(&mut ctx);
-    Ok(id)
+    jit.define_local(name, id, ctx)
 }
 
 /// The selection kernel of top-k, argmax and the routing top-k (scalar: one pass per chosen
@@ -666,11 +662,7 @@ fn build_argmax(jit: &mut Jit, name: &str, i64_values: bool) -> Result<FuncId, S
         b.seal_all_blocks();
         b.finalize(jit.module.target_config());
     }
-    jit.module
-        .define_function(id, &mut ctx)
-        .map_err(|e| format!("{name}: cranelift: {}", describe(&e)))?;
-    jit.module.clear_context(&mut ctx);
-    Ok(id)
+    jit.define_local(name, id, ctx)
 }
 
 /// The scatter-add kernel of one (outer, inner) column (`ScatterF64Fn` with `f64_acc`, else
@@ -748,11 +740,7 @@ fn build_scatter(jit: &mut Jit, name: &str, f64_acc: bool) -> Result<FuncId, Str
         b.seal_all_blocks();
         b.finalize(jit.module.target_config());
     }
-    jit.module
-        .define_function(id, &mut ctx)
-        .map_err(|e| format!("{name}: cranelift: {}", describe(&e)))?;
-    jit.module.clear_context(&mut ctx);
-    Ok(id)
+    jit.define_local(name, id, ctx)
 }
 
 /// The few-rows scaled FP8 GEMM over one strip of columns (`GemvFp8Fn`): for each row `p` of
@@ -863,11 +851,7 @@ fn build_gemv_fp8(jit: &mut Jit, name: &str, vector: bool) -> Result<FuncId, Str
         b.seal_all_blocks();
         b.finalize(jit.module.target_config());
     }
-    jit.module
-        .define_function(id, &mut ctx)
-        .map_err(|e| format!("{name}: cranelift: {}", describe(&e)))?;
-    jit.module.clear_context(&mut ctx);
-    Ok(id)
+    jit.define_local(name, id, ctx)
 }
 
 fn ld(b: &mut FunctionBuilder, a: &Args, k: usize) -> Value {
