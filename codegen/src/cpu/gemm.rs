@@ -9,7 +9,7 @@
 //! to the GEMM's output dtype by the caller.
 
 use super::expr::Jit;
-use super::ParFor;
+use super::{ParFor, Shared};
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, MemFlagsData};
 use cranelift_frontend::FunctionBuilder;
 use cranelift_module::{FuncId, Module};
@@ -111,7 +111,7 @@ fn gemv(
     (m, n, k): (usize, usize, usize),
     par: &dyn ParFor,
 ) {
-    let cptr = SharedMut(c.as_mut_ptr());
+    let cptr = Shared(c.as_mut_ptr());
     let k8 = k / 8;
     par.run(jobs.len() * n, &|lo, hi| {
         for item in lo..hi {
@@ -207,18 +207,6 @@ pub(crate) fn compile_micro_kernel(jit: &mut Jit) -> Result<FuncId, String> {
         b.finalize(jit.module.target_config());
     }
     jit.define_local(name, id, ctx)
-}
-
-/// A raw pointer that work items share; each writes a disjoint part.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Where a GEMM operand's elements are: `x[i, j]` at `data[base + i·rs + j·cs]`.
@@ -360,7 +348,7 @@ fn blocked<B: PackB>(
     let nc = nc.clamp(NR, NC_MAX);
     let nb = n.div_ceil(nc);
     let items = jobs.len() * mb * nb;
-    let cptr = SharedMut(c.as_mut_ptr());
+    let cptr = Shared(c.as_mut_ptr());
     par.run(items, &|lo, hi| {
         let mut apack = vec![0f32; MC * KC];
         let mut bpack = vec![0f32; KC * NC_MAX];

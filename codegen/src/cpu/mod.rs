@@ -54,6 +54,24 @@ impl ParFor for Serial {
 #[derive(Clone, Copy, Debug)]
 pub struct BufPtr(pub *mut u8);
 unsafe impl Send for BufPtr {}
+
+/// A raw pointer to an output that parallel work items share, each writing a disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared<T>(pub(crate) *mut T);
+// SAFETY: the items that hold it write disjoint elements (each user's contract).
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    pub(crate) fn get(&self) -> *mut T {
+        self.0
+    }
+
+    pub(crate) fn at(&self, i: usize) -> *mut T {
+        // SAFETY (callers): `i` is inside the output the pointer was made from.
+        unsafe { self.0.add(i) }
+    }
+}
 unsafe impl Sync for BufPtr {}
 
 /// One call's arguments.

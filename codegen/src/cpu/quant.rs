@@ -18,23 +18,12 @@ use super::gemm::{gemm_fp8_b, Fp8Mat, GemmKernels, MatRef, FP8_BLOCK};
 use super::rows::code;
 use super::vector::VecKernels;
 use super::ParFor;
+use super::Shared;
 use ir::DType;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest finite E4M3 value: a block's amax maps to it.
 const E4M3_MAX: f32 = 448.0;
-
-/// A shared output that threads write disjoint parts of.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-impl<T> Shared<T> {
-    fn at(&self, i: usize) -> *mut T {
-        // SAFETY (callers): `i` is inside the output the pointer was made from.
-        unsafe { self.0.add(i) }
-    }
-}
 
 /// Scale of a block whose largest magnitude is `amax` (finite): `ir::fused::fp8`'s rule.
 fn block_scale(amax: f32) -> f32 {

@@ -7,19 +7,7 @@
 //! which sums each destination in order of the source index (f64 for floats, rounded once by
 //! the caller; wrapping i64 for integers), exactly as the reference does.
 
-use super::ParFor;
-
-/// A shared output that threads write disjoint parts of.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-impl<T> Shared<T> {
-    fn at(&self, i: usize) -> *mut T {
-        // SAFETY (callers): `i` is inside the output the pointer was made from.
-        unsafe { self.0.add(i) }
-    }
-}
+use super::{ParFor, Shared};
 
 /// The selection kernel over one contiguous line: `select(n, values, taken)`, as
 /// `vector::ArgmaxFn` (or its i64 form): the best entry not taken yet, marked taken.
