@@ -327,27 +327,24 @@ impl GpuBenchReport {
                 100.0 * r.floor_ms / r.ms,
                 r.kernels
             );
-            if let Some(g) = r.graph_ms {
-                let _ = writeln!(
-                    s,
-                    "{:<22} {:>10.3} {:>12.0} {:>10.3} {:>7.1}%   (one CUDA-graph replay, GPU time)",
-                    "  as a graph",
-                    g,
-                    r.tokens as f64 / (g / 1e3),
-                    r.floor_ms,
-                    100.0 * r.floor_ms / g
-                );
-            }
-            if let Some(w) = r.wall_ms {
-                let _ = writeln!(
-                    s,
-                    "{:<22} {:>10.3} {:>12.0} {:>10.3} {:>7.1}%   (whole steps: tokens up, CUDA graph, logits down)",
+            let graph_rows = [
+                (r.graph_ms, "  as a graph", "one CUDA-graph replay, GPU time"),
+                (
+                    r.wall_ms,
                     "  as a graph, wall",
-                    w,
-                    r.tokens as f64 / (w / 1e3),
-                    r.floor_ms,
-                    100.0 * r.floor_ms / w
-                );
+                    "whole steps: tokens up, CUDA graph, logits down",
+                ),
+            ];
+            for (ms, what, how) in graph_rows {
+                if let Some(ms) = ms {
+                    let _ = writeln!(
+                        s,
+                        "{what:<22} {ms:>10.3} {:>12.0} {:>10.3} {:>7.1}%   ({how})",
+                        r.tokens as f64 / (ms / 1e3),
+                        r.floor_ms,
+                        100.0 * r.floor_ms / ms
+                    );
+                }
             }
             let kinds: Vec<String> = r.by_kind.iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
             let _ = writeln!(s, "    by kind (ms): {}", kinds.join(", "));
