@@ -364,6 +364,10 @@ struct Fixed {
     graphs: HashMap<Vec<u64>, cudarc::driver::CudaGraph>,
     /// the graph the last step replayed
     last: Option<Vec<u64>>,
+    /// the plan's carried outputs in buffers of their own ([`state_outputs`]), and which
+    /// buffers the plan refers to ([`used_buffers`]): fixed per plan, not per step
+    state_out: HashMap<BufferId, String>,
+    used: Vec<bool>,
     /// each kernel's grid at the capacity
     grids: Vec<[u64; 3]>,
 }
@@ -826,6 +830,8 @@ impl CudaPlan {
             ours: Default::default(),
             graphs: HashMap::new(),
             last: None,
+            state_out,
+            used,
             grids,
         })
     }
@@ -889,13 +895,12 @@ impl CudaPlan {
             .as_ref()
             .is_some_and(|f| f.batch == batch && f.seq == seq && past + seq <= f.cap);
         if !fits {
-            *self.fixed.borrow_mut() = None; // free the old buffers first
-                                             // room for 256 more tokens past the next multiple of 256: a new capacity (and new
-                                             // graphs) every 256 decode steps at most
+            // free the old buffers first; then room for 256 more tokens past the next multiple
+            // of 256: a new capacity (and new graphs) every 256 decode steps at most
+            *self.fixed.borrow_mut() = None;
             let cap = ((past + seq + 255) / 256) * 256 + 256;
             *self.fixed.borrow_mut() = Some(self.make_fixed(&exe, env, batch, seq, cap)?);
         }
-        let state_out = state_outputs(exe.plan);
         let mut slot = self.fixed.borrow_mut();
         let fx = slot
             .as_mut()
@@ -960,7 +965,7 @@ impl CudaPlan {
             Some(set) => set,
             None => {
                 let mut set = HashMap::new();
-                for (id, name) in &state_out {
+                for (id, name) in &fx.state_out {
                     let b = &exe.plan.buffers[id.0 as usize];
                     let d = alloc(gpu, b.size_bytes(&fx.cap_env).map_err(Error)? as usize, name)?;
                     fx.ours.insert(d.ptr(gpu));
@@ -971,12 +976,11 @@ impl CudaPlan {
         };
 
         // every buffer's address
-        let used = used_buffers(exe.plan);
         let mut addr = vec![0u64; exe.plan.buffers.len()];
         let mut from_pool = true;
         for (i, b) in exe.plan.buffers.iter().enumerate() {
             let id = BufferId(i as u32);
-            if !used[i] {
+            if !fx.used[i] {
                 continue;
             }
             addr[i] = match b.kind {
@@ -1012,7 +1016,7 @@ impl CudaPlan {
                     from_pool &= fx.ours.contains(&p);
                     p
                 }
-                BufferKind::Output => match state_out.get(&id) {
+                BufferKind::Output => match fx.state_out.get(&id) {
                     Some(name) => out_set
                         .get(name)
                         .ok_or_else(|| Error(format!("internal: no buffer for state {name}")))?
@@ -1112,10 +1116,10 @@ impl CudaPlan {
                 old.insert(name, prev);
             }
         }
-        let reusable = old.len() == state_out.len()
+        let reusable = old.len() == fx.state_out.len()
             && old.iter().all(|(name, d)| {
                 fx.ours.contains(&d.ptr(gpu))
-                    && state_out.iter().any(|(id, n)| {
+                    && fx.state_out.iter().any(|(id, n)| {
                         n == name
                             && exe.plan.buffers[id.0 as usize]
                                 .size_bytes(&fx.cap_env)

@@ -57,7 +57,7 @@ pub(crate) struct LoopSpec<'a> {
 pub(crate) struct Jit {
     pub module: JITModule,
     helpers: HashMap<&'static str, FuncId>,
-    fbc: FunctionBuilderContext,
+    pub(crate) fbc: FunctionBuilderContext,
     pub has_fma: bool,
 }
 

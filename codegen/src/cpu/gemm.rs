@@ -43,9 +43,8 @@ pub(crate) fn compile_dot_kernel(jit: &mut Jit) -> Result<FuncId, String> {
     sig.params.push(AbiParam::new(ptr));
     sig.returns.push(AbiParam::new(types::F32));
     let (id, mut ctx) = jit.declare_local(name, sig)?;
-    let mut fbc = cranelift_frontend::FunctionBuilderContext::new();
     {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut jit.fbc);
         let fl = MemFlagsData::trusted();
         let v4 = types::F32X4;
         let entry = b.create_block();
@@ -142,9 +141,8 @@ pub(crate) fn compile_micro_kernel(jit: &mut Jit) -> Result<FuncId, String> {
         sig.params.push(AbiParam::new(ptr));
     }
     let (id, mut ctx) = jit.declare_local(name, sig)?;
-    let mut fbc = cranelift_frontend::FunctionBuilderContext::new();
     {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut jit.fbc);
         let fl = MemFlagsData::trusted();
         let v4 = types::F32X4;
         let entry = b.create_block();

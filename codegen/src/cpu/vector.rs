@@ -19,7 +19,7 @@
 use super::expr::Jit;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, Endianness, InstBuilder, MemFlagsData, Type, Value};
-use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_frontend::FunctionBuilder;
 use cranelift_module::{FuncId, Module};
 use ir::DType;
 
@@ -477,10 +477,9 @@ fn build(
         sig.returns.push(AbiParam::new(types::F32));
     }
     let (id, mut ctx) = jit.declare_local(name, sig)?;
-    let mut fbc = FunctionBuilderContext::new();
     let fma = jit.has_fma;
     {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut jit.fbc);
         let v4 = types::F32X4;
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
@@ -591,9 +590,8 @@ fn build_argmax(jit: &mut Jit, name: &str, i64_values: bool) -> Result<FuncId, S
     sig.params.push(AbiParam::new(ptr));
     sig.returns.push(AbiParam::new(types::I64));
     let (id, mut ctx) = jit.declare_local(name, sig)?;
-    let mut fbc = FunctionBuilderContext::new();
     {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut jit.fbc);
         let fl = MemFlagsData::trusted();
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
@@ -678,9 +676,8 @@ fn build_scatter(jit: &mut Jit, name: &str, f64_acc: bool) -> Result<FuncId, Str
     sig.params.push(AbiParam::new(types::I64));
     sig.returns.push(AbiParam::new(types::I64));
     let (id, mut ctx) = jit.declare_local(name, sig)?;
-    let mut fbc = FunctionBuilderContext::new();
     {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut jit.fbc);
         let fl = MemFlagsData::trusted();
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
@@ -766,10 +763,9 @@ fn build_gemv_fp8(jit: &mut Jit, name: &str, vector: bool) -> Result<FuncId, Str
         sig.params.push(AbiParam::new(t));
     }
     let (id, mut ctx) = jit.declare_local(name, sig)?;
-    let mut fbc = FunctionBuilderContext::new();
     let fma = jit.has_fma;
     {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut jit.fbc);
         let fl = MemFlagsData::trusted();
         let (ty, lanes) = if vector { (types::F32X4, 4) } else { (types::F32, 1) };
         let entry = b.create_block();
