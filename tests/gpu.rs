@@ -22,6 +22,57 @@ fn gpu_axpy_from_llvm_ptx_matches_the_host() {
     eprintln!("gpu axpy ok on {}", g.name);
 }
 
+/// A KV cache paged by virtual memory keeps every token through growth (new pages mapped behind
+/// the others) and through a move to a larger reserved range (the same pages mapped anew), and
+/// reads back exactly what was written.
+#[test]
+fn gpu_paged_cache_keeps_its_tokens_through_growth_and_moves() {
+    use runtime::cuda_plan::{download, upload};
+    use runtime::paged::{cap_for, granularity, PagedCache};
+    let Some(g) = gpu() else { return };
+    let page = granularity(&g).unwrap();
+    let (rows, inner) = (3usize, 1024usize);
+    let tokens_per_page = page / inner;
+    // a plain [rows, n, inner] pattern of bytes, different in every row and token
+    let pattern = |n: usize| -> ir::Tensor {
+        let v: Vec<i64> = (0..rows * n * inner / 8)
+            .map(|i| (i as i64).wrapping_mul(0x9e37_79b9_7f4a_7c15u64 as i64) ^ 0x55)
+            .collect();
+        ir::Tensor::from_i64(ir::DType::I64, vec![rows * n * inner / 8], v)
+    };
+    let first = tokens_per_page / 2 + 3;
+    let mut pc = PagedCache::new(&g, rows, inner, cap_for(first, &[inner], page)).unwrap();
+    assert_eq!(pc.cap(), tokens_per_page);
+    let src = upload(&g, &pattern(first), "pattern").unwrap();
+    pc.copy_in(src.ptr(&g), first).unwrap();
+    assert_eq!(pc.mapped_pages(), rows);
+    let base = pc.ptr();
+    let check = |pc: &PagedCache, n: usize, what: &str| {
+        let dst = runtime::cuda_plan::alloc(&g, rows * n * inner, "read back").unwrap();
+        pc.copy_out(dst.ptr(&g)).unwrap();
+        let got = download(&g, &dst, ir::DType::I64, vec![rows * n * inner / 8], "read back").unwrap();
+        assert_eq!(got.to_bytes(), pattern(n).to_bytes(), "{what}");
+    };
+    check(&pc, first, "after the first copy");
+    // outgrow the range: the pages move (new address), then map more pages behind them
+    let n = 2 * tokens_per_page + 5;
+    pc.set_cap(cap_for(n, &[inner], page)).unwrap();
+    assert_ne!(pc.ptr(), base, "a larger range has another address");
+    check(&pc, first, "after the move");
+    pc.ensure(n).unwrap();
+    assert_eq!(pc.mapped_pages(), 3 * rows);
+    let src = upload(&g, &pattern(n), "pattern").unwrap();
+    pc.copy_in(src.ptr(&g), n).unwrap();
+    check(&pc, n, "across three pages a row");
+    // asking beyond the capacity is an error, not a fault
+    assert!(pc.ensure(pc.cap() + 1).is_err());
+    eprintln!(
+        "gpu paged cache: {} pages of {} KiB, moved and grown intact",
+        pc.mapped_pages(),
+        page >> 10
+    );
+}
+
 #[test]
 fn no_driver_is_a_clear_error() {
     if driver_present() {
@@ -332,7 +383,8 @@ fn gpu_prefill_then_decode_equals_the_forward() {
 }
 
 /// Decode through fixed buffers and replayed CUDA graphs equals decode with plain launches,
-/// bit for bit, over enough steps to outgrow the first capacity (new buffers, new graphs).
+/// bit for bit, over 300 steps after a 250-token prefill; the KV caches are paged (moved into
+/// pages once after the prefill, then grown in place with one layout and its graphs).
 #[test]
 fn gpu_decode_as_cuda_graphs_equals_plain_launches() {
     let Some(g) = gpu() else { return };
@@ -366,6 +418,7 @@ fn gpu_decode_as_cuda_graphs_equals_plain_launches() {
             .collect();
         let mut out = Vec::new();
         let mut most_graphs = 0;
+        let layouts = p.gpu.decode_plan().layouts_made();
         for i in 0..steps {
             let t = ir::Tensor::from_i64(ir::DType::I64, vec![batch, 1], next.clone());
             let l = p.gpu.step(&mut dev, t, batch, 1, prompt_len + i).unwrap();
@@ -373,6 +426,15 @@ fn gpu_decode_as_cuda_graphs_equals_plain_launches() {
             next = (0..batch).map(|s| argmax(&l[s * p.vocab..][..p.vocab])).collect();
             most_graphs = most_graphs.max(p.gpu.decode_plan().graph_count());
             out.push(l);
+        }
+        if graphs {
+            // the caches are paged: they grew 300 tokens without a new layout (no copy, no
+            // new capture)
+            assert_eq!(
+                p.gpu.decode_plan().layouts_made(),
+                layouts + 1,
+                "the decode step was laid out more than once"
+            );
         }
         // the caches (in place, in their capacity layout, when graphs are on) read back
         let env: ir::DimEnv = [

@@ -344,4 +344,26 @@ mod tests {
             }
         }
     }
+
+    /// The runtime lays the in-place decode step's arena out once, for a capacity of many
+    /// thousand tokens (the paged caches' reservation): that is only cheap if no intermediate
+    /// grows with the context. Holds for tiny and small (the attention reads the caches in
+    /// place; nothing of `past` size is materialised).
+    #[test]
+    fn in_place_decode_arena_does_not_grow_with_the_context() {
+        for config in ["tiny", "small"] {
+            let g = model(config);
+            let (g, _) = crate::compile(&g, &opts(crate::Mode::Decode)).unwrap();
+            let plan = crate::partition::partition(&g).unwrap();
+            let (ip, _) = append_in_place(&plan).unwrap();
+            let peak = |past: i64| {
+                let env: ir::DimEnv = [("batch", 4), ("seq", 1), ("past", past), (CAP, past + 1)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                crate::memplan::plan(&ip, &env).unwrap().arena_peak_bytes
+            };
+            assert_eq!(peak(10), peak(65535), "{config}");
+        }
+    }
 }

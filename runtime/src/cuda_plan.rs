@@ -6,6 +6,7 @@
 //! ([`DeviceStates`]); only the data inputs go up and the non-state outputs (logits) come back.
 
 use crate::cuda::Gpu;
+use crate::paged::PagedCache;
 use crate::{err, Error, Result};
 use codegen::ptx::{PtxKernel, PtxOptions};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -198,74 +199,44 @@ impl GpuWeights {
 /// Carried states on the device, by state name.
 #[derive(Default)]
 pub struct DeviceStates {
+    /// states in the plain row-major layout of their shapes
     pub bufs: HashMap<String, DeviceBuf>,
-    /// KV caches kept in a capacity layout by the in-place decode step (absent: the plain
-    /// row-major layout of the state's shape)
-    pub layout: HashMap<String, CapLayout>,
+    /// KV caches the in-place decode step keeps in its capacity layout, paged by the GPU's
+    /// virtual memory (`crate::paged`); a state is in `bufs` or here, not both
+    pub paged: HashMap<String, PagedCache>,
 }
 
 impl DeviceStates {
     pub fn new(bufs: HashMap<String, DeviceBuf>) -> DeviceStates {
         DeviceStates {
             bufs,
-            layout: HashMap::new(),
+            paged: HashMap::new(),
         }
     }
-}
 
-/// A cache laid out for `cap` tokens along its growing axis: `rows` rows (the axes before it),
-/// each `cap` tokens of `inner_bytes`, the first `tokens` of them valid.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CapLayout {
-    pub cap: usize,
-    pub tokens: usize,
-    pub rows: usize,
-    pub inner_bytes: usize,
-}
-
-/// Copies `rows` rows of `width` bytes between two pitched device layouts (stream-ordered).
-fn copy_rows(
-    gpu: &Gpu,
-    src: u64,
-    src_pitch: usize,
-    dst: u64,
-    dst_pitch: usize,
-    width: usize,
-    rows: usize,
-) -> Result<()> {
-    if width == 0 || rows == 0 {
-        return Ok(());
+    /// Physical bytes the states hold on the GPU.
+    pub fn bytes(&self) -> usize {
+        self.bufs.values().map(|b| b.bytes).sum::<usize>()
+            + self.paged.values().map(PagedCache::mapped_bytes).sum::<usize>()
     }
-    use cudarc::driver::sys;
-    let c = sys::CUDA_MEMCPY2D {
-        srcXInBytes: 0,
-        srcY: 0,
-        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        srcHost: std::ptr::null(),
-        srcDevice: src,
-        srcArray: std::ptr::null_mut(),
-        srcPitch: src_pitch,
-        dstXInBytes: 0,
-        dstY: 0,
-        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        dstHost: std::ptr::null_mut(),
-        dstDevice: dst,
-        dstArray: std::ptr::null_mut(),
-        dstPitch: dst_pitch,
-        WidthInBytes: width,
-        Height: rows,
-    };
-    // SAFETY: both regions are live device allocations of at least rows × pitch bytes (the
-    // callers size them so), and the copy is ordered on our stream.
-    let r = unsafe { sys::cuMemcpy2DAsync_v2(&c, gpu.stream.cu_stream()) };
-    r.result()
-        .map_err(|e| Error(format!("re-laying out a KV cache on the GPU: {e}")))
+}
+
+/// A paged cache's valid tokens in a new buffer of the plain layout (stream-ordered).
+fn plain_copy(gpu: &Gpu, pc: &PagedCache, name: &str) -> Result<DeviceBuf> {
+    let dst = alloc(gpu, pc.rows * pc.tokens * pc.inner, name)?;
+    pc.copy_out(dst.ptr(gpu))?;
+    Ok(dst)
 }
 
 impl std::fmt::Debug for DeviceStates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let total: usize = self.bufs.values().map(|b| b.bytes).sum();
-        write!(f, "DeviceStates({} tensors, {total} bytes on the GPU)", self.bufs.len())
+        write!(
+            f,
+            "DeviceStates({} tensors, {} paged, {} bytes on the GPU)",
+            self.bufs.len(),
+            self.paged.len(),
+            self.bytes()
+        )
     }
 }
 
@@ -337,6 +308,8 @@ pub struct CudaPlan {
     opts: PtxOptions,
     pub cache: CacheStats,
     debug: u32,
+    /// how many times fixed buffers were laid out (for tests and the benchmark)
+    layouts: std::cell::Cell<usize>,
 }
 
 /// Fixed-address buffers for the steps of one (batch, seq) up to a capacity of `past + seq`
@@ -472,6 +445,7 @@ impl CudaPlan {
             opts: opts.clone(),
             cache,
             debug: debug_level(),
+            layouts: std::cell::Cell::new(0),
         })
     }
 
@@ -556,6 +530,13 @@ impl CudaPlan {
             t.push(f64::from(a.elapsed_ms(&b).map_err(|e| Error(e.to_string()))?));
         }
         Ok(Some(median(&mut t)))
+    }
+
+    /// How many times the fixed buffers of the decode step were laid out (a new batch size, or
+    /// caches outgrowing their reserved range): each time the step's CUDA graphs are captured
+    /// anew.
+    pub fn layouts_made(&self) -> usize {
+        self.layouts.get()
     }
 
     /// How many CUDA graphs are captured now (for tests and the benchmark).
@@ -770,6 +751,7 @@ impl CudaPlan {
     /// Buffers for steps of `batch` × `seq` tokens holding up to `cap` tokens in all.
     fn make_fixed(&self, exe: &Exe, env: &DimEnv, batch: i64, seq: i64, cap: i64) -> Result<Fixed> {
         let gpu = &*self.gpu;
+        self.layouts.set(self.layouts.get() + 1);
         let mut cap_env = env.clone();
         if exe.symbols.iter().any(|s| s == "past") {
             cap_env.insert("past".to_string(), cap - seq);
@@ -850,28 +832,12 @@ impl CudaPlan {
         Ok((rows, inner))
     }
 
-    /// Every cache of `states` in a capacity layout back in its plain layout (for the
-    /// functional plan and for reading it back).
+    /// Every paged cache of `states` back in its plain layout (for the functional plan and for
+    /// reading it back).
     fn plain_states(&self, states: &mut DeviceStates) -> Result<()> {
-        let names: Vec<String> = states.layout.keys().cloned().collect();
-        for name in names {
-            let l = states.layout[&name];
-            let src = states
-                .bufs
-                .get(&name)
-                .ok_or_else(|| Error(format!("state `{name}` is not on the GPU")))?;
-            let dst = alloc(&self.gpu, l.rows * l.tokens * l.inner_bytes, &name)?;
-            copy_rows(
-                &self.gpu,
-                src.ptr(&self.gpu),
-                l.cap * l.inner_bytes,
-                dst.ptr(&self.gpu),
-                l.tokens * l.inner_bytes,
-                l.tokens * l.inner_bytes,
-                l.rows,
-            )?;
-            states.bufs.insert(name.clone(), dst);
-            states.layout.remove(&name);
+        for (name, pc) in states.paged.drain() {
+            let dst = plain_copy(&self.gpu, &pc, &name)?;
+            states.bufs.insert(name, dst);
         }
         Ok(())
     }
@@ -889,16 +855,74 @@ impl CudaPlan {
         let exe = self.exe();
         let val = |n: &str| env.get(n).copied().unwrap_or(0);
         let (batch, seq, past) = (val("batch"), val("seq"), val("past"));
+        let tokens = (past + seq) as usize;
+        // the in-place caches, paged (see `crate::paged`): every row laid out for `cap` tokens
+        let mut rows_inner = Vec::with_capacity(exe.inplace.len());
+        for st in exe.inplace {
+            rows_inner.push(self.cache_rows(&st.name, st.axis, env)?);
+        }
+        let cap = if exe.inplace.is_empty() {
+            // no caches in place: the capacity of the fixed buffers, while they hold the step;
+            // else room for 256 more tokens past the next multiple of 256
+            match self.fixed.borrow().as_ref() {
+                Some(f) if f.batch == batch && f.seq == seq && past + seq <= f.cap => f.cap as usize,
+                _ => (((past + seq + 255) / 256) * 256 + 256) as usize,
+            }
+        } else {
+            let inners: Vec<usize> = rows_inner.iter().map(|&(_, i)| i).collect();
+            let page = crate::paged::granularity(gpu)?;
+            let cur = exe
+                .inplace
+                .iter()
+                .filter_map(|st| states.paged.get(&st.name).map(PagedCache::cap))
+                .max();
+            match cur {
+                Some(c) if tokens <= c => c,
+                Some(c) => crate::paged::cap_for(tokens.max(2 * c), &inners, page),
+                None => crate::paged::cap_for(tokens.max(crate::paged::reserve_tokens()), &inners, page),
+            }
+        };
+        for (st, &(rows, inner)) in exe.inplace.iter().zip(&rows_inner) {
+            if let Some(pc) = states.paged.get_mut(&st.name) {
+                if (pc.rows, pc.inner, pc.tokens) != (rows, inner, past as usize) {
+                    return err(format!(
+                        "state `{}` holds {} tokens in {} rows of {} bytes, the step expects {past} in {rows} of {inner}",
+                        st.name, pc.tokens, pc.rows, pc.inner
+                    ));
+                }
+                pc.set_cap(cap)?;
+                pc.ensure(tokens)?;
+                continue;
+            }
+            // a cache in the plain layout (from a prefill, or new) moves into pages once
+            let src = states
+                .bufs
+                .get(&st.name)
+                .ok_or_else(|| Error(format!("state `{}` is not on the GPU", st.name)))?;
+            let width = past as usize * inner;
+            if src.bytes < rows * width {
+                return err(format!(
+                    "state `{}` holds {} bytes on the GPU, the step needs {}",
+                    st.name,
+                    src.bytes,
+                    rows * width
+                ));
+            }
+            let mut pc = PagedCache::new(gpu, rows, inner, cap)?;
+            pc.ensure(tokens)?;
+            pc.copy_in(src.ptr(gpu), past as usize)?;
+            states.bufs.remove(&st.name);
+            states.paged.insert(st.name.clone(), pc);
+        }
+        let cap = cap as i64;
         let fits = self
             .fixed
             .borrow()
             .as_ref()
-            .is_some_and(|f| f.batch == batch && f.seq == seq && past + seq <= f.cap);
+            .is_some_and(|f| f.batch == batch && f.seq == seq && f.cap == cap);
         if !fits {
-            // free the old buffers first; then room for 256 more tokens past the next multiple
-            // of 256: a new capacity (and new graphs) every 256 decode steps at most
+            // free the old buffers first
             *self.fixed.borrow_mut() = None;
-            let cap = ((past + seq + 255) / 256) * 256 + 256;
             *self.fixed.borrow_mut() = Some(self.make_fixed(&exe, env, batch, seq, cap)?);
         }
         let mut slot = self.fixed.borrow_mut();
@@ -908,58 +932,6 @@ impl CudaPlan {
         let mut env = env.clone();
         if exe.symbols.iter().any(|s| s == passes::inplace::CAP) {
             env.insert(passes::inplace::CAP.to_string(), fx.cap);
-        }
-        // the in-place caches in this capacity's layout (a cache from a prefill, or from a
-        // smaller capacity, is copied over once)
-        for st in exe.inplace {
-            let (rows, inner) = self.cache_rows(&st.name, st.axis, &env)?;
-            let cap = fx.cap as usize;
-            let want = CapLayout {
-                cap,
-                tokens: past as usize,
-                rows,
-                inner_bytes: inner,
-            };
-            let cur = states.layout.get(&st.name).copied();
-            if cur == Some(want) {
-                continue;
-            }
-            let src = states
-                .bufs
-                .get(&st.name)
-                .ok_or_else(|| Error(format!("state `{}` is not on the GPU", st.name)))?;
-            let src_pitch = match cur {
-                Some(l) if l.tokens == want.tokens && l.rows == rows && l.inner_bytes == inner => l.cap * inner,
-                Some(l) => {
-                    return err(format!(
-                        "state `{}` holds {} tokens in {} rows, the step expects {past} in {rows}",
-                        st.name, l.tokens, l.rows
-                    ))
-                }
-                None => {
-                    let need = rows * past as usize * inner;
-                    if src.bytes < need {
-                        return err(format!(
-                            "state `{}` holds {} bytes on the GPU, the step needs {need}",
-                            st.name, src.bytes
-                        ));
-                    }
-                    past as usize * inner
-                }
-            };
-            let dst = alloc(gpu, rows * cap * inner, &st.name)?;
-            copy_rows(
-                gpu,
-                src.ptr(gpu),
-                src_pitch,
-                dst.ptr(gpu),
-                cap * inner,
-                past as usize * inner,
-                rows,
-            )?;
-            fx.ours.insert(dst.ptr(gpu));
-            states.bufs.insert(st.name.clone(), dst);
-            states.layout.insert(st.name.clone(), want);
         }
         let mut out_set = match fx.pool.pop() {
             Some(set) => set,
@@ -1001,20 +973,25 @@ impl CudaPlan {
                     d.ptr(gpu)
                 }
                 BufferKind::State => {
-                    let d = states
-                        .bufs
-                        .get(&b.name)
-                        .ok_or_else(|| Error(format!("state `{}` is not on the GPU", b.name)))?;
-                    let need = b.size_bytes(&env).map_err(Error)? as usize;
-                    if d.bytes < need {
-                        return err(format!(
-                            "state `{}` holds {} bytes on the GPU, the step needs {need}",
-                            b.name, d.bytes
-                        ));
+                    if let Some(pc) = states.paged.get(&b.name) {
+                        // a paged cache: its address stays while it grows
+                        pc.ptr()
+                    } else {
+                        let d = states
+                            .bufs
+                            .get(&b.name)
+                            .ok_or_else(|| Error(format!("state `{}` is not on the GPU", b.name)))?;
+                        let need = b.size_bytes(&env).map_err(Error)? as usize;
+                        if d.bytes < need {
+                            return err(format!(
+                                "state `{}` holds {} bytes on the GPU, the step needs {need}",
+                                b.name, d.bytes
+                            ));
+                        }
+                        let p = d.ptr(gpu);
+                        from_pool &= fx.ours.contains(&p);
+                        p
                     }
-                    let p = d.ptr(gpu);
-                    from_pool &= fx.ours.contains(&p);
-                    p
                 }
                 BufferKind::Output => match fx.state_out.get(&id) {
                     Some(name) => out_set
@@ -1105,8 +1082,8 @@ impl CudaPlan {
         }
         // the caches grew in place
         for st in exe.inplace {
-            if let Some(l) = states.layout.get_mut(&st.name) {
-                l.tokens += seq as usize;
+            if let Some(pc) = states.paged.get_mut(&st.name) {
+                pc.tokens += seq as usize;
             }
         }
         // the new states in, the old ones back to the pool when they are ours and whole
@@ -1487,27 +1464,17 @@ impl CudaModel {
     ) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (name, dtype, shape) in specs {
-            let d = states
-                .bufs
-                .get(name)
-                .ok_or_else(|| Error(format!("state `{name}` is not on the GPU")))?;
             let gpu = self.weights.gpu();
-            let t = match states.layout.get(name) {
-                // a cache in its capacity layout: its valid tokens, row by row
-                Some(l) => {
-                    let plain = alloc(gpu, l.rows * l.tokens * l.inner_bytes, name)?;
-                    copy_rows(
-                        gpu,
-                        d.ptr(gpu),
-                        l.cap * l.inner_bytes,
-                        plain.ptr(gpu),
-                        l.tokens * l.inner_bytes,
-                        l.tokens * l.inner_bytes,
-                        l.rows,
-                    )?;
-                    download(gpu, &plain, *dtype, shape.clone(), name)?
+            let t = match states.paged.get(name) {
+                // a paged cache: its valid tokens, row by row
+                Some(pc) => download(gpu, &plain_copy(gpu, pc, name)?, *dtype, shape.clone(), name)?,
+                None => {
+                    let d = states
+                        .bufs
+                        .get(name)
+                        .ok_or_else(|| Error(format!("state `{name}` is not on the GPU")))?;
+                    download(gpu, d, *dtype, shape.clone(), name)?
                 }
-                None => download(gpu, d, *dtype, shape.clone(), name)?,
             };
             out.insert(name.clone(), t);
         }

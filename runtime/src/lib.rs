@@ -3,7 +3,8 @@
 //!
 //! Devices: `reference` runs the graph through `ir::interp` (the oracle); `cpu` runs its kernel
 //! plan as Cranelift-generated code on all cores (`cpu`, docs/cpu-backend.md) and is what `auto`
-//! picks; the CUDA backend arrives with its own issue, and asking for it says so.
+//! picks; `cuda` runs it on an NVIDIA GPU (`cuda_plan`, with the decode step's KV caches paged
+//! by the GPU's virtual memory, `paged`).
 
 pub mod bench;
 pub mod cpu;
@@ -12,6 +13,7 @@ pub mod cuda_plan;
 pub mod engine;
 pub mod gpu_bench;
 pub mod model;
+pub mod paged;
 pub mod sample;
 
 pub use engine::{Device, Engine, EngineOptions, State};

@@ -88,17 +88,36 @@ fn every_model_kernel_assembles_with_ptxas() {
     let mut unique: HashMap<String, (String, bool, String)> = HashMap::new();
     let mut count = 0;
     for config in ["tiny", "small", "ring-mini-linear-2.0", "ring-flash-linear-2.0"] {
-        for (mode, precision) in [
-            (Mode::Prefill, Precision::Bf16),
-            (Mode::Decode, Precision::Bf16),
-            (Mode::Prefill, Precision::Fp8),
+        for (mode, precision, in_place) in [
+            (Mode::Prefill, Precision::Bf16, false),
+            (Mode::Decode, Precision::Bf16, false),
+            (Mode::Decode, Precision::Bf16, true),
+            (Mode::Prefill, Precision::Fp8, false),
         ] {
-            let plan = plan_of(config, mode, precision);
+            let mut plan = plan_of(config, mode, precision);
+            if in_place {
+                // the decode step the GPU runtime replays: KV caches appended in place
+                plan = passes::inplace::append_in_place(&plan).unwrap().0;
+            }
             let o = PtxOptions {
                 prefill: mode == Mode::Prefill,
                 ..Default::default()
             };
             let ks = compile_plan(&plan, &o).unwrap_or_else(|e| panic!("{config} {mode:?} {precision:?}: {e}"));
+            if in_place {
+                // the runtime lays the step out once for a capacity of many thousand tokens
+                // (its paged caches' reservation): no launch may grow with the context
+                for k in &ks {
+                    let dims = k.launch.grid.iter().map(|g| &g.extent).chain([&k.scratch_bytes]);
+                    for d in dims {
+                        assert!(
+                            d.symbols().all(|s| s != "past" && s != passes::inplace::CAP),
+                            "{config}: {} launches over {d}",
+                            k.name
+                        );
+                    }
+                }
+            }
             let mut loops = std::collections::HashSet::new();
             mark_loops(&plan, &mut loops);
             for k in ks {
