@@ -263,9 +263,10 @@ fn ptx_of(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKe
 /// Counters of the module cache, for `RINGJIT_DEBUG` and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
-    /// modules the driver loaded
+    /// modules the driver loaded (one per distinct kernel body)
     pub compiled: usize,
-    /// kernels whose PTX an earlier plan of this process had loaded already
+    /// kernels whose module was loaded already (by an earlier plan of this process, or for a
+    /// kernel alike but for its name)
     pub memory_hits: usize,
 }
 
@@ -1306,29 +1307,66 @@ fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mu
             });
         }
     });
-    for (k, compiled) in plan.kernels.iter().zip(compiled_all) {
-        let compiled = compiled.ok_or_else(|| Error(format!("{}: not compiled", k.name)))??;
-        let mut h = DefaultHasher::new();
-        compiled.ptx.hash(&mut h);
-        let key = h.finish();
-        let cached = module_cache().lock().expect("module cache").get(&key).cloned();
-        let module = match cached {
-            Some(m) => {
-                cache.memory_hits += 1;
-                m
+    let mut compiled = Vec::with_capacity(plan.kernels.len());
+    for (k, c) in plan.kernels.iter().zip(compiled_all) {
+        compiled.push(c.ok_or_else(|| Error(format!("{}: not compiled", k.name)))??);
+    }
+    // kernels alike but for their names (the same kernel in every layer) share a module: the
+    // driver loads each distinct body once, the distinct ones in parallel (its PTX → SASS
+    // compile is most of a cold start)
+    let keys: Vec<u64> = compiled
+        .iter()
+        .map(|c| {
+            let mut h = DefaultHasher::new();
+            c.body.hash(&mut h);
+            h.finish()
+        })
+        .collect();
+    let mut todo: Vec<(u64, usize)> = Vec::new();
+    {
+        let have = module_cache().lock().expect("module cache");
+        let mut seen = std::collections::HashSet::new();
+        for (i, &key) in keys.iter().enumerate() {
+            if !have.contains_key(&key) && seen.insert(key) {
+                todo.push((key, i));
             }
-            None => {
-                cache.compiled += 1;
-                let m = gpu
-                    .load_ptx(&compiled.ptx)
-                    .map_err(|e| Error(format!("{}: {e}", k.name)))?;
-                module_cache().lock().expect("module cache").insert(key, m.clone());
-                m
-            }
-        };
-        let func = module
-            .load_function(&compiled.name)
-            .map_err(|e| Error(format!("{}: no entry `{}` in its PTX: {e}", k.name, compiled.name)))?;
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut loaded_all: Vec<Option<Result<Arc<CudaModule>>>> = (0..todo.len()).map(|_| None).collect();
+    let results = Mutex::new(&mut loaded_all);
+    std::thread::scope(|sc| {
+        for _ in 0..threads.min(todo.len()) {
+            sc.spawn(|| loop {
+                let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(_, i)) = todo.get(j) else { break };
+                let r = gpu
+                    .load_ptx(&compiled[i].body)
+                    .map_err(|e| Error(format!("{}: {e}", plan.kernels[i].name)));
+                results.lock().expect("load results")[j] = Some(r);
+            });
+        }
+    });
+    for (&(key, i), m) in todo.iter().zip(loaded_all) {
+        let m = m.ok_or_else(|| Error(format!("{}: not loaded", plan.kernels[i].name)))??;
+        module_cache().lock().expect("module cache").insert(key, m);
+    }
+    cache.compiled += todo.len();
+    cache.memory_hits += plan.kernels.len() - todo.len();
+    for ((k, compiled), key) in plan.kernels.iter().zip(compiled).zip(keys) {
+        let module = module_cache()
+            .lock()
+            .expect("module cache")
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Error(format!("internal: {}: no module", k.name)))?;
+        let func = module.load_function(codegen::ptx::ENTRY).map_err(|e| {
+            Error(format!(
+                "{}: no entry `{}` in its PTX: {e}",
+                k.name,
+                codegen::ptx::ENTRY
+            ))
+        })?;
         if compiled.launch.shared_bytes > 48 * 1024 {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -8,8 +8,10 @@
 //! cache that cannot be read or written is skipped silently: it only saves time.
 
 use super::PtxOptions;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 static HITS: AtomicUsize = AtomicUsize::new(0);
 static MISSES: AtomicUsize = AtomicUsize::new(0);
@@ -59,6 +61,37 @@ pub fn key(llvm_ir: &str, opts: &PtxOptions) -> String {
         llvm_ir.as_bytes(),
     ])
 }
+
+type Memo = Mutex<HashMap<String, Arc<OnceLock<Result<String, String>>>>>;
+
+/// `compute()`'s result for `key`, computed once per process: threads asking for a key being
+/// computed wait for it (the same kernel of every layer, compiled in parallel, is one compile).
+pub fn memo(key: &str, compute: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
+    static MEMO: OnceLock<Memo> = OnceLock::new();
+    let cell = MEMO
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key.to_string())
+        .or_default()
+        .clone();
+    let mut computed = false;
+    let r = cell.get_or_init(|| {
+        computed = true;
+        compute()
+    });
+    if !computed {
+        MEMO_HITS.fetch_add(1, Ordering::Relaxed);
+    }
+    r.clone()
+}
+
+/// How many compiles [`memo`] saved in this process so far.
+pub fn memo_hits() -> usize {
+    MEMO_HITS.load(Ordering::Relaxed)
+}
+
+static MEMO_HITS: AtomicUsize = AtomicUsize::new(0);
 
 pub fn get(key: &str) -> Option<String> {
     let body = std::fs::read_to_string(dir()?.join(format!("{key}.ptx"))).ok();

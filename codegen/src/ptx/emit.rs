@@ -72,14 +72,14 @@ pub(crate) struct Em<'c, 'a> {
 impl<'c, 'a> Em<'c, 'a> {
     /// The module and `.entry` of `kernel` with its ABI parameters.
     pub fn new(ctx: &'c Context, plan: &'a KernelPlan, kernel: &'a Kernel) -> R<Em<'c, 'a>> {
-        let module = ctx.create_module(&kernel.name);
+        let module = ctx.create_module(super::ENTRY);
         let gptr = ctx.ptr_type(AddressSpace::from(GLOBAL));
         let symbols = plan.symbols();
         let n_ptr = kernel.inputs.len() + kernel.outputs.len();
         // buffers, then one pointer to the symbols' values (i64 each, in `symbols` order), then
         // the scratch pointer (docs/kernel-abi.md)
         let params: Vec<BasicMetadataTypeEnum> = vec![gptr.into(); n_ptr + 2];
-        let f = module.add_function(&kernel.name, ctx.void_type().fn_type(&params, false), None);
+        let f = module.add_function(super::ENTRY, ctx.void_type().fn_type(&params, false), None);
         f.set_call_conventions(PTX_KERNEL_CC);
         let entry = ctx.append_basic_block(f, "entry");
         let b = ctx.create_builder();

@@ -147,6 +147,11 @@ impl Default for PtxOptions {
     }
 }
 
+/// The `.entry` name every kernel is generated under. [`PtxKernel::ptx`] carries the kernel's
+/// own name instead; [`PtxKernel::body`] keeps this one, so kernels that differ only in name (the
+/// same kernel in each layer) are one LLVM compile and one driver module.
+pub const ENTRY: &str = "ringjit_entry";
+
 /// One compiled kernel: a whole PTX module with one `.entry`, and how to launch it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PtxKernel {
@@ -154,6 +159,9 @@ pub struct PtxKernel {
     pub name: String,
     /// The PTX module, headed by a comment naming the graph nodes the kernel came from.
     pub ptx: String,
+    /// The same module without the comment and with the `.entry` named [`ENTRY`]: equal for
+    /// kernels that differ only in name (what the runtime loads, once per distinct body).
+    pub body: std::sync::Arc<str>,
     /// `sm_90` or `sm_90a`: the module's `.target` (pass it to ptxas as `-arch`).
     pub arch: String,
     /// Grid (big extent on x), block, and the *dynamic* shared memory to pass at launch
@@ -189,21 +197,24 @@ fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Resul
     };
     let mut llvm_ir = None;
     // LLVM's optimisation and code generation are most of the compile time: their output is
-    // cached on disk by the hash of the unoptimised module (see `cache`)
-    let key = (!opts.dump_llvm_ir).then(|| cache::key(&em.module.print_to_string().to_string(), opts));
-    let body = match key.as_deref().and_then(cache::get) {
-        Some(body) => body,
-        None => {
-            let body = module_to_ptx_at(&em.module, &opts.target, opts.opt_level, &mut |s| {
-                if opts.dump_llvm_ir {
-                    llvm_ir = Some(s)
-                }
-            })?;
-            if let Some(k) = &key {
-                cache::put(k, &body);
+    // kept by the hash of the unoptimised module, which names the entry `ENTRY` whatever the
+    // kernel's name: once per process for kernels alike (the same kernel in every layer), and
+    // on disk across runs (see `cache`)
+    let body: String = if opts.dump_llvm_ir {
+        module_to_ptx_at(&em.module, &opts.target, opts.opt_level, &mut |s| {
+            llvm_ir = Some(s.replace(ENTRY, &kernel.name))
+        })?
+    } else {
+        let key = cache::key(&em.module.print_to_string().to_string(), opts);
+        cache::memo(&key, || match cache::get(&key) {
+            Some(body) => Ok(body),
+            None => {
+                let body = module_to_ptx_at(&em.module, &opts.target, opts.opt_level, &mut |_| {}).map_err(|e| e.0)?;
+                cache::put(&key, &body);
+                Ok(body)
             }
-            body
-        }
+        })
+        .map_err(CodegenError)?
     };
     let nodes: Vec<String> = kernel.nodes.iter().map(|n| format!("%{}", n.index())).collect();
     let ptx = format!(
@@ -212,11 +223,12 @@ fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Resul
         kernel.kind_name(),
         nodes.join(" "),
         launch,
-        body
+        body.replace(ENTRY, &kernel.name)
     );
     Ok(PtxKernel {
         name: kernel.name.clone(),
         ptx,
+        body: body.into(),
         arch: opts.target.cpu(),
         launch,
         scratch_bytes: em.scratch_bytes.clone(),

@@ -20,6 +20,37 @@ fn first<'p>(plan: &'p KernelPlan, pred: &dyn Fn(&Kernel) -> bool) -> Option<&'p
     plan.kernels.iter().find(|k| pred(k))
 }
 
+/// The same kernel in every layer is one compile: kernels that differ only in name share their
+/// PTX body (entry named `ENTRY`), compiled once per process, and each kernel's own PTX is that
+/// body under its name.
+#[test]
+fn kernels_alike_but_for_their_names_share_one_compile() {
+    let plan = plan_of("small", Mode::Decode, Precision::Bf16);
+    let hits = cache::memo_hits();
+    let ks = compile_plan(&plan, &PtxOptions::default()).unwrap();
+    let mut bodies: HashMap<&str, Vec<&PtxKernel>> = HashMap::new();
+    for k in &ks {
+        assert!(k.body.contains(&format!(".entry {ENTRY}(")), "{}", k.name);
+        assert!(!k.body.contains(&k.name), "{}", k.name);
+        let code = |t: &str| {
+            t.lines()
+                .filter(|l| !l.starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(code(&k.ptx), code(&k.body.replace(ENTRY, &k.name)), "{}", k.name);
+        bodies.entry(&k.body).or_default().push(k);
+    }
+    // small has 8 layers of two kinds: far fewer distinct bodies than kernels
+    assert!(
+        bodies.len() * 3 < ks.len(),
+        "{} distinct bodies for {} kernels",
+        bodies.len(),
+        ks.len()
+    );
+    assert!(cache::memo_hits() >= hits + ks.len() - bodies.len());
+}
+
 #[test]
 fn loop_reductions_use_shuffles_and_gemm_emits_an_entry() {
     let plan = plan_of("tiny", Mode::Prefill, Precision::Bf16);
