@@ -44,6 +44,8 @@ config tie_word_embeddings: bool = false;
 config torch_dtype: str = "bfloat16";
 config max_position_embeddings: int = 0;
 config ringjit_decay_convention: str = "A";
+# which positions get logits: "all", or "last" (a prefill for generation needs only the last)
+config ringjit_logits: str = "all";
 # activations' dtype; by default the checkpoint's. `float32` runs a bf16 checkpoint in f32.
 config ringjit_compute_dtype: str = torch_dtype;
 
@@ -75,6 +77,7 @@ require !use_bias && !use_qkv_bias, "Ring-linear has no biases; use_bias/use_qkv
 require is_null(rope_scaling), "rope_scaling (YaRN) is not supported yet; set it to null";
 require act == dt || act == f32, "ringjit_compute_dtype must be the checkpoint's dtype or float32";
 require ringjit_decay_convention == "A" || ringjit_decay_convention == "B", "ringjit_decay_convention must be \"A\" or \"B\"";
+require ringjit_logits == "all" || ringjit_logits == "last", "ringjit_logits must be \"all\" or \"last\"";
 
 # ---- inputs -----------------------------------------------------------------------------------
 dim batch, seq, past;
@@ -298,5 +301,7 @@ let head = if tie_word_embeddings {
     param lm_head: dt[vocab_size, D] = "lm_head.weight";
     lm_head
 };
+# the final norm and the LM head are per position: only the last one's when that is all asked
+let hl = if ringjit_logits == "last" { h[:, seq - 1 : seq, :] } else { h };
 # §2.1: the LM head runs in f32 (the paper's train/inference alignment)
-output "logits" = cast(rms_norm(h, final_norm), f32) @ transpose(cast(head, f32));
+output "logits" = cast(rms_norm(hl, final_norm), f32) @ transpose(cast(head, f32));

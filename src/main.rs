@@ -128,6 +128,21 @@ impl ModelArgs {
             overrides: self.overrides.clone(),
         }
     }
+
+    /// [`ModelArgs::spec`] for generation: logits of the last position only (the final norm and
+    /// the LM head run for one position a sequence, not for the whole prompt), unless `--set
+    /// ringjit_logits=...` says otherwise.
+    fn spec_last_logits(&self) -> ModelSpec {
+        let mut s = self.spec();
+        if !s
+            .overrides
+            .iter()
+            .any(|o| o.trim_start().starts_with("ringjit_logits="))
+        {
+            s.overrides.push("ringjit_logits=last".into());
+        }
+        s
+    }
 }
 
 #[derive(Args)]
@@ -325,10 +340,10 @@ fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-fn load(model: &ModelArgs, device: &DeviceArgs) -> Result<(LoadedModel, Engine)> {
+fn load(spec: &ModelSpec, device: &DeviceArgs) -> Result<(LoadedModel, Engine)> {
     let dev = Device::parse(&device.device)?;
     let pb = spinner("loading model");
-    let m = LoadedModel::load(&model.spec())?;
+    let m = LoadedModel::load(spec)?;
     if debug_level() >= 1 {
         pb.suspend(|| {
             eprintln!("ringjit: {} on device {dev}", m.source);
@@ -468,7 +483,7 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
     if ext != "npy" && ext != "safetensors" {
         bail!("--out {}: the file must end in .npy or .safetensors", a.out.display());
     }
-    let (_m, engine) = load(&a.model, &a.device)?;
+    let (_m, engine) = load(&a.model.spec(), &a.device)?;
     let t0 = Instant::now();
     let logits = engine.forward(&a.tokens, a.decode_from)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -491,7 +506,7 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let (m, engine) = load(&a.model, &a.device)?;
+    let (m, engine) = load(&a.model.spec_last_logits(), &a.device)?;
     let tokenizer = match &m.tokenizer {
         Some(p) => Some(tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow!("{}: {e}", p.display()))?),
         None => None,
@@ -531,7 +546,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let logits = engine.step(&mut state, &prompt, prompt.len())?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let v = engine.vocab;
-    let last = &logits.as_f32().unwrap()[(prompt.len() - 1) * v..];
+    // the last position's row (the only one when the model makes the last position's only)
+    let all = logits.as_f32().unwrap();
+    let last = &all[all.len() - v..];
     let mut next = sample(last, &sampling, &mut rng) as i64;
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = String::new();
@@ -779,7 +796,7 @@ fn cmd_ptx(a: PtxArgs) -> Result<()> {
 /// physical floor of each step), on random weights made on the GPU.
 fn cmd_bench_gpu(a: BenchArgs) -> Result<()> {
     let pb = spinner("loading model");
-    let m = LoadedModel::load(&a.model.spec())?;
+    let m = LoadedModel::load(&a.model.spec_last_logits())?;
     let gpu = std::sync::Arc::new(runtime::cuda::Gpu::open(0)?);
     // measured ceilings of these cards (shared/perf.md): device copy and bf16 GEMM
     let bandwidth = if gpu.name.contains("H200") { 4.3e12 } else { 3.0e12 };
@@ -831,7 +848,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if Device::parse(&a.device.device)? == Device::Cuda {
         return cmd_bench_gpu(a);
     }
-    let (m, engine) = load(&a.model, &a.device)?;
+    let (m, engine) = load(&a.model.spec_last_logits(), &a.device)?;
     // the bench's default sizes suit a GPU; both host devices use the small ones
     let reference = engine.device != Device::Cuda;
     let cfg = BenchConfig {

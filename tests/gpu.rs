@@ -354,6 +354,35 @@ fn gpu_tiny_and_small_match_the_interpreter() {
     }
 }
 
+/// `ringjit_logits = "last"` (what `generate` and `bench` load) on the GPU: a prefill gives the
+/// last position's logits of each sequence only, equal to the interpreter's in the f32 tier,
+/// and decode goes on from there.
+#[test]
+fn gpu_last_position_logits_match_the_interpreter() {
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let over = [
+        ("ringjit_compute_dtype", serde_json::json!("float32")),
+        ("ringjit_logits", serde_json::json!("last")),
+    ];
+    let p = pair(&g, "small", &over, passes::Precision::Bf16);
+    let (batch, n) = (2, 19);
+    let prompt = crate::common::random_tokens(22, batch * n, p.vocab);
+    let mut host = p.zero_states(batch);
+    let mut dev = p.gpu.states(&host).unwrap();
+    let (a, b) = p.step(&mut dev, &mut host, &prompt, batch, 0);
+    assert_eq!(a.len(), batch * p.vocab, "one row of logits per sequence");
+    let mut worst = ir::tol::rel_err(&a, &b);
+    let mut next: Vec<i64> = (0..batch).map(|s| argmax(&a[s * p.vocab..][..p.vocab])).collect();
+    for past in n..n + 3 {
+        let (a, b) = p.step(&mut dev, &mut host, &next, batch, past);
+        worst = worst.max(ir::tol::rel_err(&a, &b));
+        next = (0..batch).map(|s| argmax(&a[s * p.vocab..][..p.vocab])).collect();
+    }
+    assert!(worst <= Tol::F32.model(), "{worst:.3e} on {}", g.name);
+    eprintln!("gpu last-position logits (small, f32): {worst:.2e}");
+}
+
 /// Prefill of n tokens then decode of the rest through the GPU state equals one prefill of
 /// all the tokens on the GPU.
 #[test]

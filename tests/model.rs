@@ -255,6 +255,63 @@ fn prefill_then_decode_equals_forward() {
     .unwrap();
 }
 
+/// `ringjit_logits = "last"` (what `generate` and `bench` load): a step's logits are the last
+/// position's row of every sequence, equal to that row of the all-positions model, on the
+/// reference and cpu devices (compiled: the slice reaches into the final norm's prologue), in
+/// prefill and decode; a forward, which needs every row, is refused with a message.
+#[test]
+fn last_position_logits_equal_the_last_row_of_all() {
+    let load = |logits: &str, device: Device| {
+        let m = LoadedModel::load(&ModelSpec {
+            config: Some("tiny".into()),
+            seed: 3,
+            overrides: vec![format!("ringjit_logits={logits}")],
+            ..Default::default()
+        })
+        .unwrap();
+        Engine::new(&m, device).unwrap()
+    };
+    let all = load("all", Device::Reference);
+    assert!(!all.last_logits_only);
+    let (batch, n) = (2, 9);
+    let tokens = random_tokens(5, batch * n, all.vocab);
+    let v = all.vocab;
+    let mut st = all.new_state(batch).unwrap();
+    let want_prefill = all.step(&mut st, &tokens, n).unwrap();
+    let next = random_tokens(6, batch, v);
+    let want_decode = all.step(&mut st, &next, 1).unwrap();
+    let rows = |t: &Tensor| -> Vec<f32> {
+        let x = t.as_f32().unwrap();
+        (0..batch)
+            .flat_map(|b| x[(b * n + n - 1) * v..(b * n + n) * v].to_vec())
+            .collect()
+    };
+    for device in [Device::Reference, Device::Cpu] {
+        let last = load("last", device);
+        assert!(last.last_logits_only);
+        let mut st = last.new_state(batch).unwrap();
+        let got = last.step(&mut st, &tokens, n).unwrap();
+        assert_eq!(got.shape, vec![batch, 1, v]);
+        check(
+            &format!("{device} prefill, last position"),
+            got.as_f32().unwrap(),
+            &rows(&want_prefill),
+            Tol::F32.model(),
+        )
+        .unwrap();
+        let got = last.step(&mut st, &next, 1).unwrap();
+        check(
+            &format!("{device} decode"),
+            got.as_f32().unwrap(),
+            want_decode.as_f32().unwrap(),
+            Tol::F32.model(),
+        )
+        .unwrap();
+        let e = last.forward(&tokens[..n], None).unwrap_err();
+        assert!(e.0.contains("ringjit_logits"), "{e}");
+    }
+}
+
 #[test]
 fn batched_sequences_are_independent() {
     let e = engine("tiny");

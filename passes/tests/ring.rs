@@ -35,7 +35,7 @@ fn bridge_round_trip_without_rules_equals_the_input() {
         compare(&g, &back, &e, 7, Tol::F32.op()).unwrap();
     }
     // the DSL locations and let names survive
-    assert!(back.to_text().contains("# inv_freq @ models/ring_linear.ring:105:20"));
+    assert!(back.to_text().contains("# inv_freq @ models/ring_linear.ring:108:20"));
 }
 
 #[test]

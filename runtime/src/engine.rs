@@ -97,6 +97,15 @@ struct StateSpec {
     shape: Shape,
 }
 
+/// Whether `graph`'s logits are the last position's only (`ringjit_logits = "last"`): their
+/// position axis (the one before the vocabulary) is a constant 1, not `seq`.
+pub fn logits_last_only(graph: &ir::Graph) -> bool {
+    graph.output("logits").is_some_and(|o| {
+        let shape = &graph.ty(o.value).shape;
+        shape.len() >= 2 && shape[shape.len() - 2].as_const() == Some(1)
+    })
+}
+
 /// A parameter source that reports how many bytes have been loaded.
 struct Counting<'a> {
     inner: &'a dyn ParamSource,
@@ -154,6 +163,9 @@ pub struct Engine {
     states: Vec<StateSpec>,
     pub device: Device,
     pub vocab: usize,
+    /// whether a step gives logits for its last position only (`ringjit_logits = "last"`:
+    /// [batch, 1, vocab]), not for every position ([batch, seq, vocab])
+    pub last_logits_only: bool,
     /// the compile reports of the prefill and decode graphs
     pub reports: Vec<passes::PassReport>,
 }
@@ -203,6 +215,7 @@ impl Engine {
         let logits = graph
             .output("logits")
             .ok_or_else(|| Error("the model has no `logits` output".into()))?;
+        let last_logits_only = logits_last_only(graph);
         let vocab = graph
             .ty(logits.value)
             .shape
@@ -246,6 +259,7 @@ impl Engine {
                 states,
                 device,
                 vocab,
+                last_logits_only,
                 reports,
             });
         }
@@ -282,6 +296,7 @@ impl Engine {
             states,
             device,
             vocab,
+            last_logits_only,
             reports,
         })
     }
@@ -317,7 +332,8 @@ impl Engine {
     }
 
     /// Run `seq` new tokens per sequence (`tokens` is [batch, seq] row-major) and advance the
-    /// state; returns the logits [batch, seq, vocab].
+    /// state; returns the logits [batch, seq, vocab] ([batch, 1, vocab], the last position's,
+    /// when [`Engine::last_logits_only`]).
     pub fn step(&self, state: &mut State, tokens: &[i64], seq: usize) -> Result<Tensor> {
         if tokens.len() != state.batch * seq {
             return err(format!(
@@ -377,6 +393,9 @@ impl Engine {
         let t = tokens.len();
         if t == 0 {
             return err("no tokens");
+        }
+        if self.last_logits_only {
+            return err("this model was loaded with ringjit_logits = \"last\" (logits of the last position only); a forward needs every position's");
         }
         let n = decode_from.unwrap_or(t);
         if n == 0 || n > t {

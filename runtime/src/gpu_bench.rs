@@ -67,8 +67,10 @@ struct Sizes {
     experts: f64,
     top_k: f64,
     moe_layers: f64,
-    /// active parameters per token (for FLOPs)
+    /// active parameters per token (for FLOPs), the LM head included
     active_params: f64,
+    /// the LM head's parameters (vocab × hidden)
+    head_params: f64,
 }
 
 fn sizes(config: &serde_json::Value, specs: &[ParamSpec]) -> Sizes {
@@ -109,6 +111,7 @@ fn sizes(config: &serde_json::Value, specs: &[ParamSpec]) -> Sizes {
         top_k,
         moe_layers,
         active_params: active - num("vocab_size") * num("hidden_size"), // the embedding is a gather
+        head_params: num("vocab_size") * num("hidden_size"),
     }
 }
 
@@ -216,6 +219,7 @@ pub fn run(
     let compile_s = t0.elapsed().as_secs_f64();
     let states = state_specs(graph);
     let vocab = config["vocab_size"].as_u64().unwrap_or(1) as i64;
+    let last_only = crate::engine::logits_last_only(graph);
     let mut steps = Vec::new();
     let mut step = |plan: &CudaPlan, what: String, batch: usize, seq: usize, past: usize| -> Result<()> {
         progress(&what);
@@ -260,7 +264,11 @@ pub fn run(
         let tokens = batch * seq;
         let kv_bytes: f64 = st.bufs.values().map(|d| d.bytes as f64).sum();
         let floor_bytes = sz.weight_bytes(tokens) + kv_bytes;
-        let floor_flops = 2.0 * sz.active_params * tokens as f64;
+        // the LM head runs for the positions that get logits (the last of each sequence when
+        // the model makes only those: `ringjit_logits = "last"`)
+        let head_rows = if last_only { batch } else { tokens };
+        let floor_flops =
+            2.0 * ((sz.active_params - sz.head_params) * tokens as f64 + sz.head_params * head_rows as f64);
         let floor_ms = 1e3 * (floor_bytes / cfg.bandwidth).max(floor_flops / cfg.peak_flops);
         let mut by_kind = BTreeMap::new();
         for (k, (name, ms)) in plan.plan().kernels.iter().zip(&t.kernels) {
