@@ -244,6 +244,8 @@ struct Loaded {
     func: CudaFunction,
     launch: LaunchGeometry,
     scratch: Dim,
+    /// leading scratch bytes zeroed before each launch (`PtxKernel::scratch_zero`)
+    scratch_zero: Dim,
     _module: Arc<CudaModule>,
 }
 
@@ -1021,7 +1023,8 @@ impl CudaPlan {
                     .map_err(|e| Error(format!("starting a CUDA graph capture: {e}")))?;
                 let mut launched = Ok(());
                 for ((k, l), grid) in exe.plan.kernels.iter().zip(exe.kernels).zip(&fx.grids) {
-                    launched = self.launch_grid(k, l, *grid, &addr, syms, fx.scratch);
+                    let zero = l.scratch_zero.eval(&fx.cap_env).map_err(Error);
+                    launched = zero.and_then(|z| self.launch_grid(k, l, *grid, &addr, syms, (fx.scratch, z as u64)));
                     if launched.is_err() {
                         break;
                     }
@@ -1224,12 +1227,32 @@ impl CudaPlan {
 
     fn launch(&self, k: &Kernel, l: &Loaded, env: &DimEnv, addr: &[u64], syms: u64, scratch: u64) -> Result<()> {
         let grid = l.launch.eval(env).map_err(|e| Error(format!("{}: {e}", k.name)))?;
-        self.launch_grid(k, l, grid, addr, syms, scratch)
+        let zero = l
+            .scratch_zero
+            .eval(env)
+            .map_err(|e| Error(format!("{}: {e}", k.name)))? as u64;
+        self.launch_grid(k, l, grid, addr, syms, (scratch, zero))
     }
 
-    fn launch_grid(&self, k: &Kernel, l: &Loaded, grid: [u64; 3], addr: &[u64], syms: u64, scratch: u64) -> Result<()> {
+    /// Launches `k` on `grid`; `scratch` is the scratch pointer and how many of its leading
+    /// bytes to zero first (stream-ordered, so a captured graph replays it too).
+    fn launch_grid(
+        &self,
+        k: &Kernel,
+        l: &Loaded,
+        grid: [u64; 3],
+        addr: &[u64],
+        syms: u64,
+        (scratch, zero): (u64, u64),
+    ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(()); // nothing to do under this binding (e.g. an empty cache)
+        }
+        if zero > 0 && scratch != 0 {
+            // SAFETY: the scratch allocation holds at least `l.scratch` bytes under this
+            // binding, and `scratch_zero` never exceeds `scratch`.
+            unsafe { cudarc::driver::result::memset_d8_async(scratch, 0, zero as usize, self.gpu.stream.cu_stream()) }
+                .map_err(|e| Error(format!("{}: zeroing scratch: {e}", k.name)))?;
         }
         let to_u32 =
             |g: u64| u32::try_from(g).map_err(|_| Error(format!("{}: a grid of {g} blocks is too large", k.name)));
@@ -1383,6 +1406,7 @@ fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mu
             func,
             launch: compiled.launch,
             scratch: compiled.scratch_bytes,
+            scratch_zero: compiled.scratch_zero,
             _module: module,
         });
     }

@@ -516,6 +516,11 @@ pub(super) fn flash<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64, d: 
     em.b.position_at_end(done_bb);
 
     em.scratch_bytes = sq[0].mul(&sq[1]).mul(&Dim::constant(split_stride(d) * 4));
+    if em.prefill {
+        // a prefill plan's scratch is shared with the grouped down projection, which leaves
+        // its rows there: zero the counters (the whole small region) before each launch
+        em.scratch_zero = em.scratch_bytes.clone();
+    }
     let smem_bytes = match mma {
         true => (total * 4).max(super::attention_mma::smem_bytes(d)),
         false => total * 4,

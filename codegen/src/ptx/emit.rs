@@ -63,6 +63,9 @@ pub(crate) struct Em<'c, 'a> {
     pub scratch: PointerValue<'c>,
     /// Bytes of scratch the kernel needs (set by the generators that use it; 0 otherwise).
     pub scratch_bytes: Dim,
+    /// Leading bytes of scratch the runtime zeroes before each launch (arrival counters that
+    /// must start at 0 whatever an earlier kernel left there).
+    pub scratch_zero: Dim,
     entry: BasicBlock<'c>,
     red_smem: Option<PointerValue<'c>>,
     /// [`super::PtxOptions::prefill`]
@@ -122,6 +125,7 @@ impl<'c, 'a> Em<'c, 'a> {
             outputs,
             scratch,
             scratch_bytes: Dim::constant(0),
+            scratch_zero: Dim::constant(0),
             entry,
             red_smem: None,
             prefill: true,

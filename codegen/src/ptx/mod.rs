@@ -168,8 +168,13 @@ pub struct PtxKernel {
     /// (0 except for the bf16 GEMM's tensor-core tiles, `templates/fastgemm.rs`).
     pub launch: LaunchGeometry,
     /// Per-launch scratch bytes (the last parameter): the decode attention's split-K partials
-    /// and counters; 0 for every other kernel.
+    /// and counters, the prefill grouped down projection's per-(token, slot) rows and arrival
+    /// counters; 0 for every other kernel.
     pub scratch_bytes: Dim,
+    /// Leading bytes of the scratch that must be zero when the kernel starts: the runtime
+    /// zeroes them (stream-ordered) before each launch. 0 for kernels that need no zeroing
+    /// (the decode attention resets its own counters).
+    pub scratch_zero: Dim,
     /// Inputs + outputs + 2 (the symbol array and the scratch pointer).
     pub n_params: usize,
     /// The optimised LLVM IR when `PtxOptions::dump_llvm_ir`.
@@ -232,6 +237,7 @@ fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Resul
         arch: opts.target.cpu(),
         launch,
         scratch_bytes: em.scratch_bytes.clone(),
+        scratch_zero: em.scratch_zero.clone(),
         n_params: kernel.inputs.len() + kernel.outputs.len() + 2,
         llvm_ir,
     })

@@ -337,17 +337,23 @@ fn bf16_gemms_use_tensor_cores_and_vector_loads() {
                 TemplateOp::GroupedGemm { epilogue: ir::fused::GroupedEpilogue::SwiGlu, .. }
             )
         );
+        // many tokens: the expert-major tensor-core tiles, chosen at run time (both epilogues)
+        for want in [
+            "vote.sync.ballot.b32",
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+            "cp.async.cg.shared.global",
+        ] {
+            assert!(p.ptx.contains(want), "{}: no {want}", k.name);
+        }
         if swiglu {
-            // many tokens: the expert-major tensor-core tiles, chosen at run time
-            for want in [
-                "vote.sync.ballot.b32",
-                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
-                "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
-                "cp.async.cg.shared.global",
-            ] {
-                assert!(p.ptx.contains(want), "{}: no {want}", k.name);
-            }
             swiglus += 1;
+            assert_eq!(p.scratch_bytes, ir::Dim::constant(0), "{}", k.name);
+        } else {
+            // the down projection: rows in scratch, arrival counters zeroed by the runtime
+            assert!(p.ptx.contains("atom.global.add.u32"), "{}: no arrival counter", k.name);
+            assert!(p.scratch_zero.is_symbolic(), "{}", p.scratch_zero);
+            assert!(p.scratch_bytes.is_symbolic(), "{}", p.scratch_bytes);
         }
         match ptxas::check(&p.ptx) {
             Ok(r) => assert_eq!(r.kernels[0].spill_stores, 0, "{}: {r:?}", k.name),

@@ -909,7 +909,8 @@ fn expert_of<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, idx: &[IntValue<'c>], 
 }
 
 /// MoE expert GEMMs. SwiGlu with many (token, slot) pairs (`P >= max(4E, 64)`, a run-time
-/// choice) takes the expert-major tensor-core tiles of [`swiglu_mma`]; otherwise GEMVs over the
+/// choice) takes the expert-major tensor-core tiles of [`expert_major`], and so does the
+/// WeightedCombine of prefill plans (rows to scratch, then a deterministic combine); otherwise GEMVs over the
 /// routed (token, slot) rows: a
 /// block per (token, slot) (SwiGlu) or per token (WeightedCombine) and 16 output columns; the
 /// token's activations (all its slots' for the combine) staged in shared memory as bf16, each
@@ -952,7 +953,7 @@ pub(super) fn grouped_fast<'c>(
                 let gemv_bb = em.ctx.append_basic_block(em.f, "grouped.gemv");
                 em.b.build_conditional_branch(big, mma_bb, gemv_bb).ck()?;
                 em.b.position_at_end(mma_bb);
-                swiglu_mma(em, t, smem, x, (wg, wu), d, dt, (&s1, &s2))?;
+                expert_major(em, t, smem, x, (wg, wu), d, dt, (&s1, &s2[0], &s2[1]), None)?;
                 em.b.build_unconditional_branch(done).ck()?;
                 em.b.position_at_end(gemv_bb);
             }
@@ -1027,6 +1028,33 @@ pub(super) fn grouped_fast<'c>(
             };
             let ydt = DType::promote(em.operand_dtype(t, 0)?, em.operand_dtype(t, 3)?).unwrap_or(DType::F32);
             let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
+            let done = em.ctx.append_basic_block(em.f, "grouped.done");
+            let dout_c = s3[1].as_const().filter(|&n| n > 0 && n % 8 == 0);
+            let direct = grouped_h_direct(em, t).filter(|_| em.prefill && down_mma_enabled() && ydt == DType::BF16);
+            if let (Some(x), Some(dout_c)) = (direct, dout_c) {
+                // many (token, slot) pairs: expert-major tensor-core tiles into scratch, then
+                // the combine; the grid must hold E · tiles blocks
+                let tiles = (dout_c + 2 * GB_N - 1) / (2 * GB_N);
+                let cstride = (tiles + 3) / 4 * 4;
+                let s1 = em.operand_shape(t, 1)?;
+                let tokens = numel(&s0[..2]);
+                em.scratch_zero = tokens.mul(&Dim::constant(cstride * 4));
+                em.scratch_bytes = tokens.mul(&Dim::constant(cstride * 4 + kn * dout_c * 2));
+                let pairs = em.product(&em.dims(&s1)?)?;
+                let experts = em.dim(&s3[0])?;
+                let need = em.imax(em.mul(experts, em.i64c(4))?, em.i64c(64))?;
+                let blocks = em.mul(em.sreg("nctaid.x")?, em.sreg("nctaid.y")?)?;
+                let fits = em.icmp(IntPredicate::SGE, blocks, em.mul(experts, em.i64c(tiles))?)?;
+                let big = em.and(em.icmp(IntPredicate::SGE, pairs, need)?, fits)?;
+                let mma_bb = em.ctx.append_basic_block(em.f, "grouped.mma");
+                let gemv_bb = em.ctx.append_basic_block(em.f, "grouped.gemv");
+                em.b.build_conditional_branch(big, mma_bb, gemv_bb).ck()?;
+                em.b.position_at_end(mma_bb);
+                let layout = DownLayout { cstride };
+                expert_major(em, t, smem, x, (wd, wd), ii, ydt, (&s1, &s3[0], &s3[1]), Some(layout))?;
+                em.b.build_unconditional_branch(done).ck()?;
+                em.b.position_at_end(gemv_bb);
+            }
             let ext = em.dims(&s0[..2])?;
             let ti = em.unravel(em.sreg("ctaid.x")?, &ext)?;
             let (bi, si) = (ti[0], ti[1]);
@@ -1083,6 +1111,8 @@ pub(super) fn grouped_fast<'c>(
                     em.finish(t, 0, &[bi, si, j], Val::F(v), DType::F32)
                 })?;
             }
+            em.b.build_unconditional_branch(done).ck()?;
+            em.b.position_at_end(done);
             Ok(Some(LaunchGeometry {
                 grid: [
                     GridDim::blocks(numel(&s0[..2]), 1),
@@ -1140,6 +1170,29 @@ pub(crate) fn force_grouped_mma() {
     FORCE_GROUPED_MMA.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether the down projection (WeightedCombine) takes the expert-major path in prefill plans:
+/// with the SwiGlu's, and not under `RINGJIT_GROUPED=swiglu` (the SwiGlu's tiles only, the
+/// down projection as GEMVs: for A/B timing).
+fn down_mma_enabled() -> bool {
+    if FORCE_GROUPED_MMA.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    grouped_mma_enabled() && std::env::var("RINGJIT_GROUPED").map(|v| v != "swiglu").unwrap_or(true)
+}
+
+/// Operand 0 as a bf16 `[b, s, k, i]` buffer whose rows can be copied 16 bytes at a time.
+fn grouped_h_direct(em: &Em, t: &TemplateKernel) -> Option<usize> {
+    let Some(Operand::Buffer(b)) = t.operands.first() else {
+        return None;
+    };
+    let v = bf16_view(em, *b)?;
+    let ok = v.rank() == 4
+        && v.strides[3] == Dim::constant(1)
+        && (0..3).all(|i| aligned8(&v.strides[i]))
+        && aligned8(&v.offset);
+    ok.then_some(*b)
+}
+
 /// Operand 0 as a bf16 `[b, s, d]` buffer whose rows can be copied 16 bytes at a time.
 fn grouped_a_direct(em: &Em, t: &TemplateKernel) -> Option<usize> {
     let Some(Operand::Buffer(b)) = t.operands.first() else {
@@ -1180,12 +1233,32 @@ struct Gx<'c> {
     x: usize,
     /// Extents of the routing operand `[b, s, k]`.
     ext1: Vec<IntValue<'c>>,
+    /// Output columns of the weights (`I` for SwiGlu, `D` for the down projection).
     inter: IntValue<'c>,
     col0: IntValue<'c>,
     d: i64,
     dt: DType,
-    /// Gate and up weight rows this thread copies: (buffer, element offset of k 0, in range).
+    /// The two weight rows this thread copies: (buffer, element offset of k 0, in range). SwiGlu:
+    /// the gate and up rows of column `col0 + crow`; down: rows `col0 + crow` and
+    /// `col0 + GB_N + crow` of the one down matrix.
     brows: [(PointerValue<'c>, IntValue<'c>, IntValue<'c>); 2],
+    /// `Some` for the down projection (A rows `h[b, s, slot, :]`, results to scratch, then the
+    /// combine), `None` for SwiGlu (A rows `x[b, s, :]`).
+    down: Option<Down<'c>>,
+}
+
+/// The expert-major down projection's state: where its per-(token, slot) rows and arrival
+/// counters live in scratch.
+#[derive(Clone, Copy)]
+struct Down<'c> {
+    /// Column tile index of this block (counter slot).
+    tile: IntValue<'c>,
+    /// u32 counters per token (`ceil(tiles / 4) · 4`), at the start of scratch.
+    cstride: i64,
+    /// bf16 element offset of the rows `[pairs, D]` in scratch.
+    ybase: IntValue<'c>,
+    /// Shared i32 flags, one per tile row: this block completed the row's token.
+    flags: PointerValue<'c>,
 }
 
 /// The (token, slot) pair at list position `r` (clamped to a valid entry when `ok` is false).
@@ -1213,9 +1286,12 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     // this thread's A row: the token of list entry `crow`
     let a_ok = em.icmp(IntPredicate::SLT, crow, nrows)?;
     let p = list_pair(em, g, crow, a_ok)?;
-    let tok = em.div(p, g.ext1[2])?;
-    let ti = em.unravel(tok, &g.ext1[..2])?;
-    let a_base = em.view_offset(&em.kernel.inputs[g.x].view, &[ti[0], ti[1], zero])?;
+    let pi = em.unravel(p, &g.ext1)?;
+    let a_idx = match g.down {
+        Some(_) => vec![pi[0], pi[1], pi[2], zero],
+        None => vec![pi[0], pi[1], zero],
+    };
+    let a_base = em.view_offset(&em.kernel.inputs[g.x].view, &a_idx)?;
     let kk = em.i64c(g.d);
     let c16 = i32t.const_int(16, false);
     let c0 = i32t.const_int(0, false);
@@ -1330,6 +1406,47 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     asm_se(em, None, &[], "cp.async.wait_group 0;", "~{memory}", &[])?;
     // results: c0, c1 at (g, 2t..2t+1), c2, c3 at (g + 8, ..)
     let dt = g.dt;
+    if let Some(dn) = g.down {
+        // the down projection: each (pair, column) rounded to bf16 into scratch, two columns
+        // per 32-bit store
+        for mi in 0..2i64 {
+            for h in 0..2i64 {
+                let row = em.add(em.mul(wm, em.i64c(32))?, em.add(em.i64c(mi * 16 + h * 8), gq)?)?;
+                let ok = em.icmp(IntPredicate::SLT, row, nrows)?;
+                let acc = &acc;
+                em.if_then(ok, |em| {
+                    let p = list_pair(em, g, row, ok)?;
+                    let yrow = em.add(dn.ybase, em.mul(p, g.inter)?)?;
+                    for which in 0..2i64 {
+                        for ni in 0..2i64 {
+                            let col = em.add(
+                                em.add(g.col0, em.i64c(which * GB_N + ni * 8))?,
+                                em.add(em.mul(wn, em.i64c(16))?, em.mul(tq, em.i64c(2))?)?,
+                            )?;
+                            let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
+                            let at = |e2: i64| ((((which * 2 + mi) * 2 + ni) * 4) + h * 2 + e2) as usize;
+                            let (a0, a1) = (acc[at(0)], acc[at(1)]);
+                            em.if_then(okc, |em| {
+                                let v0 = bf16_bits(em, em.round(em.getf(a0)?, dt)?)?;
+                                let v1 = bf16_bits(em, em.round(em.getf(a1)?, dt)?)?;
+                                let lo = em.b.build_int_z_extend(v0, i32t, "").ck()?;
+                                let hi = em.b.build_int_z_extend(v1, i32t, "").ck()?;
+                                let hi = em.b.build_left_shift(hi, i32t.const_int(16, false), "").ck()?;
+                                let w = em.b.build_or(lo, hi, "").ck()?;
+                                let ptr = gep16(em, em.scratch, em.add(yrow, col)?)?;
+                                let st = em.b.build_store(ptr, w).ck()?;
+                                st.set_alignment(4)
+                                    .map_err(|e| super::super::CodegenError(e.to_string()))?;
+                                Ok(())
+                            })?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        return down_combine(em, t, g, dn, nrows);
+    }
     for mi in 0..2i64 {
         for h in 0..2i64 {
             let row = em.add(em.mul(wm, em.i64c(32))?, em.add(em.i64c(mi * 16 + h * 8), gq)?)?;
@@ -1365,21 +1482,121 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     Ok(())
 }
 
-/// The expert-major SwiGlu: block (expert e, tile of GB_N intermediate columns), numbered in
-/// launch order, scans the routing operand 256 entries at a time, appends the (token, slot) pairs
-/// routed to e to a shared list (warp ballots, then warp offsets), and runs a tensor-core tile
-/// each time GB_M pairs are listed, and once more for the rest at the end. Blocks past
-/// `E · ceil(I / GB_N)` exit (the grid `[P, ceil(I/16)]` holds enough when `P >= 4E`). Each output is written by exactly one block (no atomics).
+/// `membar.gl`: this thread's global writes are visible device-wide before its later ones.
+fn membar_gl(em: &Em) -> R<()> {
+    asm_se(em, None, &[], "membar.gl;", "~{memory}", &[])?;
+    Ok(())
+}
+
+/// After a down tile: publish its rows, count each row's arrival on its token's counter for
+/// this column tile, and for every token whose last slot this block brought, combine the
+/// token's `k` rows from scratch in slot order (`y = fma(w_slot, row_slot, y)`, the GEMV's
+/// order) into the output. Integer atomics only: every output is computed from the same
+/// values in the same order whichever block combines it.
+fn down_combine<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, dn: Down<'c>, nrows: IntValue<'c>) -> R<()> {
+    let zero = em.i64c(0);
+    let i32t = em.ctx.i32_type();
+    let tid = em.sreg("tid.x")?;
+    let kk = g.ext1[2];
+    membar_gl(em)?;
+    em.barrier()?;
+    let mine = em.icmp(IntPredicate::SLT, tid, em.i64c(GB_M))?;
+    em.if_then(mine, |em| {
+        let ok = em.icmp(IntPredicate::SLT, tid, nrows)?;
+        let flag = em.ivar(zero)?;
+        em.if_then(ok, |em| {
+            let p = list_pair(em, g, tid, ok)?;
+            let tok = em.div(p, kk)?;
+            let ci = em.add(em.mul(tok, em.i64c(dn.cstride))?, dn.tile)?;
+            // SAFETY (of the generated code): the counter region holds tokens · cstride u32.
+            let cp = unsafe { em.b.build_in_bounds_gep(i32t, em.scratch, &[ci], "") }.ck()?;
+            let old =
+                em.b.build_atomicrmw(
+                    inkwell::AtomicRMWBinOp::Add,
+                    cp,
+                    i32t.const_int(1, false),
+                    inkwell::AtomicOrdering::Monotonic,
+                )
+                .ck()?;
+            let k1 = em.b.build_int_truncate(em.sub(kk, em.i64c(1))?, i32t, "").ck()?;
+            let last = em.icmp(IntPredicate::EQ, old, k1)?;
+            em.set(flag, em.b.build_int_z_extend(last, em.ctx.i64_type(), "").ck()?)
+        })?;
+        let q = em.shared_gep(i32t.into(), dn.flags, tid)?;
+        let f = em.b.build_int_truncate(em.geti(flag)?, i32t, "").ck()?;
+        em.set(q, f)
+    })?;
+    membar_gl(em)?;
+    em.barrier()?;
+    // two rows at a time: threads 0..127 and 128..255, one column each
+    let half = em.div(tid, em.i64c(2 * GB_N))?;
+    let c = em.rem(tid, em.i64c(2 * GB_N))?;
+    let col = em.add(g.col0, c)?;
+    let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
+    em.for_range(zero, nrows, em.i64c(2), |em, r0| {
+        let r = em.add(r0, half)?;
+        let inr = em.icmp(IntPredicate::SLT, r, nrows)?;
+        let rc = em.select_i(inr, r, zero)?;
+        let q = em.shared_gep(i32t.into(), dn.flags, rc)?;
+        let f = em.b.build_load(i32t, q, "").ck()?.into_int_value();
+        let f = em.icmp(IntPredicate::NE, f, i32t.const_zero())?;
+        let go = em.and(em.and(inr, f)?, okc)?;
+        em.if_then(go, |em| {
+            let p = list_pair(em, g, rc, inr)?;
+            let tok = em.div(p, kk)?;
+            let ti = em.unravel(tok, &g.ext1[..2])?;
+            let y = em.fvar(em.f32c(0.0))?;
+            let first = em.add(dn.ybase, em.add(em.mul(em.mul(tok, kk)?, g.inter)?, col)?)?;
+            em.for_range(zero, kk, em.i64c(1), |em, slot| {
+                let w = em.ldf(t, 2, &[ti[0], ti[1], slot])?;
+                let at = em.add(first, em.mul(slot, g.inter)?)?;
+                let ld =
+                    em.b.build_load(em.ctx.i16_type(), gep16(em, em.scratch, at)?, "")
+                        .ck()?;
+                if let Some(ins) = ld.as_instruction_value() {
+                    ins.set_volatile(true)
+                        .map_err(|e| super::super::CodegenError(e.to_string()))?;
+                }
+                let bits = em.b.build_int_z_extend(ld.into_int_value(), i32t, "").ck()?;
+                let bits = em.b.build_left_shift(bits, i32t.const_int(16, false), "").ck()?;
+                let v =
+                    em.b.build_bit_cast(bits, em.ctx.f32_type(), "")
+                        .ck()?
+                        .into_float_value();
+                em.set(y, em.fma(w, v, em.getf(y)?)?)
+            })?;
+            let v = em.getf(y)?;
+            em.finish(t, 0, &[ti[0], ti[1], col], Val::F(v), DType::F32)
+        })
+    })?;
+    em.barrier()
+}
+
+/// The down projection's scratch layout: u32 arrival counters per (token, column tile), then
+/// the bf16 rows `[pairs, D]`.
+struct DownLayout {
+    /// counters per token (column tiles rounded up to 4: 16-byte rows)
+    cstride: i64,
+}
+
+/// The expert-major grouped GEMM: block (expert e, tile of columns), numbered in launch order,
+/// scans the routing operand 256 entries at a time, appends the (token, slot) pairs routed to e
+/// to a shared list (warp ballots, then warp offsets), and runs a tensor-core tile each time
+/// GB_M pairs are listed, and once more for the rest at the end. SwiGlu (`down` None): GB_N
+/// intermediate columns of gate and up, finished in the tile. Down: 2·GB_N output columns,
+/// rows to scratch, then [`down_combine`]. Blocks past `E · tiles` exit (the caller checks the
+/// grid holds enough).
 #[allow(clippy::too_many_arguments)]
-fn swiglu_mma<'c>(
+fn expert_major<'c>(
     em: &mut Em<'c, '_>,
     t: &TemplateKernel,
     smem: PointerValue<'c>,
     x: usize,
-    (wg, wu): (usize, usize),
+    (wa, wb): (usize, usize),
     d: i64,
     dt: DType,
-    (s1, s2): (&[Dim], &[Dim]),
+    (s1, experts, ncols): (&[Dim], &Dim, &Dim),
+    down: Option<DownLayout>,
 ) -> R<()> {
     let zero = em.i64c(0);
     let i32t = em.ctx.i32_type();
@@ -1387,28 +1604,44 @@ fn swiglu_mma<'c>(
     let wcnt = em.shared_array("ringjit_grouped_wcnt", i32t.into(), 8);
     let ext1 = em.dims(s1)?;
     let pairs = em.product(&ext1)?;
-    let experts = em.dim(&s2[0])?;
-    let inter = em.dim(&s2[1])?;
-    // the first E · ceil(I / GB_N) blocks in launch order work (an expert's column tiles
-    // together, sharing its gathered rows in L2); the others exit at once
-    let n_tiles = em.ceil_div(inter, em.i64c(GB_N))?;
+    let experts_v = em.dim(experts)?;
+    let inter = em.dim(ncols)?;
+    let tile_w = if down.is_some() { 2 * GB_N } else { GB_N };
+    // the first E · tiles blocks in launch order work (an expert's column tiles together,
+    // sharing its gathered rows in L2); the others exit at once
+    let n_tiles = em.ceil_div(inter, em.i64c(tile_w))?;
     let lin = em.add(em.sreg("ctaid.x")?, em.mul(em.sreg("ctaid.y")?, em.sreg("nctaid.x")?)?)?;
-    let out = em.icmp(IntPredicate::SGE, lin, em.mul(experts, n_tiles)?)?;
+    let out = em.icmp(IntPredicate::SGE, lin, em.mul(experts_v, n_tiles)?)?;
     em.return_if(out)?;
     let e = em.div(lin, n_tiles)?;
     let by = em.rem(lin, n_tiles)?;
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
-    let col0 = em.mul(by, em.i64c(GB_N))?;
+    let col0 = em.mul(by, em.i64c(tile_w))?;
     let crow = em.div(tid, em.i64c(GB_K / 8))?;
     let mut brows = Vec::new();
-    for w in [wg, wu] {
-        let n = em.add(col0, crow)?;
+    for (j, w) in [wa, wb].into_iter().enumerate() {
+        let shift = if down.is_some() { GB_N * j as i64 } else { 0 };
+        let n = em.add(col0, em.add(crow, em.i64c(shift))?)?;
         let ok = em.icmp(IntPredicate::SLT, n, inter)?;
         let nc = em.select_i(ok, n, zero)?;
         brows.push((em.inputs[w], expert_row(em, w, e, nc)?, ok));
     }
+    let down = match down {
+        Some(l) => {
+            let tokens = em.product(&ext1[..2])?;
+            // counters are u32: the rows start at 2 · cstride bf16 elements per token
+            let ybase = em.mul(tokens, em.i64c(2 * l.cstride))?;
+            Some(Down {
+                tile: by,
+                cstride: l.cstride,
+                ybase,
+                flags: em.shared_array("ringjit_grouped_flags", i32t.into(), GB_M as u32),
+            })
+        }
+        None => None,
+    };
     let g = Gx {
         smem,
         list,
@@ -1419,6 +1652,7 @@ fn swiglu_mma<'c>(
         d,
         dt,
         brows: [brows[0], brows[1]],
+        down,
     };
     let count = em.ivar(zero)?;
     let lane32 = em.b.build_int_truncate(lane, i32t, "").ck()?;
@@ -1435,7 +1669,7 @@ fn swiglu_mma<'c>(
         let ok = em.icmp(IntPredicate::SLT, p, pairs)?;
         let pc = em.select_i(ok, p, zero)?;
         let pi = em.unravel(pc, &ext1)?;
-        let ep = expert_of(em, t, &pi, &s2[0])?;
+        let ep = expert_of(em, t, &pi, experts)?;
         let flag = em.and(ok, em.icmp(IntPredicate::EQ, ep, e)?)?;
         let f32v = em.b.build_int_z_extend(flag, i32t, "").ck()?;
         let bal = asm_se(
