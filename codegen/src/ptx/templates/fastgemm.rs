@@ -944,7 +944,7 @@ pub(super) fn grouped_fast<'c>(
             let dt = em.result_dtype(t, 0);
             let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
-            if let Some(x) = grouped_a_direct(em, t).filter(|_| em.prefill && grouped_mma_enabled()) {
+            if let Some(x) = grouped_rows_direct(em, t, 3).filter(|_| em.prefill && grouped_mma_enabled()) {
                 // many (token, slot) pairs: the expert-major tensor-core tiles
                 let pairs = em.product(&em.dims(&s1)?)?;
                 let need = em.imax(em.mul(em.dim(&s2[0])?, em.i64c(4))?, em.i64c(64))?;
@@ -1030,7 +1030,7 @@ pub(super) fn grouped_fast<'c>(
             let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
             let dout_c = s3[1].as_const().filter(|&n| n > 0 && n % 8 == 0);
-            let direct = grouped_h_direct(em, t).filter(|_| em.prefill && down_mma_enabled() && ydt == DType::BF16);
+            let direct = grouped_rows_direct(em, t, 4).filter(|_| em.prefill && down_mma_enabled() && ydt == DType::BF16);
             if let (Some(x), Some(dout_c)) = (direct, dout_c) {
                 // many (token, slot) pairs: expert-major tensor-core tiles into scratch, then
                 // the combine; the grid must hold E · tiles blocks
@@ -1180,29 +1180,16 @@ fn down_mma_enabled() -> bool {
     grouped_mma_enabled() && std::env::var("RINGJIT_GROUPED").map(|v| v != "swiglu").unwrap_or(true)
 }
 
-/// Operand 0 as a bf16 `[b, s, k, i]` buffer whose rows can be copied 16 bytes at a time.
-fn grouped_h_direct(em: &Em, t: &TemplateKernel) -> Option<usize> {
+/// Operand 0 as a bf16 buffer of `rank` axes (`[b, s, d]` activations, or `[b, s, k, i]` for
+/// the down projection) whose rows can be copied 16 bytes at a time.
+fn grouped_rows_direct(em: &Em, t: &TemplateKernel, rank: usize) -> Option<usize> {
     let Some(Operand::Buffer(b)) = t.operands.first() else {
         return None;
     };
     let v = bf16_view(em, *b)?;
-    let ok = v.rank() == 4
-        && v.strides[3] == Dim::constant(1)
-        && (0..3).all(|i| aligned8(&v.strides[i]))
-        && aligned8(&v.offset);
-    ok.then_some(*b)
-}
-
-/// Operand 0 as a bf16 `[b, s, d]` buffer whose rows can be copied 16 bytes at a time.
-fn grouped_a_direct(em: &Em, t: &TemplateKernel) -> Option<usize> {
-    let Some(Operand::Buffer(b)) = t.operands.first() else {
-        return None;
-    };
-    let v = bf16_view(em, *b)?;
-    let ok = v.rank() == 3
-        && v.strides[2] == Dim::constant(1)
-        && aligned8(&v.strides[0])
-        && aligned8(&v.strides[1])
+    let ok = v.rank() == rank
+        && v.strides[rank - 1] == Dim::constant(1)
+        && (0..rank - 1).all(|i| aligned8(&v.strides[i]))
         && aligned8(&v.offset);
     ok.then_some(*b)
 }
