@@ -16,13 +16,19 @@ use runtime::{Device, Engine};
 use std::collections::HashMap;
 
 fn engine(name: &str) -> Engine {
+    engine_with(name, &[], Device::Reference)
+}
+
+/// The built-in config `name` with `--set` overrides, on `device` (random weights, seed 3).
+fn engine_with(name: &str, overrides: &[&str], device: Device) -> Engine {
     let m = LoadedModel::load(&ModelSpec {
         config: Some(name.into()),
         seed: 3,
+        overrides: overrides.iter().map(|o| o.to_string()).collect(),
         ..Default::default()
     })
     .unwrap();
-    Engine::new(&m, Device::Reference).unwrap()
+    Engine::new(&m, device).unwrap()
 }
 
 #[test]
@@ -261,17 +267,7 @@ fn prefill_then_decode_equals_forward() {
 /// prefill and decode; a forward, which needs every row, is refused with a message.
 #[test]
 fn last_position_logits_equal_the_last_row_of_all() {
-    let load = |logits: &str, device: Device| {
-        let m = LoadedModel::load(&ModelSpec {
-            config: Some("tiny".into()),
-            seed: 3,
-            overrides: vec![format!("ringjit_logits={logits}")],
-            ..Default::default()
-        })
-        .unwrap();
-        Engine::new(&m, device).unwrap()
-    };
-    let all = load("all", Device::Reference);
+    let all = engine_with("tiny", &["ringjit_logits=all"], Device::Reference);
     assert!(!all.last_logits_only);
     let (batch, n) = (2, 9);
     let tokens = random_tokens(5, batch * n, all.vocab);
@@ -287,7 +283,7 @@ fn last_position_logits_equal_the_last_row_of_all() {
             .collect()
     };
     for device in [Device::Reference, Device::Cpu] {
-        let last = load("last", device);
+        let last = engine_with("tiny", &["ringjit_logits=last"], device);
         assert!(last.last_logits_only);
         let mut st = last.new_state(batch).unwrap();
         let got = last.step(&mut st, &tokens, n).unwrap();

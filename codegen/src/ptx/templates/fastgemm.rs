@@ -1030,7 +1030,8 @@ pub(super) fn grouped_fast<'c>(
             let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
             let dout_c = s3[1].as_const().filter(|&n| n > 0 && n % 8 == 0);
-            let direct = grouped_rows_direct(em, t, 4).filter(|_| em.prefill && down_mma_enabled() && ydt == DType::BF16);
+            let direct =
+                grouped_rows_direct(em, t, 4).filter(|_| em.prefill && down_mma_enabled() && ydt == DType::BF16);
             if let (Some(x), Some(dout_c)) = (direct, dout_c) {
                 // many (token, slot) pairs: expert-major tensor-core tiles into scratch, then
                 // the combine; the grid must hold E · tiles blocks
