@@ -57,12 +57,27 @@ enum Cmd {
     /// Compute the logits of every position of a token sequence and write them to a file.
     Forward(ForwardArgs),
     /// Generate tokens after a prompt, streaming them to stdout.
+    #[command(
+        long_about = "Generate tokens after a prompt, streaming them to stdout (decoded text with a \
+tokenizer.json, else token ids), then print prefill and decode speed to stderr. The model is loaded \
+with ringjit_logits=last: the final norm and the LM head run for the last position only (override with \
+--set ringjit_logits=all).\n\nExamples:\n  ringjit generate --config tiny --tokens 1,2,3 --max-new-tokens 16\n  \
+ringjit generate --model DIR --prompt \"Hello\" --temperature 0.7 --top-p 0.9 --device cuda"
+    )]
     Generate(GenerateArgs),
     /// Print the model's graph IR (text or Graphviz DOT).
     Graph(GraphArgs),
     /// Run the rewrite passes and report what they did (fusions, kernels, memory).
     Compile(CompileArgs),
     /// Measure prefill and decode throughput.
+    #[command(
+        long_about = "Measure prefill and decode throughput on random (or given) weights. On cuda: \
+each step's kernels timed with CUDA events, the decode step also replayed as a CUDA graph and as whole \
+steps (tokens up, logits down), each beside its physical floor (weights and KV bytes at the card's \
+bandwidth, FLOPs at its peak). Prefill computes the last position's logits only \
+(ringjit_logits=last), as generation does.\n\nExamples:\n  ringjit bench --config small --device cpu\n  \
+ringjit bench --config ring-mini-linear-2.0 --device cuda --decode-batch 1,64 --context 4096 --json out.json"
+    )]
     Bench(BenchArgs),
     /// Generate the PTX of every kernel of a compiled step (and check it with ptxas).
     #[command(
