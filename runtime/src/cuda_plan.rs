@@ -838,8 +838,12 @@ impl CudaPlan {
     /// Every paged cache of `states` back in its plain layout (for the functional plan and for
     /// reading it back).
     fn plain_states(&self, states: &mut DeviceStates) -> Result<()> {
-        for (name, pc) in states.paged.drain() {
-            let dst = plain_copy(&self.gpu, &pc, &name)?;
+        // one cache at a time, each leaving its pages only once its copy exists: an error (out
+        // of memory) leaves every cache whole, in one place or the other
+        let names: Vec<String> = states.paged.keys().cloned().collect();
+        for name in names {
+            let dst = plain_copy(&self.gpu, &states.paged[&name], &name)?;
+            states.paged.remove(&name);
             states.bufs.insert(name, dst);
         }
         Ok(())
