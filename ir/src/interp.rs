@@ -33,7 +33,7 @@ pub trait ParamSource {
 /// A graph ready to run: validated, compiled, with its parameters loaded.
 pub struct Interpreter {
     plan: Plan,
-    params: Vec<Tensor>,
+    params: Vec<std::sync::Arc<Tensor>>,
     inputs: Vec<InputDecl>,
     output_names: Vec<String>,
 }
@@ -119,12 +119,30 @@ impl Interpreter {
     /// Validates `graph`, loads each of its parameters once from `params` (checking dtype and
     /// shape), and compiles the graph and its scan bodies.
     pub fn new(graph: &Graph, params: &dyn ParamSource) -> Result<Interpreter, IrError> {
+        Self::with_shared(graph, params, &mut HashMap::new())
+    }
+
+    /// [`Interpreter::new`], taking each parameter from `shared` when an earlier interpreter
+    /// loaded it (the same spec), and leaving the ones it loads there: interpreters of several
+    /// graphs of one model (prefill, decode) hold its weights once.
+    pub fn with_shared(
+        graph: &Graph,
+        params: &dyn ParamSource,
+        shared: &mut HashMap<ParamSpec, std::sync::Arc<Tensor>>,
+    ) -> Result<Interpreter, IrError> {
         graph.validate()?;
         let specs = graph.params().map_err(IrError::new)?;
         let mut loaded = Vec::with_capacity(specs.len());
         let mut index = HashMap::new();
         for spec in specs {
-            let t = load_param(&spec, params)?;
+            let t = match shared.get(&spec) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = std::sync::Arc::new(load_param(&spec, params)?);
+                    shared.insert(spec.clone(), t.clone());
+                    t
+                }
+            };
             index.insert(spec, loaded.len());
             loaded.push(t);
         }
@@ -281,7 +299,7 @@ impl Interpreter {
                         check_value(step, 0, t, &out_shapes[0])?;
                         Vec::new()
                     }
-                    Kind::Param(i) => vec![Cow::Borrowed(&self.params[*i])],
+                    Kind::Param(i) => vec![Cow::Borrowed(&*self.params[*i])],
                     Kind::Scan {
                         body,
                         axis,
@@ -3147,6 +3165,49 @@ mod tests {
             e.msg.contains("index 3 is out of range") && e.msg.ends_with("(scan step 2)"),
             "{e}"
         );
+    }
+
+    /// Interpreters of two graphs of one model made with one share table hold each parameter
+    /// once (loaded once, the same tensor), and each computes with it.
+    #[test]
+    fn interpreters_share_their_parameters() {
+        struct Counting(std::cell::Cell<usize>);
+        impl ParamSource for Counting {
+            fn load(&self, _spec: &ParamSpec) -> Result<Tensor, String> {
+                self.0.set(self.0.get() + 1);
+                Ok(Tensor::from_f32(DType::F32, vec![2], vec![3.0, -0.5]))
+            }
+        }
+        let graph = |op: BinaryOp| {
+            let mut g = Graph::new();
+            let x = input(&mut g, "x", DType::F32, dims(&[2]));
+            let w = node(
+                &mut g,
+                Op::Param {
+                    name: "w".into(),
+                    stack: None,
+                    dtype: DType::F32,
+                    shape: dims(&[2]),
+                },
+                &[],
+            );
+            let y = node(&mut g, Op::Binary(op), &[x, w]);
+            g.add_output("y", y, InputKind::Data);
+            g
+        };
+        let src = Counting(std::cell::Cell::new(0));
+        let mut shared = HashMap::new();
+        let a = Interpreter::with_shared(&graph(BinaryOp::Mul), &src, &mut shared).unwrap();
+        let b = Interpreter::with_shared(&graph(BinaryOp::Add), &src, &mut shared).unwrap();
+        assert_eq!(src.0.get(), 1, "loaded once");
+        assert!(std::sync::Arc::ptr_eq(&a.params[0], &b.params[0]));
+        let x: HashMap<String, Tensor> =
+            [("x".to_string(), Tensor::from_f32(DType::F32, vec![2], vec![2.0, 4.0]))].into();
+        assert_eq!(a.run(&x).unwrap()["y"].as_f32().unwrap(), &[6.0, -2.0]);
+        assert_eq!(b.run(&x).unwrap()["y"].as_f32().unwrap(), &[5.0, 3.5]);
+        // without the table, each loads its own
+        Interpreter::new(&graph(BinaryOp::Mul), &src).unwrap();
+        assert_eq!(src.0.get(), 2);
     }
 
     #[test]

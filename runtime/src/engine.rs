@@ -263,13 +263,11 @@ impl Engine {
                 reports,
             });
         }
-        // the reference interpreter loads each plan's weights; the cpu plans share them
-        let copies = if device == Device::Reference { 2 } else { 1 };
-        let total: u64 = copies
-            * params
-                .iter()
-                .map(|p| (p.numel() * p.dtype.size_bytes()) as u64)
-                .sum::<u64>();
+        // the prefill and decode plans (interpreters or cpu plans) share one copy of the weights
+        let total: u64 = params
+            .iter()
+            .map(|p| (p.numel() * p.dtype.size_bytes()) as u64)
+            .sum::<u64>();
         let counting = Counting {
             inner: &m.weights,
             done: Cell::new(0),
@@ -284,10 +282,13 @@ impl Engine {
                 let d = CpuExec::new(&compiled[1], &counting, &mut cache, pool)?;
                 (Exec::Cpu(Box::new(p)), Exec::Cpu(Box::new(d)))
             }
-            _ => (
-                Exec::Reference(Interpreter::new(&compiled[0], &counting)?),
-                Exec::Reference(Interpreter::new(&compiled[1], &counting)?),
-            ),
+            _ => {
+                let mut shared = HashMap::new();
+                (
+                    Exec::Reference(Interpreter::with_shared(&compiled[0], &counting, &mut shared)?),
+                    Exec::Reference(Interpreter::with_shared(&compiled[1], &counting, &mut shared)?),
+                )
+            }
         };
         Ok(Engine {
             prefill,
