@@ -316,11 +316,14 @@ pub struct CudaPlan {
 }
 
 /// Fixed-address buffers for the steps of one (batch, seq) up to a capacity of `past + seq`
-/// tokens, and the CUDA graphs captured over them. The arena is laid out for the capacity
-/// (every buffer's size only grows with `past`, and liveness does not depend on it, so the
-/// layout holds for every smaller `past`); carried states alternate between sets of buffers
-/// sized for the capacity (the step reads one set and writes another), so each direction is
-/// one graph, replayed with only the symbols and the tokens copied in before it.
+/// tokens, and the CUDA graphs captured over them. With the caches in place the capacity is the
+/// paged caches' (`crate::paged`: 64K tokens by default, so one layout serves a whole
+/// generation); otherwise it is `past + seq` rounded up with room for 256 more. The arena is
+/// laid out for the capacity (every buffer's size only grows with `past`, and liveness does
+/// not depend on it, so the layout holds for every smaller `past`); carried states that are not
+/// paged alternate between sets of buffers sized for the capacity (the step reads one set and
+/// writes another), so each direction is one graph, replayed with only the symbols and the
+/// tokens copied in before it.
 struct Fixed {
     batch: i64,
     seq: i64,
