@@ -889,7 +889,7 @@ impl CudaPlan {
             match cur {
                 Some(c) if tokens <= c => c,
                 Some(c) => crate::paged::cap_for(tokens.max(2 * c), &inners, page),
-                None => crate::paged::cap_for(tokens.max(crate::paged::reserve_tokens()), &inners, page),
+                None => crate::paged::cap_for(tokens.max(crate::paged::reserve_tokens()?), &inners, page),
             }
         };
         for (st, &(rows, inner)) in exe.inplace.iter().zip(&rows_inner) {

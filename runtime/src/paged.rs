@@ -28,13 +28,22 @@ use std::sync::Arc;
 /// it, see [`PagedCache::ensure`]); `RINGJIT_KV_RESERVE` overrides it.
 pub const DEFAULT_RESERVE_TOKENS: usize = 65536;
 
-/// The tokens a row is first laid out for: `RINGJIT_KV_RESERVE` or [`DEFAULT_RESERVE_TOKENS`].
-pub fn reserve_tokens() -> usize {
-    std::env::var("RINGJIT_KV_RESERVE")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(DEFAULT_RESERVE_TOKENS)
+/// The tokens a row is first laid out for: `RINGJIT_KV_RESERVE` or [`DEFAULT_RESERVE_TOKENS`];
+/// a value that is not a positive whole number is an error that says so.
+pub fn reserve_tokens() -> Result<usize> {
+    parse_reserve(std::env::var("RINGJIT_KV_RESERVE").ok().as_deref())
+}
+
+fn parse_reserve(v: Option<&str>) -> Result<usize> {
+    match v {
+        None => Ok(DEFAULT_RESERVE_TOKENS),
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => err(format!(
+                "RINGJIT_KV_RESERVE must be a positive number of tokens (the KV caches' first reservation a row), not `{v}`"
+            )),
+        },
+    }
 }
 
 fn ck(r: sys::CUresult, what: &str) -> Result<()> {
@@ -424,6 +433,16 @@ impl Drop for PagedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reserve_is_a_positive_token_count() {
+        assert_eq!(parse_reserve(None).unwrap(), DEFAULT_RESERVE_TOKENS);
+        assert_eq!(parse_reserve(Some(" 4096 ")).unwrap(), 4096);
+        for bad in ["0", "-5", "lots", ""] {
+            let e = parse_reserve(Some(bad)).unwrap_err();
+            assert!(e.0.contains("RINGJIT_KV_RESERVE") && e.0.contains(bad), "{e}");
+        }
+    }
 
     #[test]
     fn rows_are_whole_pages_and_pages_cover_the_tokens() {
