@@ -115,3 +115,35 @@ fn the_cli_generates_the_same_tokens_on_cpu_and_reference() {
     };
     assert_eq!(run("cpu"), run("reference"));
 }
+
+/// The template kernels' f32 forms of the weights are shared between the plans of a model:
+/// a second plan over the same parameter cache converts nothing (the cache does not grow) and
+/// computes exactly what the first did.
+#[test]
+fn plans_of_one_model_share_their_converted_weights() {
+    use runtime::cpu::{CpuExec, ParamCache, Pool};
+    let m = load("small", false);
+    let opts = passes::CompileOptions {
+        mode: passes::Mode::Prefill,
+        ..Default::default()
+    };
+    let (g, _) = passes::compile(&m.model.graph, &opts).unwrap();
+    let pool = std::sync::Arc::new(Pool::all_cores().unwrap());
+    let mut cache = ParamCache::default();
+    let a = CpuExec::new(&g, &m.weights, &mut cache, pool.clone()).unwrap();
+    let b = CpuExec::new(&g, &m.weights, &mut cache, pool).unwrap();
+    let env: ir::DimEnv = [("batch", 1), ("seq", 9), ("past", 0)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let inputs = passes::testing::random_inputs(&g, &env, 3, 0.5, 200);
+    assert!(cache.converted.is_empty());
+    let first = a.run(&inputs).unwrap();
+    let held = cache.converted.len();
+    assert!(held > 0, "no weight was converted");
+    let second = b.run(&inputs).unwrap();
+    assert_eq!(cache.converted.len(), held, "the second plan converted weights again");
+    for (name, t) in &first {
+        assert_eq!(t.to_bytes(), second[name].to_bytes(), "output {name}");
+    }
+}

@@ -106,10 +106,12 @@ impl Drop for HostBuf {
     }
 }
 
-/// Parameters uploaded once, shared by every plan of a model (prefill and decode) by name.
+/// Parameters uploaded once, shared by every plan of a model (prefill and decode) by name, and
+/// the template kernels' f32 forms of them, converted once for all the plans.
 #[derive(Default)]
 pub struct ParamCache {
     loaded: HashMap<String, Arc<HostBuf>>,
+    pub converted: codegen::cpu::WeightCache,
 }
 
 /// A thread pool for the kernels' parallel extents.
@@ -259,7 +261,8 @@ impl CpuExec {
     /// parameters (from `cache` when another plan of the model loaded them).
     pub fn new(graph: &Graph, weights: &dyn ParamSource, cache: &mut ParamCache, pool: Arc<Pool>) -> Result<CpuExec> {
         let plan = passes::partition::partition(graph).map_err(|e| Error(format!("partitioning the graph: {e}")))?;
-        let compiled = compile_plan(&plan).map_err(|e| Error(format!("cpu codegen: {e}")))?;
+        let mut compiled = compile_plan(&plan).map_err(|e| Error(format!("cpu codegen: {e}")))?;
+        compiled.share_weights(&cache.converted);
         let params = PlanParams::load(graph, &plan, weights, cache)?;
         let mut inputs = Vec::new();
         for &n in &graph.inputs {

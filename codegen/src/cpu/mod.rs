@@ -25,7 +25,7 @@ use expr::{Jit, LoopSpec, Sink, Source};
 use ir::kernel::{Kernel, KernelKind, KernelPlan, ScanKernel};
 use ir::shape::{numel, Dim, DimEnv};
 use std::sync::Mutex;
-pub use template::TemplateExec;
+pub use template::{TemplateExec, WeightCache};
 
 /// The generated function of a loop kernel or fusion (docs/kernel-abi.md, "On the CPU").
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, *mut u8, i64, i64);
@@ -182,6 +182,21 @@ pub struct CpuPlan {
     pub symbols: Vec<String>,
     pub kernels: Vec<CpuKernel>,
     _code: Option<Mutex<Code>>,
+}
+
+impl CpuPlan {
+    /// Shares the template kernels' parameter conversions (f32 forms of the weights) through
+    /// `cache` with every other plan given the same cache (a model's prefill and decode plans):
+    /// each weight is converted and held once, and the first decode step does not convert again.
+    pub fn share_weights(&mut self, cache: &WeightCache) {
+        for k in &mut self.kernels {
+            match &mut k.body {
+                CpuKernelBody::Template(t) => t.share_weights(cache),
+                CpuKernelBody::Scan { body, .. } => body.share_weights(cache),
+                CpuKernelBody::Loop(_) => {}
+            }
+        }
+    }
 }
 
 /// Compiles every kernel of `plan`. A Cranelift error comes back naming the kernel.

@@ -101,13 +101,57 @@ fn dense_offset(cv: &ConcreteView) -> Option<usize> {
     usize::try_from(cv.offset).ok()
 }
 
+/// A parameter's f32 form under one view: its name, dtype, the concrete view, and whether it
+/// is the transposed (storage-order) form.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct WeightKey {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<i64>,
+    offset: i64,
+    transposed: bool,
+}
+
+impl WeightKey {
+    fn new(name: &str, dtype: DType, cv: &ConcreteView, transposed: bool) -> WeightKey {
+        WeightKey {
+            name: name.to_string(),
+            dtype,
+            shape: cv.shape.clone(),
+            strides: cv.strides.clone(),
+            offset: cv.offset,
+            transposed,
+        }
+    }
+}
+
+/// Parameters converted to f32 by the template kernels, shared between the plans of one model
+/// ([`super::CpuPlan::share_weights`]): each weight is converted and held once.
+#[derive(Clone, Default)]
+pub struct WeightCache(Arc<Mutex<HashMap<WeightKey, Arc<Vec<f32>>>>>);
+
+impl WeightCache {
+    /// How many parameter forms the cache holds.
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 enum OperandExec {
     Buffer {
         input: usize,
         view: View,
         dtype: DType,
-        /// a parameter under a fixed view: converted once per plan
+        /// a parameter under a fixed view: converted once per plan (and shared between plans
+        /// through [`WeightCache`])
         param: bool,
+        /// the buffer's name (a parameter's checkpoint name)
+        name: String,
     },
     Prologue {
         f: LoopFn,
@@ -131,6 +175,8 @@ pub struct TemplateExec {
     vk: Option<VecKernels>,
     /// parameter operands converted to f32 once (they never change within a plan)
     weights: Mutex<HashMap<usize, Arc<Vec<f32>>>>,
+    /// the same conversions shared with the other plans of a model ([`TemplateExec::share_weights`])
+    shared: Option<WeightCache>,
     /// the quantisation of a parameter (bytes and scales), computed once per plan
     quantized: Mutex<Option<Quantized>>,
 }
@@ -159,6 +205,7 @@ impl TemplateExec {
                         input: *j,
                         view: r.view.clone(),
                         dtype: b.dtype,
+                        name: b.name.clone(),
                         // cached once per plan: only when the view is the same for every binding
                         param: b.kind == BufferKind::Param
                             && r.view.offset.as_const().is_some()
@@ -250,8 +297,47 @@ impl TemplateExec {
             kernels: None,
             vk: None,
             weights: Mutex::new(HashMap::new()),
+            shared: None,
             quantized: Mutex::new(None),
         })
+    }
+
+    /// Takes parameter conversions from `cache` (and leaves its own there), so that the plans
+    /// of one model (prefill, decode) convert and hold each weight once.
+    pub(crate) fn share_weights(&mut self, cache: &WeightCache) {
+        self.shared = Some(cache.clone());
+    }
+
+    /// A parameter operand's f32 form: this kernel's own, else the shared cache's, else
+    /// `convert()`'s (then kept in both).
+    fn param_f32(
+        &self,
+        local: usize,
+        key: WeightKey,
+        convert: impl FnOnce() -> Vec<f32>,
+    ) -> Result<Arc<Vec<f32>>, String> {
+        if let Some(w) = self.weights.lock().map_err(|e| e.to_string())?.get(&local) {
+            return Ok(w.clone());
+        }
+        let shared = match &self.shared {
+            Some(c) => c.0.lock().map_err(|e| e.to_string())?.get(&key).cloned(),
+            None => None,
+        };
+        let data = match shared {
+            Some(w) => w,
+            None => {
+                let w = Arc::new(convert());
+                if let Some(c) = &self.shared {
+                    c.0.lock().map_err(|e| e.to_string())?.insert(key, w.clone());
+                }
+                w
+            }
+        };
+        self.weights
+            .lock()
+            .map_err(|e| e.to_string())?
+            .insert(local, data.clone());
+        Ok(data)
     }
 
     /// Whether the template runs generated code: every kind does (GEMMs on the micro-kernel,
@@ -309,18 +395,16 @@ impl TemplateExec {
                 view,
                 dtype,
                 param,
+                name,
             } => {
                 let cv = ConcreteView::new(view, l.env)?;
-                if *param {
-                    if let Some(w) = self.weights.lock().map_err(|e| e.to_string())?.get(&i) {
-                        return Ok((cv.shape, w.clone(), *dtype));
-                    }
-                }
                 // SAFETY: the runtime hands the buffer the view was made for.
-                let data = Arc::new(unsafe { read_view_f32(l.bufs[*input].0, *dtype, &cv) });
+                let read = || unsafe { read_view_f32(l.bufs[*input].0, *dtype, &cv) };
                 if *param {
-                    self.weights.lock().map_err(|e| e.to_string())?.insert(i, data.clone());
+                    let data = self.param_f32(i, WeightKey::new(name, *dtype, &cv, false), read)?;
+                    return Ok((cv.shape, data, *dtype));
                 }
+                let data = Arc::new(read());
                 Ok((cv.shape, data, *dtype))
             }
             OperandExec::Prologue {
@@ -352,13 +436,14 @@ impl TemplateExec {
     /// storage order: dense `[.., N, K]`, so that each column is contiguous along K. None for
     /// other layouts. Parameters are converted once.
     fn operand_transposed(&self, i: usize, l: &Launch) -> Result<Option<DenseOperand>, String> {
-        let (input, view, dtype, param) = match &self.operands[i] {
+        let (input, view, dtype, param, name) = match &self.operands[i] {
             OperandExec::Buffer {
                 input,
                 view,
                 dtype,
                 param,
-            } => (input, view, dtype, param),
+                name,
+            } => (input, view, dtype, param, name),
             OperandExec::Prologue { constant: true, .. } => {
                 // a parameter computed on load (a weight cast to f32): transpose it once
                 let key = usize::MAX - i;
@@ -399,20 +484,12 @@ impl TemplateExec {
         perm.swap(r - 2, r - 1);
         let Some(tv) = view.permute(&perm) else { return Ok(None) };
         let cv = ConcreteView::new(&tv, l.env)?;
-        let key = usize::MAX - i;
-        if *param {
-            if let Some(w) = self.weights.lock().map_err(|e| e.to_string())?.get(&key) {
-                return Ok(Some((cv.shape, w.clone(), *dtype)));
-            }
-        }
         // SAFETY: the runtime hands the buffer the view was made for.
-        let data = Arc::new(unsafe { read_view_f32(l.bufs[*input].0, *dtype, &cv) });
-        if *param {
-            self.weights
-                .lock()
-                .map_err(|e| e.to_string())?
-                .insert(key, data.clone());
-        }
+        let read = || unsafe { read_view_f32(l.bufs[*input].0, *dtype, &cv) };
+        let data = match param {
+            true => self.param_f32(usize::MAX - i, WeightKey::new(name, *dtype, &cv, true), read)?,
+            false => Arc::new(read()),
+        };
         Ok(Some((cv.shape, data, *dtype)))
     }
 
