@@ -1808,6 +1808,17 @@ mod tests {
         .unwrap()
     }
 
+    /// An unstacked parameter `name` of `dtype` and `shape`.
+    fn param(g: &mut Graph, name: &str, dtype: DType, shape: Shape) -> Value {
+        let op = Op::Param {
+            name: name.into(),
+            stack: None,
+            dtype,
+            shape,
+        };
+        g.add1(op, &[], None).unwrap()
+    }
+
     fn node(g: &mut Graph, op: Op, args: &[Value]) -> Value {
         g.add1(op, args, None).unwrap()
     }
@@ -3181,16 +3192,7 @@ mod tests {
         let graph = |op: BinaryOp| {
             let mut g = Graph::new();
             let x = input(&mut g, "x", DType::F32, dims(&[2]));
-            let w = node(
-                &mut g,
-                Op::Param {
-                    name: "w".into(),
-                    stack: None,
-                    dtype: DType::F32,
-                    shape: dims(&[2]),
-                },
-                &[],
-            );
+            let w = param(&mut g, "w", DType::F32, dims(&[2]));
             let y = node(&mut g, Op::Binary(op), &[x, w]);
             g.add_output("y", y, InputKind::Data);
             g
@@ -3216,18 +3218,7 @@ mod tests {
         let mut body = Graph::new();
         let c = input(&mut body, "c", DType::F32, dims(&[2]));
         let x = input(&mut body, "x", DType::F32, dims(&[2]));
-        let w = body
-            .add1(
-                Op::Param {
-                    name: "w".into(),
-                    stack: None,
-                    dtype: DType::F32,
-                    shape: dims(&[2]),
-                },
-                &[],
-                None,
-            )
-            .unwrap();
+        let w = param(&mut body, "w", DType::F32, dims(&[2]));
         let cw = node(&mut body, Op::Binary(BinaryOp::Mul), &[c, w]);
         let c2 = node(&mut body, Op::Binary(BinaryOp::Add), &[cw, x]);
         body.add_output("c", c2, InputKind::Data);
@@ -3358,18 +3349,7 @@ mod tests {
                 None,
             )
             .unwrap();
-        let bias = g
-            .add1(
-                Op::Param {
-                    name: "bias".into(),
-                    stack: None,
-                    dtype: DType::F32,
-                    shape: dims(&[3]),
-                },
-                &[],
-                None,
-            )
-            .unwrap();
+        let bias = param(&mut g, "bias", DType::F32, dims(&[3]));
         let x = input(&mut g, "x", DType::F32, dims(&[3]));
         let y = node(&mut g, Op::Binary(BinaryOp::Mul), &[w, x]);
         let y = node(&mut g, Op::Binary(BinaryOp::Add), &[y, bias]);

@@ -879,8 +879,6 @@ impl CudaPlan {
                 _ => (((past + seq + 255) / 256) * 256 + 256) as usize,
             }
         } else {
-            let inners: Vec<usize> = rows_inner.iter().map(|&(_, i)| i).collect();
-            let page = crate::paged::granularity(gpu)?;
             let cur = exe
                 .inplace
                 .iter()
@@ -888,8 +886,16 @@ impl CudaPlan {
                 .max();
             match cur {
                 Some(c) if tokens <= c => c,
-                Some(c) => crate::paged::cap_for(tokens.max(2 * c), &inners, page),
-                None => crate::paged::cap_for(tokens.max(crate::paged::reserve_tokens()?), &inners, page),
+                // a new capacity only when the caches are new or full (the driver's page size
+                // is asked then, not every step)
+                _ => {
+                    let at_least = match cur {
+                        Some(c) => tokens.max(2 * c),
+                        None => tokens.max(crate::paged::reserve_tokens()?),
+                    };
+                    let inners: Vec<usize> = rows_inner.iter().map(|&(_, i)| i).collect();
+                    crate::paged::cap_for(at_least, &inners, crate::paged::granularity(gpu)?)
+                }
             }
         };
         for (st, &(rows, inner)) in exe.inplace.iter().zip(&rows_inner) {

@@ -190,11 +190,6 @@ impl PagedCache {
         self.mapped_pages() * self.page
     }
 
-    /// The page size.
-    pub fn page(&self) -> usize {
-        self.page
-    }
-
     /// Lays the rows out for `cap` tokens (a capacity from [`cap_for`], not below the current
     /// one): the pages move to a larger reserved range, mapped at their new places; no data is
     /// copied. The address changes (the step's CUDA graphs must be captured again).
@@ -222,8 +217,11 @@ impl PagedCache {
                 self.cap()
             ));
         }
-        self.bind()?;
         let need = pages_for(tokens, self.inner, self.page);
+        if self.pages.iter().all(|row| row.len() >= need) {
+            return Ok(()); // most steps: the token lands on a mapped page
+        }
+        self.bind()?;
         for r in 0..self.rows {
             while self.pages[r].len() < need {
                 let j = self.pages[r].len();

@@ -373,6 +373,107 @@ fn asm_se<'c>(
     Ok(c.try_as_basic_value().basic())
 }
 
+/// `cp.async` of 16 bytes from global `src` to the 32-bit shared address `dst`; zero-filled
+/// (nothing read) when `ok` is false.
+fn cp_async16<'c>(em: &Em<'c, '_>, dst: IntValue<'c>, src: PointerValue<'c>, ok: IntValue<'c>) -> R<()> {
+    let (i32t, i64t) = (em.ctx.i32_type(), em.ctx.i64_type());
+    let (c16, c0) = (i32t.const_int(16, false), i32t.const_int(0, false));
+    let size = em.b.build_select(ok, c16, c0, "").ck()?.into_int_value();
+    let src = em.b.build_ptr_to_int(src, i64t, "").ck()?;
+    asm_se(
+        em,
+        None,
+        &[i32t.into(), i64t.into(), i32t.into()],
+        "cp.async.cg.shared.global [$0], [$1], 16, $2;",
+        "r,l,r,~{memory}",
+        &[dst.into(), src.into(), size.into()],
+    )?;
+    Ok(())
+}
+
+fn cp_async_commit(em: &Em) -> R<()> {
+    asm_se(em, None, &[], "cp.async.commit_group;", "~{memory}", &[])?;
+    Ok(())
+}
+
+/// The first `stages - 1` K tiles of a `cp.async` pipeline in flight, one commit group each
+/// (empty past `kt_n`); `load(em, kt, stage)` issues tile `kt`'s copies into `stage`.
+fn pipeline_start<'c, 'a>(
+    em: &mut Em<'c, 'a>,
+    stages: i64,
+    kt_n: IntValue<'c>,
+    load: &impl Fn(&mut Em<'c, 'a>, IntValue<'c>, IntValue<'c>) -> R<()>,
+) -> R<()> {
+    for s0 in 0..stages - 1 {
+        let kt = em.i64c(s0);
+        let some = em.icmp(IntPredicate::SLT, kt, kt_n)?;
+        em.if_then(some, |em| load(em, kt, kt))?;
+        cp_async_commit(em)?;
+    }
+    Ok(())
+}
+
+/// Step `kt` of the pipeline: tile kt landed (the `stages - 2` newer groups may still fly);
+/// after the barrier every warp is done with tile kt - 1, whose buffer then receives tile
+/// kt + stages - 1. Returns the stage tile kt sits in.
+fn pipeline_step<'c, 'a>(
+    em: &mut Em<'c, 'a>,
+    stages: i64,
+    kt: IntValue<'c>,
+    kt_n: IntValue<'c>,
+    load: &impl Fn(&mut Em<'c, 'a>, IntValue<'c>, IntValue<'c>) -> R<()>,
+) -> R<IntValue<'c>> {
+    let wait = format!("cp.async.wait_group {};", stages - 2);
+    asm_se(em, None, &[], &wait, "~{memory}", &[])?;
+    em.barrier()?;
+    let stage = em.rem(kt, em.i64c(stages))?;
+    let nxt = em.add(kt, em.i64c(stages - 1))?;
+    let more = em.icmp(IntPredicate::SLT, nxt, kt_n)?;
+    em.if_then(more, |em| {
+        let into = em.rem(nxt, em.i64c(stages))?;
+        load(em, nxt, into)
+    })?;
+    cp_async_commit(em)?;
+    Ok(stage)
+}
+
+/// The `ldmatrix` lane addresses (tile-relative, in elements) of warp (wm, wn) over a warp
+/// tile of `rows` × `cols`: A's row and column, B's n and k.
+fn ldmatrix_lanes<'c>(
+    em: &Em<'c, '_>,
+    lane: IntValue<'c>,
+    (wm, wn): (IntValue<'c>, IntValue<'c>),
+    (rows, cols): (i64, i64),
+) -> R<[IntValue<'c>; 4]> {
+    let a_lrow = em.add(em.mul(wm, em.i64c(rows))?, em.rem(lane, em.i64c(16))?)?;
+    let a_lcol = em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?;
+    let b_ln = em.add(
+        em.add(em.mul(wn, em.i64c(cols))?, em.rem(lane, em.i64c(8))?)?,
+        em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?,
+    )?;
+    let b_lk = em.mul(em.rem(em.div(lane, em.i64c(8))?, em.i64c(2))?, em.i64c(8))?;
+    Ok([a_lrow, a_lcol, b_ln, b_lk])
+}
+
+/// `acc[base..base + 4] += a·b` on one m16n8k16 tile.
+fn mma_acc<'c>(
+    em: &Em<'c, '_>,
+    acc: &[PointerValue<'c>],
+    base: usize,
+    a: &[IntValue<'c>; 4],
+    b: [IntValue<'c>; 2],
+) -> R<()> {
+    let mut c = [em.f32c(0.0); 4];
+    for (j, cj) in c.iter_mut().enumerate() {
+        *cj = em.getf(acc[base + j])?;
+    }
+    let c = super::tc::mma(em, a, b, c)?;
+    for (j, cj) in c.into_iter().enumerate() {
+        em.set(acc[base + j], cj)?;
+    }
+    Ok(())
+}
+
 /// The 32-bit shared-window address of bf16 element `e` of the shared array.
 fn smem_addr<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, e: IntValue<'c>) -> R<IntValue<'c>> {
     let p = em.shared_gep(em.ctx.i16_type().into(), cx.smem, e)?;
@@ -611,8 +712,6 @@ fn mma<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
 
 fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntValue<'c>) -> R<()> {
     let (zero, one) = (em.i64c(0), em.i64c(1));
-    let i32t = em.ctx.i32_type();
-    let i64t = em.ctx.i64_type();
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
@@ -653,21 +752,6 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
             b_base,
         });
     }
-    let c16 = i32t.const_int(16, false);
-    let c0 = i32t.const_int(0, false);
-    let cp_async = |em: &Em<'c, '_>, dst: IntValue<'c>, src: PointerValue<'c>, ok: IntValue<'c>| -> R<()> {
-        let size = em.b.build_select(ok, c16, c0, "").ck()?.into_int_value();
-        let src = em.b.build_ptr_to_int(src, i64t, "").ck()?;
-        asm_se(
-            em,
-            None,
-            &[i32t.into(), i64t.into(), i32t.into()],
-            "cp.async.cg.shared.global [$0], [$1], 16, $2;",
-            "r,l,r,~{memory}",
-            &[dst.into(), src.into(), size.into()],
-        )?;
-        Ok(())
-    };
     let load_tile = |em: &mut Em<'c, '_>, kt: IntValue<'c>, stage: IntValue<'c>| -> R<()> {
         let k = em.add(em.mul(kt, em.i64c(BK))?, kc8)?;
         let k_ok = em.icmp(IntPredicate::SLT, k, cx.kk)?;
@@ -679,7 +763,7 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
                 (Some(a), Some(base)) => {
                     let src = gep16(em, em.inputs[a], em.add(base, kcl)?)?;
                     let ok = em.and(l.a_ok, k_ok)?;
-                    cp_async(em, smem_addr(em, cx, a_at)?, src, ok)?;
+                    cp_async16(em, smem_addr(em, cx, a_at)?, src, ok)?;
                 }
                 _ => {
                     // computed A: eight elements through the prologue, one 16-byte store
@@ -704,12 +788,8 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
             let b_at = em.add(em.add(sbase, em.mul(em.add(l.r, em.i64c(BM))?, em.i64c(LDS))?)?, kc8)?;
             let src = gep16(em, l.b_buf, em.add(l.b_base, kcl)?)?;
             let ok = em.and(l.b_ok, k_ok)?;
-            cp_async(em, smem_addr(em, cx, b_at)?, src, ok)?;
+            cp_async16(em, smem_addr(em, cx, b_at)?, src, ok)?;
         }
-        Ok(())
-    };
-    let commit = |em: &Em<'c, '_>| -> R<()> {
-        asm_se(em, None, &[], "cp.async.commit_group;", "~{memory}", &[])?;
         Ok(())
     };
     // 4 (m16) × 4 (n8) tiles of 4 f32 each
@@ -718,40 +798,15 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         acc.push(em.fvar(em.f32c(0.0))?);
     }
     let kt_n = em.ceil_div(cx.kk, em.i64c(BK))?;
-    // the first STAGES - 1 tiles in flight (one commit group each, empty past K)
-    for s0 in 0..STAGES - 1 {
-        let kt = em.i64c(s0);
-        let some = em.icmp(IntPredicate::SLT, kt, kt_n)?;
-        em.if_then(some, |em| load_tile(em, kt, kt))?;
-        commit(em)?;
-    }
+    pipeline_start(em, STAGES, kt_n, &load_tile)?;
     let g = em.div(lane, em.i64c(4))?;
     let tq = em.rem(lane, em.i64c(4))?;
-    // ldmatrix lane addresses (tile-relative, in elements)
-    let a_lrow = em.add(em.mul(wm, em.i64c(64))?, em.rem(lane, em.i64c(16))?)?;
-    let a_lcol = em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?;
-    let b_ln = em.add(
-        em.add(em.mul(wn, em.i64c(32))?, em.rem(lane, em.i64c(8))?)?,
-        em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?,
-    )?;
-    let b_lk = em.mul(em.rem(em.div(lane, em.i64c(8))?, em.i64c(2))?, em.i64c(8))?;
+    let [a_lrow, a_lcol, b_ln, b_lk] = ldmatrix_lanes(em, lane, (wm, wn), (64, 32))?;
     let ldm = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> {
         super::tc::ldmatrix(em, smem_addr(em, cx, e)?, false)
     };
     em.for_range(zero, kt_n, one, |em, kt| {
-        // tile kt landed (the STAGES - 2 newer groups may still fly); after the barrier every
-        // warp is done with tile kt - 1, whose buffer then receives tile kt + STAGES - 1
-        let wait = format!("cp.async.wait_group {};", STAGES - 2);
-        asm_se(em, None, &[], &wait, "~{memory}", &[])?;
-        em.barrier()?;
-        let stage = em.rem(kt, em.i64c(STAGES))?;
-        let nxt = em.add(kt, em.i64c(STAGES - 1))?;
-        let more = em.icmp(IntPredicate::SLT, nxt, kt_n)?;
-        em.if_then(more, |em| {
-            let into = em.rem(nxt, em.i64c(STAGES))?;
-            load_tile(em, nxt, into)
-        })?;
-        commit(em)?;
+        let stage = pipeline_step(em, STAGES, kt, kt_n, &load_tile)?;
         let sbase = em.mul(stage, em.i64c(STAGE))?;
         for ks in 0..(BK / 16) {
             let mut af = Vec::new();
@@ -772,15 +827,7 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
             }
             for (mi, a) in af.iter().enumerate() {
                 for (ni, b) in bfr.iter().enumerate() {
-                    let base = (mi * 4 + ni) * 4;
-                    let mut c = [em.f32c(0.0); 4];
-                    for (j, cj) in c.iter_mut().enumerate() {
-                        *cj = em.getf(acc[base + j])?;
-                    }
-                    let c = super::tc::mma(em, a, *b, c)?;
-                    for (j, cj) in c.into_iter().enumerate() {
-                        em.set(acc[base + j], cj)?;
-                    }
+                    mma_acc(em, &acc, (mi * 4 + ni) * 4, a, *b)?;
                 }
             }
         }
@@ -1264,7 +1311,6 @@ fn list_pair<'c>(em: &Em<'c, '_>, g: &Gx<'c>, r: IntValue<'c>, ok: IntValue<'c>)
 fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: IntValue<'c>) -> R<()> {
     let (zero, one) = (em.i64c(0), em.i64c(1));
     let i32t = em.ctx.i32_type();
-    let i64t = em.ctx.i64_type();
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
@@ -1281,21 +1327,6 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     };
     let a_base = em.view_offset(&em.kernel.inputs[g.x].view, &a_idx)?;
     let kk = em.i64c(g.d);
-    let c16 = i32t.const_int(16, false);
-    let c0 = i32t.const_int(0, false);
-    let cp_async = |em: &Em<'c, '_>, dst: IntValue<'c>, src: PointerValue<'c>, ok: IntValue<'c>| -> R<()> {
-        let size = em.b.build_select(ok, c16, c0, "").ck()?.into_int_value();
-        let src = em.b.build_ptr_to_int(src, i64t, "").ck()?;
-        asm_se(
-            em,
-            None,
-            &[i32t.into(), i64t.into(), i32t.into()],
-            "cp.async.cg.shared.global [$0], [$1], 16, $2;",
-            "r,l,r,~{memory}",
-            &[dst.into(), src.into(), size.into()],
-        )?;
-        Ok(())
-    };
     let saddr = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<IntValue<'c>> {
         let p = em.shared_gep(em.ctx.i16_type().into(), g.smem, e)?;
         em.b.build_ptr_to_int(p, i32t, "").ck()
@@ -1307,17 +1338,13 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
         let sbase = em.mul(stage, em.i64c(GB_STAGE))?;
         let a_at = em.add(em.add(sbase, em.mul(crow, em.i64c(GB_LDS))?)?, kc8)?;
         let src = gep16(em, em.inputs[g.x], em.add(a_base, kcl)?)?;
-        cp_async(em, saddr(em, a_at)?, src, em.and(a_ok, k_ok)?)?;
+        cp_async16(em, saddr(em, a_at)?, src, em.and(a_ok, k_ok)?)?;
         for (j, (buf, base, ok)) in g.brows.iter().enumerate() {
             let r = em.add(crow, em.i64c(GB_M + GB_N * j as i64))?;
             let at = em.add(em.add(sbase, em.mul(r, em.i64c(GB_LDS))?)?, kc8)?;
             let src = gep16(em, *buf, em.add(*base, kcl)?)?;
-            cp_async(em, saddr(em, at)?, src, em.and(*ok, k_ok)?)?;
+            cp_async16(em, saddr(em, at)?, src, em.and(*ok, k_ok)?)?;
         }
-        Ok(())
-    };
-    let commit = |em: &Em<'c, '_>| -> R<()> {
-        asm_se(em, None, &[], "cp.async.commit_group;", "~{memory}", &[])?;
         Ok(())
     };
     // (gate, up) × 2 (m16) × 2 (n8) tiles of 4 f32 each
@@ -1326,35 +1353,14 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
         acc.push(em.fvar(em.f32c(0.0))?);
     }
     let kt_n = em.i64c((g.d + GB_K - 1) / GB_K);
-    for s0 in 0..GB_STAGES - 1 {
-        let kt = em.i64c(s0);
-        let some = em.icmp(IntPredicate::SLT, kt, kt_n)?;
-        em.if_then(some, |em| load_tile(em, kt, kt))?;
-        commit(em)?;
-    }
+    pipeline_start(em, GB_STAGES, kt_n, &load_tile)?;
     let gq = em.div(lane, em.i64c(4))?;
     let tq = em.rem(lane, em.i64c(4))?;
-    let a_lrow = em.add(em.mul(wm, em.i64c(32))?, em.rem(lane, em.i64c(16))?)?;
-    let a_lcol = em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?;
-    let b_ln = em.add(
-        em.add(em.mul(wn, em.i64c(16))?, em.rem(lane, em.i64c(8))?)?,
-        em.mul(em.div(lane, em.i64c(16))?, em.i64c(8))?,
-    )?;
-    let b_lk = em.mul(em.rem(em.div(lane, em.i64c(8))?, em.i64c(2))?, em.i64c(8))?;
+    let [a_lrow, a_lcol, b_ln, b_lk] = ldmatrix_lanes(em, lane, (wm, wn), (32, 16))?;
     let ldm =
         |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> { super::tc::ldmatrix(em, saddr(em, e)?, false) };
     em.for_range(zero, kt_n, one, |em, kt| {
-        let wait = format!("cp.async.wait_group {};", GB_STAGES - 2);
-        asm_se(em, None, &[], &wait, "~{memory}", &[])?;
-        em.barrier()?;
-        let stage = em.rem(kt, em.i64c(GB_STAGES))?;
-        let nxt = em.add(kt, em.i64c(GB_STAGES - 1))?;
-        let more = em.icmp(IntPredicate::SLT, nxt, kt_n)?;
-        em.if_then(more, |em| {
-            let into = em.rem(nxt, em.i64c(GB_STAGES))?;
-            load_tile(em, nxt, into)
-        })?;
-        commit(em)?;
+        let stage = pipeline_step(em, GB_STAGES, kt, kt_n, &load_tile)?;
         let sbase = em.mul(stage, em.i64c(GB_STAGE))?;
         for ks in 0..(GB_K / 16) {
             let mut af = Vec::new();
@@ -1376,15 +1382,7 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
             for (which, bw) in bfr.iter().enumerate() {
                 for (mi, a) in af.iter().enumerate() {
                     for (ni, b) in bw.iter().enumerate() {
-                        let base = ((which * 2 + mi) * 2 + ni) * 4;
-                        let mut c = [em.f32c(0.0); 4];
-                        for (j, cj) in c.iter_mut().enumerate() {
-                            *cj = em.getf(acc[base + j])?;
-                        }
-                        let c = super::tc::mma(em, a, *b, c)?;
-                        for (j, cj) in c.into_iter().enumerate() {
-                            em.set(acc[base + j], cj)?;
-                        }
+                        mma_acc(em, &acc, ((which * 2 + mi) * 2 + ni) * 4, a, *b)?;
                     }
                 }
             }
