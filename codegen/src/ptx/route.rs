@@ -196,23 +196,20 @@ pub(super) fn route_topk<'c>(
 
     // 5. weights of the chosen experts, in rank order
     let kk = em.i64c(k as i64);
-    em.for_range(tid, kk, step, |em, r| {
+    // the expert chosen at rank r and its probability
+    let chosen_at = |em: &Em<'c, '_>, r: IntValue<'c>| -> R<(IntValue<'c>, FloatValue<'c>)> {
         let e = em.geti(em.shared_gep(i64t.into(), chosen, r)?)?;
-        let p =
-            em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e)?, "")
-                .ck()?
-                .into_float_value();
+        let p = em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e)?, "").ck()?;
+        Ok((e, p.into_float_value()))
+    };
+    em.for_range(tid, kk, step, |em, r| {
+        let (e, p) = chosen_at(em, r)?;
         let mut w = p;
         if normalize {
             let f64t = em.ctx.f64_type();
             let total = em.var(f64t.into(), f64t.const_zero().into())?;
             em.for_range(zero, kk, one, |em, r2| {
-                let e2 = em.geti(em.shared_gep(i64t.into(), chosen, r2)?)?;
-                let q =
-                    em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e2)?, "")
-                        .ck()?
-                        .into_float_value();
-                let q = em.b.build_float_ext(q, f64t, "").ck()?;
+                let q = em.b.build_float_ext(chosen_at(em, r2)?.1, f64t, "").ck()?;
                 let s = em.b.build_load(f64t, total, "").ck()?.into_float_value();
                 em.set(total, em.b.build_float_add(s, q, "").ck()?)
             })?;
