@@ -8,6 +8,8 @@
 #              prefill+decode = forward
 #   sanitizer  compute-sanitizer memcheck of `ringjit forward --device cuda` on the tiny model
 #   bench      `ringjit bench --device cuda` on Ring-mini (random bf16 weights made on the GPU)
+#   ab         the same bench by .gpu/ringjit-base.xz (a release CLI of another commit, packed by
+#              hand), right after, on the same card: before/after figures of one change
 #   baseline   bench/torch_ring.py (strong PyTorch Ring-mini) and bench/kernels.py (torch.matmul,
 #              SDPA, fla) on the same card; needs `.whl` carried too
 # default: tests,sanitizer,bench,baseline). Full logs and JSON go to $OUT (or out/); a short
@@ -54,6 +56,18 @@ if [[ $parts == *,bench,* ]]; then
   st=${PIPESTATUS[0]}
   say "== ringjit bench, Ring-mini (exit $st)"
   sed -n '/^card /,$p' "$log" | sed 's/^/    /' >> "$summary"
+fi
+
+if [[ $parts == *,ab,* ]]; then
+  log="$out/bench-base.log"
+  if [ -x .gpu/bin/ringjit-base ]; then
+    .gpu/bin/ringjit-base bench --config ring-mini-linear-2.0 --device cuda --json "$out/ringjit_mini_base.json" 2>&1 | tee "$log"
+    st=${PIPESTATUS[0]}
+    say "== ringjit bench, Ring-mini, base binary (exit $st)"
+    sed -n '/^card /,$p' "$log" | sed 's/^/    /' >> "$summary"
+  else
+    say "== ab: no .gpu/ringjit-base.xz carried"
+  fi
 fi
 
 if [[ $parts == *,baseline,* ]]; then

@@ -557,7 +557,9 @@ fn gpu_bench_attention_kernels_ring_mini() {
         for (kind, ms) in &s.by_kind {
             let per = match kind.as_str() {
                 "attention" => ms / n_soft,
-                "linear_attn_chunk" | "linear_attn_step" => ms / n_lin,
+                "linear_attn_chunk" | "linear_attn_step" | "linear_attn_chunk_gate" | "linear_attn_step_gate" => {
+                    ms / n_lin
+                }
                 _ => continue,
             };
             let what = if kind == "attention" {
@@ -817,5 +819,103 @@ fn gpu_route_topk_matches_the_interpreter_at_ties_and_nans() {
         let err = ir::tol::rel_err(&fh, &fw);
         assert!(err <= Tol::F32.op(), "E={e} on {}: weights rel err {err:.3e}", g.name);
         eprintln!("gpu route_topk E={e} groups={groups} keep={keep} k={k}: chosen equal, weights rel err {err:.1e}");
+    }
+}
+
+/// The lightning templates on the GPU, with and without the folded group norm and gate (model
+/// plans hold only the folded form), against the interpreter: the register-state recurrence
+/// (d 16, 64, 128; Ring-mini's 16 heads of 128 at decode and prefill shapes) and the simple
+/// kernel (d 24), with groups of several heads, of one head and of part of one.
+#[test]
+fn gpu_lightning_with_and_without_the_gate_matches_the_interpreter() {
+    use ir::fused::Fused;
+    use std::collections::HashMap;
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let cases = [
+        (2, 37, 3, 64, 6),
+        (1, 1, 4, 128, 1),
+        (3, 1, 16, 128, 4),
+        (1, 130, 16, 128, 4),
+        (2, 5, 3, 24, 3),
+        (1, 40, 4, 16, 8),
+    ];
+    for (n, (b, t, h, d, groups)) in cases.into_iter().enumerate() {
+        for chunk in [Some(64), None] {
+            let mut graph = ir::graph::Graph::new();
+            let mut inputs: HashMap<String, ir::Tensor> = HashMap::new();
+            let mut rng = passes::testing::SplitMix(40 + n as u64);
+            let mut input =
+                |graph: &mut ir::graph::Graph, name: &str, dtype: ir::DType, shape: &[usize], scale: f32| {
+                    let dims = shape.iter().map(|&x| ir::Dim::constant(x as i64)).collect();
+                    let numel: usize = shape.iter().product();
+                    let data = (0..numel)
+                        .map(|_| (rng.unit() + 0.1f32.copysign(rng.unit())) * scale)
+                        .collect();
+                    inputs.insert(name.into(), ir::Tensor::from_f32(dtype, shape.to_vec(), data));
+                    graph.add_input(name, ir::op::InputKind::Data, dtype, dims)
+                };
+            let f32t = ir::DType::F32;
+            let s0 = input(&mut graph, "s0", f32t, &[b, h, d, d], 1.0);
+            let q = input(&mut graph, "q", f32t, &[b, t, h, d], (d as f32).powf(-0.5));
+            let k = input(&mut graph, "k", f32t, &[b, t, h, d], 1.0);
+            let v = input(&mut graph, "v", f32t, &[b, t, h, d], 1.0);
+            let lam = input(&mut graph, "lam", f32t, &[h, 1, 1], 0.0);
+            let w = input(&mut graph, "w", ir::DType::BF16, &[h * d], 1.0);
+            let gate = input(&mut graph, "g", f32t, &[b, t, h * d], 2.0);
+            // decays of real heads: 0.9 .. 0.9 + 0.02 (H − 1)
+            inputs.insert(
+                "lam".into(),
+                ir::Tensor::from_f32(f32t, vec![h, 1, 1], (0..h).map(|i| 0.9 + 0.02 * i as f32).collect()),
+            );
+            let scan = match chunk {
+                Some(c) => Fused::LinearAttnChunk { chunk: c },
+                None => Fused::LinearAttnStep,
+            };
+            let so = graph.add(ir::Op::Fused(scan), &[s0, q, k, v, lam], None).unwrap();
+            let eps = 1e-6;
+            let y = graph
+                .add1(
+                    ir::Op::Fused(Fused::GroupNormGate { groups, eps }),
+                    &[so[1], w, gate],
+                    None,
+                )
+                .unwrap();
+            let folded = graph
+                .add(
+                    ir::Op::Fused(Fused::LinearAttnGate { chunk, groups, eps }),
+                    &[s0, q, k, v, lam, w, gate],
+                    None,
+                )
+                .unwrap();
+            for (name, val) in [("s", so[0]), ("y", y), ("s_folded", folded[0]), ("y_folded", folded[1])] {
+                graph.add_output(name, val, ir::op::InputKind::Data);
+            }
+            let kplan = passes::partition::partition(&graph).unwrap();
+            let empty = HashMap::new();
+            let weights = runtime::cuda_plan::GpuWeights::upload(
+                g.clone(),
+                &graph.params().unwrap(),
+                &crate::common::Table(&empty),
+                &|_, _| {},
+            )
+            .unwrap();
+            let what = format!("b {b}, T {t}, H {h}, d {d}, {groups} groups, chunk {chunk:?}");
+            let plan = runtime::cuda_plan::CudaPlan::new(&weights, &graph, kplan, &codegen::ptx::PtxOptions::default())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let env = ir::DimEnv::new();
+            let got = plan
+                .run(&env, &inputs, &mut runtime::cuda_plan::DeviceStates::default())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let want = ir::interp::Interpreter::new(&graph, &crate::common::Table(&empty))
+                .unwrap()
+                .run(&inputs)
+                .unwrap();
+            for name in ["s", "y", "s_folded", "y_folded"] {
+                let e = ir::tol::rel_err(got[name].as_f32().unwrap(), want[name].as_f32().unwrap());
+                assert!(e <= Tol::F32.op(), "{what}: {name} rel err {e:.3e} on {}", g.name);
+            }
+            eprintln!("lightning on {}: {what}: all four outputs within the f32 tier", g.name);
+        }
     }
 }

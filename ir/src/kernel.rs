@@ -633,6 +633,15 @@ pub struct Gemm {
     pub out: DType,
 }
 
+/// The group RMSNorm and sigmoid output gate folded into a lightning template
+/// (`Fused::LinearAttnGate`): operands 5 and 6 are `w [H·d]` and `g [b, T, H·d]`, and result 1
+/// is the gated `[b, T, H·d]` (f32) instead of the raw `o`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GateNorm {
+    pub groups: usize,
+    pub eps: f64,
+}
+
 /// The algorithm a template kernel runs, with the sizes it was instantiated for. Operands are
 /// in the order of the graph op (ir::op / ir::fused document each).
 #[derive(Clone, Debug, PartialEq)]
@@ -676,6 +685,7 @@ pub enum TemplateOp {
         len: Dim,
         heads: Dim,
         head_dim: Dim,
+        gate: Option<GateNorm>,
     },
     /// The lightning recurrence token by token (`Fused::LinearAttnStep`).
     LinearAttnStep {
@@ -683,6 +693,7 @@ pub enum TemplateOp {
         len: Dim,
         heads: Dim,
         head_dim: Dim,
+        gate: Option<GateNorm>,
     },
     /// Group-limited routing top-k (`Fused::RouteTopK`) over `tokens` rows of `experts` scores.
     RouteTopK {
@@ -759,8 +770,10 @@ impl TemplateOp {
             TemplateOp::SwiGluQuantFp8 { .. } => "swiglu_quant_fp8",
             TemplateOp::GroupedGemm { .. } => "grouped_gemm",
             TemplateOp::Attention { .. } => "attention",
-            TemplateOp::LinearAttnChunk { .. } => "linear_attn_chunk",
-            TemplateOp::LinearAttnStep { .. } => "linear_attn_step",
+            TemplateOp::LinearAttnChunk { gate: None, .. } => "linear_attn_chunk",
+            TemplateOp::LinearAttnChunk { gate: Some(_), .. } => "linear_attn_chunk_gate",
+            TemplateOp::LinearAttnStep { gate: None, .. } => "linear_attn_step",
+            TemplateOp::LinearAttnStep { gate: Some(_), .. } => "linear_attn_step_gate",
             TemplateOp::RouteTopK { .. } => "route_topk",
             TemplateOp::QuantizeFp8 { .. } => "quantize_fp8",
             TemplateOp::DequantizeFp8 { .. } => "dequantize_fp8",
@@ -863,13 +876,15 @@ impl TemplateOp {
                 len,
                 heads,
                 head_dim,
-            } => format!("chunk={chunk} batch={batch} len={len} heads={heads} d={head_dim}"),
+                gate,
+            } => format!("chunk={chunk} batch={batch} len={len} heads={heads} d={head_dim}{}", gate_str(gate)),
             TemplateOp::LinearAttnStep {
                 batch,
                 len,
                 heads,
                 head_dim,
-            } => format!("batch={batch} len={len} heads={heads} d={head_dim}"),
+                gate,
+            } => format!("batch={batch} len={len} heads={heads} d={head_dim}{}", gate_str(gate)),
             TemplateOp::RouteTopK {
                 k,
                 n_group,
@@ -895,6 +910,13 @@ impl TemplateOp {
             TemplateOp::TopK { k, axis } => format!("k={k} axis={axis}"),
             TemplateOp::ArgMax { axis } | TemplateOp::ScatterAdd { axis } => format!("axis={axis}"),
         }
+    }
+}
+
+fn gate_str(gate: &Option<GateNorm>) -> String {
+    match gate {
+        Some(g) => format!(" gate_groups={} eps={:e}", g.groups, g.eps),
+        None => String::new(),
     }
 }
 

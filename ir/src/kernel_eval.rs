@@ -480,8 +480,20 @@ pub fn template_graph_op(op: &TemplateOp) -> Result<Op, String> {
         TemplateOp::SwiGluQuantFp8 { .. } => f(Fused::SwiGluQuantFp8),
         TemplateOp::GroupedGemm { epilogue, .. } => f(Fused::GroupedMatmul { epilogue: *epilogue }),
         TemplateOp::Attention { scale, .. } => f(Fused::FlashAttention { scale: *scale }),
-        TemplateOp::LinearAttnChunk { chunk, .. } => f(Fused::LinearAttnChunk { chunk: *chunk }),
-        TemplateOp::LinearAttnStep { .. } => f(Fused::LinearAttnStep),
+        TemplateOp::LinearAttnChunk { chunk, gate: None, .. } => f(Fused::LinearAttnChunk { chunk: *chunk }),
+        TemplateOp::LinearAttnStep { gate: None, .. } => f(Fused::LinearAttnStep),
+        TemplateOp::LinearAttnChunk {
+            chunk, gate: Some(g), ..
+        } => f(Fused::LinearAttnGate {
+            chunk: Some(*chunk),
+            groups: g.groups,
+            eps: g.eps,
+        }),
+        TemplateOp::LinearAttnStep { gate: Some(g), .. } => f(Fused::LinearAttnGate {
+            chunk: None,
+            groups: g.groups,
+            eps: g.eps,
+        }),
         TemplateOp::RouteTopK {
             k,
             n_group,

@@ -152,7 +152,9 @@ impl CostModel {
                 let carry: f64 = outs.iter().map(|t| self.numel(t)).sum();
                 self.kernel(io, 4.0 * carry) + steps * body_kernels * self.launch_us
             }
-            Op::Fused(f @ (Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep)) => self.lightning(f, ins, io),
+            Op::Fused(f @ (Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep | Fused::LinearAttnGate { .. })) => {
+                self.lightning(f, ins, io)
+            }
             Op::Fused(f) => {
                 let bytes = self.fused_bytes(f, ins, outs).unwrap_or(io);
                 self.kernel(bytes, self.fused_flops(f, ins, out_n))
@@ -214,7 +216,7 @@ impl CostModel {
         let (heads, t, d) = (dim(0) * dim(2), dim(1), dim(3));
         let flops = self.fused_flops(f, ins, 0.0);
         match f {
-            Fused::LinearAttnChunk { chunk } => {
+            Fused::LinearAttnChunk { chunk } | Fused::LinearAttnGate { chunk: Some(chunk), .. } => {
                 let chunks = (t / (*chunk).max(1) as f64).ceil();
                 let states = 2.0 * chunks * heads * d * d * 4.0;
                 (io + states) / self.bandwidth
@@ -252,6 +254,14 @@ impl CostModel {
                 let padded = (d(1, 1) / c).ceil() * c;
                 let per_token = n(1) / d(1, 1).max(1.0);
                 padded * per_token * (4.0 * c + 4.0 * d(1, 3))
+            }
+            // the recurrence, then the group norm and gate on its o (as `GroupNormGate`)
+            Fused::LinearAttnGate { chunk, .. } => {
+                let scan = match chunk {
+                    Some(c) => Fused::LinearAttnChunk { chunk: *c },
+                    None => Fused::LinearAttnStep,
+                };
+                self.fused_flops(&scan, ins, 0.0) + 13.0 * n(1)
             }
             // per token row: the bias add, group scores, group and expert top-k, normalisation
             Fused::RouteTopK { .. } => 8.0 * n(0),

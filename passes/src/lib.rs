@@ -22,6 +22,7 @@ pub mod partition;
 pub mod precision;
 pub mod report;
 pub mod rules;
+pub mod siblings;
 pub mod testing;
 
 pub use egraph::{Limits, StopReason};
@@ -270,6 +271,7 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, PassRepor
         pm = pm
             .then(fuse_pass(opts.families.clone(), opts.limits, cost))
             .then(Pass::simple("dce", cleanup::dce))
+            .then(Pass::simple("merge-router-gemm", siblings::merge_router_gemms))
             .then(Pass::simple("validate", cleanup::validate));
     }
     if let Some(d) = &opts.dump_dir {

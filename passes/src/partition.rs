@@ -30,9 +30,9 @@
 use ir::fused::{Fused, GroupedEpilogue};
 use ir::graph::{Graph, Value};
 use ir::kernel::{
-    reshape_groups, Buffer, BufferId, BufferKind, BufferRef, ConstValue, ExprGraph, ExprId, ExprNode, Fusion, Gemm,
-    GridDim, IndexExpr, IndexVar, Kernel, KernelKind, KernelPlan, LaunchGeometry, LoopKernel, MatrixLayout, NodeIndex,
-    Operand, PlanOutput, ScalarOp, ScanKernel, TemplateKernel, TemplateOp, TemplateParams, View,
+    reshape_groups, Buffer, BufferId, BufferKind, BufferRef, ConstValue, ExprGraph, ExprId, ExprNode, Fusion, GateNorm,
+    Gemm, GridDim, IndexExpr, IndexVar, Kernel, KernelKind, KernelPlan, LaunchGeometry, LoopKernel, MatrixLayout,
+    NodeIndex, Operand, PlanOutput, ScalarOp, ScanKernel, TemplateKernel, TemplateOp, TemplateParams, View,
 };
 use ir::op::{BinaryOp, InputKind, Op, UnaryOp};
 use ir::shape::{numel, Dim, Shape};
@@ -203,6 +203,7 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                     len: dim(q, 1)?,
                     heads: dim(q, 2)?,
                     head_dim: dim(q, 3)?,
+                    gate: None,
                 }
             }
             Fused::LinearAttnStep => {
@@ -212,6 +213,32 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                     len: dim(q, 1)?,
                     heads: dim(q, 2)?,
                     head_dim: dim(q, 3)?,
+                    gate: None,
+                }
+            }
+            Fused::LinearAttnGate { chunk, groups, eps } => {
+                let q = arg(1)?;
+                let (batch, len, heads, head_dim) = (dim(q, 0)?, dim(q, 1)?, dim(q, 2)?, dim(q, 3)?);
+                let gate = Some(GateNorm {
+                    groups: *groups,
+                    eps: *eps,
+                });
+                match chunk {
+                    Some(c) => TemplateOp::LinearAttnChunk {
+                        chunk: *c,
+                        batch,
+                        len,
+                        heads,
+                        head_dim,
+                        gate,
+                    },
+                    None => TemplateOp::LinearAttnStep {
+                        batch,
+                        len,
+                        heads,
+                        head_dim,
+                        gate,
+                    },
                 }
             }
             Fused::GroupNormGate { groups, eps } => TemplateOp::GroupNormGate {

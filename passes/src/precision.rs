@@ -203,7 +203,7 @@ pub fn is_graph_output(g: &Graph, m: NodeIndex) -> bool {
 }
 
 /// Points every use of `old`'s (single) output, edges and graph outputs, at `new`.
-fn replace_uses(g: &mut Graph, old: NodeIndex, new: Value) {
+pub(crate) fn replace_uses(g: &mut Graph, old: NodeIndex, new: Value) {
     let uses: Vec<_> =
         g.g.edges_directed(old, Direction::Outgoing)
             .map(|e| (e.id(), e.target(), e.weight().slot))

@@ -1257,7 +1257,7 @@ impl TemplateExec {
                 rows::attention(vk, (&q, &k, &v, &pos), (b, hkv, g, s, t, d), *scale, &mut y, l.par)?;
                 vec![Dense::F32(y)]
             }
-            TemplateOp::LinearAttnChunk { .. } | TemplateOp::LinearAttnStep { .. } => {
+            TemplateOp::LinearAttnChunk { gate, .. } | TemplateOp::LinearAttnStep { gate, .. } => {
                 let (_, s0, _) = self.operand(0, l)?;
                 let (sq, q, _) = self.operand(1, l)?;
                 let (_, k, _) = self.operand(2, l)?;
@@ -1268,7 +1268,17 @@ impl TemplateExec {
                 };
                 let (mut s, mut o) = (zeros(s0.len()), zeros(q.len()));
                 rows::linear_attn(vk, [&s0, &q, &k, &v, &lam], (b, t, h, d), &mut s, &mut o, l.par)?;
-                vec![Dense::F32(s), Dense::F32(o)]
+                match gate {
+                    None => vec![Dense::F32(s), Dense::F32(o)],
+                    // the folded group norm and gate: the same row kernel, on o still in memory
+                    Some(gn) => {
+                        let (_, w, _) = self.operand(5, l)?;
+                        let (_, g, _) = self.operand(6, l)?;
+                        let mut y = zeros(g.len());
+                        rows::group_norm_gate(vk, (&o, &w, &g), gn.groups, gn.eps, &mut y, l.par)?;
+                        vec![Dense::F32(s), Dense::F32(y)]
+                    }
+                }
             }
             TemplateOp::RouteTopK {
                 k,

@@ -28,7 +28,7 @@ fn tier(d: DType) -> Option<f64> {
 }
 
 /// The kernel kinds that run generated code (loops, GEMMs, the row kernels of rows.rs).
-const GENERATED: [&str; 21] = [
+const GENERATED: [&str; 23] = [
     "quantize_fp8",
     "dequantize_fp8",
     "scaled_gemm_fp8",
@@ -50,6 +50,8 @@ const GENERATED: [&str; 21] = [
     "attention",
     "linear_attn_chunk",
     "linear_attn_step",
+    "linear_attn_chunk_gate",
+    "linear_attn_step_gate",
 ];
 
 /// Runs every kernel of `plan` on the CPU and in the evaluator, from the evaluator's memory.
@@ -225,9 +227,8 @@ fn every_kernel_of_the_tiny_model_matches_the_evaluator_at_ragged_sizes() {
         "rms_norm",
         "add_rms_norm",
         "qk_norm_rope",
-        "group_norm_gate",
-        "linear_attn_chunk",
-        "linear_attn_step",
+        "linear_attn_chunk_gate",
+        "linear_attn_step_gate",
         "route_topk",
         "quantize_fp8",
         "scaled_gemm_fp8",
@@ -241,7 +242,17 @@ fn every_kernel_of_the_tiny_model_matches_the_evaluator_at_ragged_sizes() {
     // the kinds no compiled plan holds are tested on graphs of their own below
     for kind in GENERATED {
         assert!(
-            kinds.contains(kind) || ["softmax", "dequantize_fp8", "argmax", "scatter_add"].contains(&kind),
+            kinds.contains(kind)
+                || [
+                    "softmax",
+                    "dequantize_fp8",
+                    "argmax",
+                    "scatter_add",
+                    "group_norm_gate",
+                    "linear_attn_chunk",
+                    "linear_attn_step"
+                ]
+                .contains(&kind),
             "{kind} is in a model plan now: drop it from the direct tests' list"
         );
     }
@@ -392,6 +403,48 @@ fn fp8_templates_outside_the_models_match_the_evaluator_at_ragged_sizes() {
         let kinds = g.check();
         for kind in ["rms_norm_quant_fp8", "add_rms_norm_quant_fp8", "swiglu_quant_fp8"] {
             assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+        }
+    }
+}
+
+/// The lightning templates with and without the folded group norm (a model plan holds only the
+/// folded form: `scan-gate-into-*`), with groups of several heads, of one head and of part of
+/// one (H 3, d 8: 1, 3 and 6 groups), at ragged token counts.
+#[test]
+fn lightning_templates_with_and_without_the_gate_match_the_evaluator() {
+    use ir::fused::Fused;
+    for (b, t, h, d, groups) in [(2, 7, 3, 8, 3), (1, 1, 3, 8, 1), (2, 19, 4, 8, 8), (1, 33, 3, 8, 6)] {
+        for chunk in [Some(16), None] {
+            let mut g = OpGraph::new();
+            let s0 = g.input(DType::F32, &[b, h, d, d]);
+            let q = g.input(DType::F32, &[b, t, h, d]);
+            let k = g.input(DType::F32, &[b, t, h, d]);
+            let v = g.input(DType::F32, &[b, t, h, d]);
+            let lam = g.input(DType::F32, &[h, 1, 1]);
+            let w = g.input(DType::BF16, &[h * d]);
+            let gate = g.input(DType::F32, &[b, t, h * d]);
+            let (scan, folded) = match chunk {
+                Some(c) => (Fused::LinearAttnChunk { chunk: c }, "linear_attn_chunk_gate"),
+                None => (Fused::LinearAttnStep, "linear_attn_step_gate"),
+            };
+            let so = g.fused(scan.clone(), &[s0, q, k, v, lam]);
+            let y = g.fused(Fused::GroupNormGate { groups, eps: 1e-6 }, &[so[1], w, gate]);
+            g.output(so[0]);
+            g.output(y[0]);
+            let gated = g.fused(
+                Fused::LinearAttnGate {
+                    chunk,
+                    groups,
+                    eps: 1e-6,
+                },
+                &[s0, q, k, v, lam, w, gate],
+            );
+            g.output(gated[0]);
+            g.output(gated[1]);
+            let kinds = g.check();
+            for kind in [scan.name(), "group_norm_gate", folded] {
+                assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+            }
         }
     }
 }

@@ -788,7 +788,7 @@ fn merge<'c>(
 }
 
 /// A volatile f32 load of `base[i]` (global memory another block wrote: never from L1).
-fn ldv<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, i: IntValue<'c>) -> R<FloatValue<'c>> {
+pub(super) fn ldv<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, i: IntValue<'c>) -> R<FloatValue<'c>> {
     use super::super::emit::Ck;
     let p = fptr(em, base, i)?;
     let v = em.b.build_load(em.ctx.f32_type(), p, "").ck()?;
@@ -800,7 +800,7 @@ fn ldv<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, i: IntValue<'c>) -> R<FloatV
 }
 
 /// `membar.gl`: this thread's global writes are visible device-wide before its later ones.
-fn fence(em: &Em) -> R<()> {
+pub(super) fn fence(em: &Em) -> R<()> {
     use super::super::emit::Ck;
     let ty = em.ctx.void_type().fn_type(&[], false);
     let asm = em.ctx.create_inline_asm(

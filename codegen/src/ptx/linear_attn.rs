@@ -15,11 +15,13 @@
 //! also the cheaper one on SIMT cores (2d² FMAs a token against 2d² + 2Cd), so the chunk op
 //! uses it too. (A tensor-core chunked form is future work.)
 
-use super::super::emit::{Em, Val, R};
-use super::attention::{lds, lds4, naive_forced, sts};
+use super::super::emit::{err, Ck, Em, Val, R};
+use super::attention::{fence, fptr, lds, lds4, ldv, naive_forced, sts};
 use inkwell::types::BasicType;
+use inkwell::values::{FloatValue, IntValue};
 use inkwell::IntPredicate;
-use ir::kernel::{GridDim, LaunchGeometry, TemplateKernel};
+use ir::kernel::{GateNorm, GridDim, LaunchGeometry, TemplateKernel};
+use ir::op::ReduceOp;
 use ir::{DType, Dim};
 
 /// Threads per block.
@@ -57,10 +59,15 @@ pub(super) fn plan(em: &Em, t: &TemplateKernel, head_dim: &Dim) -> Option<(i64, 
 pub(super) fn recurrence<'c>(
     em: &mut Em<'c, '_>,
     t: &TemplateKernel,
+    gate: Option<GateNorm>,
     (d, cb, rgs, rpt): (i64, i64, i64, i64),
 ) -> R<LaunchGeometry> {
     let (s0, sq) = (em.operand_shape(t, 0)?, em.operand_shape(t, 1)?);
     let (tl, heads) = (em.dim(&sq[1])?, em.dim(&sq[2])?);
+    let gate = match gate {
+        Some(gn) => Some(Gate::new(em, t, gn, d / cb)?),
+        None => None,
+    };
     let f32t = em.ctx.f32_type();
     let qsm = em.shared_array("ringjit_la_q", f32t.as_basic_type_enum(), (TB * d) as u32);
     let ksm = em.shared_array("ringjit_la_k", f32t.as_basic_type_enum(), (TB * d) as u32);
@@ -156,10 +163,25 @@ pub(super) fn recurrence<'c>(
                     o = em.fadd(o, lds(em, psm, pi)?)?;
                 }
                 let cc = em.add(em.mul(cbi, cbv)?, c)?;
-                let shape = em.kernel.outputs[1].view.shape.clone();
-                em.store_output(1, &[bi, tok, hi, cc], &shape, Val::F(o), DType::F32)
+                match &gate {
+                    Some(g) => g.store_o(em, [bi, tok, hi, cc], o),
+                    None => {
+                        let shape = em.kernel.outputs[1].view.shape.clone();
+                        em.store_output(1, &[bi, tok, hi, cc], &shape, Val::F(o), DType::F32)
+                    }
+                }
             })
-        })
+        })?;
+        // the folded group norm: the last block of the head group to finish these tokens
+        // normalises them
+        match &gate {
+            Some(g) => {
+                let slot = em.div(t0, em.i64c(TB))?;
+                let n = em.imin(em.i64c(TB), em.sub(tl, t0)?)?;
+                g.arrive_then_normalise(em, t, bi, hi, slot, t0, n)
+            }
+            None => Ok(()),
+        }
     })?;
     let shape = em.kernel.outputs[0].view.shape.clone();
     for (i, sv) in st.iter().enumerate() {
@@ -176,4 +198,167 @@ pub(super) fn recurrence<'c>(
         block: [THREADS as u32, 1, 1],
         shared_bytes: 0,
     })
+}
+
+/// The group RMSNorm and sigmoid gate folded into the recurrence (`gate: Some(_)`,
+/// `Fused::LinearAttnGate`). The channels of a group belong to several blocks (heads, and
+/// column blocks of a head), so each block leaves its raw `o` in the result `y [b, T, H·d]`
+/// itself and counts its arrival per (batch row, token batch, unit), a unit being the fewest
+/// whole heads that hold whole groups; the block that completes a unit normalises its tokens
+/// in place (one warp per (token, group)): `y = o · rsqrt(mean(o²) + eps) · w · sigmoid(g)`.
+///
+/// Scratch: `b·T·units` u32 counters (one per token batch at most), zeroed by the runtime before
+/// each launch (`scratch_zero`: another kernel may have left anything there) and put back to
+/// zero by the block that completes them, so the kernel leaves its scratch as it found the
+/// decode attention's counters (docs/kernel-abi.md).
+pub(super) struct Gate<'c> {
+    gn: GateNorm,
+    /// channels per group, heads per unit, units per row
+    n: i64,
+    unit_heads: i64,
+    units: i64,
+    d: i64,
+    /// blocks that write one unit's channels of a token batch
+    blocks_per_unit: i64,
+    tl: IntValue<'c>,
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl<'c> Gate<'c> {
+    /// The layout for `t`, whose heads are each written by `col_blocks` blocks.
+    pub(super) fn new(em: &mut Em<'c, '_>, t: &TemplateKernel, gn: GateNorm, col_blocks: i64) -> R<Gate<'c>> {
+        let (s0, sq) = (em.operand_shape(t, 0)?, em.operand_shape(t, 1)?);
+        let (Some(h), Some(d)) = (sq[2].as_const(), sq[3].as_const()) else {
+            return err("linear attention with a folded group norm: heads and head dim must be constants");
+        };
+        let hd = h * d;
+        let groups = gn.groups as i64;
+        if groups < 1 || hd % groups != 0 {
+            return err(format!(
+                "linear attention gate: {groups} groups do not divide {hd} channels"
+            ));
+        }
+        let n = hd / groups;
+        let unit_heads = (n / gcd(n, d) * d) / d;
+        let tl = em.dim(&sq[1])?;
+        let units = h / unit_heads;
+        let bt = s0[0].mul(&sq[1]);
+        em.scratch_bytes = bt.mul(&Dim::constant(4 * units));
+        em.scratch_zero = em.scratch_bytes.clone();
+        Ok(Gate {
+            gn,
+            n,
+            unit_heads,
+            units,
+            d,
+            blocks_per_unit: unit_heads * col_blocks,
+            tl,
+        })
+    }
+
+    /// The element offset of `y[b, tok, ch]` in result 1's buffer (f32).
+    fn y_at(&self, em: &Em<'c, '_>, bi: IntValue<'c>, tok: IntValue<'c>, ch: IntValue<'c>) -> R<IntValue<'c>> {
+        em.view_offset(&em.kernel.outputs[1].view, &[bi, tok, ch])
+    }
+
+    /// Raw `o[b, tok, head, col]` into its place in `y`.
+    pub(super) fn store_o(
+        &self,
+        em: &mut Em<'c, '_>,
+        [bi, tok, hi, col]: [IntValue<'c>; 4],
+        v: FloatValue<'c>,
+    ) -> R<()> {
+        let ch = em.add(em.mul(hi, em.i64c(self.d))?, col)?;
+        let at = self.y_at(em, bi, tok, ch)?;
+        sts(em, em.outputs[1], at, v)
+    }
+
+    /// Called by every thread of the block after its raw `o` of tokens `tok0 .. tok0 + ntok`
+    /// (counter `slot`) is stored: counts the block's arrival; the last block of the unit of
+    /// head `hi` normalises those tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn arrive_then_normalise(
+        &self,
+        em: &mut Em<'c, '_>,
+        t: &TemplateKernel,
+        bi: IntValue<'c>,
+        hi: IntValue<'c>,
+        slot: IntValue<'c>,
+        tok0: IntValue<'c>,
+        ntok: IntValue<'c>,
+    ) -> R<()> {
+        let unit = em.div(hi, em.i64c(self.unit_heads))?;
+        let zero = em.i64c(0);
+        let i32t = em.ctx.i32_type();
+        // publish this block's o, then count it
+        fence(em)?;
+        em.barrier()?;
+        let last = em.shared_array("ringjit_la_gate_last", i32t.into(), 1);
+        let ci = em.add(em.mul(em.add(em.mul(bi, self.tl)?, slot)?, em.i64c(self.units))?, unit)?;
+        let counter = fptr(em, em.scratch, ci)?;
+        let tid = em.sreg("tid.x")?;
+        let first = em.icmp(IntPredicate::EQ, tid, zero)?;
+        let expect = self.blocks_per_unit - 1;
+        em.if_then(first, |em| {
+            let old =
+                em.b.build_atomicrmw(
+                    inkwell::AtomicRMWBinOp::Add,
+                    counter,
+                    i32t.const_int(1, false),
+                    inkwell::AtomicOrdering::Monotonic,
+                )
+                .ck()?;
+            let is_last = em.icmp(IntPredicate::EQ, old, i32t.const_int(expect as u64, false))?;
+            let flag = em.b.build_int_z_extend(is_last, i32t, "").ck()?;
+            em.set(last, flag)
+        })?;
+        em.barrier()?;
+        let flag = em.b.build_load(i32t, last, "").ck()?.into_int_value();
+        let is_last = em.icmp(IntPredicate::NE, flag, i32t.const_zero())?;
+        let per_unit = self.unit_heads * self.d;
+        let gpu = per_unit / self.n;
+        em.if_then(is_last, |em| {
+            fence(em)?;
+            let lane = em.rem(tid, em.i64c(32))?;
+            let warp = em.div(tid, em.i64c(32))?;
+            let nwarps = em.div(em.sreg("ntid.x")?, em.i64c(32))?;
+            let pairs = em.mul(ntok, em.i64c(gpu))?;
+            let (n, eps) = (self.n, self.gn.eps);
+            em.for_range(warp, pairs, nwarps, |em, p| {
+                let tok = em.add(tok0, em.div(p, em.i64c(gpu))?)?;
+                let gr = em.rem(p, em.i64c(gpu))?;
+                let ch0 = em.add(em.mul(unit, em.i64c(per_unit))?, em.mul(gr, em.i64c(n))?)?;
+                let ss = em.fvar(em.f32c(0.0))?;
+                em.for_range(lane, em.i64c(n), em.i64c(32), |em, c| {
+                    let x = ldv(em, em.outputs[1], self.y_at(em, bi, tok, em.add(ch0, c)?)?)?;
+                    em.set(ss, em.fma(x, x, em.getf(ss)?)?)
+                })?;
+                let tot = em.warp_reduce(ReduceOp::Sum, em.getf(ss)?)?;
+                let inv = em.inv_rms(tot, em.i64c(n), eps)?;
+                let shape = em.kernel.outputs[1].view.shape.clone();
+                em.for_range(lane, em.i64c(n), em.i64c(32), |em, c| {
+                    let ch = em.add(ch0, c)?;
+                    let x = ldv(em, em.outputs[1], self.y_at(em, bi, tok, ch)?)?;
+                    let w = em.ldf(t, 5, &[ch])?;
+                    let g = em.ldf(t, 6, &[bi, tok, ch])?;
+                    let y = em.fmul(em.fmul(em.fmul(x, inv)?, w)?, em.sigmoid(g)?)?;
+                    em.store_output(1, &[bi, tok, ch], &shape, Val::F(y), DType::F32)
+                })
+            })?;
+            // every block of the unit has counted: leave the counter at zero
+            em.if_then(first, |em| {
+                let st = em.b.build_store(counter, i32t.const_zero()).ck()?;
+                st.set_volatile(true)
+                    .map_err(|e| super::super::CodegenError(e.to_string()))?;
+                Ok(())
+            })
+        })
+    }
 }

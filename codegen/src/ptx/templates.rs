@@ -49,10 +49,10 @@ pub(crate) fn emit(em: &mut Em, t: &TemplateKernel) -> R<LaunchGeometry> {
             Some(d) => attention::flash(em, t, *scale, d)?,
             None => attention(em, t, *scale)?,
         },
-        TemplateOp::LinearAttnChunk { head_dim, .. } | TemplateOp::LinearAttnStep { head_dim, .. } => {
+        TemplateOp::LinearAttnChunk { head_dim, gate, .. } | TemplateOp::LinearAttnStep { head_dim, gate, .. } => {
             match linear_attn::plan(em, t, head_dim) {
-                Some(p) => linear_attn::recurrence(em, t, p)?,
-                None => linear_attn(em, t, head_dim)?,
+                Some(p) => linear_attn::recurrence(em, t, *gate, p)?,
+                None => linear_attn(em, t, *gate, head_dim)?,
             }
         }
         TemplateOp::RouteTopK {
@@ -877,7 +877,12 @@ fn attention<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, scale: f64) -> R<Launc
 /// The lightning recurrence `S ← λS + kᵀv, o = q S` token by token (also the chunked op: the
 /// same recurrence): one block per (batch, head), one thread per state column, the state kept
 /// in the output state buffer.
-fn linear_attn<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, head_dim: &Dim) -> R<LaunchGeometry> {
+fn linear_attn<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    gate: Option<ir::kernel::GateNorm>,
+    head_dim: &Dim,
+) -> R<LaunchGeometry> {
     let (s0, sq) = (em.operand_shape(t, 0)?, em.operand_shape(t, 1)?);
     if s0.len() != 4 || sq.len() != 4 {
         return err("linear attention: s0 must be [b, H, d, d] and q [b, T, H, d]");
@@ -891,6 +896,10 @@ fn linear_attn<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, head_dim: &Dim) -> R
     let (zero, one) = (em.i64c(0), em.i64c(1));
     let bid = em.sreg("ctaid.x")?;
     let (bi, hi) = (em.div(bid, heads)?, em.rem(bid, heads)?);
+    let gate = match gate {
+        Some(gn) => Some(linear_attn::Gate::new(em, t, gn, 1)?),
+        None => None,
+    };
     let j = em.sreg("tid.x")?;
     let inside = em.icmp(IntPredicate::SLT, j, d)?;
     em.if_then(inside, |em| {
@@ -913,11 +922,20 @@ fn linear_attn<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, head_dim: &Dim) -> R
                 let r = em.fma(q, s, em.getf(o)?)?;
                 em.set(o, r)
             })?;
-            let shape = em.kernel.outputs[1].view.shape.clone();
             let ov = em.getf(o)?;
-            em.store_output(1, &[bi, tok, hi, j], &shape, Val::F(ov), DType::F32)
+            match &gate {
+                Some(g) => g.store_o(em, [bi, tok, hi, j], ov),
+                None => {
+                    let shape = em.kernel.outputs[1].view.shape.clone();
+                    em.store_output(1, &[bi, tok, hi, j], &shape, Val::F(ov), DType::F32)
+                }
+            }
         })
     })?;
+    // the folded group norm: the last head of a unit to finish normalises every token
+    if let Some(g) = &gate {
+        g.arrive_then_normalise(em, t, bi, hi, zero, zero, tl)?;
+    }
     let threads = ((dc as u32).div_ceil(32) * 32).max(32);
     Ok(rows_geo(s0[0].mul(&s0[1]), threads))
 }

@@ -282,6 +282,38 @@ pub(super) fn group_norm_gate(
     Ok(vec![float_tensor(op, &out[0], y)?])
 }
 
+/// `LinearAttnGate`: the recurrence (`chunked` or `stepwise`), then `group_norm_gate` of its
+/// `o` (kept in f32, as the unfused pair stores it) with `w` and `g`.
+pub(super) fn gated(
+    chunk: Option<usize>,
+    groups: usize,
+    eps: f64,
+    args: &[&Tensor],
+    out: &[(TensorType, Vec<usize>)],
+) -> Result<Vec<Tensor>, String> {
+    let op = "linear_attn_gate";
+    let (&[s0, q, k, v, lam, w, g], [s_ty, y_ty]) = (args, out) else {
+        return Err(format!(
+            "{op} takes 7 operands and 2 outputs, got {} and {}",
+            args.len(),
+            out.len()
+        ));
+    };
+    // the raw o [b, T, H, d] in f32, with q's concrete shape
+    let dims = q.shape.iter().map(|&n| crate::shape::Dim::constant(n as i64)).collect();
+    let o_ty = (TensorType::new(crate::DType::F32, dims), q.shape.clone());
+    let scan_out = [s_ty.clone(), o_ty];
+    let scan_args = [s0, q, k, v, lam];
+    let mut so = match chunk {
+        Some(c) => chunked(c, &scan_args, &scan_out)?,
+        None => stepwise(&scan_args, &scan_out)?,
+    };
+    let o = so.pop().ok_or("linear_attn_gate: internal: no o")?;
+    let y = group_norm_gate(groups, eps, &[&o, w, g], std::slice::from_ref(y_ty))?;
+    so.extend(y);
+    Ok(so)
+}
+
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -630,6 +662,77 @@ mod tests {
                 &format!("group_norm_gate (b {b}, s {s}, H {h}, d {d}, {groups} groups, w {wdt})"),
                 &got,
                 &want,
+                Tol::F32,
+            );
+        }
+    }
+
+    /// `LIGHTNING` followed by `GROUP_NORM_GATE` of its `o`, in one DSL program.
+    const LIGHTNING_GATE: &str = r#"
+        config num_attention_heads: int;
+        config head_dim: int;
+        config group_norm_size: int;
+        config rms_norm_eps: float;
+        let H = num_attention_heads;
+        let d = head_dim;
+        dim batch, seq;
+        input q: f32[batch, seq, H, d];
+        input k: f32[batch, seq, H, d];
+        input v: f32[batch, seq, H, d];
+        input lam: f32[H, 1, 1];
+        input s0: f32[batch, H, d, d];
+        input g_norm: f32[H * d];
+        input g: f32[batch, seq, H * d];
+
+        let (s1, o) = scan (s = s0; qt in q, kt in k, vt in v; axis = 1) {
+            let s_new = lam * s + unsqueeze(kt, -1) * unsqueeze(vt, -2);
+            (s_new, squeeze(unsqueeze(qt, -2) @ s_new, -2))
+        };
+        let og = reshape(o, [batch, seq, group_norm_size, H * d // group_norm_size]);
+        let og = og * rsqrt(mean(og * og, axis = -1, keepdim = true) + rms_norm_eps);
+        let y = reshape(og, [batch, seq, H * d]) * g_norm;
+        output "s" = s1;
+        output "y" = y * sigmoid(g);
+    "#;
+
+    #[test]
+    fn fused_gated_lightning_matches_the_scan_then_the_gate() {
+        let eps = 1e-6;
+        // (batch, T, d, groups, λ per head, chunk: None = token recurrence)
+        type Case<'a> = (usize, usize, usize, usize, &'a [f32], Option<usize>);
+        let cases: &[Case] = &[
+            (2, 1, 8, 3, &STRONG, None),
+            (2, 5, 8, 1, &WEAK, None),
+            (2, 37, 8, 3, &WEAK, Some(16)),
+            (1, 19, 16, 1, &STRONG, Some(8)),
+        ];
+        for (n, &(b, t, d, groups, lams, chunk)) in cases.iter().enumerate() {
+            let mut r = rng(500 + n as u64);
+            let ins = lightning_inputs(&mut r, b, t, d, lams);
+            let h = lams.len();
+            let w = random(&mut r, DType::F32, &[h * d], 1.0);
+            let g = random(&mut r, DType::F32, &[b, t, h * d], 2.0);
+            let cfg = serde_json::json!({
+                "num_attention_heads": h, "head_dim": d, "group_norm_size": groups, "rms_norm_eps": eps,
+            });
+            let mut named_all = named(&ins);
+            named_all.push(("g_norm", &w));
+            named_all.push(("g", &g));
+            let mut want = run_dsl(LIGHTNING_GATE, cfg, &named_all, HashMap::new());
+            let mut got = run_op(Op::Fused(Fused::LinearAttnGate { chunk, groups, eps }), &named_all)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let what = format!("b {b}, T {t}, d {d}, {groups} groups, chunk {chunk:?}");
+            assert_eq!(got[1].shape, vec![b, t, h * d], "{what}");
+            compare(
+                &format!("gated y ({what})"),
+                &got.remove(1),
+                &want.remove("y").unwrap(),
+                Tol::F32,
+            );
+            compare(
+                &format!("gated s_T ({what})"),
+                &got.remove(0),
+                &want.remove("s").unwrap(),
                 Tol::F32,
             );
         }

@@ -57,6 +57,15 @@ pub enum Fused {
     /// contiguous groups of the H·d channels, times `w`, times `sigmoid(g)` (spec §2.4.5).
     /// Output f32 `[b, s, H·d]`.
     GroupNormGate { groups: usize, eps: f64 },
+    /// The lightning recurrence with its group RMSNorm and sigmoid output gate folded into the
+    /// same op (spec §2.4.4–§2.4.5): inputs `s0, q, k, v, lam` as `LinearAttnChunk` (`chunk:
+    /// Some(c)`) or `LinearAttnStep` (`None`), then `w [H·d]`, `g [b, T, H·d]` as
+    /// `GroupNormGate`. Outputs `(s_T, GroupNormGate(o, w, g))`: the raw `o` never leaves the op.
+    LinearAttnGate {
+        chunk: Option<usize>,
+        groups: usize,
+        eps: f64,
+    },
     /// Inputs `probs [.., E]` (f32 sigmoid scores) and, when `biased`, `bias [E]`: group-limited
     /// top-k of spec §2.6. Outputs `(chosen [.., k] i64, weights [.., k] f32)`; weights from the
     /// unbiased probabilities, normalised when `normalize`, times `scale`.
@@ -114,6 +123,8 @@ impl Fused {
             Fused::LinearAttnChunk { .. } => "linear_attn_chunk",
             Fused::LinearAttnStep => "linear_attn_step",
             Fused::GroupNormGate { .. } => "group_norm_gate",
+            Fused::LinearAttnGate { chunk: Some(_), .. } => "linear_attn_chunk_gate",
+            Fused::LinearAttnGate { chunk: None, .. } => "linear_attn_step_gate",
             Fused::RouteTopK { .. } => "route_topk",
             Fused::GroupedMatmul { .. } => "grouped_matmul",
             Fused::QuantizeFp8 { .. } => "quantize_fp8",
@@ -135,6 +146,16 @@ impl Fused {
             Fused::FlashAttention { scale } => format!("scale={scale}"),
             Fused::LinearAttnChunk { chunk } => format!("chunk={chunk}"),
             Fused::GroupNormGate { groups, eps } => format!("groups={groups} eps={eps:e}"),
+            Fused::LinearAttnGate {
+                chunk: Some(chunk),
+                groups,
+                eps,
+            } => format!("chunk={chunk} groups={groups} eps={eps:e}"),
+            Fused::LinearAttnGate {
+                chunk: None,
+                groups,
+                eps,
+            } => format!("groups={groups} eps={eps:e}"),
             Fused::RouteTopK {
                 k,
                 n_group,
@@ -161,6 +182,7 @@ impl Fused {
             Fused::Softmax | Fused::QuantizeFp8 { .. } => 1,
             Fused::QkNormRope { .. } | Fused::FlashAttention { .. } | Fused::ScaledMatmulFp8 { .. } => 4,
             Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep => 5,
+            Fused::LinearAttnGate { .. } => 7,
             Fused::RouteTopK { biased, .. } => 1 + usize::from(*biased),
             Fused::GroupedMatmul { .. } => 4,
             Fused::DequantizeFp8 { .. } => 2,
@@ -283,6 +305,19 @@ impl Fused {
                     return Err(format!("group_norm_gate: {groups} groups do not divide {hd}"));
                 }
                 Ok(vec![TensorType::new(DType::F32, g.shape.clone())])
+            }
+            Fused::LinearAttnGate { chunk, groups, eps } => {
+                let scan = match chunk {
+                    Some(c) => Fused::LinearAttnChunk { chunk: *c },
+                    None => Fused::LinearAttnStep,
+                };
+                let so = scan.infer(&tys[..5])?;
+                let y = Fused::GroupNormGate {
+                    groups: *groups,
+                    eps: *eps,
+                }
+                .infer(&[&so[1], tys[5], tys[6]])?;
+                Ok(vec![so[0].clone(), y[0].clone()])
             }
             Fused::RouteTopK {
                 k,
@@ -408,6 +443,7 @@ impl Fused {
             Fused::LinearAttnChunk { chunk } => linear_attn::chunked(*chunk, args, out),
             Fused::LinearAttnStep => linear_attn::stepwise(args, out),
             Fused::GroupNormGate { groups, eps } => linear_attn::group_norm_gate(*groups, *eps, args, out),
+            Fused::LinearAttnGate { chunk, groups, eps } => linear_attn::gated(*chunk, *groups, *eps, args, out),
             Fused::RouteTopK {
                 k,
                 n_group,

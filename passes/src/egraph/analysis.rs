@@ -375,6 +375,22 @@ pub fn to_op<'a>(enode: &Rl, kids: &[&'a Data]) -> Result<(Op, Vec<&'a Data>), S
             },
             3,
         ),
+        Rl::LinearAttnChunkGate(_) => fused(
+            Fused::LinearAttnGate {
+                chunk: Some(usize_at(7)?),
+                groups: usize_at(8)?,
+                eps: f64_at(9)?,
+            },
+            7,
+        ),
+        Rl::LinearAttnStepGate(_) => fused(
+            Fused::LinearAttnGate {
+                chunk: None,
+                groups: usize_at(7)?,
+                eps: f64_at(8)?,
+            },
+            7,
+        ),
         Rl::RouteTopK(ch) => {
             let n_ops = match ch.len() {
                 7 => 1,

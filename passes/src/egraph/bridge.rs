@@ -326,6 +326,33 @@ fn fused_to_enode(f: &Fused, x: &[Id], a: &mut impl FnMut(Attr) -> Id) -> Result
             n(3)?;
             Rl::GroupNormGate([x[0], x[1], x[2], a(int(*groups)), a(fl(*eps))])
         }
+        Fused::LinearAttnGate {
+            chunk: Some(chunk),
+            groups,
+            eps,
+        } => {
+            n(7)?;
+            Rl::LinearAttnChunkGate([
+                x[0],
+                x[1],
+                x[2],
+                x[3],
+                x[4],
+                x[5],
+                x[6],
+                a(int(*chunk)),
+                a(int(*groups)),
+                a(fl(*eps)),
+            ])
+        }
+        Fused::LinearAttnGate {
+            chunk: None,
+            groups,
+            eps,
+        } => {
+            n(7)?;
+            Rl::LinearAttnStepGate([x[0], x[1], x[2], x[3], x[4], x[5], x[6], a(int(*groups)), a(fl(*eps))])
+        }
         Fused::RouteTopK {
             k,
             n_group,

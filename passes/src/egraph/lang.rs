@@ -83,6 +83,8 @@ define_language! {
         "linear_attn_chunk" = LinearAttnChunk([Id; 6]), // s0 q k v lam chunk: tuple (s_T, o)
         "linear_attn_step" = LinearAttnStep([Id; 5]),  // s0 q k v lam: tuple (s_T, o)
         "group_norm_gate" = GroupNormGate([Id; 5]),    // o w g groups eps
+        "linear_attn_chunk_gate" = LinearAttnChunkGate([Id; 10]), // s0 q k v lam w g chunk groups eps: tuple (s_T, y)
+        "linear_attn_step_gate" = LinearAttnStepGate([Id; 9]),    // s0 q k v lam w g groups eps: tuple (s_T, y)
         "route_topk" = RouteTopK(Vec<Id>),             // probs [bias] k n_group topk_group scale normalize biased: tuple
         "grouped_matmul_swiglu" = GroupedMatmulSwiGlu([Id; 4]),   // x chosen w_gate w_up
         "grouped_matmul_combine" = GroupedMatmulCombine([Id; 4]), // h chosen weights w_down

@@ -10,7 +10,7 @@
 //! [`is_lightning`] (through [`scan_is`]) whether its body is the recurrence, structurally and
 //! up to the operand order of its commutative ops. Anything else is left alone.
 
-use super::{all, dtype_is, rank_is, same_type, type_shape_is, typed, S};
+use super::{all, dtype_is, rank_is, same_type, tuple, type_shape_is, typed, S};
 use crate::egraph::lang::{Attr, Rl};
 use crate::egraph::rewrite::{attr_of, number_of, scan_is, ty_of, with_attrs, Cond, Derive};
 use crate::egraph::Rule;
@@ -273,6 +273,11 @@ pub fn scan_rules() -> Vec<Rule> {
         // lightning output: one read of o and g, statistics per group in registers, one write,
         // instead of ten elementwise and reduction kernels over [b, s, H·d] in f32.
         rewrite!("scan-group-norm-gate"; { group_norm_gate() } => { with_attrs(typed("(group_norm_gate ?o ?w ?g ?groups ?eps)"), &[("?groups", Derive::Dim(S::ElemOf("?gs", 2)))]) } if group_norm_layout()),
+        // ... and that epilogue folded into the recurrence's own kernel: the raw o never
+        // reaches HBM, and the layer loses a launch (a group's heads finish in different
+        // blocks, so the kernel normalises a group once all of them have written it).
+        rewrite!("scan-gate-into-chunk"; "(group_norm_gate (proj (linear_attn_chunk ?s0 ?q ?k ?v ?lam ?c) 1) ?w ?g ?groups ?eps)" => { tuple("(linear_attn_chunk_gate ?s0 ?q ?k ?v ?lam ?w ?g ?c ?groups ?eps)", &["(proj (linear_attn_chunk ?s0 ?q ?k ?v ?lam ?c) 0)", "root"]) }),
+        rewrite!("scan-gate-into-step"; "(group_norm_gate (proj (linear_attn_step ?s0 ?q ?k ?v ?lam) 1) ?w ?g ?groups ?eps)" => { tuple("(linear_attn_step_gate ?s0 ?q ?k ?v ?lam ?w ?g ?groups ?eps)", &["(proj (linear_attn_step ?s0 ?q ?k ?v ?lam) 0)", "root"]) }),
     ]
 }
 
@@ -459,6 +464,79 @@ mod tests {
         let g = dsl(&group_norm_src("bf16", "cast(x @ transpose(w_g), f32)", "16"));
         let sat = saturated(&g, "y", "(group_norm_gate {o} {g_norm} (cast ?mm f32) 2 1e-6)");
         assert_eq!(sat.fired["scan-group-norm-gate"], 1);
+    }
+
+    /// The lightning scan followed by §2.4.5's tail on its `o`: `(s, y)`.
+    fn lightning_then_gate() -> ir::Graph {
+        dsl("dim batch, seq;
+            input q: f32[batch, seq, 4, 8];
+            input k: f32[batch, seq, 4, 8];
+            input v: f32[batch, seq, 4, 8];
+            input lam: f32[4, 1, 1];
+            input s0: f32[batch, 4, 8, 8];
+            input g: f32[batch, seq, 32];
+            param g_norm: f32[32] = \"g_norm\";
+            let (s1, o) = scan (s = s0; qt in q, kt in k, vt in v; axis = 1) {
+                let s_new = lam * s + unsqueeze(kt, -1) * unsqueeze(vt, -2);
+                (s_new, squeeze(unsqueeze(qt, -2) @ s_new, -2))
+            };
+            let og = reshape(o, [batch, seq, 2, 16]);
+            let og = og * rsqrt(sum(og * og, axis = -1, keepdim = true) / 16 + 1e-6);
+            let y = reshape(og, [batch, seq, 32]) * g_norm;
+            output \"s\" = s1;
+            output \"y\" = y * sigmoid(g);")
+    }
+
+    #[test]
+    fn gate_folds_into_the_chunked_and_the_stepped_recurrence() {
+        let g = lightning_then_gate();
+        let chunk = "(linear_attn_chunk_gate {s0} {q} {k} {v} {lam} {g_norm} {g} 64 2 1e-6)";
+        let step = "(linear_attn_step_gate {s0} {q} {k} {v} {lam} {g_norm} {g} 2 1e-6)";
+        for (fused, rule) in [(chunk, "scan-gate-into-chunk"), (step, "scan-gate-into-step")] {
+            // y is the op's second result, and the state its first: one op makes both
+            let sat = saturated(&g, "y", &format!("(proj {fused} 1)"));
+            assert_eq!(sat.fired[rule], 1);
+            saturated(&g, "s", &format!("(proj {fused} 0)"));
+        }
+        // extraction takes the folded op whole in either mode
+        for (mode, want) in [
+            (Mode::Decode, "linear_attn_step_gate"),
+            (Mode::Prefill, "linear_attn_chunk_gate"),
+        ] {
+            let opts = CompileOptions {
+                mode,
+                limits: test_limits(),
+                ..Default::default()
+            };
+            let (c, report) = compile(&g, &opts).unwrap();
+            let ops: Vec<String> = c.g.node_weights().map(|n| n.op.name()).collect();
+            let count = |name: &str| ops.iter().filter(|n| *n == name).count();
+            assert_eq!(count(want), 1, "{}\n{report}", c.to_text());
+            for gone in ["group_norm_gate", "linear_attn_step", "linear_attn_chunk", "scan"] {
+                assert_eq!(count(gone), 0, "{gone}: {}", c.to_text());
+            }
+        }
+    }
+
+    #[test]
+    fn gate_is_not_folded_into_a_recurrence_whose_o_is_used_elsewhere() {
+        // o is also an output: the raw o must exist, so the unfolded pair is cheaper
+        let mut g = lightning_then_gate();
+        let gnode = g.g.node_indices().find(|&n| g.node(n).op.name() == "scan").unwrap();
+        g.add_output("o", ir::graph::Value { node: gnode, port: 1 }, ir::op::InputKind::Data);
+        let (c, report) = compile(
+            &g,
+            &CompileOptions {
+                mode: Mode::Decode,
+                limits: test_limits(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ops: Vec<String> = c.g.node_weights().map(|n| n.op.name()).collect();
+        assert!(ops.iter().any(|n| n == "linear_attn_step"), "{}\n{report}", c.to_text());
+        assert!(ops.iter().any(|n| n == "group_norm_gate"), "{}", c.to_text());
+        assert!(!ops.iter().any(|n| n == "linear_attn_step_gate"), "{}", c.to_text());
     }
 
     #[test]
