@@ -823,7 +823,7 @@ fn gpu_route_topk_matches_the_interpreter_at_ties_and_nans() {
 }
 
 /// The lightning templates on the GPU, with and without the folded group norm and gate (model
-/// plans hold only the folded form), against the interpreter: the register-state recurrence
+/// plans hold the folded step and the chunked form apart), against the interpreter: the register-state recurrence
 /// (d 16, 64, 128; Ring-mini's 16 heads of 128 at decode and prefill shapes) and the simple
 /// kernel (d 24), with groups of several heads, of one head and of part of one.
 #[test]

@@ -246,7 +246,18 @@ struct Loaded {
     scratch: Dim,
     /// leading scratch bytes zeroed before each launch (`PtxKernel::scratch_zero`)
     scratch_zero: Dim,
+    /// its scratch is arrival counters it needs at zero and leaves at zero
+    /// (`PtxKernel::scratch_counters`): served from the counters buffer, never memset
+    counters: bool,
     _module: Arc<CudaModule>,
+}
+
+/// The scratch pointers of a launch (docs/kernel-abi.md): the buffer every kernel shares, and
+/// the zeroed one of the kernels whose scratch is self-resetting counters.
+#[derive(Clone, Copy, Default)]
+struct Scratch {
+    shared: u64,
+    counters: u64,
 }
 
 /// Modules loaded in this process, by the hash of their PTX.
@@ -298,6 +309,8 @@ pub struct CudaPlan {
     params: HashMap<BufferId, Arc<DeviceBuf>>,
     arena: RefCell<Option<DeviceBuf>>,
     scratch: RefCell<Option<DeviceBuf>>,
+    /// the self-resetting counters' scratch (zeroed when allocated; see [`Scratch`])
+    counters: RefCell<Option<DeviceBuf>>,
     /// the symbols' values of the step being run (the kernels read them through a pointer)
     syms: RefCell<Option<DeviceBuf>>,
     /// fixed-address buffers and captured CUDA graphs of the steps of one batch (decode)
@@ -332,8 +345,8 @@ struct Fixed {
     cap_env: DimEnv,
     addr_intermediate: Vec<Option<u64>>,
     _arena: Option<DeviceBuf>,
-    scratch: u64,
-    _scratch_buf: Option<DeviceBuf>,
+    scratch: Scratch,
+    _scratch_bufs: (Option<DeviceBuf>, Option<DeviceBuf>),
     inputs: HashMap<BufferId, DeviceBuf>,
     outputs: HashMap<BufferId, DeviceBuf>,
     /// spare sets of state buffers (by state name), each sized for the capacity
@@ -443,6 +456,7 @@ impl CudaPlan {
             params: dev_params,
             arena: RefCell::new(None),
             scratch: RefCell::new(None),
+            counters: RefCell::new(None),
             syms: RefCell::new(None),
             fixed: RefCell::new(None),
             graphs: std::cell::Cell::new(false),
@@ -596,15 +610,7 @@ impl CudaPlan {
         let mem = passes::memplan::plan(&self.plan, env).map_err(Error)?;
         self.ensure(&self.arena, mem.arena_peak_bytes as usize, "the activation arena")?;
         let arena_ptr = self.arena.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0);
-        let mut scratch_need = 0usize;
-        for l in &self.kernels {
-            scratch_need = scratch_need.max(l.scratch.eval(env).map_err(Error)? as usize);
-        }
-        self.ensure(&self.scratch, scratch_need, "kernel scratch space")?;
-        let scratch_ptr = match scratch_need {
-            0 => 0,
-            _ => self.scratch.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0),
-        };
+        let scratch_ptr = self.scratch_for(self.kernels.iter(), env)?;
 
         // every buffer's address
         let mut owned: HashMap<BufferId, DeviceBuf> = HashMap::new();
@@ -793,22 +799,37 @@ impl CudaPlan {
                 _ => {}
             }
         }
-        let mut scratch_need = 0usize;
+        let mut need = (0usize, 0usize);
         let mut grids = Vec::with_capacity(exe.kernels.len());
         for (k, l) in exe.plan.kernels.iter().zip(exe.kernels) {
-            scratch_need = scratch_need.max(l.scratch.eval(&cap_env).map_err(Error)? as usize);
+            let n = l.scratch.eval(&cap_env).map_err(Error)? as usize;
+            if l.counters {
+                need.1 = need.1.max(n);
+            } else {
+                need.0 = need.0.max(n);
+            }
             grids.push(l.launch.eval(&cap_env).map_err(|e| Error(format!("{}: {e}", k.name)))?);
         }
-        let scratch_buf = match scratch_need {
-            0 => None,
-            n => Some(alloc(gpu, n, "kernel scratch space")?),
+        let some = |n: usize, what: &str| -> Result<Option<DeviceBuf>> {
+            match n {
+                0 => Ok(None),
+                n => alloc(gpu, n, what).map(Some),
+            }
         };
+        let bufs = (
+            some(need.0, "kernel scratch space")?,
+            some(need.1, "kernel arrival counters")?,
+        );
+        let ptr = |b: &Option<DeviceBuf>| b.as_ref().map_or(0, |d| d.ptr(gpu));
         Ok(Fixed {
             batch,
             seq,
             cap,
-            scratch: scratch_buf.as_ref().map_or(0, |d| d.ptr(gpu)),
-            _scratch_buf: scratch_buf,
+            scratch: Scratch {
+                shared: ptr(&bufs.0),
+                counters: ptr(&bufs.1),
+            },
+            _scratch_bufs: bufs,
             cap_env,
             addr_intermediate,
             _arena: arena,
@@ -1178,12 +1199,7 @@ impl CudaPlan {
             addr[id.0 as usize] = d.ptr(gpu);
             owned.insert(id, d);
         }
-        let scratch_need = l.scratch.eval(env).map_err(Error)? as usize;
-        self.ensure(&self.scratch, scratch_need, "kernel scratch space")?;
-        let scratch_ptr = match scratch_need {
-            0 => 0,
-            _ => self.scratch.borrow().as_ref().map(|a| a.ptr(gpu)).unwrap_or(0),
-        };
+        let scratch_ptr = self.scratch_for(std::iter::once(l), env)?;
         let syms = self.put_syms(&self.symbols, env)?;
         self.launch(k, l, env, &addr, syms, scratch_ptr)?;
         gpu.stream
@@ -1238,7 +1254,30 @@ impl CudaPlan {
         Ok(())
     }
 
-    fn launch(&self, k: &Kernel, l: &Loaded, env: &DimEnv, addr: &[u64], syms: u64, scratch: u64) -> Result<()> {
+    /// Both scratch buffers, large enough for `kernels` under `env`.
+    fn scratch_for<'l>(&self, kernels: impl Iterator<Item = &'l Loaded>, env: &DimEnv) -> Result<Scratch> {
+        let mut need = (0usize, 0usize);
+        for l in kernels {
+            let n = l.scratch.eval(env).map_err(Error)? as usize;
+            if l.counters {
+                need.1 = need.1.max(n);
+            } else {
+                need.0 = need.0.max(n);
+            }
+        }
+        self.ensure(&self.scratch, need.0, "kernel scratch space")?;
+        self.ensure(&self.counters, need.1, "kernel arrival counters")?;
+        let ptr = |slot: &RefCell<Option<DeviceBuf>>, n: usize| match n {
+            0 => 0,
+            _ => slot.borrow().as_ref().map(|a| a.ptr(&self.gpu)).unwrap_or(0),
+        };
+        Ok(Scratch {
+            shared: ptr(&self.scratch, need.0),
+            counters: ptr(&self.counters, need.1),
+        })
+    }
+
+    fn launch(&self, k: &Kernel, l: &Loaded, env: &DimEnv, addr: &[u64], syms: u64, scratch: Scratch) -> Result<()> {
         let grid = l.launch.eval(env).map_err(|e| Error(format!("{}: {e}", k.name)))?;
         let zero = l
             .scratch_zero
@@ -1247,8 +1286,9 @@ impl CudaPlan {
         self.launch_grid(k, l, grid, addr, syms, (scratch, zero))
     }
 
-    /// Launches `k` on `grid`; `scratch` is the scratch pointer and how many of its leading
-    /// bytes to zero first (stream-ordered, so a captured graph replays it too).
+    /// Launches `k` on `grid`; `scratch` holds the scratch pointers (the kernel gets the
+    /// counters' when its scratch is counters) and `zero` how many leading bytes of the shared
+    /// one to zero first (stream-ordered, so a captured graph replays it too).
     fn launch_grid(
         &self,
         k: &Kernel,
@@ -1256,12 +1296,13 @@ impl CudaPlan {
         grid: [u64; 3],
         addr: &[u64],
         syms: u64,
-        (scratch, zero): (u64, u64),
+        (scratch, zero): (Scratch, u64),
     ) -> Result<()> {
         if grid.contains(&0) {
             return Ok(()); // nothing to do under this binding (e.g. an empty cache)
         }
-        if zero > 0 && scratch != 0 {
+        let scratch = if l.counters { scratch.counters } else { scratch.shared };
+        if zero > 0 && scratch != 0 && !l.counters {
             // SAFETY: the scratch allocation holds at least `l.scratch` bytes under this
             // binding, and `scratch_zero` never exceeds `scratch`.
             unsafe { cudarc::driver::result::memset_d8_async(scratch, 0, zero as usize, self.gpu.stream.cu_stream()) }
@@ -1420,6 +1461,7 @@ fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mu
             launch: compiled.launch,
             scratch: compiled.scratch_bytes,
             scratch_zero: compiled.scratch_zero,
+            counters: compiled.scratch_counters,
             _module: module,
         });
     }

@@ -227,7 +227,8 @@ fn every_kernel_of_the_tiny_model_matches_the_evaluator_at_ragged_sizes() {
         "rms_norm",
         "add_rms_norm",
         "qk_norm_rope",
-        "linear_attn_chunk_gate",
+        "group_norm_gate",
+        "linear_attn_chunk",
         "linear_attn_step_gate",
         "route_topk",
         "quantize_fp8",
@@ -248,9 +249,8 @@ fn every_kernel_of_the_tiny_model_matches_the_evaluator_at_ragged_sizes() {
                     "dequantize_fp8",
                     "argmax",
                     "scatter_add",
-                    "group_norm_gate",
-                    "linear_attn_chunk",
-                    "linear_attn_step"
+                    "linear_attn_step",
+                    "linear_attn_chunk_gate"
                 ]
                 .contains(&kind),
             "{kind} is in a model plan now: drop it from the direct tests' list"
@@ -407,8 +407,9 @@ fn fp8_templates_outside_the_models_match_the_evaluator_at_ragged_sizes() {
     }
 }
 
-/// The lightning templates with and without the folded group norm (a model plan holds only the
-/// folded form: `scan-gate-into-*`), with groups of several heads, of one head and of part of
+/// The lightning templates with and without the folded group norm (model plans hold the folded
+/// step and the chunked form apart from its group norm: `scan-gate-into-*`, `GATE_SYNC_US`),
+/// with groups of several heads, of one head and of part of
 /// one (H 3, d 8: 1, 3 and 6 groups), at ragged token counts.
 #[test]
 fn lightning_templates_with_and_without_the_gate_match_the_evaluator() {

@@ -66,6 +66,8 @@ pub(crate) struct Em<'c, 'a> {
     /// Leading bytes of scratch the runtime zeroes before each launch (arrival counters that
     /// must start at 0 whatever an earlier kernel left there).
     pub scratch_zero: Dim,
+    /// The scratch is self-resetting arrival counters only (`PtxKernel::scratch_counters`).
+    pub scratch_counters: bool,
     entry: BasicBlock<'c>,
     red_smem: Option<PointerValue<'c>>,
     /// [`super::PtxOptions::prefill`]
@@ -126,6 +128,7 @@ impl<'c, 'a> Em<'c, 'a> {
             scratch,
             scratch_bytes: Dim::constant(0),
             scratch_zero: Dim::constant(0),
+            scratch_counters: false,
             entry,
             red_smem: None,
             prefill: true,

@@ -16,7 +16,7 @@
 //! uses it too. (A tensor-core chunked form is future work.)
 
 use super::super::emit::{err, Ck, Em, Val, R};
-use super::attention::{fence, fptr, lds, lds4, ldv, naive_forced, sts};
+use super::attention::{fence, fptr, lds, lds4, naive_forced, sts};
 use inkwell::types::BasicType;
 use inkwell::values::{FloatValue, IntValue};
 use inkwell::IntPredicate;
@@ -207,10 +207,9 @@ pub(super) fn recurrence<'c>(
 /// whole heads that hold whole groups; the block that completes a unit normalises its tokens
 /// in place (one warp per (token, group)): `y = o · rsqrt(mean(o²) + eps) · w · sigmoid(g)`.
 ///
-/// Scratch: `b·T·units` u32 counters (one per token batch at most), zeroed by the runtime before
-/// each launch (`scratch_zero`: another kernel may have left anything there) and put back to
-/// zero by the block that completes them, so the kernel leaves its scratch as it found the
-/// decode attention's counters (docs/kernel-abi.md).
+/// Scratch: `b·T·units` u32 counters (one per token batch at most), put back to zero by the
+/// block that completes them; the runtime serves them from its zeroed counters buffer
+/// (`scratch_counters`, docs/kernel-abi.md), so no launch needs a memset.
 pub(super) struct Gate<'c> {
     gn: GateNorm,
     /// channels per group, heads per unit, units per row
@@ -251,7 +250,7 @@ impl<'c> Gate<'c> {
         let units = h / unit_heads;
         let bt = s0[0].mul(&sq[1]);
         em.scratch_bytes = bt.mul(&Dim::constant(4 * units));
-        em.scratch_zero = em.scratch_bytes.clone();
+        em.scratch_counters = true;
         Ok(Gate {
             gn,
             n,
@@ -331,26 +330,41 @@ impl<'c> Gate<'c> {
             let nwarps = em.div(em.sreg("ntid.x")?, em.i64c(32))?;
             let pairs = em.mul(ntok, em.i64c(gpu))?;
             let (n, eps) = (self.n, self.gn.eps);
+            let ragged = n % 32 != 0;
             em.for_range(warp, pairs, nwarps, |em, p| {
                 let tok = em.add(tok0, em.div(p, em.i64c(gpu))?)?;
                 let gr = em.rem(p, em.i64c(gpu))?;
                 let ch0 = em.add(em.mul(unit, em.i64c(per_unit))?, em.mul(gr, em.i64c(n))?)?;
-                let ss = em.fvar(em.f32c(0.0))?;
-                em.for_range(lane, em.i64c(n), em.i64c(32), |em, c| {
-                    let x = ldv(em, em.outputs[1], self.y_at(em, bi, tok, em.add(ch0, c)?)?)?;
-                    em.set(ss, em.fma(x, x, em.getf(ss)?)?)
-                })?;
-                let tot = em.warp_reduce(ReduceOp::Sum, em.getf(ss)?)?;
+                // the lane's channels lane, lane + 32, ..: every load issued before the first
+                // use (the other blocks' o is in L2, published before their count)
+                let mut xs = Vec::new();
+                let mut ss = em.f32c(0.0);
+                for j in 0..(n + 31) / 32 {
+                    let c = em.add(lane, em.i64c(32 * j))?;
+                    let ok = em.icmp(IntPredicate::SLT, c, em.i64c(n))?;
+                    let ch = em.add(ch0, em.select_i(ok, c, em.i64c(0))?)?;
+                    let x = lds(em, em.outputs[1], self.y_at(em, bi, tok, ch)?)?;
+                    let x = if ragged { em.select_f(ok, x, em.f32c(0.0))? } else { x };
+                    ss = em.fma(x, x, ss)?;
+                    xs.push((ok, ch, x));
+                }
+                let tot = em.warp_reduce(ReduceOp::Sum, ss)?;
                 let inv = em.inv_rms(tot, em.i64c(n), eps)?;
                 let shape = em.kernel.outputs[1].view.shape.clone();
-                em.for_range(lane, em.i64c(n), em.i64c(32), |em, c| {
-                    let ch = em.add(ch0, c)?;
-                    let x = ldv(em, em.outputs[1], self.y_at(em, bi, tok, ch)?)?;
-                    let w = em.ldf(t, 5, &[ch])?;
-                    let g = em.ldf(t, 6, &[bi, tok, ch])?;
-                    let y = em.fmul(em.fmul(em.fmul(x, inv)?, w)?, em.sigmoid(g)?)?;
-                    em.store_output(1, &[bi, tok, ch], &shape, Val::F(y), DType::F32)
-                })
+                for (ok, ch, x) in xs {
+                    let out = |em: &mut Em<'c, '_>| -> R<()> {
+                        let w = em.ldf(t, 5, &[ch])?;
+                        let g = em.ldf(t, 6, &[bi, tok, ch])?;
+                        let y = em.fmul(em.fmul(em.fmul(x, inv)?, w)?, em.sigmoid(g)?)?;
+                        em.store_output(1, &[bi, tok, ch], &shape, Val::F(y), DType::F32)
+                    };
+                    if ragged {
+                        em.if_then(ok, out)?;
+                    } else {
+                        out(em)?;
+                    }
+                }
+                Ok(())
             })?;
             // every block of the unit has counted: leave the counter at zero
             em.if_then(first, |em| {

@@ -175,6 +175,11 @@ pub struct PtxKernel {
     /// zeroes them (stream-ordered) before each launch. 0 for kernels that need no zeroing
     /// (the decode attention resets its own counters).
     pub scratch_zero: Dim,
+    /// The whole scratch is arrival counters that must be zero when the kernel starts and that
+    /// the kernel leaves at zero (the lightning kernel with the folded group norm): the runtime
+    /// serves it from a buffer of its own, zeroed once when allocated, that no other kind of
+    /// scratch shares, so no launch needs a memset (a node of its own in a CUDA graph).
+    pub scratch_counters: bool,
     /// Inputs + outputs + 2 (the symbol array and the scratch pointer).
     pub n_params: usize,
     /// The optimised LLVM IR when `PtxOptions::dump_llvm_ir`.
@@ -238,6 +243,7 @@ fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Resul
         launch,
         scratch_bytes: em.scratch_bytes.clone(),
         scratch_zero: em.scratch_zero.clone(),
+        scratch_counters: em.scratch_counters,
         n_params: kernel.inputs.len() + kernel.outputs.len() + 2,
         llvm_ir,
     })
