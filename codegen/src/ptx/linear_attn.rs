@@ -65,7 +65,7 @@ pub(super) fn recurrence<'c>(
     let (s0, sq) = (em.operand_shape(t, 0)?, em.operand_shape(t, 1)?);
     let (tl, heads) = (em.dim(&sq[1])?, em.dim(&sq[2])?);
     let gate = match gate {
-        Some(gn) => Some(Gate::new(em, t, gn, d / cb)?),
+        Some(gn) => Some(Gate::new(em, t, gn, d / cb, THREADS)?),
         None => None,
     };
     let f32t = em.ctx.f32_type();
@@ -205,7 +205,8 @@ pub(super) fn recurrence<'c>(
 /// column blocks of a head), so each block leaves its raw `o` in the result `y [b, T, H·d]`
 /// itself and counts its arrival per (batch row, token batch, unit), a unit being the fewest
 /// whole heads that hold whole groups; the block that completes a unit normalises its tokens
-/// in place (one warp per (token, group)): `y = o · rsqrt(mean(o²) + eps) · w · sigmoid(g)`.
+/// in place, the whole block on one (token, group) at a time:
+/// `y = o · rsqrt(mean(o²) + eps) · w · sigmoid(g)`.
 ///
 /// Scratch: `b·T·units` u32 counters (one per token batch at most), put back to zero by the
 /// block that completes them; the runtime serves them from its zeroed counters buffer
@@ -217,8 +218,9 @@ pub(super) struct Gate<'c> {
     unit_heads: i64,
     units: i64,
     d: i64,
-    /// blocks that write one unit's channels of a token batch
+    /// blocks that write one unit's channels of a token batch, and threads in a block
     blocks_per_unit: i64,
+    threads: i64,
     tl: IntValue<'c>,
 }
 
@@ -232,7 +234,13 @@ fn gcd(a: i64, b: i64) -> i64 {
 
 impl<'c> Gate<'c> {
     /// The layout for `t`, whose heads are each written by `col_blocks` blocks.
-    pub(super) fn new(em: &mut Em<'c, '_>, t: &TemplateKernel, gn: GateNorm, col_blocks: i64) -> R<Gate<'c>> {
+    pub(super) fn new(
+        em: &mut Em<'c, '_>,
+        t: &TemplateKernel,
+        gn: GateNorm,
+        col_blocks: i64,
+        threads: i64,
+    ) -> R<Gate<'c>> {
         let (s0, sq) = (em.operand_shape(t, 0)?, em.operand_shape(t, 1)?);
         let (Some(h), Some(d)) = (sq[2].as_const(), sq[3].as_const()) else {
             return err("linear attention with a folded group norm: heads and head dim must be constants");
@@ -258,6 +266,7 @@ impl<'c> Gate<'c> {
             units,
             d,
             blocks_per_unit: unit_heads * col_blocks,
+            threads,
             tl,
         })
     }
@@ -325,30 +334,26 @@ impl<'c> Gate<'c> {
         let gpu = per_unit / self.n;
         em.if_then(is_last, |em| {
             fence(em)?;
-            let lane = em.rem(tid, em.i64c(32))?;
-            let warp = em.div(tid, em.i64c(32))?;
-            let nwarps = em.div(em.sreg("ntid.x")?, em.i64c(32))?;
-            let pairs = em.mul(ntok, em.i64c(gpu))?;
-            let (n, eps) = (self.n, self.gn.eps);
-            let ragged = n % 32 != 0;
-            em.for_range(warp, pairs, nwarps, |em, p| {
+            let (n, eps, threads) = (self.n, self.gn.eps, self.threads);
+            let ragged = n % threads != 0;
+            // the whole block on one (token, group) at a time: each thread's channels tid,
+            // tid + threads, .. loaded before the first use, one block reduction
+            em.for_range(zero, em.mul(ntok, em.i64c(gpu))?, em.i64c(1), |em, p| {
                 let tok = em.add(tok0, em.div(p, em.i64c(gpu))?)?;
                 let gr = em.rem(p, em.i64c(gpu))?;
                 let ch0 = em.add(em.mul(unit, em.i64c(per_unit))?, em.mul(gr, em.i64c(n))?)?;
-                // the lane's channels lane, lane + 32, ..: every load issued before the first
-                // use (the other blocks' o is in L2, published before their count)
                 let mut xs = Vec::new();
                 let mut ss = em.f32c(0.0);
-                for j in 0..(n + 31) / 32 {
-                    let c = em.add(lane, em.i64c(32 * j))?;
+                for j in 0..(n + threads - 1) / threads {
+                    let c = em.add(tid, em.i64c(threads * j))?;
                     let ok = em.icmp(IntPredicate::SLT, c, em.i64c(n))?;
-                    let ch = em.add(ch0, em.select_i(ok, c, em.i64c(0))?)?;
+                    let ch = em.add(ch0, em.select_i(ok, c, zero)?)?;
                     let x = lds(em, em.outputs[1], self.y_at(em, bi, tok, ch)?)?;
                     let x = if ragged { em.select_f(ok, x, em.f32c(0.0))? } else { x };
                     ss = em.fma(x, x, ss)?;
                     xs.push((ok, ch, x));
                 }
-                let tot = em.warp_reduce(ReduceOp::Sum, ss)?;
+                let tot = em.block_reduce(ReduceOp::Sum, ss)?;
                 let inv = em.inv_rms(tot, em.i64c(n), eps)?;
                 let shape = em.kernel.outputs[1].view.shape.clone();
                 for (ok, ch, x) in xs {

@@ -896,8 +896,9 @@ fn linear_attn<'c>(
     let (zero, one) = (em.i64c(0), em.i64c(1));
     let bid = em.sreg("ctaid.x")?;
     let (bi, hi) = (em.div(bid, heads)?, em.rem(bid, heads)?);
+    let threads = ((dc + 31) / 32 * 32).max(32);
     let gate = match gate {
-        Some(gn) => Some(linear_attn::Gate::new(em, t, gn, 1)?),
+        Some(gn) => Some(linear_attn::Gate::new(em, t, gn, 1, threads)?),
         None => None,
     };
     let j = em.sreg("tid.x")?;
@@ -936,6 +937,5 @@ fn linear_attn<'c>(
     if let Some(g) = &gate {
         g.arrive_then_normalise(em, t, bi, hi, zero, zero, tl)?;
     }
-    let threads = ((dc as u32).div_ceil(32) * 32).max(32);
-    Ok(rows_geo(s0[0].mul(&s0[1]), threads))
+    Ok(rows_geo(s0[0].mul(&s0[1]), threads as u32))
 }
