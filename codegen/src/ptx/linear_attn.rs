@@ -16,7 +16,7 @@
 //! uses it too. (A tensor-core chunked form is future work.)
 
 use super::super::emit::{err, Ck, Em, Val, R};
-use super::attention::{fence, fptr, lds, lds4, naive_forced, sts};
+use super::attention::{fptr, lds, lds4, naive_forced, sts};
 use inkwell::types::BasicType;
 use inkwell::values::{FloatValue, IntValue};
 use inkwell::IntPredicate;
@@ -305,8 +305,10 @@ impl<'c> Gate<'c> {
         let unit = em.div(hi, em.i64c(self.unit_heads))?;
         let zero = em.i64c(0);
         let i32t = em.ctx.i32_type();
-        // publish this block's o, then count it
-        fence(em)?;
+        // publish this block's o, then count it: the barrier orders the block's stores before
+        // thread 0's release fence (cumulative), which orders them before its count; the block
+        // that completes the count acquires with a fence of its own before the barrier that
+        // lets its other threads read (one fence per block and direction, not one per thread)
         em.barrier()?;
         let last = em.shared_array("ringjit_la_gate_last", i32t.into(), 1);
         let ci = em.add(em.mul(em.add(em.mul(bi, self.tl)?, slot)?, em.i64c(self.units))?, unit)?;
@@ -315,6 +317,7 @@ impl<'c> Gate<'c> {
         let first = em.icmp(IntPredicate::EQ, tid, zero)?;
         let expect = self.blocks_per_unit - 1;
         em.if_then(first, |em| {
+            fence_acq_rel(em)?;
             let old =
                 em.b.build_atomicrmw(
                     inkwell::AtomicRMWBinOp::Add,
@@ -323,6 +326,7 @@ impl<'c> Gate<'c> {
                     inkwell::AtomicOrdering::Monotonic,
                 )
                 .ck()?;
+            fence_acq_rel(em)?;
             let is_last = em.icmp(IntPredicate::EQ, old, i32t.const_int(expect as u64, false))?;
             let flag = em.b.build_int_z_extend(is_last, i32t, "").ck()?;
             em.set(last, flag)
@@ -333,7 +337,6 @@ impl<'c> Gate<'c> {
         let per_unit = self.unit_heads * self.d;
         let gpu = per_unit / self.n;
         em.if_then(is_last, |em| {
-            fence(em)?;
             let (n, eps, threads) = (self.n, self.gn.eps, self.threads);
             let ragged = n % threads != 0;
             // the whole block on one (token, group) at a time: each thread's channels tid,
@@ -380,4 +383,21 @@ impl<'c> Gate<'c> {
             })
         })
     }
+}
+
+/// `fence.acq_rel.gpu`: this thread's (and, cumulatively, what it has observed of its block's)
+/// memory operations before it are ordered before those after it, device-wide.
+fn fence_acq_rel(em: &Em) -> R<()> {
+    let ty = em.ctx.void_type().fn_type(&[], false);
+    let asm = em.ctx.create_inline_asm(
+        ty,
+        "fence.acq_rel.gpu;".to_string(),
+        "~{memory}".to_string(),
+        true,
+        false,
+        None,
+        false,
+    );
+    em.b.build_indirect_call(ty, asm, &[], "").ck()?;
+    Ok(())
 }
