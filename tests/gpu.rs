@@ -919,3 +919,75 @@ fn gpu_lightning_with_and_without_the_gate_matches_the_interpreter() {
         }
     }
 }
+
+/// The row norms at the model widths on the GPU against the interpreter: Ring-mini's 2048 (its
+/// values held in registers, 8 a thread), a ragged 2050, and Ring-flash's 5120 (beyond 16 a
+/// thread: the looping form), bf16 with the residual add and without.
+#[test]
+fn gpu_row_norms_at_model_widths_match_the_interpreter() {
+    use ir::fused::Fused;
+    use std::collections::HashMap;
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    for (n, (rows, width)) in [(1usize, 2048usize), (3, 2048), (2, 2050), (2, 5120), (5, 64)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut graph = ir::graph::Graph::new();
+        let mut inputs: HashMap<String, ir::Tensor> = HashMap::new();
+        let mut rng = passes::testing::SplitMix(70 + n as u64);
+        let bf = ir::DType::BF16;
+        let mut input = |graph: &mut ir::graph::Graph, name: &str, shape: &[usize]| {
+            let dims = shape.iter().map(|&x| ir::Dim::constant(x as i64)).collect();
+            let numel: usize = shape.iter().product();
+            let data = (0..numel).map(|_| rng.unit() + 0.1f32.copysign(rng.unit())).collect();
+            inputs.insert(name.into(), ir::Tensor::from_f32(bf, shape.to_vec(), data));
+            graph.add_input(name, ir::op::InputKind::Data, bf, dims)
+        };
+        let h = input(&mut graph, "h", &[rows, width]);
+        let a = input(&mut graph, "a", &[rows, width]);
+        let w = input(&mut graph, "w", &[width]);
+        let y = graph
+            .add1(ir::Op::Fused(Fused::RmsNorm { eps: 1e-6 }), &[h, w], None)
+            .unwrap();
+        let ys = graph
+            .add(ir::Op::Fused(Fused::AddRmsNorm { eps: 1e-6 }), &[h, a, w], None)
+            .unwrap();
+        for (name, v) in [("y", y), ("sum", ys[0]), ("normed", ys[1])] {
+            graph.add_output(name, v, ir::op::InputKind::Data);
+        }
+        let kplan = passes::partition::partition(&graph).unwrap();
+        let empty = HashMap::new();
+        let weights = runtime::cuda_plan::GpuWeights::upload(
+            g.clone(),
+            &graph.params().unwrap(),
+            &crate::common::Table(&empty),
+            &|_, _| {},
+        )
+        .unwrap();
+        let what = format!("{rows} rows of {width}");
+        let plan = runtime::cuda_plan::CudaPlan::new(&weights, &graph, kplan, &codegen::ptx::PtxOptions::default())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = plan
+            .run(
+                &ir::DimEnv::new(),
+                &inputs,
+                &mut runtime::cuda_plan::DeviceStates::default(),
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let want = ir::interp::Interpreter::new(&graph, &crate::common::Table(&empty))
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
+        for name in ["y", "sum", "normed"] {
+            let (a, b) = (got[name].to_f64_vec(), want[name].to_f64_vec());
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                a.iter().map(|&x| x as f32).collect(),
+                b.iter().map(|&x| x as f32).collect(),
+            );
+            let e = ir::tol::rel_err(&a, &b);
+            assert!(e <= Tol::BF16.op(), "{what}: {name} rel err {e:.3e} on {}", g.name);
+        }
+        eprintln!("row norms on {}: {what} within the bf16 tier", g.name);
+    }
+}

@@ -480,6 +480,49 @@ fn rms_norm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, eps: f64, width: &Dim, 
             em.ld_lin(t, 0, at)
         }
     };
+    let threads = row_threads(width) as i64;
+    // a constant row of a few values a thread: each thread's values loaded at once into
+    // registers (independent loads in flight together, read once), then one block reduction
+    if let Some(wc) = width
+        .as_const()
+        .filter(|&wc| wc > 0 && (wc + threads - 1) / threads <= 16)
+    {
+        let tid = em.sreg("tid.x")?;
+        let ragged = wc % threads != 0;
+        let mut xs = Vec::new();
+        let mut ss = em.f32c(0.0);
+        for j in 0..(wc + threads - 1) / threads {
+            let c = em.add(tid, em.i64c(threads * j))?;
+            let ok = em.icmp(IntPredicate::SLT, c, w)?;
+            let c = if ragged { em.select_i(ok, c, zero)? } else { c };
+            let x = value(em, c)?;
+            let x = if ragged { em.select_f(ok, x, em.f32c(0.0))? } else { x };
+            ss = em.fma(x, x, ss)?;
+            xs.push((ok, c, x));
+        }
+        let ss = em.block_reduce(ReduceOp::Sum, ss)?;
+        let inv = em.inv_rms(ss, w, eps)?;
+        for (ok, c, x) in xs {
+            let out = |em: &mut Em<'c, '_>| -> R<()> {
+                let normed = em.round(em.fmul(x, inv)?, xdt)?;
+                let wv = em.ldf(t, wi, &[c])?;
+                let y = em.round(em.fmul(normed, wv)?, ydt)?;
+                let at = em.add(base, c)?;
+                if residual {
+                    em.finish_lin(t, 0, at, Val::F(x), sdt)?;
+                    em.finish_lin(t, 1, at, Val::F(y), ydt)
+                } else {
+                    em.finish_lin(t, 0, at, Val::F(y), ydt)
+                }
+            };
+            if ragged {
+                em.if_then(ok, out)?;
+            } else {
+                out(em)?;
+            }
+        }
+        return Ok(rows_geo(rows, threads as u32));
+    }
     // SAFETY of the closure reuse: `value` is a plain fn-like closure (Copy)
     let ss = em.row_reduce(ReduceOp::Sum, zero, w, |em, c| {
         let x = value(em, c)?;
