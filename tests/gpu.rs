@@ -891,26 +891,8 @@ fn gpu_lightning_with_and_without_the_gate_matches_the_interpreter() {
             for (name, val) in [("s", so[0]), ("y", y), ("s_folded", folded[0]), ("y_folded", folded[1])] {
                 graph.add_output(name, val, ir::op::InputKind::Data);
             }
-            let kplan = passes::partition::partition(&graph).unwrap();
-            let empty = HashMap::new();
-            let weights = runtime::cuda_plan::GpuWeights::upload(
-                g.clone(),
-                &graph.params().unwrap(),
-                &crate::common::Table(&empty),
-                &|_, _| {},
-            )
-            .unwrap();
             let what = format!("b {b}, T {t}, H {h}, d {d}, {groups} groups, chunk {chunk:?}");
-            let plan = runtime::cuda_plan::CudaPlan::new(&weights, &graph, kplan, &codegen::ptx::PtxOptions::default())
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let env = ir::DimEnv::new();
-            let got = plan
-                .run(&env, &inputs, &mut runtime::cuda_plan::DeviceStates::default())
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let want = ir::interp::Interpreter::new(&graph, &crate::common::Table(&empty))
-                .unwrap()
-                .run(&inputs)
-                .unwrap();
+            let (got, want) = on_gpu_and_interpreter(&g, &graph, &inputs, &what);
             for name in ["s", "y", "s_folded", "y_folded"] {
                 let e = ir::tol::rel_err(got[name].as_f32().unwrap(), want[name].as_f32().unwrap());
                 assert!(e <= Tol::F32.op(), "{what}: {name} rel err {e:.3e} on {}", g.name);
@@ -956,29 +938,8 @@ fn gpu_row_norms_at_model_widths_match_the_interpreter() {
         for (name, v) in [("y", y), ("sum", ys[0]), ("normed", ys[1])] {
             graph.add_output(name, v, ir::op::InputKind::Data);
         }
-        let kplan = passes::partition::partition(&graph).unwrap();
-        let empty = HashMap::new();
-        let weights = runtime::cuda_plan::GpuWeights::upload(
-            g.clone(),
-            &graph.params().unwrap(),
-            &crate::common::Table(&empty),
-            &|_, _| {},
-        )
-        .unwrap();
         let what = format!("{rows} rows of {width}");
-        let plan = runtime::cuda_plan::CudaPlan::new(&weights, &graph, kplan, &codegen::ptx::PtxOptions::default())
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let got = plan
-            .run(
-                &ir::DimEnv::new(),
-                &inputs,
-                &mut runtime::cuda_plan::DeviceStates::default(),
-            )
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let want = ir::interp::Interpreter::new(&graph, &crate::common::Table(&empty))
-            .unwrap()
-            .run(&inputs)
-            .unwrap();
+        let (got, want) = on_gpu_and_interpreter(&g, &graph, &inputs, &what);
         for name in ["y", "sum", "normed"] {
             let (a, b) = (got[name].to_f64_vec(), want[name].to_f64_vec());
             let (a, b): (Vec<f32>, Vec<f32>) = (
@@ -990,4 +951,35 @@ fn gpu_row_norms_at_model_widths_match_the_interpreter() {
         }
         eprintln!("row norms on {}: {what} within the bf16 tier", g.name);
     }
+}
+
+/// A graph without parameters and of constant shapes run on the GPU and by the interpreter.
+fn on_gpu_and_interpreter(
+    g: &std::sync::Arc<Gpu>,
+    graph: &ir::graph::Graph,
+    inputs: &std::collections::HashMap<String, ir::Tensor>,
+    what: &str,
+) -> (
+    std::collections::HashMap<String, ir::Tensor>,
+    std::collections::HashMap<String, ir::Tensor>,
+) {
+    let kplan = passes::partition::partition(graph).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let empty = std::collections::HashMap::new();
+    let table = crate::common::Table(&empty);
+    let weights = runtime::cuda_plan::GpuWeights::upload(g.clone(), &graph.params().unwrap(), &table, &|_, _| {})
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let plan = runtime::cuda_plan::CudaPlan::new(&weights, graph, kplan, &codegen::ptx::PtxOptions::default())
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let got = plan
+        .run(
+            &ir::DimEnv::new(),
+            inputs,
+            &mut runtime::cuda_plan::DeviceStates::default(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let want = ir::interp::Interpreter::new(graph, &table)
+        .unwrap()
+        .run(inputs)
+        .unwrap();
+    (got, want)
 }

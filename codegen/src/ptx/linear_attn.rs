@@ -16,7 +16,7 @@
 //! uses it too. (A tensor-core chunked form is future work.)
 
 use super::super::emit::{err, Ck, Em, Val, R};
-use super::attention::{fptr, lds, lds4, naive_forced, sts};
+use super::attention::{fence_acq_rel, fptr, lds, lds4, naive_forced, sts};
 use inkwell::types::BasicType;
 use inkwell::values::{FloatValue, IntValue};
 use inkwell::IntPredicate;
@@ -383,21 +383,4 @@ impl<'c> Gate<'c> {
             })
         })
     }
-}
-
-/// `fence.acq_rel.gpu`: this thread's (and, cumulatively, what it has observed of its block's)
-/// memory operations before it are ordered before those after it, device-wide.
-fn fence_acq_rel(em: &Em) -> R<()> {
-    let ty = em.ctx.void_type().fn_type(&[], false);
-    let asm = em.ctx.create_inline_asm(
-        ty,
-        "fence.acq_rel.gpu;".to_string(),
-        "~{memory}".to_string(),
-        true,
-        false,
-        None,
-        false,
-    );
-    em.b.build_indirect_call(ty, asm, &[], "").ck()?;
-    Ok(())
 }

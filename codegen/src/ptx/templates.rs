@@ -480,6 +480,19 @@ fn rms_norm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, eps: f64, width: &Dim, 
             em.ld_lin(t, 0, at)
         }
     };
+    // column c of the results from its input value x and the row's 1/rms
+    let finish = |em: &mut Em<'c, '_>, c: IntValue<'c>, x: FloatValue<'c>, inv: FloatValue<'c>| -> R<()> {
+        let normed = em.round(em.fmul(x, inv)?, xdt)?;
+        let wv = em.ldf(t, wi, &[c])?;
+        let y = em.round(em.fmul(normed, wv)?, ydt)?;
+        let at = em.add(base, c)?;
+        if residual {
+            em.finish_lin(t, 0, at, Val::F(x), sdt)?;
+            em.finish_lin(t, 1, at, Val::F(y), ydt)
+        } else {
+            em.finish_lin(t, 0, at, Val::F(y), ydt)
+        }
+    };
     let threads = row_threads(width) as i64;
     // a constant row of a few values a thread: each thread's values loaded at once into
     // registers (independent loads in flight together, read once), then one block reduction
@@ -503,22 +516,10 @@ fn rms_norm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, eps: f64, width: &Dim, 
         let ss = em.block_reduce(ReduceOp::Sum, ss)?;
         let inv = em.inv_rms(ss, w, eps)?;
         for (ok, c, x) in xs {
-            let out = |em: &mut Em<'c, '_>| -> R<()> {
-                let normed = em.round(em.fmul(x, inv)?, xdt)?;
-                let wv = em.ldf(t, wi, &[c])?;
-                let y = em.round(em.fmul(normed, wv)?, ydt)?;
-                let at = em.add(base, c)?;
-                if residual {
-                    em.finish_lin(t, 0, at, Val::F(x), sdt)?;
-                    em.finish_lin(t, 1, at, Val::F(y), ydt)
-                } else {
-                    em.finish_lin(t, 0, at, Val::F(y), ydt)
-                }
-            };
             if ragged {
-                em.if_then(ok, out)?;
+                em.if_then(ok, |em| finish(em, c, x, inv))?;
             } else {
-                out(em)?;
+                finish(em, c, x, inv)?;
             }
         }
         return Ok(rows_geo(rows, threads as u32));
@@ -533,16 +534,7 @@ fn rms_norm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, eps: f64, width: &Dim, 
     let ntid = em.sreg("ntid.x")?;
     em.for_range(tid, w, ntid, |em, c| {
         let x = value(em, c)?;
-        let normed = em.round(em.fmul(x, inv)?, xdt)?;
-        let wv = em.ldf(t, wi, &[c])?;
-        let y = em.round(em.fmul(normed, wv)?, ydt)?;
-        let at = em.add(base, c)?;
-        if residual {
-            em.finish_lin(t, 0, at, Val::F(x), sdt)?;
-            em.finish_lin(t, 1, at, Val::F(y), ydt)
-        } else {
-            em.finish_lin(t, 0, at, Val::F(y), ydt)
-        }
+        finish(em, c, x, inv)
     })?;
     Ok(rows_geo(rows, row_threads(width)))
 }

@@ -462,9 +462,12 @@ mod tests {
         }
 
         let (s1, o) = lightning(q, k, v, lam, s0);
-        output "s" = s1;
-        output "o" = o;
     "#;
+
+    /// `LIGHTNING` with its two results as outputs.
+    fn lightning_program() -> String {
+        format!("{LIGHTNING}\noutput \"s\" = s1;\noutput \"o\" = o;")
+    }
 
     /// Random lightning operands `(s0, q, k, v, lam)` with the given per-head decays.
     fn lightning_inputs(r: &mut ChaCha8Rng, b: usize, t: usize, d: usize, lams: &[f32]) -> Vec<Tensor> {
@@ -490,7 +493,7 @@ mod tests {
     fn scan_reference(ins: &[Tensor]) -> (Tensor, Tensor) {
         let (h, d) = (ins[0].shape[1], ins[0].shape[2]);
         let cfg = serde_json::json!({"num_attention_heads": h, "head_dim": d});
-        let mut out = run_dsl(LIGHTNING, cfg, &named(ins), HashMap::new());
+        let mut out = run_dsl(&lightning_program(), cfg, &named(ins), HashMap::new());
         (out.remove("s").unwrap(), out.remove("o").unwrap())
     }
 
@@ -667,33 +670,21 @@ mod tests {
         }
     }
 
-    /// `LIGHTNING` followed by `GROUP_NORM_GATE` of its `o`, in one DSL program.
-    const LIGHTNING_GATE: &str = r#"
-        config num_attention_heads: int;
-        config head_dim: int;
-        config group_norm_size: int;
-        config rms_norm_eps: float;
-        let H = num_attention_heads;
-        let d = head_dim;
-        dim batch, seq;
-        input q: f32[batch, seq, H, d];
-        input k: f32[batch, seq, H, d];
-        input v: f32[batch, seq, H, d];
-        input lam: f32[H, 1, 1];
-        input s0: f32[batch, H, d, d];
-        input g_norm: f32[H * d];
-        input g: f32[batch, seq, H * d];
-
-        let (s1, o) = scan (s = s0; qt in q, kt in k, vt in v; axis = 1) {
-            let s_new = lam * s + unsqueeze(kt, -1) * unsqueeze(vt, -2);
-            (s_new, squeeze(unsqueeze(qt, -2) @ s_new, -2))
-        };
-        let og = reshape(o, [batch, seq, group_norm_size, H * d // group_norm_size]);
-        let og = og * rsqrt(mean(og * og, axis = -1, keepdim = true) + rms_norm_eps);
-        let y = reshape(og, [batch, seq, H * d]) * g_norm;
-        output "s" = s1;
-        output "y" = y * sigmoid(g);
-    "#;
+    /// `LIGHTNING` followed by §2.4.5's group norm and gate of its `o`: outputs `s` and `y`.
+    fn lightning_gate_program() -> String {
+        format!(
+            "{LIGHTNING}
+            config group_norm_size: int;
+            config rms_norm_eps: float;
+            input g_norm: f32[H * d];
+            input g: f32[batch, seq, H * d];
+            let og = reshape(o, [batch, seq, group_norm_size, H * d // group_norm_size]);
+            let og = og * rsqrt(mean(og * og, axis = -1, keepdim = true) + rms_norm_eps);
+            let y = reshape(og, [batch, seq, H * d]) * g_norm;
+            output \"s\" = s1;
+            output \"y\" = y * sigmoid(g);"
+        )
+    }
 
     #[test]
     fn fused_gated_lightning_matches_the_scan_then_the_gate() {
@@ -718,7 +709,7 @@ mod tests {
             let mut named_all = named(&ins);
             named_all.push(("g_norm", &w));
             named_all.push(("g", &g));
-            let mut want = run_dsl(LIGHTNING_GATE, cfg, &named_all, HashMap::new());
+            let mut want = run_dsl(&lightning_gate_program(), cfg, &named_all, HashMap::new());
             let mut got = run_op(Op::Fused(Fused::LinearAttnGate { chunk, groups, eps }), &named_all)
                 .unwrap_or_else(|e| panic!("{e}"));
             let what = format!("b {b}, T {t}, d {d}, {groups} groups, chunk {chunk:?}");
