@@ -252,6 +252,16 @@ impl<'c> Gate<'c> {
                 "linear attention gate: {groups} groups do not divide {hd} channels"
             ));
         }
+        // the raw o waits in the result, written as f32
+        let y_f32 = em
+            .kernel
+            .outputs
+            .get(1)
+            .and_then(|r| em.plan.buffer(r.buffer))
+            .is_some_and(|b| b.dtype == DType::F32);
+        if !y_f32 {
+            return err("linear attention with a folded group norm: its result must be an f32 buffer");
+        }
         let n = hd / groups;
         let unit_heads = (n / gcd(n, d) * d) / d;
         let tl = em.dim(&sq[1])?;
