@@ -159,14 +159,8 @@ impl CostModel {
                 let carry: f64 = outs.iter().map(|t| self.numel(t)).sum();
                 self.kernel(io, 4.0 * carry) + steps * body_kernels * self.launch_us
             }
-            Op::Fused(f @ (Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep)) => self.lightning(f, ins, io),
-            Op::Fused(f @ Fused::LinearAttnGate { .. }) => {
-                let t = ins
-                    .get(1)
-                    .and_then(|q| q.shape.get(1))
-                    .map(|x| x.eval(&self.env).unwrap_or(1).max(0) as f64)
-                    .unwrap_or(1.0);
-                self.lightning(f, ins, io) + (t / 16.0).ceil() * GATE_SYNC_US
+            Op::Fused(f @ (Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep | Fused::LinearAttnGate { .. })) => {
+                self.lightning(f, ins, io)
             }
             Op::Fused(f) => {
                 let bytes = self.fused_bytes(f, ins, outs).unwrap_or(io);
@@ -215,7 +209,9 @@ impl CostModel {
     /// - chunked (§4.3): [`CHUNK_KERNELS`] kernels; ⌈T/C⌉ dependent chunk steps
     ///   ([`CHUNK_STEP_US`] each), the work on the tensor cores but padded to whole C-token
     ///   tiles, plus the chunk-boundary states written by the first kernel and read by the
-    ///   second.
+    ///   second;
+    /// - either with the group norm folded in (`LinearAttnGate`): [`GATE_SYNC_US`] more per
+    ///   16-token batch.
     ///
     /// At T = 1 the step is cheaper (one launch, no padding); for a long prompt the chunked form
     /// is (⌈T/C⌉ instead of T sequential steps).
@@ -228,7 +224,12 @@ impl CostModel {
         };
         let (heads, t, d) = (dim(0) * dim(2), dim(1), dim(3));
         let flops = self.fused_flops(f, ins, 0.0);
-        match f {
+        // the folded group norm waits for each 16-token batch's normalisation
+        let sync = match f {
+            Fused::LinearAttnGate { .. } => (t / 16.0).ceil() * GATE_SYNC_US,
+            _ => 0.0,
+        };
+        sync + match f {
             Fused::LinearAttnChunk { chunk } | Fused::LinearAttnGate { chunk: Some(chunk), .. } => {
                 let chunks = (t / (*chunk).max(1) as f64).ceil();
                 let states = 2.0 * chunks * heads * d * d * 4.0;

@@ -252,6 +252,17 @@ struct Loaded {
     _module: Arc<CudaModule>,
 }
 
+/// Bytes of shared scratch and of counters that `kernels` need under `env`.
+fn scratch_needs<'l>(kernels: impl Iterator<Item = &'l Loaded>, env: &DimEnv) -> Result<(usize, usize)> {
+    let mut need = (0usize, 0usize);
+    for l in kernels {
+        let n = l.scratch.eval(env).map_err(Error)? as usize;
+        let slot = if l.counters { &mut need.1 } else { &mut need.0 };
+        *slot = (*slot).max(n);
+    }
+    Ok(need)
+}
+
 /// The scratch pointers of a launch (docs/kernel-abi.md): the buffer every kernel shares, and
 /// the zeroed one of the kernels whose scratch is self-resetting counters.
 #[derive(Clone, Copy, Default)]
@@ -799,15 +810,9 @@ impl CudaPlan {
                 _ => {}
             }
         }
-        let mut need = (0usize, 0usize);
+        let need = scratch_needs(exe.kernels.iter(), &cap_env)?;
         let mut grids = Vec::with_capacity(exe.kernels.len());
         for (k, l) in exe.plan.kernels.iter().zip(exe.kernels) {
-            let n = l.scratch.eval(&cap_env).map_err(Error)? as usize;
-            if l.counters {
-                need.1 = need.1.max(n);
-            } else {
-                need.0 = need.0.max(n);
-            }
             grids.push(l.launch.eval(&cap_env).map_err(|e| Error(format!("{}: {e}", k.name)))?);
         }
         let some = |n: usize, what: &str| -> Result<Option<DeviceBuf>> {
@@ -1256,15 +1261,7 @@ impl CudaPlan {
 
     /// Both scratch buffers, large enough for `kernels` under `env`.
     fn scratch_for<'l>(&self, kernels: impl Iterator<Item = &'l Loaded>, env: &DimEnv) -> Result<Scratch> {
-        let mut need = (0usize, 0usize);
-        for l in kernels {
-            let n = l.scratch.eval(env).map_err(Error)? as usize;
-            if l.counters {
-                need.1 = need.1.max(n);
-            } else {
-                need.0 = need.0.max(n);
-            }
-        }
+        let need = scratch_needs(kernels, env)?;
         self.ensure(&self.scratch, need.0, "kernel scratch space")?;
         self.ensure(&self.counters, need.1, "kernel arrival counters")?;
         let ptr = |slot: &RefCell<Option<DeviceBuf>>, n: usize| match n {
@@ -1352,6 +1349,30 @@ impl CudaPlan {
     }
 }
 
+/// `f(0) .. f(n - 1)` on up to `threads` threads, each taking the next index as it finishes,
+/// results in index order.
+fn par_map<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|sc| {
+        for _ in 0..threads.min(n) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(slot) = slots.get(i) else { break };
+                *slot.lock().expect("a result slot") = Some(f(i));
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .expect("a result slot")
+                .expect("every index is taken once")
+        })
+        .collect()
+}
+
 /// Compiles (through the PTX caches) and loads every kernel of `plan`.
 fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mut CacheStats) -> Result<Vec<Loaded>> {
     let mut kernels = Vec::with_capacity(plan.kernels.len());
@@ -1369,25 +1390,8 @@ fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mu
         .map(|n| n.get())
         .unwrap_or(1)
         .min(16);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut compiled_all: Vec<Option<Result<PtxKernel>>> = (0..plan.kernels.len()).map(|_| None).collect();
-    let results = Mutex::new(&mut compiled_all);
-    std::thread::scope(|sc| {
-        for _ in 0..threads {
-            sc.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= plan.kernels.len() {
-                    break;
-                }
-                let r = ptx_of(plan, &plan.kernels[i], opts);
-                results.lock().expect("compile results")[i] = Some(r);
-            });
-        }
-    });
-    let mut compiled = Vec::with_capacity(plan.kernels.len());
-    for (k, c) in plan.kernels.iter().zip(compiled_all) {
-        compiled.push(c.ok_or_else(|| Error(format!("{}: not compiled", k.name)))??);
-    }
+    let compiled_all = par_map(plan.kernels.len(), threads, |i| ptx_of(plan, &plan.kernels[i], opts));
+    let compiled = compiled_all.into_iter().collect::<Result<Vec<PtxKernel>>>()?;
     // kernels alike but for their names (the same kernel in every layer) share a module: the
     // driver loads each distinct body once, the distinct ones in parallel (its PTX → SASS
     // compile is most of a cold start)
@@ -1409,24 +1413,13 @@ fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mu
             }
         }
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut loaded_all: Vec<Option<Result<Arc<CudaModule>>>> = (0..todo.len()).map(|_| None).collect();
-    let results = Mutex::new(&mut loaded_all);
-    std::thread::scope(|sc| {
-        for _ in 0..threads.min(todo.len()) {
-            sc.spawn(|| loop {
-                let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&(_, i)) = todo.get(j) else { break };
-                let r = gpu
-                    .load_ptx(&compiled[i].body)
-                    .map_err(|e| Error(format!("{}: {e}", plan.kernels[i].name)));
-                results.lock().expect("load results")[j] = Some(r);
-            });
-        }
+    let loaded_all = par_map(todo.len(), threads, |j| {
+        let i = todo[j].1;
+        gpu.load_ptx(&compiled[i].body)
+            .map_err(|e| Error(format!("{}: {e}", plan.kernels[i].name)))
     });
-    for (&(key, i), m) in todo.iter().zip(loaded_all) {
-        let m = m.ok_or_else(|| Error(format!("{}: not loaded", plan.kernels[i].name)))??;
-        module_cache().lock().expect("module cache").insert(key, m);
+    for (&(key, _), m) in todo.iter().zip(loaded_all) {
+        module_cache().lock().expect("module cache").insert(key, m?);
     }
     cache.compiled += todo.len();
     cache.memory_hits += plan.kernels.len() - todo.len();

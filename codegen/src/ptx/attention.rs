@@ -695,14 +695,7 @@ fn decode_split<'c>(
     let first = em.icmp(IntPredicate::EQ, cx.tid, zero)?;
     let i32t = em.ctx.i32_type();
     em.if_then(first, |em| {
-        let old =
-            em.b.build_atomicrmw(
-                inkwell::AtomicRMWBinOp::Add,
-                counter,
-                i32t.const_int(1, false),
-                inkwell::AtomicOrdering::Monotonic,
-            )
-            .ck()?;
+        let old = em.count_arrival(counter)?;
         let n1 = em.b.build_int_truncate(em.sub(cx.nsplit, one)?, i32t, "").ck()?;
         let is_last = em.icmp(IntPredicate::EQ, old, n1)?;
         let flag = em.b.build_int_z_extend(is_last, i32t, "").ck()?;

@@ -797,6 +797,22 @@ impl<'c, 'a> Em<'c, 'a> {
         self.call_void("llvm.nvvm.barrier0", &[], &[])
     }
 
+    /// `atom.add` of 1 on the u32 arrival counter at `counter` (relaxed: the callers fence
+    /// around it); returns the count before this arrival.
+    pub fn count_arrival(&self, counter: PointerValue<'c>) -> R<IntValue<'c>> {
+        let i32t = self.ctx.i32_type();
+        let old = self
+            .b
+            .build_atomicrmw(
+                inkwell::AtomicRMWBinOp::Add,
+                counter,
+                i32t.const_int(1, false),
+                inkwell::AtomicOrdering::Monotonic,
+            )
+            .ck()?;
+        Ok(old)
+    }
+
     /// A shared-memory array of `n` elements of `ty` (static shared memory).
     pub fn shared_array(&self, name: &str, ty: BasicTypeEnum<'c>, n: u32) -> PointerValue<'c> {
         let arr = ty.array_type(n);

@@ -328,14 +328,7 @@ impl<'c> Gate<'c> {
         let expect = self.blocks_per_unit - 1;
         em.if_then(first, |em| {
             fence_acq_rel(em)?;
-            let old =
-                em.b.build_atomicrmw(
-                    inkwell::AtomicRMWBinOp::Add,
-                    counter,
-                    i32t.const_int(1, false),
-                    inkwell::AtomicOrdering::Monotonic,
-                )
-                .ck()?;
+            let old = em.count_arrival(counter)?;
             fence_acq_rel(em)?;
             let is_last = em.icmp(IntPredicate::EQ, old, i32t.const_int(expect as u64, false))?;
             let flag = em.b.build_int_z_extend(is_last, i32t, "").ck()?;

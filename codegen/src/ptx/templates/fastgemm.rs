@@ -1395,73 +1395,79 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     if let Some(dn) = g.down {
         // the down projection: each (pair, column) rounded to bf16 into scratch, two columns
         // per 32-bit store
-        for mi in 0..2i64 {
-            for h in 0..2i64 {
-                let row = em.add(em.mul(wm, em.i64c(32))?, em.add(em.i64c(mi * 16 + h * 8), gq)?)?;
-                let ok = em.icmp(IntPredicate::SLT, row, nrows)?;
-                let acc = &acc;
-                em.if_then(ok, |em| {
-                    let p = list_pair(em, g, row, ok)?;
-                    let yrow = em.add(dn.ybase, em.mul(p, g.inter)?)?;
-                    for which in 0..2i64 {
-                        for ni in 0..2i64 {
-                            let col = em.add(
-                                em.add(g.col0, em.i64c(which * GB_N + ni * 8))?,
-                                em.add(em.mul(wn, em.i64c(16))?, em.mul(tq, em.i64c(2))?)?,
-                            )?;
-                            let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
-                            let at = |e2: i64| ((((which * 2 + mi) * 2 + ni) * 4) + h * 2 + e2) as usize;
-                            let (a0, a1) = (acc[at(0)], acc[at(1)]);
-                            em.if_then(okc, |em| {
-                                let v0 = bf16_bits(em, em.round(em.getf(a0)?, dt)?)?;
-                                let v1 = bf16_bits(em, em.round(em.getf(a1)?, dt)?)?;
-                                let lo = em.b.build_int_z_extend(v0, i32t, "").ck()?;
-                                let hi = em.b.build_int_z_extend(v1, i32t, "").ck()?;
-                                let hi = em.b.build_left_shift(hi, i32t.const_int(16, false), "").ck()?;
-                                let w = em.b.build_or(lo, hi, "").ck()?;
-                                let ptr = gep16(em, em.scratch, em.add(yrow, col)?)?;
-                                let st = em.b.build_store(ptr, w).ck()?;
-                                st.set_alignment(4)
-                                    .map_err(|e| super::super::CodegenError(e.to_string()))?;
-                                Ok(())
-                            })?;
-                        }
-                    }
-                    Ok(())
+        let acc = &acc;
+        each_listed_row(em, g, (wm, gq, nrows), |em, mi, h, p| {
+            let yrow = em.add(dn.ybase, em.mul(p, g.inter)?)?;
+            for which in 0..2i64 {
+                for ni in 0..2i64 {
+                    let col = em.add(
+                        em.add(g.col0, em.i64c(which * GB_N + ni * 8))?,
+                        em.add(em.mul(wn, em.i64c(16))?, em.mul(tq, em.i64c(2))?)?,
+                    )?;
+                    let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
+                    let at = |e2: i64| ((((which * 2 + mi) * 2 + ni) * 4) + h * 2 + e2) as usize;
+                    let (a0, a1) = (acc[at(0)], acc[at(1)]);
+                    em.if_then(okc, |em| {
+                        let v0 = bf16_bits(em, em.round(em.getf(a0)?, dt)?)?;
+                        let v1 = bf16_bits(em, em.round(em.getf(a1)?, dt)?)?;
+                        let lo = em.b.build_int_z_extend(v0, i32t, "").ck()?;
+                        let hi = em.b.build_int_z_extend(v1, i32t, "").ck()?;
+                        let hi = em.b.build_left_shift(hi, i32t.const_int(16, false), "").ck()?;
+                        let w = em.b.build_or(lo, hi, "").ck()?;
+                        let ptr = gep16(em, em.scratch, em.add(yrow, col)?)?;
+                        let st = em.b.build_store(ptr, w).ck()?;
+                        st.set_alignment(4)
+                            .map_err(|e| super::super::CodegenError(e.to_string()))?;
+                        Ok(())
+                    })?;
+                }
+            }
+            Ok(())
+        })?;
+        return down_combine(em, t, g, dn, nrows);
+    }
+    let acc = &acc;
+    each_listed_row(em, g, (wm, gq, nrows), |em, mi, h, p| {
+        let pi = em.unravel(p, &g.ext1)?;
+        for ni in 0..2i64 {
+            for e2 in 0..2i64 {
+                let col = em.add(
+                    em.add(g.col0, em.mul(wn, em.i64c(16))?)?,
+                    em.add(em.i64c(ni * 8 + e2), em.mul(tq, em.i64c(2))?)?,
+                )?;
+                let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
+                let at = |which: i64| ((((which * 2 + mi) * 2 + ni) * 4) + h * 2 + e2) as usize;
+                let (gs, us) = (acc[at(0)], acc[at(1)]);
+                let pi = pi.clone();
+                em.if_then(okc, |em| {
+                    let gv = em.round(em.getf(gs)?, dt)?;
+                    let uv = em.round(em.getf(us)?, dt)?;
+                    let sg = em.round(em.sigmoid(gv)?, dt)?;
+                    let silu = em.round(em.fmul(gv, sg)?, dt)?;
+                    let hv = em.round(em.fmul(silu, uv)?, dt)?;
+                    em.finish(t, 0, &[pi[0], pi[1], pi[2], col], Val::F(hv), dt)
                 })?;
             }
         }
-        return down_combine(em, t, g, dn, nrows);
-    }
+        Ok(())
+    })
+}
+
+/// The rows of a 64-row tile this thread's accumulators hold (row groups `mi`, `h`: row
+/// `wm·32 + mi·16 + h·8 + gq`), each one in range given to `f` with its listed pair.
+fn each_listed_row<'c>(
+    em: &mut Em<'c, '_>,
+    g: &Gx<'c>,
+    (wm, gq, nrows): (IntValue<'c>, IntValue<'c>, IntValue<'c>),
+    mut f: impl FnMut(&mut Em<'c, '_>, i64, i64, IntValue<'c>) -> R<()>,
+) -> R<()> {
     for mi in 0..2i64 {
         for h in 0..2i64 {
             let row = em.add(em.mul(wm, em.i64c(32))?, em.add(em.i64c(mi * 16 + h * 8), gq)?)?;
             let ok = em.icmp(IntPredicate::SLT, row, nrows)?;
-            let acc = &acc;
             em.if_then(ok, |em| {
                 let p = list_pair(em, g, row, ok)?;
-                let pi = em.unravel(p, &g.ext1)?;
-                for ni in 0..2i64 {
-                    for e2 in 0..2i64 {
-                        let col = em.add(
-                            em.add(g.col0, em.mul(wn, em.i64c(16))?)?,
-                            em.add(em.i64c(ni * 8 + e2), em.mul(tq, em.i64c(2))?)?,
-                        )?;
-                        let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
-                        let at = |which: i64| ((((which * 2 + mi) * 2 + ni) * 4) + h * 2 + e2) as usize;
-                        let (gs, us) = (acc[at(0)], acc[at(1)]);
-                        let pi = pi.clone();
-                        em.if_then(okc, |em| {
-                            let gv = em.round(em.getf(gs)?, dt)?;
-                            let uv = em.round(em.getf(us)?, dt)?;
-                            let sg = em.round(em.sigmoid(gv)?, dt)?;
-                            let silu = em.round(em.fmul(gv, sg)?, dt)?;
-                            let hv = em.round(em.fmul(silu, uv)?, dt)?;
-                            em.finish(t, 0, &[pi[0], pi[1], pi[2], col], Val::F(hv), dt)
-                        })?;
-                    }
-                }
-                Ok(())
+                f(em, mi, h, p)
             })?;
         }
     }
@@ -1496,14 +1502,7 @@ fn down_combine<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, dn: Dow
             let ci = em.add(em.mul(tok, em.i64c(dn.cstride))?, dn.tile)?;
             // SAFETY (of the generated code): the counter region holds tokens · cstride u32.
             let cp = unsafe { em.b.build_in_bounds_gep(i32t, em.scratch, &[ci], "") }.ck()?;
-            let old =
-                em.b.build_atomicrmw(
-                    inkwell::AtomicRMWBinOp::Add,
-                    cp,
-                    i32t.const_int(1, false),
-                    inkwell::AtomicOrdering::Monotonic,
-                )
-                .ck()?;
+            let old = em.count_arrival(cp)?;
             let k1 = em.b.build_int_truncate(em.sub(kk, em.i64c(1))?, i32t, "").ck()?;
             let last = em.icmp(IntPredicate::EQ, old, k1)?;
             em.set(flag, em.b.build_int_z_extend(last, em.ctx.i64_type(), "").ck()?)
