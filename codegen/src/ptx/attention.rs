@@ -727,12 +727,7 @@ fn decode_split<'c>(
                 Ok(())
             })
         })?;
-        em.if_then(first, |em| {
-            let st = em.b.build_store(counter, i32t.const_zero()).ck()?;
-            st.set_volatile(true)
-                .map_err(|e| super::super::CodegenError(e.to_string()))?;
-            Ok(())
-        })
+        em.if_then(first, |em| em.reset_counter(counter))
     })
 }
 

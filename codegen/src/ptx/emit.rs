@@ -813,6 +813,14 @@ impl<'c, 'a> Em<'c, 'a> {
         Ok(old)
     }
 
+    /// Puts the arrival counter at `counter` back to zero (a volatile store: the next launch's
+    /// first arrival must find it so).
+    pub fn reset_counter(&self, counter: PointerValue<'c>) -> R<()> {
+        let st = self.b.build_store(counter, self.ctx.i32_type().const_zero()).ck()?;
+        st.set_volatile(true).map_err(|e| CodegenError(e.to_string()))?;
+        Ok(())
+    }
+
     /// A shared-memory array of `n` elements of `ty` (static shared memory).
     pub fn shared_array(&self, name: &str, ty: BasicTypeEnum<'c>, n: u32) -> PointerValue<'c> {
         let arr = ty.array_type(n);

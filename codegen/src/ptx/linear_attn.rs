@@ -378,12 +378,7 @@ impl<'c> Gate<'c> {
                 Ok(())
             })?;
             // every block of the unit has counted: leave the counter at zero
-            em.if_then(first, |em| {
-                let st = em.b.build_store(counter, i32t.const_zero()).ck()?;
-                st.set_volatile(true)
-                    .map_err(|e| super::super::CodegenError(e.to_string()))?;
-                Ok(())
-            })
+            em.if_then(first, |em| em.reset_counter(counter))
         })
     }
 }
