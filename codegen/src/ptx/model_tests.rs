@@ -337,9 +337,11 @@ fn bf16_gemms_use_tensor_cores_and_vector_loads() {
                 TemplateOp::GroupedGemm { epilogue: ir::fused::GroupedEpilogue::SwiGlu, .. }
             )
         );
-        // many tokens: the expert-major tensor-core tiles, chosen at run time (both epilogues)
+        // many tokens: the expert-major tensor-core tiles, chosen at run time (both epilogues),
+        // the pairs listed through a shared counter; the grid is the tiles' (E · column tiles)
+        assert_eq!(p.launch.grid[1].extent, ir::Dim::constant(1), "{}: {}", k.name, p.launch);
         for want in [
-            "vote.sync.ballot.b32",
+            "atom.shared.add.u32",
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
             "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
             "cp.async.cg.shared.global",

@@ -309,10 +309,17 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
     mma(em, t, &cx)?;
     em.b.build_unconditional_branch(done).ck()?;
     em.b.position_at_end(done);
+    // x: ceil((8N + 8(BN - 1)) / BN) blocks, at least the GEMV's ceil(N / 16) and 8 · the
+    // column tiles; y: ceil(rows / 8 BM), so that x · y holds every tensor-core tile (in launch
+    // order, see `mma`) without a grid of mostly idle blocks
+    let per = (BN / GEMV_COLS) as u32;
+    let wide =
+        g.n.mul(&Dim::constant(per as i64))
+            .add(&Dim::constant(per as i64 * (BN - 1)));
     Ok(Some(LaunchGeometry {
         grid: [
-            GridDim::blocks(g.n.clone(), GEMV_COLS as u32),
-            GridDim::blocks(rows_dim, BM as u32),
+            GridDim::blocks(wide, BN as u32),
+            GridDim::blocks(rows_dim, BM as u32 * per),
             GridDim::one(),
         ],
         block: [THREADS, 1, 1],
@@ -556,6 +563,10 @@ fn gep16<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, e: IntValue<'c>) -> R<Poin
 
 fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
     let (zero, one) = (em.i64c(0), em.i64c(1));
+    // the grid is sized for the tensor-core tiles as well: blocks past the columns exit
+    let past = em.mul(em.sreg("ctaid.x")?, em.i64c(GEMV_COLS))?;
+    let past = em.icmp(IntPredicate::SGE, past, cx.nn)?;
+    em.return_if(past)?;
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
@@ -703,19 +714,26 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
 
 // ---- tensor cores -----------------------------------------------------------------------------
 
+/// The tensor-core tiles, numbered in launch order (`ctaid.x` fastest): tile `i` is column
+/// tile `i % n_tiles` of row tile `i / n_tiles` (a row tile's column tiles adjacent, sharing its
+/// A rows in L2); blocks past the last tile exit at once.
 fn mma<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
-    let bn = em.sreg("ctaid.x")?;
     let n_tiles = em.ceil_div(cx.nn, em.i64c(BN))?;
-    let mine = em.icmp(IntPredicate::SLT, bn, n_tiles)?;
-    em.if_then(mine, |em| mma_tile(em, t, cx, bn))
+    let m_tiles = em.ceil_div(cx.rr, em.i64c(BM))?;
+    let lin = em.add(em.sreg("ctaid.x")?, em.mul(em.sreg("ctaid.y")?, em.sreg("nctaid.x")?)?)?;
+    let mine = em.icmp(IntPredicate::SLT, lin, em.mul(n_tiles, m_tiles)?)?;
+    em.if_then(mine, |em| {
+        let (bn, bm) = (em.rem(lin, n_tiles)?, em.div(lin, n_tiles)?);
+        mma_tile(em, t, cx, bn, bm)
+    })
 }
 
-fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntValue<'c>) -> R<()> {
+fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntValue<'c>, bm: IntValue<'c>) -> R<()> {
     let (zero, one) = (em.i64c(0), em.i64c(1));
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
-    let row0 = em.mul(em.sreg("ctaid.y")?, em.i64c(BM))?;
+    let row0 = em.mul(bm, em.i64c(BM))?;
     let col0 = em.mul(bn, em.i64c(BN))?;
     let (wm, wn) = (em.div(warp, em.i64c(4))?, em.rem(warp, em.i64c(4))?);
     // this thread's copy assignments: chunk c = tid + 256 i → tile row c / 4, k offset (c % 4)·8
@@ -947,6 +965,33 @@ fn lane_dots<'c>(
     Ok(acc)
 }
 
+/// The GEMV items of a grouped kernel: `None`, one item a block at (`ctaid.x`, `ctaid.y`); or
+/// `Some((xs, ys))`, items `0..xs·ys` strided over a one-dimensional grid (the prefill plans'
+/// grid, sized for the expert-major tiles), item `i` at (`i / ys`, `i % ys`). The body may
+/// use barriers: the trip count is uniform across a block.
+fn each_item<'c, 'a>(
+    em: &mut Em<'c, 'a>,
+    items: Option<(IntValue<'c>, IntValue<'c>)>,
+    body: impl FnOnce(&mut Em<'c, 'a>, IntValue<'c>, IntValue<'c>) -> R<()>,
+) -> R<()> {
+    match items {
+        None => {
+            let (x, y) = (em.sreg("ctaid.x")?, em.sreg("ctaid.y")?);
+            body(em, x, y)
+        }
+        Some((xs, ys)) => {
+            let n = em.mul(xs, ys)?;
+            let (first, step) = (em.sreg("ctaid.x")?, em.sreg("nctaid.x")?);
+            em.for_range(first, n, step, |em, i| {
+                // the previous item's warps are done with the staged activations
+                em.barrier()?;
+                let (x, y) = (em.div(i, ys)?, em.rem(i, ys)?);
+                body(em, x, y)
+            })
+        }
+    }
+}
+
 /// The expert chosen in slot `idx` of operand 1, clamped to `0..experts`.
 fn expert_of<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, idx: &[IntValue<'c>], experts: &Dim) -> R<IntValue<'c>> {
     let e = em.ld(t, 1, idx)?;
@@ -991,7 +1036,14 @@ pub(super) fn grouped_fast<'c>(
             let dt = em.result_dtype(t, 0);
             let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
-            if let Some(x) = grouped_rows_direct(em, t, 3).filter(|_| em.prefill && grouped_mma_enabled()) {
+            let direct = grouped_rows_direct(em, t, 3).filter(|_| em.prefill && grouped_mma_enabled());
+            // prefill plans launch exactly the expert-major blocks (E · column tiles), and the
+            // GEMVs of a short prompt stride over them; decode plans a block per GEMV item
+            let sized = match (direct, s2[1].as_const()) {
+                (Some(_), Some(i)) if i > 0 => Some(s2[0].mul(&Dim::constant((i + GB_N - 1) / GB_N))),
+                _ => None,
+            };
+            if let Some(x) = direct {
                 // many (token, slot) pairs: the expert-major tensor-core tiles
                 let pairs = em.product(&em.dims(&s1)?)?;
                 let need = em.imax(em.mul(em.dim(&s2[0])?, em.i64c(4))?, em.i64c(64))?;
@@ -1005,58 +1057,66 @@ pub(super) fn grouped_fast<'c>(
                 em.b.position_at_end(gemv_bb);
             }
             let ext1 = em.dims(&s1)?;
-            let pi = em.unravel(em.sreg("ctaid.x")?, &ext1)?;
-            let (bi, si, slot) = (pi[0], pi[1], pi[2]);
             let inter = em.dim(&s2[1])?;
-            let e = expert_of(em, t, &[bi, si, slot], &s2[0])?;
-            let tid = em.sreg("tid.x")?;
-            let dd = em.i64c(d);
-            em.for_range(tid, dd, em.i64c(THREADS as i64), |em, c| {
-                let x = em.ldf(t, 0, &[bi, si, c])?;
-                let bits = bf16_bits(em, x)?;
-                let p = em.shared_gep(em.ctx.i16_type().into(), smem, c)?;
-                em.set(p, bits)
-            })?;
-            em.barrier()?;
-            let warp = em.div(tid, em.i64c(32))?;
-            let lane = em.rem(tid, em.i64c(32))?;
-            let i0 = em.add(
-                em.mul(em.sreg("ctaid.y")?, em.i64c(GEMV_COLS))?,
-                em.mul(warp, em.i64c(GEMV_CN))?,
-            )?;
-            let mut cols = Vec::new();
-            let mut rows = Vec::new();
-            for c in 0..GEMV_CN {
-                let i = em.add(i0, em.i64c(c))?;
-                let ok = em.icmp(IntPredicate::SLT, i, inter)?;
-                let ic = em.select_i(ok, i, em.i64c(0))?;
-                rows.push((em.inputs[wg], expert_row(em, wg, e, ic)?));
-                rows.push((em.inputs[wu], expert_row(em, wu, e, ic)?));
-                cols.push((i, ok));
-            }
-            let acc = lane_dots(em, smem, &rows, em.i64c(0), dd, lane)?;
-            let first = em.icmp(IntPredicate::EQ, lane, em.i64c(0))?;
-            for (c, (i, ok)) in cols.into_iter().enumerate() {
-                let g = em.warp_reduce(ReduceOp::Sum, em.getf(acc[2 * c])?)?;
-                let u = em.warp_reduce(ReduceOp::Sum, em.getf(acc[2 * c + 1])?)?;
-                let st = em.and(first, ok)?;
-                em.if_then(st, |em| {
-                    let g = em.round(g, dt)?;
-                    let u = em.round(u, dt)?;
-                    let sg = em.round(em.sigmoid(g)?, dt)?;
-                    let silu = em.round(em.fmul(g, sg)?, dt)?;
-                    let h = em.round(em.fmul(silu, u)?, dt)?;
-                    em.finish(t, 0, &[bi, si, slot, i], Val::F(h), dt)
+            let items = match sized {
+                Some(_) => Some((em.product(&ext1)?, em.ceil_div(inter, em.i64c(GEMV_COLS))?)),
+                None => None,
+            };
+            each_item(em, items, |em, px, py| {
+                let pi = em.unravel(px, &ext1)?;
+                let (bi, si, slot) = (pi[0], pi[1], pi[2]);
+                let e = expert_of(em, t, &[bi, si, slot], &s2[0])?;
+                let tid = em.sreg("tid.x")?;
+                let dd = em.i64c(d);
+                em.for_range(tid, dd, em.i64c(THREADS as i64), |em, c| {
+                    let x = em.ldf(t, 0, &[bi, si, c])?;
+                    let bits = bf16_bits(em, x)?;
+                    let p = em.shared_gep(em.ctx.i16_type().into(), smem, c)?;
+                    em.set(p, bits)
                 })?;
-            }
+                em.barrier()?;
+                let warp = em.div(tid, em.i64c(32))?;
+                let lane = em.rem(tid, em.i64c(32))?;
+                let i0 = em.add(em.mul(py, em.i64c(GEMV_COLS))?, em.mul(warp, em.i64c(GEMV_CN))?)?;
+                let mut cols = Vec::new();
+                let mut rows = Vec::new();
+                for c in 0..GEMV_CN {
+                    let i = em.add(i0, em.i64c(c))?;
+                    let ok = em.icmp(IntPredicate::SLT, i, inter)?;
+                    let ic = em.select_i(ok, i, em.i64c(0))?;
+                    rows.push((em.inputs[wg], expert_row(em, wg, e, ic)?));
+                    rows.push((em.inputs[wu], expert_row(em, wu, e, ic)?));
+                    cols.push((i, ok));
+                }
+                let acc = lane_dots(em, smem, &rows, em.i64c(0), dd, lane)?;
+                let first = em.icmp(IntPredicate::EQ, lane, em.i64c(0))?;
+                for (c, (i, ok)) in cols.into_iter().enumerate() {
+                    let g = em.warp_reduce(ReduceOp::Sum, em.getf(acc[2 * c])?)?;
+                    let u = em.warp_reduce(ReduceOp::Sum, em.getf(acc[2 * c + 1])?)?;
+                    let st = em.and(first, ok)?;
+                    em.if_then(st, |em| {
+                        let g = em.round(g, dt)?;
+                        let u = em.round(u, dt)?;
+                        let sg = em.round(em.sigmoid(g)?, dt)?;
+                        let silu = em.round(em.fmul(g, sg)?, dt)?;
+                        let h = em.round(em.fmul(silu, u)?, dt)?;
+                        em.finish(t, 0, &[bi, si, slot, i], Val::F(h), dt)
+                    })?;
+                }
+                Ok(())
+            })?;
             em.b.build_unconditional_branch(done).ck()?;
             em.b.position_at_end(done);
-            Ok(Some(LaunchGeometry {
-                grid: [
+            let grid = match sized {
+                Some(blocks) => [GridDim::blocks(blocks, 1), GridDim::one(), GridDim::one()],
+                None => [
                     GridDim::blocks(numel(&s1), 1),
                     GridDim::blocks(s2[1].clone(), GEMV_COLS as u32),
                     GridDim::one(),
                 ],
+            };
+            Ok(Some(LaunchGeometry {
+                grid,
                 block: [THREADS, 1, 1],
                 shared_bytes: 0,
             }))
@@ -1079,6 +1139,11 @@ pub(super) fn grouped_fast<'c>(
             let dout_c = s3[1].as_const().filter(|&n| n > 0 && n % 8 == 0);
             let direct =
                 grouped_rows_direct(em, t, 4).filter(|_| em.prefill && down_mma_enabled() && ydt == DType::BF16);
+            // prefill plans launch exactly the expert-major blocks, the GEMVs stride over them
+            let sized = match (direct, dout_c) {
+                (Some(_), Some(n)) => Some(s3[0].mul(&Dim::constant((n + 2 * GB_N - 1) / (2 * GB_N)))),
+                _ => None,
+            };
             if let (Some(x), Some(dout_c)) = (direct, dout_c) {
                 // many (token, slot) pairs: expert-major tensor-core tiles into scratch, then
                 // the combine; the grid must hold E · tiles blocks
@@ -1104,69 +1169,77 @@ pub(super) fn grouped_fast<'c>(
                 em.b.position_at_end(gemv_bb);
             }
             let ext = em.dims(&s0[..2])?;
-            let ti = em.unravel(em.sreg("ctaid.x")?, &ext)?;
-            let (bi, si) = (ti[0], ti[1]);
             let dout = em.dim(&s3[1])?;
-            let tid = em.sreg("tid.x")?;
-            let (kk, iv) = (em.i64c(kn), em.i64c(ii));
-            em.for_range(tid, em.i64c(kn * ii), em.i64c(THREADS as i64), |em, x| {
-                let (slot, i) = (em.div(x, iv)?, em.rem(x, iv)?);
-                let h = em.ldf(t, 0, &[bi, si, slot, i])?;
-                let bits = bf16_bits(em, h)?;
-                let p = em.shared_gep(em.ctx.i16_type().into(), smem, x)?;
-                em.set(p, bits)
-            })?;
-            em.barrier()?;
-            let warp = em.div(tid, em.i64c(32))?;
-            let lane = em.rem(tid, em.i64c(32))?;
-            let j0 = em.add(
-                em.mul(em.sreg("ctaid.y")?, em.i64c(GEMV_COLS))?,
-                em.mul(warp, em.i64c(GEMV_CN))?,
-            )?;
-            let mut cols = Vec::new();
-            for c in 0..GEMV_CN {
-                let j = em.add(j0, em.i64c(c))?;
-                let ok = em.icmp(IntPredicate::SLT, j, dout)?;
-                cols.push((j, ok, em.select_i(ok, j, em.i64c(0))?));
-            }
-            let mut ys = Vec::new();
-            for _ in 0..GEMV_CN {
-                ys.push(em.fvar(em.f32c(0.0))?);
-            }
-            let zero = em.i64c(0);
-            em.for_range(zero, kk, em.i64c(1), |em, slot| {
-                let e = expert_of(em, t, &[bi, si, slot], &s3[0])?;
-                let w = em.ldf(t, 2, &[bi, si, slot])?;
-                let mut rows = Vec::new();
-                for (_, _, jc) in &cols {
-                    rows.push((em.inputs[wd], expert_row(em, wd, e, *jc)?));
+            let items = match sized {
+                Some(_) => Some((em.product(&ext)?, em.ceil_div(dout, em.i64c(GEMV_COLS))?)),
+                None => None,
+            };
+            each_item(em, items, |em, tx, ty| {
+                let ti = em.unravel(tx, &ext)?;
+                let (bi, si) = (ti[0], ti[1]);
+                let tid = em.sreg("tid.x")?;
+                let (kk, iv) = (em.i64c(kn), em.i64c(ii));
+                em.for_range(tid, em.i64c(kn * ii), em.i64c(THREADS as i64), |em, x| {
+                    let (slot, i) = (em.div(x, iv)?, em.rem(x, iv)?);
+                    let h = em.ldf(t, 0, &[bi, si, slot, i])?;
+                    let bits = bf16_bits(em, h)?;
+                    let p = em.shared_gep(em.ctx.i16_type().into(), smem, x)?;
+                    em.set(p, bits)
+                })?;
+                em.barrier()?;
+                let warp = em.div(tid, em.i64c(32))?;
+                let lane = em.rem(tid, em.i64c(32))?;
+                let j0 = em.add(em.mul(ty, em.i64c(GEMV_COLS))?, em.mul(warp, em.i64c(GEMV_CN))?)?;
+                let mut cols = Vec::new();
+                for c in 0..GEMV_CN {
+                    let j = em.add(j0, em.i64c(c))?;
+                    let ok = em.icmp(IntPredicate::SLT, j, dout)?;
+                    cols.push((j, ok, em.select_i(ok, j, em.i64c(0))?));
                 }
-                let sbase = em.mul(slot, iv)?;
-                let acc = lane_dots(em, smem, &rows, sbase, iv, lane)?;
-                for (y, a) in ys.iter().zip(acc) {
-                    let dsum = em.warp_reduce(ReduceOp::Sum, em.getf(a)?)?;
-                    let down = em.round(dsum, ydt)?;
-                    let s = em.fma(w, down, em.getf(*y)?)?;
-                    em.set(*y, s)?;
+                let mut ys = Vec::new();
+                for _ in 0..GEMV_CN {
+                    ys.push(em.fvar(em.f32c(0.0))?);
+                }
+                let zero = em.i64c(0);
+                em.for_range(zero, kk, em.i64c(1), |em, slot| {
+                    let e = expert_of(em, t, &[bi, si, slot], &s3[0])?;
+                    let w = em.ldf(t, 2, &[bi, si, slot])?;
+                    let mut rows = Vec::new();
+                    for (_, _, jc) in &cols {
+                        rows.push((em.inputs[wd], expert_row(em, wd, e, *jc)?));
+                    }
+                    let sbase = em.mul(slot, iv)?;
+                    let acc = lane_dots(em, smem, &rows, sbase, iv, lane)?;
+                    for (y, a) in ys.iter().zip(acc) {
+                        let dsum = em.warp_reduce(ReduceOp::Sum, em.getf(a)?)?;
+                        let down = em.round(dsum, ydt)?;
+                        let s = em.fma(w, down, em.getf(*y)?)?;
+                        em.set(*y, s)?;
+                    }
+                    Ok(())
+                })?;
+                let first = em.icmp(IntPredicate::EQ, lane, em.i64c(0))?;
+                for (y, (j, ok, _)) in ys.into_iter().zip(cols) {
+                    let st = em.and(first, ok)?;
+                    em.if_then(st, |em| {
+                        let v = em.getf(y)?;
+                        em.finish(t, 0, &[bi, si, j], Val::F(v), DType::F32)
+                    })?;
                 }
                 Ok(())
             })?;
-            let first = em.icmp(IntPredicate::EQ, lane, em.i64c(0))?;
-            for (y, (j, ok, _)) in ys.into_iter().zip(cols) {
-                let st = em.and(first, ok)?;
-                em.if_then(st, |em| {
-                    let v = em.getf(y)?;
-                    em.finish(t, 0, &[bi, si, j], Val::F(v), DType::F32)
-                })?;
-            }
             em.b.build_unconditional_branch(done).ck()?;
             em.b.position_at_end(done);
-            Ok(Some(LaunchGeometry {
-                grid: [
+            let grid = match sized {
+                Some(blocks) => [GridDim::blocks(blocks, 1), GridDim::one(), GridDim::one()],
+                None => [
                     GridDim::blocks(numel(&s0[..2]), 1),
                     GridDim::blocks(s3[1].clone(), GEMV_COLS as u32),
                     GridDim::one(),
                 ],
+            };
+            Ok(Some(LaunchGeometry {
+                grid,
                 block: [THREADS, 1, 1],
                 shared_bytes: 0,
             }))
@@ -1189,8 +1262,10 @@ const GB_LDS: i64 = GB_K + 8;
 const GB_STAGE: i64 = (GB_M + 2 * GB_N) * GB_LDS;
 /// Pipeline stages of the grouped tile (two: the stages share the GEMV's static buffer).
 const GB_STAGES: i64 = 2;
-/// Routing entries scanned per step (one per thread).
+/// Routing entries scanned per step and thread pass (one per thread).
 const GB_SCAN: i64 = THREADS as i64;
+/// Thread passes per scan step (one barrier per step).
+const GB_SCAN_PER: i64 = 8;
 const _: () = assert!(GB_STAGES * GB_STAGE <= GEMV_RT * GEMV_KC);
 const _: () = assert!(GB_M * (GB_K / 8) == THREADS as i64 && GB_N * (GB_K / 8) == THREADS as i64);
 
@@ -1262,6 +1337,7 @@ fn while_loop<'c, 'a>(
     Ok(())
 }
 
+#[derive(Clone)]
 struct Gx<'c> {
     smem: PointerValue<'c>,
     list: PointerValue<'c>,
@@ -1280,6 +1356,14 @@ struct Gx<'c> {
     /// `Some` for the down projection (A rows `h[b, s, slot, :]`, results to scratch, then the
     /// combine), `None` for SwiGlu (A rows `x[b, s, :]`).
     down: Option<Down<'c>>,
+}
+
+impl<'c> Gx<'c> {
+    /// The same tile context over the list from entry `base` on.
+    fn from(&self, em: &Em<'c, '_>, base: IntValue<'c>) -> R<Gx<'c>> {
+        let list = em.shared_gep(em.ctx.i32_type().into(), self.list, base)?;
+        Ok(Gx { list, ..self.clone() })
+    }
 }
 
 /// The expert-major down projection's state: where its per-(token, slot) rows and arrival
@@ -1565,9 +1649,9 @@ struct DownLayout {
 }
 
 /// The expert-major grouped GEMM: block (expert e, tile of columns), numbered in launch order,
-/// scans the routing operand 256 entries at a time, appends the (token, slot) pairs routed to e
-/// to a shared list (warp ballots, then warp offsets), and runs a tensor-core tile each time
-/// GB_M pairs are listed, and once more for the rest at the end. SwiGlu (`down` None): GB_N
+/// scans the routing operand `GB_SCAN · GB_SCAN_PER` entries at a time, appends the (token,
+/// slot) pairs routed to e to a shared list (a shared counter), and runs a tensor-core tile
+/// for every GB_M pairs listed, and once more for the rest at the end. SwiGlu (`down` None): GB_N
 /// intermediate columns of gate and up, finished in the tile. Down: 2·GB_N output columns,
 /// rows to scratch, then [`down_combine`]. Blocks past `E · tiles` exit (the caller checks the
 /// grid holds enough).
@@ -1585,8 +1669,11 @@ fn expert_major<'c>(
 ) -> R<()> {
     let zero = em.i64c(0);
     let i32t = em.ctx.i32_type();
-    let list = em.shared_array("ringjit_grouped_list", i32t.into(), (GB_M + GB_SCAN) as u32);
-    let wcnt = em.shared_array("ringjit_grouped_wcnt", i32t.into(), 8);
+    let list = em.shared_array(
+        "ringjit_grouped_list",
+        i32t.into(),
+        (GB_M + GB_SCAN * GB_SCAN_PER) as u32,
+    );
     let ext1 = em.dims(s1)?;
     let pairs = em.product(&ext1)?;
     let experts_v = em.dim(experts)?;
@@ -1601,8 +1688,6 @@ fn expert_major<'c>(
     let e = em.div(lin, n_tiles)?;
     let by = em.rem(lin, n_tiles)?;
     let tid = em.sreg("tid.x")?;
-    let warp = em.div(tid, em.i64c(32))?;
-    let lane = em.rem(tid, em.i64c(32))?;
     let col0 = em.mul(by, em.i64c(tile_w))?;
     let crow = em.div(tid, em.i64c(GB_K / 8))?;
     let mut brows = Vec::new();
@@ -1639,86 +1724,73 @@ fn expert_major<'c>(
         brows: [brows[0], brows[1]],
         down,
     };
-    let count = em.ivar(zero)?;
-    let lane32 = em.b.build_int_truncate(lane, i32t, "").ck()?;
-    let lt_mask = {
-        let bit = em.b.build_left_shift(i32t.const_int(1, false), lane32, "").ck()?;
-        em.b.build_int_sub(bit, i32t.const_int(1, false), "").ck()?
+    // the routing operand, GB_SCAN_PER entries a thread per step: the pairs routed to e are
+    // appended to the shared list through a shared counter (their order in the list does not
+    // matter: a row's results depend on its own pair only); then a tile for every GB_M listed
+    // pairs, and the rest moved to the front of the list
+    let scnt = em.shared_array("ringjit_grouped_count", i32t.into(), 1);
+    let first = em.icmp(IntPredicate::EQ, tid, zero)?;
+    em.if_then(first, |em| em.set(scnt, i32t.const_zero()))?;
+    em.barrier()?;
+    let load_count = |em: &Em<'c, '_>| -> R<IntValue<'c>> {
+        let c = em.b.build_load(i32t, scnt, "").ck()?.into_int_value();
+        em.b.build_int_z_extend(c, em.ctx.i64_type(), "").ck()
     };
-    let popc = |em: &Em<'c, '_>, v: IntValue<'c>| -> R<IntValue<'c>> {
-        let c = em.call("llvm.ctpop.i32", i32t.into(), &[i32t.into()], &[v.into()])?;
-        em.b.build_int_z_extend(c.into_int_value(), em.ctx.i64_type(), "").ck()
-    };
-    em.for_range(zero, pairs, em.i64c(GB_SCAN), |em, c0| {
-        let p = em.add(c0, tid)?;
-        let ok = em.icmp(IntPredicate::SLT, p, pairs)?;
-        let pc = em.select_i(ok, p, zero)?;
-        let pi = em.unravel(pc, &ext1)?;
-        let ep = expert_of(em, t, &pi, experts)?;
-        let flag = em.and(ok, em.icmp(IntPredicate::EQ, ep, e)?)?;
-        let f32v = em.b.build_int_z_extend(flag, i32t, "").ck()?;
-        let bal = asm_se(
-            em,
-            Some(i32t.into()),
-            &[i32t.into()],
-            "{ .reg .pred q; setp.ne.u32 q, $1, 0; vote.sync.ballot.b32 $0, q, 0xffffffff; }",
-            "=r,r,~{memory}",
-            &[f32v.into()],
-        )?
-        .expect("a value")
-        .into_int_value();
-        let below = popc(em, em.b.build_and(bal, lt_mask, "").ck()?)?;
-        let first = em.icmp(IntPredicate::EQ, lane, zero)?;
-        em.if_then(first, |em| {
-            let n = em.call("llvm.ctpop.i32", i32t.into(), &[i32t.into()], &[bal.into()])?;
-            let q = em.shared_gep(i32t.into(), wcnt, warp)?;
-            em.set(q, n.into_int_value())
-        })?;
-        em.barrier()?;
-        let (mut off, mut total) = (zero, zero);
-        for w in 0..8 {
-            let q = em.shared_gep(i32t.into(), wcnt, em.i64c(w))?;
-            let c = em.b.build_load(i32t, q, "").ck()?.into_int_value();
-            let c = em.b.build_int_z_extend(c, em.ctx.i64_type(), "").ck()?;
-            total = em.add(total, c)?;
-            let before = em.icmp(IntPredicate::SLT, em.i64c(w), warp)?;
-            off = em.add(off, em.select_i(before, c, zero)?)?;
+    em.for_range(zero, pairs, em.i64c(GB_SCAN * GB_SCAN_PER), |em, c0| {
+        for j in 0..GB_SCAN_PER {
+            let p = em.add(c0, em.add(tid, em.i64c(j * GB_SCAN))?)?;
+            let ok = em.icmp(IntPredicate::SLT, p, pairs)?;
+            let pc = em.select_i(ok, p, zero)?;
+            let pi = em.unravel(pc, &ext1)?;
+            let ep = expert_of(em, t, &pi, experts)?;
+            let flag = em.and(ok, em.icmp(IntPredicate::EQ, ep, e)?)?;
+            em.if_then(flag, |em| {
+                let at = em.count_arrival(scnt)?;
+                let at = em.b.build_int_z_extend(at, em.ctx.i64_type(), "").ck()?;
+                let q = em.shared_gep(i32t.into(), list, at)?;
+                let v = em.b.build_int_truncate(p, i32t, "").ck()?;
+                em.set(q, v)
+            })?;
         }
-        let cnt = em.geti(count)?;
-        em.if_then(flag, |em| {
-            let at = em.add(em.add(cnt, off)?, below)?;
-            let q = em.shared_gep(i32t.into(), list, at)?;
-            let v = em.b.build_int_truncate(p, i32t, "").ck()?;
-            em.set(q, v)
-        })?;
         em.barrier()?;
-        em.set(count, em.add(cnt, total)?)?;
+        let cnt = load_count(em)?;
+        // every thread has read the count before the next step's appends
+        em.barrier()?;
+        let base = em.ivar(zero)?;
         while_loop(
             em,
             |em| {
-                let c = em.geti(count)?;
-                em.icmp(IntPredicate::SGE, c, em.i64c(GB_M))
+                let left = em.sub(cnt, em.geti(base)?)?;
+                em.icmp(IntPredicate::SGE, left, em.i64c(GB_M))
             },
             |em| {
-                let m = em.i64c(GB_M);
-                grouped_tile(em, t, &g, m)?;
-                let rem = em.sub(em.geti(count)?, em.i64c(GB_M))?;
-                let has = em.icmp(IntPredicate::SLT, tid, rem)?;
-                let src = em.select_i(has, em.add(tid, em.i64c(GB_M))?, zero)?;
-                let q = em.shared_gep(i32t.into(), list, src)?;
-                let v = em.b.build_load(i32t, q, "").ck()?.into_int_value();
-                em.barrier()?;
-                em.if_then(has, |em| {
-                    let q = em.shared_gep(i32t.into(), list, tid)?;
-                    em.set(q, v)
-                })?;
-                em.barrier()?;
-                em.set(count, rem)
+                let b = em.geti(base)?;
+                grouped_tile(em, t, &g.from(em, b)?, em.i64c(GB_M))?;
+                em.set(base, em.add(b, em.i64c(GB_M))?)
             },
         )?;
+        let b = em.geti(base)?;
+        let moved = em.icmp(IntPredicate::SGT, b, zero)?;
+        em.if_then(moved, |em| {
+            let rem = em.sub(cnt, b)?;
+            let has = em.icmp(IntPredicate::SLT, tid, rem)?;
+            let src = em.select_i(has, em.add(tid, b)?, zero)?;
+            let q = em.shared_gep(i32t.into(), list, src)?;
+            let v = em.b.build_load(i32t, q, "").ck()?.into_int_value();
+            em.barrier()?;
+            em.if_then(has, |em| {
+                let q = em.shared_gep(i32t.into(), list, tid)?;
+                em.set(q, v)
+            })?;
+            em.if_then(first, |em| {
+                let r = em.b.build_int_truncate(rem, i32t, "").ck()?;
+                em.set(scnt, r)
+            })?;
+            em.barrier()
+        })?;
         Ok(())
     })?;
-    let rest = em.geti(count)?;
+    let rest = load_count(em)?;
     let some = em.icmp(IntPredicate::SGT, rest, zero)?;
     em.if_then(some, |em| grouped_tile(em, t, &g, rest))
 }
