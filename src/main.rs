@@ -323,7 +323,7 @@ struct BenchArgs {
     /// Prefill lengths at batch 1 (default 4096,16384; 128,512 on the reference device).
     #[arg(long, value_delimiter = ',')]
     prefill: Vec<usize>,
-    /// Decode batch sizes (default 1,64; 1,8 on the reference device).
+    /// Decode batch sizes (default 1,64; 1,8 on the reference device; 0 for none).
     #[arg(long, value_delimiter = ',')]
     decode_batch: Vec<usize>,
     /// Tokens of context before decoding (default 2048; 128 on the reference device).
@@ -819,7 +819,7 @@ fn cmd_bench_gpu(a: BenchArgs) -> Result<()> {
         decode_batch: if a.decode_batch.is_empty() {
             vec![1, 64]
         } else {
-            a.decode_batch.clone()
+            a.decode_batch.iter().copied().filter(|&b| b > 0).collect()
         },
         context: a.context.unwrap_or(4096),
         prefill: if a.prefill.is_empty() {
@@ -883,7 +883,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 vec![1, 64]
             }
         } else {
-            a.decode_batch.clone()
+            a.decode_batch.iter().copied().filter(|&b| b > 0).collect()
         },
         context: a.context.unwrap_or(if reference { 128 } else { 2048 }),
         steps: a.steps,

@@ -813,6 +813,23 @@ impl<'c, 'a> Em<'c, 'a> {
         Ok(old)
     }
 
+    /// Launch bounds of the kernel (`.maxntid threads`, `.minnctapersm blocks`): ptxas keeps
+    /// its registers within what `blocks` blocks of `threads` a multiprocessor leave.
+    pub fn launch_bounds(&self, threads: u32, blocks: u32) -> R<()> {
+        let i32t = self.ctx.i32_type();
+        let f = self.f.as_global_value().as_pointer_value();
+        let md = self.ctx.metadata_node(&[
+            f.into(),
+            self.ctx.metadata_string("maxntidx").into(),
+            i32t.const_int(threads as u64, false).into(),
+            self.ctx.metadata_string("minctasm").into(),
+            i32t.const_int(blocks as u64, false).into(),
+        ]);
+        self.module
+            .add_global_metadata("nvvm.annotations", &md)
+            .map_err(|e| CodegenError(e.to_string()))
+    }
+
     /// Puts the arrival counter at `counter` back to zero (a volatile store: the next launch's
     /// first arrival must find it so).
     pub fn reset_counter(&self, counter: PointerValue<'c>) -> R<()> {

@@ -31,6 +31,22 @@ const TB: i64 = 16;
 /// Columns per block (at most).
 const CB_MAX: i64 = 32;
 
+/// Columns per block in prefill plans: fewer columns a block give a batch-1 prefill more
+/// blocks (Ring-mini: 128 instead of 64); 16 measured fastest on an H100 (docs/perf.md), and
+/// `RINGJIT_LA_CB` (8, 16 or 32) overrides it for measuring. Decode plans: [`CB_MAX`].
+const CB_PREFILL: i64 = 16;
+
+fn cb_max(em: &Em) -> i64 {
+    if !em.prefill {
+        return CB_MAX;
+    }
+    let env = std::env::var("RINGJIT_LA_CB").ok().and_then(|v| v.parse::<i64>().ok());
+    match env {
+        Some(c) if [8, 16, 32].contains(&c) => c,
+        _ => CB_PREFILL,
+    }
+}
+
 /// (d, columns per block, row groups, rows per thread) when the fast kernel handles `t`.
 pub(super) fn plan(em: &Em, t: &TemplateKernel, head_dim: &Dim) -> Option<(i64, i64, i64, i64)> {
     if naive_forced() {
@@ -45,7 +61,7 @@ pub(super) fn plan(em: &Em, t: &TemplateKernel, head_dim: &Dim) -> Option<(i64, 
     if !(1..=128).contains(&d) {
         return None;
     }
-    let cb = d.min(CB_MAX);
+    let cb = d.min(cb_max(em));
     if d % cb != 0 || THREADS % cb != 0 {
         return None;
     }
@@ -98,33 +114,65 @@ pub(super) fn recurrence<'c>(
     }
     let lam = em.ldf(t, 4, &[hi, zero, zero])?;
 
-    em.for_range(zero, tl, em.i64c(TB), |em, t0| {
-        em.barrier()?;
-        // stage q, k (every row) and v (this block's columns) of tokens t0 .. t0 + TB
-        em.for_range(tid, em.i64c(TB * d), nthreads, |em, i| {
-            let u = em.div(i, dd)?;
-            let x = em.rem(i, dd)?;
+    // q, k (every row) and v (this block's columns) of a batch of TB tokens, loaded into
+    // registers one batch ahead (the loads fly while the previous batch computes), then staged
+    // in shared memory: element i = tid + j · THREADS of the batch's TB · d (q, k) and TB · cb (v)
+    let (nqk, nv) = ((TB * d + THREADS - 1) / THREADS, (TB * cb + THREADS - 1) / THREADS);
+    let mut regs = Vec::new();
+    for _ in 0..2 * nqk + nv {
+        regs.push(em.fvar(em.f32c(0.0))?);
+    }
+    let fetch = |em: &mut Em<'c, '_>, t0: IntValue<'c>| -> R<()> {
+        for j in 0..nqk {
+            let i = em.add(tid, em.i64c(j * THREADS))?;
+            let (u, x) = (em.div(i, dd)?, em.rem(i, dd)?);
             let tok = em.add(t0, u)?;
-            let ok = em.icmp(IntPredicate::SLT, tok, tl)?;
-            let tc = em.select_i(ok, tok, zero)?;
-            let q = em.ldf(t, 1, &[bi, tc, hi, x])?;
-            let k = em.ldf(t, 2, &[bi, tc, hi, x])?;
-            let q = em.select_f(ok, q, em.f32c(0.0))?;
-            let k = em.select_f(ok, k, em.f32c(0.0))?;
-            sts(em, qsm, i, q)?;
-            sts(em, ksm, i, k)
-        })?;
-        em.for_range(tid, em.i64c(TB * cb), nthreads, |em, i| {
-            let u = em.div(i, cbv)?;
-            let c = em.rem(i, cbv)?;
+            let ok = em.and(
+                em.icmp(IntPredicate::SLT, tok, tl)?,
+                em.icmp(IntPredicate::SLT, i, em.i64c(TB * d))?,
+            )?;
+            let (tc, xc) = (em.select_i(ok, tok, zero)?, em.select_i(ok, x, zero)?);
+            let q = em.ldf(t, 1, &[bi, tc, hi, xc])?;
+            let k = em.ldf(t, 2, &[bi, tc, hi, xc])?;
+            em.set(regs[2 * j as usize], em.select_f(ok, q, em.f32c(0.0))?)?;
+            em.set(regs[2 * j as usize + 1], em.select_f(ok, k, em.f32c(0.0))?)?;
+        }
+        for j in 0..nv {
+            let i = em.add(tid, em.i64c(j * THREADS))?;
+            let (u, c) = (em.div(i, cbv)?, em.rem(i, cbv)?);
             let tok = em.add(t0, u)?;
-            let ok = em.icmp(IntPredicate::SLT, tok, tl)?;
+            let ok = em.and(
+                em.icmp(IntPredicate::SLT, tok, tl)?,
+                em.icmp(IntPredicate::SLT, i, em.i64c(TB * cb))?,
+            )?;
             let tc = em.select_i(ok, tok, zero)?;
             let cc = em.add(em.mul(cbi, cbv)?, c)?;
             let v = em.ldf(t, 3, &[bi, tc, hi, cc])?;
-            let v = em.select_f(ok, v, em.f32c(0.0))?;
-            sts(em, vsm, i, v)
-        })?;
+            em.set(regs[(2 * nqk + j) as usize], em.select_f(ok, v, em.f32c(0.0))?)?;
+        }
+        Ok(())
+    };
+    fetch(em, zero)?;
+    em.for_range(zero, tl, em.i64c(TB), |em, t0| {
+        em.barrier()?;
+        for j in 0..nqk {
+            let i = em.add(tid, em.i64c(j * THREADS))?;
+            let inb = em.icmp(IntPredicate::SLT, i, em.i64c(TB * d))?;
+            let (q, k) = (em.getf(regs[2 * j as usize])?, em.getf(regs[2 * j as usize + 1])?);
+            em.if_then(inb, |em| {
+                sts(em, qsm, i, q)?;
+                sts(em, ksm, i, k)
+            })?;
+        }
+        for j in 0..nv {
+            let i = em.add(tid, em.i64c(j * THREADS))?;
+            let inb = em.icmp(IntPredicate::SLT, i, em.i64c(TB * cb))?;
+            let v = em.getf(regs[(2 * nqk + j) as usize])?;
+            em.if_then(inb, |em| sts(em, vsm, i, v))?;
+        }
+        let next = em.add(t0, em.i64c(TB))?;
+        let more = em.icmp(IntPredicate::SLT, next, tl)?;
+        em.if_then(more, |em| fetch(em, next))?;
         em.barrier()?;
         let n = em.imin(em.i64c(TB), em.sub(tl, t0)?)?;
         em.for_range(zero, n, one, |em, u| {

@@ -297,6 +297,13 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
         sh,
     };
     cx.rr = em.product(&cx.rext)?;
+    // prefill plans: two blocks a multiprocessor (registers capped at 128; 2 × 110 KB of
+    // stages fit), measured faster on an H100 (docs/perf.md); not with a computed A, whose
+    // prologue would spill. `RINGJIT_GEMM_MINBLOCKS=1` leaves it out (for A/B timing).
+    let one = std::env::var("RINGJIT_GEMM_MINBLOCKS").is_ok_and(|v| v == "1");
+    if em.prefill && cx.sh.a_direct.is_some() && !one {
+        em.launch_bounds(THREADS, 2)?;
+    }
     let small = em.icmp(IntPredicate::SLE, cx.rr, em.i64c(GEMV_ROWS))?;
     let gemv_bb = em.ctx.append_basic_block(em.f, "gemv");
     let mma_bb = em.ctx.append_basic_block(em.f, "mma");
@@ -965,6 +972,20 @@ fn lane_dots<'c>(
     Ok(acc)
 }
 
+/// The staging buffer of a grouped kernel: with the tensor-core tiles (prefill plans), dynamic
+/// shared memory of [`GB_SMEM_BYTES`] for the tiles' stages and the GEMVs alike; otherwise the
+/// GEMVs' static buffer.
+fn grouped_smem<'c>(em: &Em<'c, '_>, tiles: bool) -> R<PointerValue<'c>> {
+    if tiles {
+        // two blocks a multiprocessor: one block's scan and epilogue overlap the other's tiles
+        em.launch_bounds(THREADS, 2)?;
+        Ok(dynamic_smem(em))
+    } else {
+        let n = (GEMV_RT * GEMV_KC) as u32;
+        Ok(em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), n))
+    }
+}
+
 /// The GEMV items of a grouped kernel: `None`, one item a block at (`ctaid.x`, `ctaid.y`); or
 /// `Some((xs, ys))`, items `0..xs·ys` strided over a one-dimensional grid (the prefill plans'
 /// grid, sized for the expert-major tiles), item `i` at (`i / ys`, `i % ys`). The body may
@@ -1034,9 +1055,10 @@ pub(super) fn grouped_fast<'c>(
                 return Ok(None);
             };
             let dt = em.result_dtype(t, 0);
-            let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
-            let done = em.ctx.append_basic_block(em.f, "grouped.done");
             let direct = grouped_rows_direct(em, t, 3).filter(|_| em.prefill && grouped_mma_enabled());
+            let tiles = direct.is_some();
+            let smem = grouped_smem(em, tiles)?;
+            let done = em.ctx.append_basic_block(em.f, "grouped.done");
             // prefill plans launch exactly the expert-major blocks (E · column tiles), and the
             // GEMVs of a short prompt stride over them; decode plans a block per GEMV item
             let sized = match (direct, s2[1].as_const()) {
@@ -1118,7 +1140,7 @@ pub(super) fn grouped_fast<'c>(
             Ok(Some(LaunchGeometry {
                 grid,
                 block: [THREADS, 1, 1],
-                shared_bytes: 0,
+                shared_bytes: if tiles { GB_SMEM_BYTES as u32 } else { 0 },
             }))
         }
         GroupedEpilogue::WeightedCombine => {
@@ -1134,11 +1156,12 @@ pub(super) fn grouped_fast<'c>(
                 return Ok(None);
             };
             let ydt = DType::promote(em.operand_dtype(t, 0)?, em.operand_dtype(t, 3)?).unwrap_or(DType::F32);
-            let smem = em.shared_array("ringjit_gemm_smem", em.ctx.i16_type().into(), smem_cap as u32);
-            let done = em.ctx.append_basic_block(em.f, "grouped.done");
             let dout_c = s3[1].as_const().filter(|&n| n > 0 && n % 8 == 0);
             let direct =
                 grouped_rows_direct(em, t, 4).filter(|_| em.prefill && down_mma_enabled() && ydt == DType::BF16);
+            let tiles = direct.is_some() && dout_c.is_some();
+            let smem = grouped_smem(em, tiles)?;
+            let done = em.ctx.append_basic_block(em.f, "grouped.done");
             // prefill plans launch exactly the expert-major blocks, the GEMVs stride over them
             let sized = match (direct, dout_c) {
                 (Some(_), Some(n)) => Some(s3[0].mul(&Dim::constant((n + 2 * GB_N - 1) / (2 * GB_N)))),
@@ -1241,7 +1264,7 @@ pub(super) fn grouped_fast<'c>(
             Ok(Some(LaunchGeometry {
                 grid,
                 block: [THREADS, 1, 1],
-                shared_bytes: 0,
+                shared_bytes: if tiles { GB_SMEM_BYTES as u32 } else { 0 },
             }))
         }
     }
@@ -1250,7 +1273,7 @@ pub(super) fn grouped_fast<'c>(
 // ---- grouped SwiGlu on tensor cores (many tokens) ---------------------------------------------
 
 /// (token, slot) rows of one expert tile.
-const GB_M: i64 = 64;
+const GB_M: i64 = 128;
 /// Intermediate columns of one tile (as many gate rows and up rows of the expert's weights).
 const GB_N: i64 = 64;
 /// K step of the grouped tile.
@@ -1260,14 +1283,30 @@ const GB_K: i64 = 32;
 const GB_LDS: i64 = GB_K + 8;
 /// bf16 elements of one stage: the A rows, the gate rows, the up rows.
 const GB_STAGE: i64 = (GB_M + 2 * GB_N) * GB_LDS;
-/// Pipeline stages of the grouped tile (two: the stages share the GEMV's static buffer).
-const GB_STAGES: i64 = 2;
+/// Pipeline stages of the grouped tile (in dynamic shared memory).
+const GB_STAGES: i64 = 3;
+/// Warps over the tile's rows (each 32 rows) and over its columns (each 32 of gate and of up).
+const GB_WM: i64 = 4;
+const GB_WN: i64 = 2;
 /// Routing entries scanned per step and thread pass (one per thread).
 const GB_SCAN: i64 = THREADS as i64;
 /// Thread passes per scan step (one barrier per step).
 const GB_SCAN_PER: i64 = 8;
-const _: () = assert!(GB_STAGES * GB_STAGE <= GEMV_RT * GEMV_KC);
-const _: () = assert!(GB_M * (GB_K / 8) == THREADS as i64 && GB_N * (GB_K / 8) == THREADS as i64);
+/// 16-byte copies of one operand row per K step, and the tile rows a pass of the block copies.
+const GB_CHUNKS: i64 = GB_K / 8;
+const GB_ROWS_PER_PASS: i64 = THREADS as i64 / GB_CHUNKS;
+const _: () = assert!(GB_WM * GB_WN * 32 == THREADS as i64 && GB_WM * 32 == GB_M && GB_WN * 32 == GB_N);
+const _: () = assert!(GB_M % GB_ROWS_PER_PASS == 0 && GB_N % GB_ROWS_PER_PASS == 0);
+/// Shared bytes of a grouped kernel with the tensor-core path (its GEMVs use the same buffer).
+const GB_SMEM_BYTES: i64 = {
+    let tiles = GB_STAGES * GB_STAGE * 2;
+    let gemv = GEMV_RT * GEMV_KC * 2;
+    if tiles > gemv {
+        tiles
+    } else {
+        gemv
+    }
+};
 
 /// Whether the expert-major tensor-core path of the grouped SwiGlu is compiled into prefill
 /// plans' kernels (decode plans never get it): on by default, `RINGJIT_GROUPED=gemv` leaves
@@ -1349,10 +1388,11 @@ struct Gx<'c> {
     col0: IntValue<'c>,
     d: i64,
     dt: DType,
-    /// The two weight rows this thread copies: (buffer, element offset of k 0, in range). SwiGlu:
-    /// the gate and up rows of column `col0 + crow`; down: rows `col0 + crow` and
-    /// `col0 + GB_N + crow` of the one down matrix.
-    brows: [(PointerValue<'c>, IntValue<'c>, IntValue<'c>); 2],
+    /// The weight rows this thread copies, per half, one per pass of `GB_ROWS_PER_PASS` rows:
+    /// (address of k 0, in range). SwiGlu: the gate and up rows of columns
+    /// `col0 + crow + pass · GB_ROWS_PER_PASS`; down: those rows and the same `GB_N` further
+    /// of the one down matrix.
+    brows: [Vec<(PointerValue<'c>, IntValue<'c>)>; 2],
     /// `Some` for the down projection (A rows `h[b, s, slot, :]`, results to scratch, then the
     /// combine), `None` for SwiGlu (A rows `x[b, s, :]`).
     down: Option<Down<'c>>,
@@ -1370,14 +1410,27 @@ impl<'c> Gx<'c> {
 /// counters live in scratch.
 #[derive(Clone, Copy)]
 struct Down<'c> {
-    /// Column tile index of this block (counter slot).
-    tile: IntValue<'c>,
     /// u32 counters per token (`ceil(tiles / 4) · 4`), at the start of scratch.
     cstride: i64,
-    /// bf16 element offset of the rows `[pairs, D]` in scratch.
-    ybase: IntValue<'c>,
     /// Shared i32 flags, one per tile row: this block completed the row's token.
     flags: PointerValue<'c>,
+    /// The slots per token, when a constant.
+    k: Option<i64>,
+}
+
+impl<'c> Down<'c> {
+    /// Column tile index of this block (its counter slot), recomputed where needed rather than
+    /// held through the tiles (registers).
+    fn tile(&self, em: &Em<'c, '_>, g: &Gx<'c>) -> R<IntValue<'c>> {
+        let lin = em.add(em.sreg("ctaid.x")?, em.mul(em.sreg("ctaid.y")?, em.sreg("nctaid.x")?)?)?;
+        em.rem(lin, em.ceil_div(g.inter, em.i64c(2 * GB_N))?)
+    }
+
+    /// bf16 element offset of the rows `[pairs, D]` in scratch (after the u32 counters).
+    fn ybase(&self, em: &Em<'c, '_>, g: &Gx<'c>) -> R<IntValue<'c>> {
+        let tokens = em.mul(g.ext1[0], g.ext1[1])?;
+        em.mul(tokens, em.i64c(2 * self.cstride))
+    }
 }
 
 /// The (token, slot) pair at list position `r` (clamped to a valid entry when `ok` is false).
@@ -1391,25 +1444,32 @@ fn list_pair<'c>(em: &Em<'c, '_>, g: &Gx<'c>, r: IntValue<'c>, ok: IntValue<'c>)
 }
 
 /// One `GB_M × GB_N` tile of expert rows: the first `nrows` pairs of the shared list against
-/// the block's gate and up weight rows, then the SwiGlu epilogue.
+/// the block's gate and up weight rows (or the down matrix's two column halves), then the
+/// epilogue. Warp (wm, wn) computes rows `wm·32 ..` against columns `wn·32 ..` of both halves;
+/// a warp whose rows are all past `nrows` skips its tensor-core work.
 fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: IntValue<'c>) -> R<()> {
     let (zero, one) = (em.i64c(0), em.i64c(1));
     let i32t = em.ctx.i32_type();
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
-    let (wm, wn) = (em.div(warp, em.i64c(4))?, em.rem(warp, em.i64c(4))?);
-    let crow = em.div(tid, em.i64c(GB_K / 8))?;
-    let kc8 = em.mul(em.rem(tid, em.i64c(GB_K / 8))?, em.i64c(8))?;
-    // this thread's A row: the token of list entry `crow`
-    let a_ok = em.icmp(IntPredicate::SLT, crow, nrows)?;
-    let p = list_pair(em, g, crow, a_ok)?;
-    let pi = em.unravel(p, &g.ext1)?;
-    let a_idx = match g.down {
-        Some(_) => vec![pi[0], pi[1], pi[2], zero],
-        None => vec![pi[0], pi[1], zero],
-    };
-    let a_base = em.view_offset(&em.kernel.inputs[g.x].view, &a_idx)?;
+    let (wm, wn) = (em.div(warp, em.i64c(GB_WN))?, em.rem(warp, em.i64c(GB_WN))?);
+    let crow = em.div(tid, em.i64c(GB_CHUNKS))?;
+    let kc8 = em.mul(em.rem(tid, em.i64c(GB_CHUNKS))?, em.i64c(8))?;
+    // this thread's A rows: the tokens of list entries crow, crow + GB_ROWS_PER_PASS, ..
+    let mut arows = Vec::new();
+    for pass in 0..GB_M / GB_ROWS_PER_PASS {
+        let r = em.add(crow, em.i64c(pass * GB_ROWS_PER_PASS))?;
+        let ok = em.icmp(IntPredicate::SLT, r, nrows)?;
+        let p = list_pair(em, g, r, ok)?;
+        let pi = em.unravel(p, &g.ext1)?;
+        let idx = match g.down {
+            Some(_) => vec![pi[0], pi[1], pi[2], zero],
+            None => vec![pi[0], pi[1], zero],
+        };
+        let base = em.view_offset(&em.kernel.inputs[g.x].view, &idx)?;
+        arows.push((r, ok, gep16(em, em.inputs[g.x], base)?));
+    }
     let kk = em.i64c(g.d);
     let saddr = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<IntValue<'c>> {
         let p = em.shared_gep(em.ctx.i16_type().into(), g.smem, e)?;
@@ -1420,58 +1480,79 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
         let k_ok = em.icmp(IntPredicate::SLT, k, kk)?;
         let kcl = em.select_i(k_ok, k, zero)?;
         let sbase = em.mul(stage, em.i64c(GB_STAGE))?;
-        let a_at = em.add(em.add(sbase, em.mul(crow, em.i64c(GB_LDS))?)?, kc8)?;
-        let src = gep16(em, em.inputs[g.x], em.add(a_base, kcl)?)?;
-        cp_async16(em, saddr(em, a_at)?, src, em.and(a_ok, k_ok)?)?;
-        for (j, (buf, base, ok)) in g.brows.iter().enumerate() {
-            let r = em.add(crow, em.i64c(GB_M + GB_N * j as i64))?;
-            let at = em.add(em.add(sbase, em.mul(r, em.i64c(GB_LDS))?)?, kc8)?;
-            let src = gep16(em, *buf, em.add(*base, kcl)?)?;
-            cp_async16(em, saddr(em, at)?, src, em.and(*ok, k_ok)?)?;
+        for (r, ok, row) in &arows {
+            let at = em.add(em.add(sbase, em.mul(*r, em.i64c(GB_LDS))?)?, kc8)?;
+            cp_async16(em, saddr(em, at)?, gep16(em, *row, kcl)?, em.and(*ok, k_ok)?)?;
+        }
+        for (j, rows) in g.brows.iter().enumerate() {
+            for (pass, (row, ok)) in rows.iter().enumerate() {
+                let r = em.add(crow, em.i64c(GB_M + GB_N * j as i64 + GB_ROWS_PER_PASS * pass as i64))?;
+                let at = em.add(em.add(sbase, em.mul(r, em.i64c(GB_LDS))?)?, kc8)?;
+                cp_async16(em, saddr(em, at)?, gep16(em, *row, kcl)?, em.and(*ok, k_ok)?)?;
+            }
         }
         Ok(())
     };
-    // (gate, up) × 2 (m16) × 2 (n8) tiles of 4 f32 each
+    // (gate, up) × 2 (m16) × 4 (n8) tiles of 4 f32 each
     let mut acc = Vec::new();
-    for _ in 0..32 {
+    for _ in 0..64 {
         acc.push(em.fvar(em.f32c(0.0))?);
     }
-    let kt_n = em.i64c((g.d + GB_K - 1) / GB_K);
+    // the K steps as a value LLVM cannot see through: a short constant loop would be unrolled
+    // with the pipeline, and the registers of the unrolled steps spill
+    let kt_n = asm_se(
+        em,
+        Some(em.ctx.i64_type().into()),
+        &[],
+        &format!("mov.u64 $0, {};", (g.d + GB_K - 1) / GB_K),
+        "=l",
+        &[],
+    )?
+    .expect("a value")
+    .into_int_value();
     pipeline_start(em, GB_STAGES, kt_n, &load_tile)?;
     let gq = em.div(lane, em.i64c(4))?;
     let tq = em.rem(lane, em.i64c(4))?;
-    let [a_lrow, a_lcol, b_ln, b_lk] = ldmatrix_lanes(em, lane, (wm, wn), (32, 16))?;
+    let [a_lrow, a_lcol, b_ln, b_lk] = ldmatrix_lanes(em, lane, (wm, wn), (32, 32))?;
     let ldm =
         |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> { super::tc::ldmatrix(em, saddr(em, e)?, false) };
+    let live = em.icmp(IntPredicate::SLT, em.mul(wm, em.i64c(32))?, nrows)?;
     em.for_range(zero, kt_n, one, |em, kt| {
         let stage = pipeline_step(em, GB_STAGES, kt, kt_n, &load_tile)?;
         let sbase = em.mul(stage, em.i64c(GB_STAGE))?;
-        for ks in 0..(GB_K / 16) {
-            let mut af = Vec::new();
-            for mi in 0..2 {
-                let row = em.add(a_lrow, em.i64c(mi * 16))?;
-                let col = em.add(a_lcol, em.i64c(ks * 16))?;
-                let e = em.add(sbase, em.add(em.mul(row, em.i64c(GB_LDS))?, col)?)?;
-                af.push(ldm(em, e)?);
-            }
-            // bfr[which][ni]: gate (0) / up (1) fragments of n8 tiles 0, 1
-            let mut bfr = Vec::new();
-            for which in 0..2 {
-                let n = em.add(b_ln, em.i64c(GB_M + which * GB_N))?;
-                let k = em.add(b_lk, em.i64c(ks * 16))?;
-                let e = em.add(sbase, em.add(em.mul(n, em.i64c(GB_LDS))?, k)?)?;
-                let r = ldm(em, e)?;
-                bfr.push([[r[0], r[1]], [r[2], r[3]]]);
-            }
-            for (which, bw) in bfr.iter().enumerate() {
-                for (mi, a) in af.iter().enumerate() {
-                    for (ni, b) in bw.iter().enumerate() {
-                        mma_acc(em, &acc, ((which * 2 + mi) * 2 + ni) * 4, a, *b)?;
+        em.if_then(live, |em| {
+            for ks in 0..(GB_K / 16) {
+                let mut af = Vec::new();
+                for mi in 0..2 {
+                    let row = em.add(a_lrow, em.i64c(mi * 16))?;
+                    let col = em.add(a_lcol, em.i64c(ks * 16))?;
+                    let e = em.add(sbase, em.add(em.mul(row, em.i64c(GB_LDS))?, col)?)?;
+                    af.push(ldm(em, e)?);
+                }
+                // bfr[which][ni]: gate (0) / up (1) fragments of n8 tiles 0..4
+                let mut bfr = Vec::new();
+                for which in 0..2 {
+                    let mut per = Vec::new();
+                    for nj in 0..2 {
+                        let n = em.add(b_ln, em.i64c(GB_M + which * GB_N + nj * 16))?;
+                        let k = em.add(b_lk, em.i64c(ks * 16))?;
+                        let e = em.add(sbase, em.add(em.mul(n, em.i64c(GB_LDS))?, k)?)?;
+                        let r = ldm(em, e)?;
+                        per.push([r[0], r[1]]);
+                        per.push([r[2], r[3]]);
+                    }
+                    bfr.push(per);
+                }
+                for (which, bw) in bfr.iter().enumerate() {
+                    for (mi, a) in af.iter().enumerate() {
+                        for (ni, b) in bw.iter().enumerate() {
+                            mma_acc(em, &acc, ((which * 2 + mi) * 4 + ni) * 4, a, *b)?;
+                        }
                     }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     })?;
     asm_se(em, None, &[], "cp.async.wait_group 0;", "~{memory}", &[])?;
     // results: c0, c1 at (g, 2t..2t+1), c2, c3 at (g + 8, ..)
@@ -1481,15 +1562,15 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
         // per 32-bit store
         let acc = &acc;
         each_listed_row(em, g, (wm, gq, nrows), |em, mi, h, p| {
-            let yrow = em.add(dn.ybase, em.mul(p, g.inter)?)?;
+            let yrow = em.add(dn.ybase(em, g)?, em.mul(p, g.inter)?)?;
             for which in 0..2i64 {
-                for ni in 0..2i64 {
+                for ni in 0..4i64 {
                     let col = em.add(
                         em.add(g.col0, em.i64c(which * GB_N + ni * 8))?,
-                        em.add(em.mul(wn, em.i64c(16))?, em.mul(tq, em.i64c(2))?)?,
+                        em.add(em.mul(wn, em.i64c(32))?, em.mul(tq, em.i64c(2))?)?,
                     )?;
                     let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
-                    let at = |e2: i64| ((((which * 2 + mi) * 2 + ni) * 4) + h * 2 + e2) as usize;
+                    let at = |e2: i64| ((((which * 2 + mi) * 4 + ni) * 4) + h * 2 + e2) as usize;
                     let (a0, a1) = (acc[at(0)], acc[at(1)]);
                     em.if_then(okc, |em| {
                         let v0 = bf16_bits(em, em.round(em.getf(a0)?, dt)?)?;
@@ -1513,14 +1594,14 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     let acc = &acc;
     each_listed_row(em, g, (wm, gq, nrows), |em, mi, h, p| {
         let pi = em.unravel(p, &g.ext1)?;
-        for ni in 0..2i64 {
+        for ni in 0..4i64 {
             for e2 in 0..2i64 {
                 let col = em.add(
-                    em.add(g.col0, em.mul(wn, em.i64c(16))?)?,
+                    em.add(g.col0, em.mul(wn, em.i64c(32))?)?,
                     em.add(em.i64c(ni * 8 + e2), em.mul(tq, em.i64c(2))?)?,
                 )?;
                 let okc = em.icmp(IntPredicate::SLT, col, g.inter)?;
-                let at = |which: i64| ((((which * 2 + mi) * 2 + ni) * 4) + h * 2 + e2) as usize;
+                let at = |which: i64| ((((which * 2 + mi) * 4 + ni) * 4) + h * 2 + e2) as usize;
                 let (gs, us) = (acc[at(0)], acc[at(1)]);
                 let pi = pi.clone();
                 em.if_then(okc, |em| {
@@ -1537,7 +1618,7 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     })
 }
 
-/// The rows of a 64-row tile this thread's accumulators hold (row groups `mi`, `h`: row
+/// The rows of a tile this thread's accumulators hold (row groups `mi`, `h`: row
 /// `wm·32 + mi·16 + h·8 + gq`), each one in range given to `f` with its listed pair.
 fn each_listed_row<'c>(
     em: &mut Em<'c, '_>,
@@ -1583,7 +1664,7 @@ fn down_combine<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, dn: Dow
         em.if_then(ok, |em| {
             let p = list_pair(em, g, tid, ok)?;
             let tok = em.div(p, kk)?;
-            let ci = em.add(em.mul(tok, em.i64c(dn.cstride))?, dn.tile)?;
+            let ci = em.add(em.mul(tok, em.i64c(dn.cstride))?, dn.tile(em, g)?)?;
             // SAFETY (of the generated code): the counter region holds tokens · cstride u32.
             let cp = unsafe { em.b.build_in_bounds_gep(i32t, em.scratch, &[ci], "") }.ck()?;
             let old = em.count_arrival(cp)?;
@@ -1615,8 +1696,10 @@ fn down_combine<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, dn: Dow
             let tok = em.div(p, kk)?;
             let ti = em.unravel(tok, &g.ext1[..2])?;
             let y = em.fvar(em.f32c(0.0))?;
-            let first = em.add(dn.ybase, em.add(em.mul(em.mul(tok, kk)?, g.inter)?, col)?)?;
-            em.for_range(zero, kk, em.i64c(1), |em, slot| {
+            let first = em.add(dn.ybase(em, g)?, em.add(em.mul(em.mul(tok, kk)?, g.inter)?, col)?)?;
+            // slot `slot`'s (weight, row value), the row read volatile (from L2: other blocks
+            // wrote it)
+            let slot_term = |em: &mut Em<'c, '_>, slot: IntValue<'c>| -> R<(FloatValue<'c>, FloatValue<'c>)> {
                 let w = em.ldf(t, 2, &[ti[0], ti[1], slot])?;
                 let at = em.add(first, em.mul(slot, g.inter)?)?;
                 let ld =
@@ -1632,8 +1715,24 @@ fn down_combine<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, dn: Dow
                     em.b.build_bit_cast(bits, em.ctx.f32_type(), "")
                         .ck()?
                         .into_float_value();
-                em.set(y, em.fma(w, v, em.getf(y)?)?)
-            })?;
+                Ok((w, v))
+            };
+            match dn.k {
+                // a known k: every slot's loads issued before the sums (same order of sums)
+                Some(k) if k <= 16 => {
+                    let mut terms = Vec::new();
+                    for slot in 0..k {
+                        terms.push(slot_term(em, em.i64c(slot))?);
+                    }
+                    for (w, v) in terms {
+                        em.set(y, em.fma(w, v, em.getf(y)?)?)?;
+                    }
+                }
+                _ => em.for_range(zero, kk, em.i64c(1), |em, slot| {
+                    let (w, v) = slot_term(em, slot)?;
+                    em.set(y, em.fma(w, v, em.getf(y)?)?)
+                })?,
+            }
             let v = em.getf(y)?;
             em.finish(t, 0, &[ti[0], ti[1], col], Val::F(v), DType::F32)
         })
@@ -1689,27 +1788,24 @@ fn expert_major<'c>(
     let by = em.rem(lin, n_tiles)?;
     let tid = em.sreg("tid.x")?;
     let col0 = em.mul(by, em.i64c(tile_w))?;
-    let crow = em.div(tid, em.i64c(GB_K / 8))?;
-    let mut brows = Vec::new();
+    let crow = em.div(tid, em.i64c(GB_CHUNKS))?;
+    let mut brows = [Vec::new(), Vec::new()];
     for (j, w) in [wa, wb].into_iter().enumerate() {
-        let shift = if down.is_some() { GB_N * j as i64 } else { 0 };
-        let n = em.add(col0, em.add(crow, em.i64c(shift))?)?;
-        let ok = em.icmp(IntPredicate::SLT, n, inter)?;
-        let nc = em.select_i(ok, n, zero)?;
-        brows.push((em.inputs[w], expert_row(em, w, e, nc)?, ok));
+        for pass in 0..GB_N / GB_ROWS_PER_PASS {
+            let shift = if down.is_some() { GB_N * j as i64 } else { 0 } + pass * GB_ROWS_PER_PASS;
+            let n = em.add(col0, em.add(crow, em.i64c(shift))?)?;
+            let ok = em.icmp(IntPredicate::SLT, n, inter)?;
+            let nc = em.select_i(ok, n, zero)?;
+            let row = gep16(em, em.inputs[w], expert_row(em, w, e, nc)?)?;
+            brows[j].push((row, ok));
+        }
     }
     let down = match down {
-        Some(l) => {
-            let tokens = em.product(&ext1[..2])?;
-            // counters are u32: the rows start at 2 · cstride bf16 elements per token
-            let ybase = em.mul(tokens, em.i64c(2 * l.cstride))?;
-            Some(Down {
-                tile: by,
-                cstride: l.cstride,
-                ybase,
-                flags: em.shared_array("ringjit_grouped_flags", i32t.into(), GB_M as u32),
-            })
-        }
+        Some(l) => Some(Down {
+            cstride: l.cstride,
+            flags: em.shared_array("ringjit_grouped_flags", i32t.into(), GB_M as u32),
+            k: s1[2].as_const(),
+        }),
         None => None,
     };
     let g = Gx {
@@ -1721,7 +1817,7 @@ fn expert_major<'c>(
         col0,
         d,
         dt,
-        brows: [brows[0], brows[1]],
+        brows,
         down,
     };
     // the routing operand, GB_SCAN_PER entries a thread per step: the pairs routed to e are
