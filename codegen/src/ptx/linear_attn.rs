@@ -5,9 +5,10 @@
 //! `k` and `q`), so each (batch, head) is split over `d / CB` blocks of [`CB`] columns, which
 //! gives a batch-1 prefill `H · d / CB` blocks instead of `H`. In a block of 256 threads, thread
 //! (row group `rg`, column `c`) owns the contiguous rows `rg·RPT .. (rg+1)·RPT` of column `c`:
-//! the state is read once (a warp reads 32 consecutive columns of one row: 128 bytes) and
-//! written once, whatever the number of tokens. Tokens go in batches of [`TB`]: q, k (all d) and
-//! v (the block's columns) are staged in shared memory, each token updates the registers and
+//! the state is read once (a warp reads whole 32- or 16-column rows) and written once, whatever
+//! the number of tokens. Tokens go in batches of [`TB`]: q, k (all d) and v (the block's
+//! columns) are loaded into registers one batch ahead (the loads fly while the previous batch
+//! computes) and staged in shared memory, each token updates the registers and
 //! leaves one partial `q·S` per (row group, column) in shared memory, and the partials of the
 //! batch are summed over the row groups and stored after a barrier.
 //!

@@ -301,7 +301,7 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
     // stages fit), measured faster on an H100 (docs/perf.md); not with a computed A, whose
     // prologue would spill. `RINGJIT_GEMM_MINBLOCKS=1` leaves it out (for A/B timing).
     let one = std::env::var("RINGJIT_GEMM_MINBLOCKS").is_ok_and(|v| v == "1");
-    if em.prefill && cx.sh.a_direct.is_some() && !one {
+    if em.prefill && !one {
         em.launch_bounds(THREADS, 2)?;
     }
     let small = em.icmp(IntPredicate::SLE, cx.rr, em.i64c(GEMV_ROWS))?;
@@ -751,8 +751,8 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         a_ri: Vec<IntValue<'c>>,
         a_base: Option<IntValue<'c>>,
         b_ok: IntValue<'c>,
-        b_buf: PointerValue<'c>,
-        b_base: IntValue<'c>,
+        /// B's column `col0 + r` at k 0
+        b_row: PointerValue<'c>,
     }
     let mut lds = Vec::new();
     for i in 0..(BM / ROWS_PER_PASS) {
@@ -773,8 +773,7 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
             a_ri,
             a_base,
             b_ok,
-            b_buf,
-            b_base,
+            b_row: gep16(em, b_buf, b_base)?,
         });
     }
     let load_tile = |em: &mut Em<'c, '_>, kt: IntValue<'c>, stage: IntValue<'c>| -> R<()> {
@@ -811,7 +810,7 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
                 }
             }
             let b_at = em.add(em.add(sbase, em.mul(em.add(l.r, em.i64c(BM))?, em.i64c(LDS))?)?, kc8)?;
-            let src = gep16(em, l.b_buf, em.add(l.b_base, kcl)?)?;
+            let src = gep16(em, l.b_row, kcl)?;
             let ok = em.and(l.b_ok, k_ok)?;
             cp_async16(em, smem_addr(em, cx, b_at)?, src, ok)?;
         }
@@ -1800,14 +1799,11 @@ fn expert_major<'c>(
             brows[j].push((row, ok));
         }
     }
-    let down = match down {
-        Some(l) => Some(Down {
-            cstride: l.cstride,
-            flags: em.shared_array("ringjit_grouped_flags", i32t.into(), GB_M as u32),
-            k: s1[2].as_const(),
-        }),
-        None => None,
-    };
+    let down = down.map(|l| Down {
+        cstride: l.cstride,
+        flags: em.shared_array("ringjit_grouped_flags", i32t.into(), GB_M as u32),
+        k: s1[2].as_const(),
+    });
     let g = Gx {
         smem,
         list,
