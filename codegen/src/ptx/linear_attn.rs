@@ -119,8 +119,11 @@ pub(super) fn recurrence<'c>(
     // registers one batch ahead (the loads fly while the previous batch computes), then staged
     // in shared memory: element i = tid + j · THREADS of the batch's TB · d (q, k) and TB · cb (v)
     let (nqk, nv) = ((TB * d + THREADS - 1) / THREADS, (TB * cb + THREADS - 1) / THREADS);
+    // (prefill plans: decode steps stage their one token directly, as before, which measured
+    // faster at batch 64)
+    let prefetch = em.prefill;
     let mut regs = Vec::new();
-    for _ in 0..2 * nqk + nv {
+    for _ in 0..if prefetch { 2 * nqk + nv } else { 0 } {
         regs.push(em.fvar(em.f32c(0.0))?);
     }
     let fetch = |em: &mut Em<'c, '_>, t0: IntValue<'c>| -> R<()> {
@@ -153,27 +156,57 @@ pub(super) fn recurrence<'c>(
         }
         Ok(())
     };
-    fetch(em, zero)?;
+    if prefetch {
+        fetch(em, zero)?;
+    }
     em.for_range(zero, tl, em.i64c(TB), |em, t0| {
         em.barrier()?;
-        for j in 0..nqk {
-            let i = em.add(tid, em.i64c(j * THREADS))?;
-            let inb = em.icmp(IntPredicate::SLT, i, em.i64c(TB * d))?;
-            let (q, k) = (em.getf(regs[2 * j as usize])?, em.getf(regs[2 * j as usize + 1])?);
-            em.if_then(inb, |em| {
+        if !prefetch {
+            // stage q, k (every row) and v (this block's columns) of tokens t0 .. t0 + TB
+            em.for_range(tid, em.i64c(TB * d), nthreads, |em, i| {
+                let u = em.div(i, dd)?;
+                let x = em.rem(i, dd)?;
+                let tok = em.add(t0, u)?;
+                let ok = em.icmp(IntPredicate::SLT, tok, tl)?;
+                let tc = em.select_i(ok, tok, zero)?;
+                let q = em.ldf(t, 1, &[bi, tc, hi, x])?;
+                let k = em.ldf(t, 2, &[bi, tc, hi, x])?;
+                let q = em.select_f(ok, q, em.f32c(0.0))?;
+                let k = em.select_f(ok, k, em.f32c(0.0))?;
                 sts(em, qsm, i, q)?;
                 sts(em, ksm, i, k)
             })?;
+            em.for_range(tid, em.i64c(TB * cb), nthreads, |em, i| {
+                let u = em.div(i, cbv)?;
+                let c = em.rem(i, cbv)?;
+                let tok = em.add(t0, u)?;
+                let ok = em.icmp(IntPredicate::SLT, tok, tl)?;
+                let tc = em.select_i(ok, tok, zero)?;
+                let cc = em.add(em.mul(cbi, cbv)?, c)?;
+                let v = em.ldf(t, 3, &[bi, tc, hi, cc])?;
+                let v = em.select_f(ok, v, em.f32c(0.0))?;
+                sts(em, vsm, i, v)
+            })?;
+        } else {
+            for j in 0..nqk {
+                let i = em.add(tid, em.i64c(j * THREADS))?;
+                let inb = em.icmp(IntPredicate::SLT, i, em.i64c(TB * d))?;
+                let (q, k) = (em.getf(regs[2 * j as usize])?, em.getf(regs[2 * j as usize + 1])?);
+                em.if_then(inb, |em| {
+                    sts(em, qsm, i, q)?;
+                    sts(em, ksm, i, k)
+                })?;
+            }
+            for j in 0..nv {
+                let i = em.add(tid, em.i64c(j * THREADS))?;
+                let inb = em.icmp(IntPredicate::SLT, i, em.i64c(TB * cb))?;
+                let v = em.getf(regs[(2 * nqk + j) as usize])?;
+                em.if_then(inb, |em| sts(em, vsm, i, v))?;
+            }
+            let next = em.add(t0, em.i64c(TB))?;
+            let more = em.icmp(IntPredicate::SLT, next, tl)?;
+            em.if_then(more, |em| fetch(em, next))?;
         }
-        for j in 0..nv {
-            let i = em.add(tid, em.i64c(j * THREADS))?;
-            let inb = em.icmp(IntPredicate::SLT, i, em.i64c(TB * cb))?;
-            let v = em.getf(regs[(2 * nqk + j) as usize])?;
-            em.if_then(inb, |em| sts(em, vsm, i, v))?;
-        }
-        let next = em.add(t0, em.i64c(TB))?;
-        let more = em.icmp(IntPredicate::SLT, next, tl)?;
-        em.if_then(more, |em| fetch(em, next))?;
         em.barrier()?;
         let n = em.imin(em.i64c(TB), em.sub(tl, t0)?)?;
         em.for_range(zero, n, one, |em, u| {

@@ -972,7 +972,7 @@ fn lane_dots<'c>(
 }
 
 /// The staging buffer of a grouped kernel: with the tensor-core tiles (prefill plans), dynamic
-/// shared memory of [`GB_SMEM_BYTES`] for the tiles' stages and the GEMVs alike; otherwise the
+/// shared memory of [`gb_smem_bytes`] for the tiles' stages and the GEMVs alike; otherwise the
 /// GEMVs' static buffer.
 fn grouped_smem<'c>(em: &Em<'c, '_>, tiles: bool) -> R<PointerValue<'c>> {
     if tiles {
@@ -1139,7 +1139,7 @@ pub(super) fn grouped_fast<'c>(
             Ok(Some(LaunchGeometry {
                 grid,
                 block: [THREADS, 1, 1],
-                shared_bytes: if tiles { GB_SMEM_BYTES as u32 } else { 0 },
+                shared_bytes: if tiles { gb_smem_bytes() } else { 0 },
             }))
         }
         GroupedEpilogue::WeightedCombine => {
@@ -1263,7 +1263,7 @@ pub(super) fn grouped_fast<'c>(
             Ok(Some(LaunchGeometry {
                 grid,
                 block: [THREADS, 1, 1],
-                shared_bytes: if tiles { GB_SMEM_BYTES as u32 } else { 0 },
+                shared_bytes: if tiles { gb_smem_bytes() } else { 0 },
             }))
         }
     }
@@ -1282,7 +1282,8 @@ const GB_K: i64 = 32;
 const GB_LDS: i64 = GB_K + 8;
 /// bf16 elements of one stage: the A rows, the gate rows, the up rows.
 const GB_STAGE: i64 = (GB_M + 2 * GB_N) * GB_LDS;
-/// Pipeline stages of the grouped tile (in dynamic shared memory).
+/// Pipeline stages of the grouped tile (in dynamic shared memory). 4 measured 2 % faster on an
+/// H100 (docs/perf.md) but spills under the two-blocks bound in small's kernels; 3 does not.
 const GB_STAGES: i64 = 3;
 /// Warps over the tile's rows (each 32 rows) and over its columns (each 32 of gate and of up).
 const GB_WM: i64 = 4;
@@ -1296,16 +1297,23 @@ const GB_CHUNKS: i64 = GB_K / 8;
 const GB_ROWS_PER_PASS: i64 = THREADS as i64 / GB_CHUNKS;
 const _: () = assert!(GB_WM * GB_WN * 32 == THREADS as i64 && GB_WM * 32 == GB_M && GB_WN * 32 == GB_N);
 const _: () = assert!(GB_M % GB_ROWS_PER_PASS == 0 && GB_N % GB_ROWS_PER_PASS == 0);
-/// Shared bytes of a grouped kernel with the tensor-core path (its GEMVs use the same buffer).
-const GB_SMEM_BYTES: i64 = {
-    let tiles = GB_STAGES * GB_STAGE * 2;
-    let gemv = GEMV_RT * GEMV_KC * 2;
-    if tiles > gemv {
-        tiles
-    } else {
-        gemv
+/// Pipeline stages of the grouped tile: [`GB_STAGES`], or `RINGJIT_GB_STAGES` (3 or 4; for
+/// measuring). Not 2: its 40 KB of dynamic shared memory plus the static arrays pass 48 KB
+/// while the runtime opts a kernel in above 48 KB by its dynamic size only (the launch fails).
+fn gb_stages() -> i64 {
+    match std::env::var("RINGJIT_GB_STAGES")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        Some(n) if (3..=4).contains(&n) => n,
+        _ => GB_STAGES,
     }
-};
+}
+
+/// Shared bytes of a grouped kernel with the tensor-core path (its GEMVs use the same buffer).
+fn gb_smem_bytes() -> u32 {
+    (gb_stages() * GB_STAGE * 2).max(GEMV_RT * GEMV_KC * 2) as u32
+}
 
 /// Whether the expert-major tensor-core path of the grouped SwiGlu is compiled into prefill
 /// plans' kernels (decode plans never get it): on by default, `RINGJIT_GROUPED=gemv` leaves
@@ -1509,7 +1517,8 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     )?
     .expect("a value")
     .into_int_value();
-    pipeline_start(em, GB_STAGES, kt_n, &load_tile)?;
+    let stages = gb_stages();
+    pipeline_start(em, stages, kt_n, &load_tile)?;
     let gq = em.div(lane, em.i64c(4))?;
     let tq = em.rem(lane, em.i64c(4))?;
     let [a_lrow, a_lcol, b_ln, b_lk] = ldmatrix_lanes(em, lane, (wm, wn), (32, 32))?;
@@ -1517,7 +1526,7 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
         |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> { super::tc::ldmatrix(em, saddr(em, e)?, false) };
     let live = em.icmp(IntPredicate::SLT, em.mul(wm, em.i64c(32))?, nrows)?;
     em.for_range(zero, kt_n, one, |em, kt| {
-        let stage = pipeline_step(em, GB_STAGES, kt, kt_n, &load_tile)?;
+        let stage = pipeline_step(em, stages, kt, kt_n, &load_tile)?;
         let sbase = em.mul(stage, em.i64c(GB_STAGE))?;
         em.if_then(live, |em| {
             for ks in 0..(GB_K / 16) {
