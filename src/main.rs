@@ -340,6 +340,13 @@ struct BenchArgs {
     json: Option<PathBuf>,
 }
 
+impl BenchArgs {
+    /// The decode batch sizes asked for, a 0 meaning none (`--decode-batch 0`: prefill only).
+    fn decode_batches(&self) -> Vec<usize> {
+        self.decode_batch.iter().copied().filter(|&b| b > 0).collect()
+    }
+}
+
 fn debug_level() -> u32 {
     std::env::var("RINGJIT_DEBUG")
         .ok()
@@ -819,7 +826,7 @@ fn cmd_bench_gpu(a: BenchArgs) -> Result<()> {
         decode_batch: if a.decode_batch.is_empty() {
             vec![1, 64]
         } else {
-            a.decode_batch.iter().copied().filter(|&b| b > 0).collect()
+            a.decode_batches()
         },
         context: a.context.unwrap_or(4096),
         prefill: if a.prefill.is_empty() {
@@ -883,7 +890,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 vec![1, 64]
             }
         } else {
-            a.decode_batch.iter().copied().filter(|&b| b > 0).collect()
+            a.decode_batches()
         },
         context: a.context.unwrap_or(if reference { 128 } else { 2048 }),
         steps: a.steps,

@@ -690,20 +690,13 @@ fn decode_split<'c>(
     // publish, then count the arrival; the last block combines
     fence(em)?;
     em.barrier()?;
-    let last = em.shared_array("ringjit_attn_last", em.ctx.i32_type().into(), 1);
     let counter = fptr(em, scratch, region)?;
+    let n1 =
+        em.b.build_int_truncate(em.sub(cx.nsplit, one)?, em.ctx.i32_type(), "")
+            .ck()?;
+    // (the fences are the block's own: before its barrier above, and in the last block below)
+    let is_last = em.block_arrives_last("ringjit_attn_last", counter, n1, |_| Ok(()))?;
     let first = em.icmp(IntPredicate::EQ, cx.tid, zero)?;
-    let i32t = em.ctx.i32_type();
-    em.if_then(first, |em| {
-        let old = em.count_arrival(counter)?;
-        let n1 = em.b.build_int_truncate(em.sub(cx.nsplit, one)?, i32t, "").ck()?;
-        let is_last = em.icmp(IntPredicate::EQ, old, n1)?;
-        let flag = em.b.build_int_z_extend(is_last, i32t, "").ck()?;
-        em.set(last, flag)
-    })?;
-    em.barrier()?;
-    let flag = em.b.build_load(i32t, last, "").ck()?.into_int_value();
-    let is_last = em.icmp(IntPredicate::NE, flag, i32t.const_zero())?;
     em.if_then(is_last, |em| {
         fence(em)?;
         em.if_then(mine, |em| {

@@ -830,6 +830,34 @@ impl<'c, 'a> Em<'c, 'a> {
             .map_err(|e| CodegenError(e.to_string()))
     }
 
+    /// Counts the block's arrival at `counter` and tells every thread whether the block was the
+    /// last to arrive (the count before its arrival equals `last_old`, an i32): thread 0 counts,
+    /// with `fence` emitted just before and after its count, and hands the answer over through
+    /// the shared flag `flag`; barriers after the count and after the hand-over, so the result
+    /// is uniform across the block (callers branch on it around barriers).
+    pub fn block_arrives_last(
+        &mut self,
+        flag: &str,
+        counter: PointerValue<'c>,
+        last_old: IntValue<'c>,
+        fence: impl Fn(&Em<'c, 'a>) -> R<()>,
+    ) -> R<IntValue<'c>> {
+        let i32t = self.ctx.i32_type();
+        let last = self.shared_array(flag, i32t.into(), 1);
+        let first = self.icmp(IntPredicate::EQ, self.sreg("tid.x")?, self.i64c(0))?;
+        self.if_then(first, |em| {
+            fence(em)?;
+            let old = em.count_arrival(counter)?;
+            fence(em)?;
+            let is_last = em.icmp(IntPredicate::EQ, old, last_old)?;
+            let f = em.b.build_int_z_extend(is_last, i32t, "").ck()?;
+            em.set(last, f)
+        })?;
+        self.barrier()?;
+        let f = self.b.build_load(i32t, last, "").ck()?.into_int_value();
+        self.icmp(IntPredicate::NE, f, i32t.const_zero())
+    }
+
     /// Puts the arrival counter at `counter` back to zero (a volatile store: the next launch's
     /// first arrival must find it so).
     pub fn reset_counter(&self, counter: PointerValue<'c>) -> R<()> {

@@ -16,7 +16,7 @@
 //! also the cheaper one on SIMT cores (2d² FMAs a token against 2d² + 2Cd), so the chunk op
 //! uses it too. (A tensor-core chunked form is future work.)
 
-use super::super::emit::{err, Ck, Em, Val, R};
+use super::super::emit::{err, Em, Val, R};
 use super::attention::{fence_acq_rel, fptr, lds, lds4, naive_forced, sts};
 use inkwell::types::BasicType;
 use inkwell::values::{FloatValue, IntValue};
@@ -402,23 +402,12 @@ impl<'c> Gate<'c> {
         // that completes the count acquires with a fence of its own before the barrier that
         // lets its other threads read (one fence per block and direction, not one per thread)
         em.barrier()?;
-        let last = em.shared_array("ringjit_la_gate_last", i32t.into(), 1);
         let ci = em.add(em.mul(em.add(em.mul(bi, self.tl)?, slot)?, em.i64c(self.units))?, unit)?;
         let counter = fptr(em, em.scratch, ci)?;
+        let expect = i32t.const_int((self.blocks_per_unit - 1) as u64, false);
+        let is_last = em.block_arrives_last("ringjit_la_gate_last", counter, expect, fence_acq_rel)?;
         let tid = em.sreg("tid.x")?;
         let first = em.icmp(IntPredicate::EQ, tid, zero)?;
-        let expect = self.blocks_per_unit - 1;
-        em.if_then(first, |em| {
-            fence_acq_rel(em)?;
-            let old = em.count_arrival(counter)?;
-            fence_acq_rel(em)?;
-            let is_last = em.icmp(IntPredicate::EQ, old, i32t.const_int(expect as u64, false))?;
-            let flag = em.b.build_int_z_extend(is_last, i32t, "").ck()?;
-            em.set(last, flag)
-        })?;
-        em.barrier()?;
-        let flag = em.b.build_load(i32t, last, "").ck()?.into_int_value();
-        let is_last = em.icmp(IntPredicate::NE, flag, i32t.const_zero())?;
         let per_unit = self.unit_heads * self.d;
         let gpu = per_unit / self.n;
         em.if_then(is_last, |em| {

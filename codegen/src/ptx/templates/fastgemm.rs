@@ -298,8 +298,9 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
     };
     cx.rr = em.product(&cx.rext)?;
     // prefill plans: two blocks a multiprocessor (registers capped at 128; 2 × 110 KB of
-    // stages fit), measured faster on an H100 (docs/perf.md); not with a computed A, whose
-    // prologue would spill. `RINGJIT_GEMM_MINBLOCKS=1` leaves it out (for A/B timing).
+    // stages fit), measured faster on an H100 (docs/perf.md), most of all where A is computed
+    // (Ring-mini's `gemm_a` then spills 4 bytes). `RINGJIT_GEMM_MINBLOCKS=1` leaves it out
+    // (for A/B timing).
     let one = std::env::var("RINGJIT_GEMM_MINBLOCKS").is_ok_and(|v| v == "1");
     if em.prefill && !one {
         em.launch_bounds(THREADS, 2)?;
@@ -721,13 +722,18 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
 
 // ---- tensor cores -----------------------------------------------------------------------------
 
+/// The block's index in launch order (`ctaid.x` fastest).
+fn linear_block<'c>(em: &Em<'c, '_>) -> R<IntValue<'c>> {
+    em.add(em.sreg("ctaid.x")?, em.mul(em.sreg("ctaid.y")?, em.sreg("nctaid.x")?)?)
+}
+
 /// The tensor-core tiles, numbered in launch order (`ctaid.x` fastest): tile `i` is column
 /// tile `i % n_tiles` of row tile `i / n_tiles` (a row tile's column tiles adjacent, sharing its
 /// A rows in L2); blocks past the last tile exit at once.
 fn mma<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
     let n_tiles = em.ceil_div(cx.nn, em.i64c(BN))?;
     let m_tiles = em.ceil_div(cx.rr, em.i64c(BM))?;
-    let lin = em.add(em.sreg("ctaid.x")?, em.mul(em.sreg("ctaid.y")?, em.sreg("nctaid.x")?)?)?;
+    let lin = linear_block(em)?;
     let mine = em.icmp(IntPredicate::SLT, lin, em.mul(n_tiles, m_tiles)?)?;
     em.if_then(mine, |em| {
         let (bn, bm) = (em.rem(lin, n_tiles)?, em.div(lin, n_tiles)?);
@@ -985,6 +991,26 @@ fn grouped_smem<'c>(em: &Em<'c, '_>, tiles: bool) -> R<PointerValue<'c>> {
     }
 }
 
+/// The blocks of the expert-major tiles: E · ceil(cols / tile_w) (`None` for no columns).
+fn tiles_grid(experts: &Dim, cols: i64, tile_w: i64) -> Option<Dim> {
+    (cols > 0).then(|| experts.mul(&Dim::constant((cols + tile_w - 1) / tile_w)))
+}
+
+/// A grouped kernel's launch: one-dimensional over the expert-major tiles' blocks (`sized`,
+/// prefill plans; the GEMVs stride over it, [`each_item`]), else the GEMVs' own grid; the
+/// tiles' dynamic shared memory when the kernel has them.
+fn grouped_launch(sized: Option<Dim>, gemv: [GridDim; 3], tiles: bool) -> LaunchGeometry {
+    let grid = match sized {
+        Some(blocks) => [GridDim::blocks(blocks, 1), GridDim::one(), GridDim::one()],
+        None => gemv,
+    };
+    LaunchGeometry {
+        grid,
+        block: [THREADS, 1, 1],
+        shared_bytes: if tiles { gb_smem_bytes() } else { 0 },
+    }
+}
+
 /// The GEMV items of a grouped kernel: `None`, one item a block at (`ctaid.x`, `ctaid.y`); or
 /// `Some((xs, ys))`, items `0..xs·ys` strided over a one-dimensional grid (the prefill plans'
 /// grid, sized for the expert-major tiles), item `i` at (`i / ys`, `i % ys`). The body may
@@ -1060,10 +1086,7 @@ pub(super) fn grouped_fast<'c>(
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
             // prefill plans launch exactly the expert-major blocks (E · column tiles), and the
             // GEMVs of a short prompt stride over them; decode plans a block per GEMV item
-            let sized = match (direct, s2[1].as_const()) {
-                (Some(_), Some(i)) if i > 0 => Some(s2[0].mul(&Dim::constant((i + GB_N - 1) / GB_N))),
-                _ => None,
-            };
+            let sized = direct.and(s2[1].as_const()).and_then(|i| tiles_grid(&s2[0], i, GB_N));
             if let Some(x) = direct {
                 // many (token, slot) pairs: the expert-major tensor-core tiles
                 let pairs = em.product(&em.dims(&s1)?)?;
@@ -1128,19 +1151,12 @@ pub(super) fn grouped_fast<'c>(
             })?;
             em.b.build_unconditional_branch(done).ck()?;
             em.b.position_at_end(done);
-            let grid = match sized {
-                Some(blocks) => [GridDim::blocks(blocks, 1), GridDim::one(), GridDim::one()],
-                None => [
-                    GridDim::blocks(numel(&s1), 1),
-                    GridDim::blocks(s2[1].clone(), GEMV_COLS as u32),
-                    GridDim::one(),
-                ],
-            };
-            Ok(Some(LaunchGeometry {
-                grid,
-                block: [THREADS, 1, 1],
-                shared_bytes: if tiles { gb_smem_bytes() } else { 0 },
-            }))
+            let gemv = [
+                GridDim::blocks(numel(&s1), 1),
+                GridDim::blocks(s2[1].clone(), GEMV_COLS as u32),
+                GridDim::one(),
+            ];
+            Ok(Some(grouped_launch(sized, gemv, tiles)))
         }
         GroupedEpilogue::WeightedCombine => {
             let s3 = em.operand_shape(t, 3)?;
@@ -1162,15 +1178,12 @@ pub(super) fn grouped_fast<'c>(
             let smem = grouped_smem(em, tiles)?;
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
             // prefill plans launch exactly the expert-major blocks, the GEMVs stride over them
-            let sized = match (direct, dout_c) {
-                (Some(_), Some(n)) => Some(s3[0].mul(&Dim::constant((n + 2 * GB_N - 1) / (2 * GB_N)))),
-                _ => None,
-            };
+            let sized = direct.and(dout_c).and_then(|n| tiles_grid(&s3[0], n, 2 * GB_N));
             if let (Some(x), Some(dout_c)) = (direct, dout_c) {
                 // many (token, slot) pairs: expert-major tensor-core tiles into scratch, then
-                // the combine; the grid must hold E · tiles blocks
-                let tiles = (dout_c + 2 * GB_N - 1) / (2 * GB_N);
-                let cstride = (tiles + 3) / 4 * 4;
+                // the combine, on a grid of E · column tiles blocks (`sized`)
+                let col_tiles = (dout_c + 2 * GB_N - 1) / (2 * GB_N);
+                let cstride = (col_tiles + 3) / 4 * 4;
                 let s1 = em.operand_shape(t, 1)?;
                 let tokens = numel(&s0[..2]);
                 em.scratch_zero = tokens.mul(&Dim::constant(cstride * 4));
@@ -1178,9 +1191,7 @@ pub(super) fn grouped_fast<'c>(
                 let pairs = em.product(&em.dims(&s1)?)?;
                 let experts = em.dim(&s3[0])?;
                 let need = em.imax(em.mul(experts, em.i64c(4))?, em.i64c(64))?;
-                let blocks = em.mul(em.sreg("nctaid.x")?, em.sreg("nctaid.y")?)?;
-                let fits = em.icmp(IntPredicate::SGE, blocks, em.mul(experts, em.i64c(tiles))?)?;
-                let big = em.and(em.icmp(IntPredicate::SGE, pairs, need)?, fits)?;
+                let big = em.icmp(IntPredicate::SGE, pairs, need)?;
                 let mma_bb = em.ctx.append_basic_block(em.f, "grouped.mma");
                 let gemv_bb = em.ctx.append_basic_block(em.f, "grouped.gemv");
                 em.b.build_conditional_branch(big, mma_bb, gemv_bb).ck()?;
@@ -1252,19 +1263,12 @@ pub(super) fn grouped_fast<'c>(
             })?;
             em.b.build_unconditional_branch(done).ck()?;
             em.b.position_at_end(done);
-            let grid = match sized {
-                Some(blocks) => [GridDim::blocks(blocks, 1), GridDim::one(), GridDim::one()],
-                None => [
-                    GridDim::blocks(numel(&s0[..2]), 1),
-                    GridDim::blocks(s3[1].clone(), GEMV_COLS as u32),
-                    GridDim::one(),
-                ],
-            };
-            Ok(Some(LaunchGeometry {
-                grid,
-                block: [THREADS, 1, 1],
-                shared_bytes: if tiles { gb_smem_bytes() } else { 0 },
-            }))
+            let gemv = [
+                GridDim::blocks(numel(&s0[..2]), 1),
+                GridDim::blocks(s3[1].clone(), GEMV_COLS as u32),
+                GridDim::one(),
+            ];
+            Ok(Some(grouped_launch(sized, gemv, tiles)))
         }
     }
 }
@@ -1429,8 +1433,7 @@ impl<'c> Down<'c> {
     /// Column tile index of this block (its counter slot), recomputed where needed rather than
     /// held through the tiles (registers).
     fn tile(&self, em: &Em<'c, '_>, g: &Gx<'c>) -> R<IntValue<'c>> {
-        let lin = em.add(em.sreg("ctaid.x")?, em.mul(em.sreg("ctaid.y")?, em.sreg("nctaid.x")?)?)?;
-        em.rem(lin, em.ceil_div(g.inter, em.i64c(2 * GB_N))?)
+        em.rem(linear_block(em)?, em.ceil_div(g.inter, em.i64c(2 * GB_N))?)
     }
 
     /// bf16 element offset of the rows `[pairs, D]` in scratch (after the u32 counters).
@@ -1760,8 +1763,9 @@ struct DownLayout {
 /// slot) pairs routed to e to a shared list (a shared counter), and runs a tensor-core tile
 /// for every GB_M pairs listed, and once more for the rest at the end. SwiGlu (`down` None): GB_N
 /// intermediate columns of gate and up, finished in the tile. Down: 2·GB_N output columns,
-/// rows to scratch, then [`down_combine`]. Blocks past `E · tiles` exit (the caller checks the
-/// grid holds enough).
+/// rows to scratch, then [`down_combine`]. Blocks past `E · tiles` exit (the callers launch
+/// exactly E · tiles blocks, or, when a SwiGlu's columns are not a constant, the larger GEMV
+/// grid).
 #[allow(clippy::too_many_arguments)]
 fn expert_major<'c>(
     em: &mut Em<'c, '_>,
@@ -1789,7 +1793,7 @@ fn expert_major<'c>(
     // the first E · tiles blocks in launch order work (an expert's column tiles together,
     // sharing its gathered rows in L2); the others exit at once
     let n_tiles = em.ceil_div(inter, em.i64c(tile_w))?;
-    let lin = em.add(em.sreg("ctaid.x")?, em.mul(em.sreg("ctaid.y")?, em.sreg("nctaid.x")?)?)?;
+    let lin = linear_block(em)?;
     let out = em.icmp(IntPredicate::SGE, lin, em.mul(experts_v, n_tiles)?)?;
     em.return_if(out)?;
     let e = em.div(lin, n_tiles)?;
