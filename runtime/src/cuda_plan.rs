@@ -1437,7 +1437,12 @@ fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mu
                 codegen::ptx::ENTRY
             ))
         })?;
-        if compiled.launch.shared_bytes > 48 * 1024 {
+        // past 48 KB of shared memory a block (dynamic, as the launch asks, plus the kernel's
+        // static arrays) the kernel must opt in to its dynamic size
+        let static_bytes = func
+            .shared_size_bytes()
+            .map_err(|e| Error(format!("{}: its static shared memory: {e}", k.name)))?;
+        if compiled.launch.shared_bytes > 0 && compiled.launch.shared_bytes as u64 + static_bytes as u64 > 48 * 1024 {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 compiled.launch.shared_bytes as i32,
