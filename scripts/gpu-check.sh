@@ -45,6 +45,15 @@ if [[ $parts == *,sanitizer,* ]]; then
     st=$?
     say "== compute-sanitizer memcheck, tiny forward (exit $st)"
     grep -E "ERROR SUMMARY|Invalid|error" "$log" | head -5 | sed 's/^/    /' >> "$summary"
+    # decode at batch 40 on small: the expert-major grouped GEMVs with many pairs an expert,
+    # their scratch rows and arrival counters
+    log="$out/sanitizer-small.log"
+    compute-sanitizer --tool memcheck --error-exitcode 7 \
+      .gpu/bin/ringjit bench --config small --device cuda --prefill 16 --decode-batch 40 --context 16 --steps 1 --repeats 1 \
+      > "$log" 2>&1
+    st=$?
+    say "== compute-sanitizer memcheck, small decode b40 (exit $st)"
+    grep -E "ERROR SUMMARY|Invalid|error" "$log" | head -5 | sed 's/^/    /' >> "$summary"
   else
     say "== compute-sanitizer: not installed"
   fi

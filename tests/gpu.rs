@@ -86,6 +86,18 @@ fn no_driver_is_a_clear_error() {
 /// same inputs (random weights, random tokens and states), in its dtype's tier. Integer outputs
 /// (chosen experts, top-k indices) must be equal.
 fn kernels_match(g: &std::sync::Arc<Gpu>, config: &str, opts: passes::CompileOptions, dims: (i64, i64, i64)) {
+    kernels_match_as(g, config, opts, dims, true)
+}
+
+/// [`kernels_match`] with the kernels generated for a prefill plan (`prefill_ptx`, the many-row
+/// paths included) or for a decode plan (as `CudaModel` loads its decode plan).
+fn kernels_match_as(
+    g: &std::sync::Arc<Gpu>,
+    config: &str,
+    opts: passes::CompileOptions,
+    dims: (i64, i64, i64),
+    prefill_ptx: bool,
+) {
     use crate::common::{config as cfg, kernel_tier, trace};
     let c = cfg(config, &[]);
     let t = trace(&c, &opts, dims, 11);
@@ -93,9 +105,12 @@ fn kernels_match(g: &std::sync::Arc<Gpu>, config: &str, opts: passes::CompileOpt
     let weights =
         runtime::cuda_plan::GpuWeights::upload(g.clone(), &specs, &crate::common::Table(&t.params), &|_, _| {})
             .unwrap_or_else(|e| panic!("{config}: {e}"));
-    let plan =
-        runtime::cuda_plan::CudaPlan::new(&weights, &t.graph, t.plan.clone(), &codegen::ptx::PtxOptions::default())
-            .unwrap_or_else(|e| panic!("{config}: {e}"));
+    let ptx = codegen::ptx::PtxOptions {
+        prefill: prefill_ptx,
+        ..Default::default()
+    };
+    let plan = runtime::cuda_plan::CudaPlan::new(&weights, &t.graph, t.plan.clone(), &ptx)
+        .unwrap_or_else(|e| panic!("{config}: {e}"));
     let mut worst: Vec<(f64, String)> = Vec::new();
     let mut failures = Vec::new();
     for (i, k) in t.plan.kernels.iter().enumerate() {
@@ -183,6 +198,14 @@ fn gpu_every_kernel_of_tiny_and_small_matches_the_evaluator() {
             // options): 64 (token, slot) pairs over 16 experts, the fewest the grouped GEMMs'
             // expert-major tensor-core tiles take, one partial tile per expert
             kernels_match(&g, config, opts(Mode::Decode, Precision::Bf16), (16, 1, 40));
+        }
+        // the kernels of a decode plan as the decode step loads them (`PtxOptions::prefill`
+        // false: no many-row paths), at batches whose experts take one (token, slot) pair or
+        // several: small (16 experts, 4 a token) b3, b16 and b40 (160 pairs); tiny (8 experts,
+        // 2 a token) b3 and b12
+        let batches: &[i64] = if config == "small" { &[3, 16, 40] } else { &[3, 12] };
+        for &batch in batches {
+            kernels_match_as(&g, config, opts(Mode::Decode, Precision::Bf16), (batch, 1, 21), false);
         }
         kernels_match(&g, config, opts(Mode::Prefill, Precision::Fp8), (1, 33, 0));
     }

@@ -43,6 +43,8 @@ pub struct StepResult {
     pub by_kind: BTreeMap<String, f64>,
     /// the slowest kernels, ms
     pub top: Vec<(String, f64)>,
+    /// every kernel in launch order with its median, ms (the JSON's `kernels_ms`)
+    pub per_kernel: Vec<(String, f64)>,
     /// decode only: the median wall time of whole steps through [`CudaPlan::run`] (tokens
     /// up, the step replayed as a CUDA graph, logits down), `past` growing by one per step
     pub wall_ms: Option<f64>,
@@ -275,6 +277,7 @@ pub fn run(
             debug_assert_eq!(&k.name, name);
             *by_kind.entry(k.kind_name().to_string()).or_insert(0.0) += ms;
         }
+        let per_kernel = t.kernels.clone();
         let mut top = t.kernels.clone();
         top.sort_by(|a, b| b.1.total_cmp(&a.1));
         top.truncate(5);
@@ -288,6 +291,7 @@ pub fn run(
             kernels: t.kernels.len(),
             by_kind,
             top,
+            per_kernel,
             wall_ms,
             graph_ms,
         });
@@ -371,6 +375,7 @@ impl GpuBenchReport {
                 "what": r.what, "batch": r.batch, "tokens": r.tokens, "ms": r.ms,
                 "tokens_per_s": r.tokens_per_s, "floor_ms": r.floor_ms, "kernels": r.kernels,
                 "by_kind_ms": r.by_kind, "slowest": r.top, "graph_wall_ms": r.wall_ms, "graph_ms": r.graph_ms,
+                "kernels_ms": r.per_kernel,
             })).collect::<Vec<_>>(),
         })
     }

@@ -27,7 +27,7 @@ use inkwell::values::{
 };
 use inkwell::IntPredicate;
 use ir::kernel::{
-    ExprGraph, ExprId, Gemm, GridDim, IndexExpr, IndexVar, LaunchGeometry, Operand, ScalarOp, TemplateKernel,
+    ExprGraph, ExprId, Gemm, GridDim, IndexExpr, IndexVar, LaunchGeometry, Operand, ScalarOp, TemplateKernel, View,
 };
 use ir::op::BinaryOp;
 use ir::op::ReduceOp;
@@ -991,9 +991,11 @@ fn grouped_smem<'c>(em: &Em<'c, '_>, tiles: bool) -> R<PointerValue<'c>> {
     }
 }
 
-/// The blocks of the expert-major tiles: E · ceil(cols / tile_w) (`None` for no columns).
-fn tiles_grid(experts: &Dim, cols: i64, tile_w: i64) -> Option<Dim> {
-    (cols > 0).then(|| experts.mul(&Dim::constant((cols + tile_w - 1) / tile_w)))
+/// The blocks of the expert-major tiles: E · ceil(ceil(cols / tile_w) / group), `group` column
+/// tiles a block (`None` for no columns).
+fn tiles_grid(experts: &Dim, cols: i64, tile_w: i64, group: i64) -> Option<Dim> {
+    let tiles = (cols + tile_w - 1) / tile_w;
+    (cols > 0).then(|| experts.mul(&Dim::constant((tiles + group - 1) / group)))
 }
 
 /// A grouped kernel's launch: one-dimensional over the expert-major tiles' blocks (`sized`,
@@ -1036,6 +1038,32 @@ fn each_item<'c, 'a>(
             })
         }
     }
+}
+
+/// The expert chosen by flattened routing entry `p` (operand 1 `[b, s, k]` in row-major order),
+/// clamped to `0..experts`. A contiguous routing buffer (the usual case) is read at `p` itself;
+/// otherwise `p` is unravelled and read through the view (two run-time 64-bit divisions an
+/// entry, which made the prefill scan of every entry by every block expensive).
+fn expert_at<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    p: IntValue<'c>,
+    ext1: &[IntValue<'c>],
+    experts: &Dim,
+) -> R<IntValue<'c>> {
+    if let Some(Operand::Buffer(b)) = t.operands.get(1) {
+        let r = &em.kernel.inputs[*b];
+        if r.view.strides == View::contiguous(&r.view.shape).strides {
+            let dtype = em.plan.buffer(r.buffer).map(|b| b.dtype).unwrap_or(DType::I64);
+            let at = em.add(em.dim(&r.view.offset)?, p)?;
+            let e = em.load(em.inputs[*b], at, dtype)?;
+            let e = em.as_i(e)?;
+            let hi = em.sub(em.dim(experts)?, em.i64c(1))?;
+            return em.imin(em.imax(e, em.i64c(0))?, hi);
+        }
+    }
+    let pi = em.unravel(p, ext1)?;
+    expert_of(em, t, &pi, experts)
 }
 
 /// The expert chosen in slot `idx` of operand 1, clamped to `0..experts`.
@@ -1086,7 +1114,9 @@ pub(super) fn grouped_fast<'c>(
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
             // prefill plans launch exactly the expert-major blocks (E · column tiles), and the
             // GEMVs of a short prompt stride over them; decode plans a block per GEMV item
-            let sized = direct.and(s2[1].as_const()).and_then(|i| tiles_grid(&s2[0], i, GB_N));
+            let sized = direct
+                .and(s2[1].as_const())
+                .and_then(|i| tiles_grid(&s2[0], i, GB_N, gb_group(false)));
             if let Some(x) = direct {
                 // many (token, slot) pairs: the expert-major tensor-core tiles
                 let pairs = em.product(&em.dims(&s1)?)?;
@@ -1178,7 +1208,9 @@ pub(super) fn grouped_fast<'c>(
             let smem = grouped_smem(em, tiles)?;
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
             // prefill plans launch exactly the expert-major blocks, the GEMVs stride over them
-            let sized = direct.and(dout_c).and_then(|n| tiles_grid(&s3[0], n, 2 * GB_N));
+            let sized = direct
+                .and(dout_c)
+                .and_then(|n| tiles_grid(&s3[0], n, 2 * GB_N, gb_group(true)));
             if let (Some(x), Some(dout_c)) = (direct, dout_c) {
                 // many (token, slot) pairs: expert-major tensor-core tiles into scratch, then
                 // the combine, on a grid of E · column tiles blocks (`sized`)
@@ -1286,6 +1318,11 @@ const GB_K: i64 = 32;
 const GB_LDS: i64 = GB_K + 8;
 /// bf16 elements of one stage: the A rows, the gate rows, the up rows.
 const GB_STAGE: i64 = (GB_M + 2 * GB_N) * GB_LDS;
+/// Column tiles a SwiGlu / down expert-major block runs per batch of listed pairs (one routing
+/// scan for all). Measured on an H100 (Ring-mini prefill 4096, docs/perf.md): 2 made the down
+/// projection 5 % faster and the SwiGlu 6 % slower, 4 both slower.
+const GB_GROUP_SWIGLU: i64 = 1;
+const GB_GROUP_DOWN: i64 = 2;
 /// Pipeline stages of the grouped tile (in dynamic shared memory). 4 measured 2 % faster on an
 /// H100 (docs/perf.md) but spills under the two-blocks bound in small's kernels; 3 does not.
 const GB_STAGES: i64 = 3;
@@ -1429,10 +1466,10 @@ struct Down<'c> {
 }
 
 impl<'c> Down<'c> {
-    /// Column tile index of this block (its counter slot), recomputed where needed rather than
+    /// Column tile index of the tile (its counter slot), recomputed where needed rather than
     /// held through the tiles (registers).
     fn tile(&self, em: &Em<'c, '_>, g: &Gx<'c>) -> R<IntValue<'c>> {
-        em.rem(linear_block(em)?, em.ceil_div(g.inter, em.i64c(2 * GB_N))?)
+        em.div(g.col0, em.i64c(2 * GB_N))
     }
 
     /// bf16 element offset of the rows `[pairs, D]` in scratch (after the u32 counters).
@@ -1757,13 +1794,14 @@ struct DownLayout {
     cstride: i64,
 }
 
-/// The expert-major grouped GEMM: block (expert e, tile of columns), numbered in launch order,
-/// scans the routing operand `GB_SCAN · GB_SCAN_PER` entries at a time, appends the (token,
-/// slot) pairs routed to e to a shared list (a shared counter), and runs a tensor-core tile
-/// for every GB_M pairs listed, and once more for the rest at the end. SwiGlu (`down` None): GB_N
+/// The expert-major grouped GEMM: block (expert e, group of [`gb_group`] column tiles),
+/// numbered in launch order, scans the routing operand `GB_SCAN · GB_SCAN_PER` entries at a
+/// time (one load an entry: [`expert_at`]), appends the (token, slot) pairs routed to e to a
+/// shared list (a shared counter), and runs a tensor-core tile of each of its column tiles for
+/// every GB_M pairs listed, and once more for the rest at the end. SwiGlu (`down` None): GB_N
 /// intermediate columns of gate and up, finished in the tile. Down: 2·GB_N output columns,
-/// rows to scratch, then [`down_combine`]. Blocks past `E · tiles` exit (the callers launch
-/// exactly E · tiles blocks, or, when a SwiGlu's columns are not a constant, the larger GEMV
+/// rows to scratch, then [`down_combine`]. Blocks past `E · groups` exit (the callers launch
+/// exactly E · groups blocks, or, when a SwiGlu's columns are not a constant, the larger GEMV
 /// grid).
 #[allow(clippy::too_many_arguments)]
 fn expert_major<'c>(
@@ -1789,28 +1827,19 @@ fn expert_major<'c>(
     let experts_v = em.dim(experts)?;
     let inter = em.dim(ncols)?;
     let tile_w = if down.is_some() { 2 * GB_N } else { GB_N };
-    // the first E · tiles blocks in launch order work (an expert's column tiles together,
-    // sharing its gathered rows in L2); the others exit at once
+    // the first E · groups blocks in launch order work (an expert's column tiles together,
+    // sharing its gathered rows in L2), each on `group` column tiles; the others exit at once
+    let group = gb_group(down.is_some());
     let n_tiles = em.ceil_div(inter, em.i64c(tile_w))?;
+    let n_groups = em.ceil_div(n_tiles, em.i64c(group))?;
     let lin = linear_block(em)?;
-    let out = em.icmp(IntPredicate::SGE, lin, em.mul(experts_v, n_tiles)?)?;
+    let out = em.icmp(IntPredicate::SGE, lin, em.mul(experts_v, n_groups)?)?;
     em.return_if(out)?;
-    let e = em.div(lin, n_tiles)?;
-    let by = em.rem(lin, n_tiles)?;
+    let e = em.div(lin, n_groups)?;
+    let tile0 = em.mul(em.rem(lin, n_groups)?, em.i64c(group))?;
     let tid = em.sreg("tid.x")?;
-    let col0 = em.mul(by, em.i64c(tile_w))?;
-    let crow = em.div(tid, em.i64c(GB_CHUNKS))?;
-    let mut brows = [Vec::new(), Vec::new()];
-    for (j, w) in [wa, wb].into_iter().enumerate() {
-        for pass in 0..GB_N / GB_ROWS_PER_PASS {
-            let shift = if down.is_some() { GB_N * j as i64 } else { 0 } + pass * GB_ROWS_PER_PASS;
-            let n = em.add(col0, em.add(crow, em.i64c(shift))?)?;
-            let ok = em.icmp(IntPredicate::SLT, n, inter)?;
-            let nc = em.select_i(ok, n, zero)?;
-            let row = gep16(em, em.inputs[w], expert_row(em, w, e, nc)?)?;
-            brows[j].push((row, ok));
-        }
-    }
+    let col0 = em.mul(tile0, em.i64c(tile_w))?;
+    let brows = tile_brows(em, (wa, wb), e, col0, inter, down.is_some())?;
     let down = down.map(|l| Down {
         cstride: l.cstride,
         flags: em.shared_array("ringjit_grouped_flags", i32t.into(), GB_M as u32),
@@ -1845,8 +1874,7 @@ fn expert_major<'c>(
             let p = em.add(c0, em.add(tid, em.i64c(j * GB_SCAN))?)?;
             let ok = em.icmp(IntPredicate::SLT, p, pairs)?;
             let pc = em.select_i(ok, p, zero)?;
-            let pi = em.unravel(pc, &ext1)?;
-            let ep = expert_of(em, t, &pi, experts)?;
+            let ep = expert_at(em, t, pc, &ext1, experts)?;
             let flag = em.and(ok, em.icmp(IntPredicate::EQ, ep, e)?)?;
             em.if_then(flag, |em| {
                 let at = em.count_arrival(scnt)?;
@@ -1869,7 +1897,14 @@ fn expert_major<'c>(
             },
             |em| {
                 let b = em.geti(base)?;
-                grouped_tile(em, t, &g.from(em, b)?, em.i64c(GB_M))?;
+                group_tiles(
+                    em,
+                    t,
+                    &g.from(em, b)?,
+                    (wa, wb),
+                    (e, tile0, n_tiles, group),
+                    em.i64c(GB_M),
+                )?;
                 em.set(base, em.add(b, em.i64c(GB_M))?)
             },
         )?;
@@ -1896,5 +1931,73 @@ fn expert_major<'c>(
     })?;
     let rest = load_count(em)?;
     let some = em.icmp(IntPredicate::SGT, rest, zero)?;
-    em.if_then(some, |em| grouped_tile(em, t, &g, rest))
+    em.if_then(some, |em| {
+        group_tiles(em, t, &g, (wa, wb), (e, tile0, n_tiles, group), rest)
+    })
+}
+
+/// Column tiles an expert-major block runs on each batch of listed pairs, so that one routing
+/// scan serves them all: [`GB_GROUP_SWIGLU`] / [`GB_GROUP_DOWN`], or `RINGJIT_GB_GROUP` (1 to 8;
+/// for measuring).
+fn gb_group(down: bool) -> i64 {
+    match std::env::var("RINGJIT_GB_GROUP")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        Some(g) if (1..=8).contains(&g) => g,
+        _ if down => GB_GROUP_DOWN,
+        _ => GB_GROUP_SWIGLU,
+    }
+}
+
+/// The weight rows this thread copies for the column tile at `col0` of expert `e` (see
+/// [`Gx::brows`]).
+fn tile_brows<'c>(
+    em: &Em<'c, '_>,
+    (wa, wb): (usize, usize),
+    e: IntValue<'c>,
+    col0: IntValue<'c>,
+    inter: IntValue<'c>,
+    down: bool,
+) -> R<[Vec<(PointerValue<'c>, IntValue<'c>)>; 2]> {
+    let crow = em.div(em.sreg("tid.x")?, em.i64c(GB_CHUNKS))?;
+    let mut brows = [Vec::new(), Vec::new()];
+    for (j, w) in [wa, wb].into_iter().enumerate() {
+        for pass in 0..GB_N / GB_ROWS_PER_PASS {
+            let shift = if down { GB_N * j as i64 } else { 0 } + pass * GB_ROWS_PER_PASS;
+            let n = em.add(col0, em.add(crow, em.i64c(shift))?)?;
+            let ok = em.icmp(IntPredicate::SLT, n, inter)?;
+            let nc = em.select_i(ok, n, em.i64c(0))?;
+            let row = gep16(em, em.inputs[w], expert_row(em, w, e, nc)?)?;
+            brows[j].push((row, ok));
+        }
+    }
+    Ok(brows)
+}
+
+/// The tiles of the block's column tiles `tile0 .. tile0 + group` (those below `n_tiles`) for
+/// the first `nrows` pairs of `g`'s list.
+fn group_tiles<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    g: &Gx<'c>,
+    w: (usize, usize),
+    (e, tile0, n_tiles, group): (IntValue<'c>, IntValue<'c>, IntValue<'c>, i64),
+    nrows: IntValue<'c>,
+) -> R<()> {
+    if group == 1 {
+        return grouped_tile(em, t, g, nrows);
+    }
+    let tile_w = if g.down.is_some() { 2 * GB_N } else { GB_N };
+    let end = em.imin(em.add(tile0, em.i64c(group))?, n_tiles)?;
+    em.for_range(tile0, end, em.i64c(1), |em, tile| {
+        let col0 = em.mul(tile, em.i64c(tile_w))?;
+        let brows = tile_brows(em, w, e, col0, g.inter, g.down.is_some())?;
+        let gt = Gx {
+            col0,
+            brows,
+            ..g.clone()
+        };
+        grouped_tile(em, t, &gt, nrows)
+    })
 }
