@@ -1349,13 +1349,14 @@ const GB_SCAN: i64 = THREADS as i64;
 const GB_SCAN_PER: i64 = 16;
 /// [`GB_SCAN_PER`], or `RINGJIT_GB_SCAN_PER` (4 to 32; for measuring).
 fn gb_scan_per() -> i64 {
-    match std::env::var("RINGJIT_GB_SCAN_PER")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-    {
-        Some(n) if (4..=32).contains(&n) => n,
-        _ => GB_SCAN_PER,
-    }
+    knob("RINGJIT_GB_SCAN_PER", 4..=32).unwrap_or(GB_SCAN_PER)
+}
+
+/// The integer value of the environment variable `name` when it lies in `range` (the tuning
+/// knobs kept for A/B timing on the GPU machine).
+fn knob(name: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
+    let v = std::env::var(name).ok()?.parse::<i64>().ok()?;
+    range.contains(&v).then_some(v)
 }
 /// 16-byte copies of one operand row per K step, and the tile rows a pass of the block copies.
 const GB_CHUNKS: i64 = GB_K / 8;
@@ -1365,13 +1366,7 @@ const _: () = assert!(GB_M % GB_ROWS_PER_PASS == 0 && GB_N % GB_ROWS_PER_PASS ==
 /// Pipeline stages of the grouped tile: [`GB_STAGES`], or `RINGJIT_GB_STAGES` (2 to 4; for
 /// measuring).
 fn gb_stages() -> i64 {
-    match std::env::var("RINGJIT_GB_STAGES")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-    {
-        Some(n) if (2..=4).contains(&n) => n,
-        _ => GB_STAGES,
-    }
+    knob("RINGJIT_GB_STAGES", 2..=4).unwrap_or(GB_STAGES)
 }
 
 /// Shared bytes of a grouped kernel with the tensor-core path (its GEMVs use the same buffer).
@@ -1970,14 +1965,7 @@ fn expert_major<'c>(
 /// scan serves them all: [`GB_GROUP_SWIGLU`] / [`GB_GROUP_DOWN`], or `RINGJIT_GB_GROUP` (1 to 8;
 /// for measuring).
 fn gb_group(down: bool) -> i64 {
-    match std::env::var("RINGJIT_GB_GROUP")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-    {
-        Some(g) if (1..=8).contains(&g) => g,
-        _ if down => GB_GROUP_DOWN,
-        _ => GB_GROUP_SWIGLU,
-    }
+    knob("RINGJIT_GB_GROUP", 1..=8).unwrap_or(if down { GB_GROUP_DOWN } else { GB_GROUP_SWIGLU })
 }
 
 /// The weight rows this thread copies for the column tile at `col0` of expert `e` (see
