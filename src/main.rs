@@ -717,6 +717,10 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         counts.templates,
         counts.scans
     );
+    let mut kinds: Vec<(&String, &usize)> = counts.by_kind.iter().collect();
+    kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!("  by kind: {}", kinds.join(", "));
     println!(
         "arena peak: {:.2} MiB at batch 1, seq {seq}, past {past}",
         mem.arena_peak_bytes as f64 / (1u64 << 20) as f64
