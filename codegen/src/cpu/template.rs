@@ -1081,32 +1081,37 @@ impl TemplateExec {
                 let (inter, d) = (sw1[1], sw1[2]);
                 let out = DType::promote(xdt, w1dt).unwrap_or(DType::F32);
                 let mut h = vec![0f32; tokens * top_k * inter];
+                // each expert's rows gathered; its results at `at[e]`: gate m×I, then up m×I
+                let xa: Vec<Vec<f32>> = rows
+                    .iter()
+                    .map(|rs| {
+                        rs.iter()
+                            .flat_map(|&(t, _)| x[t * d..(t + 1) * d].iter().copied())
+                            .collect()
+                    })
+                    .collect();
+                let (at, total) = expert_offsets(&rows, 2 * inter);
+                let mut c = vec![0f32; total];
+                for (m, es) in by_row_count(&rows) {
+                    let jobs: Vec<_> = es
+                        .iter()
+                        .flat_map(|&e| {
+                            let xr = MatRef {
+                                data: &xa[e],
+                                base: 0,
+                                rs: d,
+                                cs: 1,
+                            };
+                            [
+                                (xr, wt(w1.as_slice(), e, inter, d), at[e]),
+                                (xr, wt(w2.as_slice(), e, inter, d), at[e] + m * inter),
+                            ]
+                        })
+                        .collect();
+                    gemm_batched(micro, &jobs, &mut c, (m, inter, d), l.par);
+                }
                 for (e, rs) in rows.iter().enumerate() {
-                    if rs.is_empty() {
-                        continue;
-                    }
-                    let m = rs.len();
-                    let mut xa = vec![0f32; m * d];
-                    for (r, &(t, _)) in rs.iter().enumerate() {
-                        xa[r * d..(r + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
-                    }
-                    let mut c = vec![0f32; 2 * m * inter];
-                    let xr = MatRef {
-                        data: &xa,
-                        base: 0,
-                        rs: d,
-                        cs: 1,
-                    };
-                    gemm_batched(
-                        micro,
-                        &[
-                            (xr, wt(w1.as_slice(), e, inter, d), 0),
-                            (xr, wt(w2.as_slice(), e, inter, d), m * inter),
-                        ],
-                        &mut c,
-                        (m, inter, d),
-                        l.par,
-                    );
+                    let (m, c) = (rs.len(), &c[at[e]..]);
                     for (r, &(t, s)) in rs.iter().enumerate() {
                         for j in 0..inter {
                             let g = out.round(c[r * inter + j]);
@@ -1126,33 +1131,42 @@ impl TemplateExec {
                 let hdt = xdt;
                 let prod_dt = DType::promote(hdt, w2dt).unwrap_or(DType::F32);
                 let mut y = vec![0f64; tokens * d];
-                let mut contrib: Vec<Vec<f32>> = vec![Vec::new(); experts];
-                for (e, rs) in rows.iter().enumerate() {
-                    if rs.is_empty() {
-                        continue;
-                    }
-                    let m = rs.len();
-                    let mut ha = vec![0f32; m * inter];
-                    for (r, &(t, s)) in rs.iter().enumerate() {
-                        let src = (t * top_k + s) * inter;
-                        ha[r * inter..(r + 1) * inter].copy_from_slice(&x[src..src + inter]);
-                    }
-                    let mut c = vec![0f32; m * d];
-                    let hr = MatRef {
-                        data: &ha,
-                        base: 0,
-                        rs: inter,
-                        cs: 1,
-                    };
-                    let wr = MatRef {
-                        data: w2.as_slice(),
-                        base: e * d * inter,
-                        rs: 1,
-                        cs: inter,
-                    };
-                    gemm_batched(micro, &[(hr, wr, 0)], &mut c, (m, d, inter), l.par);
-                    contrib[e] = c;
+                // each expert's rows gathered; its results at `at[e]`, m×D
+                let ha: Vec<Vec<f32>> = rows
+                    .iter()
+                    .map(|rs| {
+                        rs.iter()
+                            .flat_map(|&(t, s)| {
+                                let src = (t * top_k + s) * inter;
+                                x[src..src + inter].iter().copied()
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let (at, total) = expert_offsets(&rows, d);
+                let mut c = vec![0f32; total];
+                for (m, es) in by_row_count(&rows) {
+                    let jobs: Vec<_> = es
+                        .iter()
+                        .map(|&e| {
+                            let hr = MatRef {
+                                data: &ha[e],
+                                base: 0,
+                                rs: inter,
+                                cs: 1,
+                            };
+                            let wr = MatRef {
+                                data: w2.as_slice(),
+                                base: e * d * inter,
+                                rs: 1,
+                                cs: inter,
+                            };
+                            (hr, wr, at[e])
+                        })
+                        .collect();
+                    gemm_batched(micro, &jobs, &mut c, (m, d, inter), l.par);
                 }
+                let contrib: Vec<&[f32]> = rows.iter().enumerate().map(|(e, _)| &c[at[e]..]).collect();
                 // sum over the slots in slot order, as the reference does
                 let mut pos: Vec<usize> = vec![0; experts];
                 let mut slot_of: Vec<(usize, usize)> = vec![(0, 0); tokens * top_k];
@@ -1316,6 +1330,28 @@ fn wt(w: &[f32], e: usize, rows: usize, cols: usize) -> MatRef<'_> {
         rs: 1,
         cs: cols,
     }
+}
+
+/// Where each expert's results start in one buffer, `per_row` values a routed row (experts
+/// without rows take none), and the buffer's length.
+fn expert_offsets(rows: &[Vec<(usize, usize)>], per_row: usize) -> (Vec<usize>, usize) {
+    let mut at = Vec::with_capacity(rows.len());
+    let mut total = 0;
+    for rs in rows {
+        at.push(total);
+        total += rs.len() * per_row;
+    }
+    (at, total)
+}
+
+/// The experts with routed rows, grouped by their row count (ascending): one GEMM call for all
+/// the experts of a count (in decode, every expert has one row: one call, one parallel pass).
+fn by_row_count(rows: &[Vec<(usize, usize)>]) -> std::collections::BTreeMap<usize, Vec<usize>> {
+    let mut by = std::collections::BTreeMap::<usize, Vec<usize>>::new();
+    for (e, rs) in rows.iter().enumerate().filter(|(_, rs)| !rs.is_empty()) {
+        by.entry(rs.len()).or_default().push(e);
+    }
+    by
 }
 
 /// `(shape, elements as f64, dtype)`
