@@ -112,7 +112,8 @@ fn gemv(
 ) {
     let cptr = Shared(c.as_mut_ptr());
     let k8 = k / 8;
-    par.run(jobs.len() * n, &|lo, hi| {
+    let items = jobs.len() * n;
+    let body = |lo: usize, hi: usize| {
         for item in lo..hi {
             let (job, j) = (item / n, item % n);
             let (a, b, off) = jobs[job];
@@ -128,8 +129,17 @@ fn gemv(
                 unsafe { *cptr.get().add(off + i * n + j) = s };
             }
         }
-    });
+    };
+    // a GEMV this small finishes on this thread before the pool's threads would wake
+    if items * m * k <= GEMV_INLINE_MACS {
+        body(0, items)
+    } else {
+        par.run(items, &body)
+    }
 }
+
+/// Multiply-adds under which [`gemv`] runs on the calling thread.
+const GEMV_INLINE_MACS: usize = 1 << 17;
 
 /// Generates the micro-kernel into the plan's module.
 pub(crate) fn compile_micro_kernel(jit: &mut Jit) -> Result<FuncId, String> {
