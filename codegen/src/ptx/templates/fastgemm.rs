@@ -1125,8 +1125,8 @@ pub(super) fn grouped_fast<'c>(
             let tiles = direct.is_some();
             let smem = grouped_smem(em, tiles)?;
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
-            // prefill plans launch exactly the expert-major blocks (E · column tiles), and the
-            // GEMVs of a short prompt stride over them; decode plans a block per GEMV item
+            // prefill plans launch exactly the expert-major blocks (E · column-tile groups), and
+            // the GEMVs of a short prompt stride over them; decode plans a block per GEMV item
             let sized = direct
                 .and(s2[1].as_const())
                 .and_then(|i| tiles_grid(&s2[0], i, GB_N, gb_group(false)));
@@ -1226,7 +1226,7 @@ pub(super) fn grouped_fast<'c>(
                 .and_then(|n| tiles_grid(&s3[0], n, 2 * GB_N, gb_group(true)));
             if let (Some(x), Some(dout_c)) = (direct, dout_c) {
                 // many (token, slot) pairs: expert-major tensor-core tiles into scratch, then
-                // the combine, on a grid of E · column tiles blocks (`sized`)
+                // the combine, on a grid of E · column-tile groups blocks (`sized`)
                 let col_tiles = (dout_c + 2 * GB_N - 1) / (2 * GB_N);
                 let cstride = (col_tiles + 3) / 4 * 4;
                 let s1 = em.operand_shape(t, 1)?;
