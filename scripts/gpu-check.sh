@@ -45,8 +45,8 @@ if [[ $parts == *,sanitizer,* ]]; then
     st=$?
     say "== compute-sanitizer memcheck, tiny forward (exit $st)"
     grep -E "ERROR SUMMARY|Invalid|error" "$log" | head -5 | sed 's/^/    /' >> "$summary"
-    # decode at batch 40 on small: the expert-major grouped GEMVs with many pairs an expert,
-    # their scratch rows and arrival counters
+    # decode at batch 40 on small: the decode plan's kernels (graph replay included) where
+    # experts take several (token, slot) pairs and the attention splits 40 rows' keys
     log="$out/sanitizer-small.log"
     compute-sanitizer --tool memcheck --error-exitcode 7 \
       .gpu/bin/ringjit bench --config small --device cuda --prefill 16 --decode-batch 40 --context 16 --steps 1 --repeats 1 \
