@@ -40,6 +40,22 @@ impl Tensor {
         }
     }
 
+    /// [`Tensor::from_f32`] for values already representable in `dtype` (decoded from its
+    /// storage), without rounding them again (checked in debug builds).
+    pub fn from_f32_exact(dtype: DType, shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        assert!(dtype.is_float(), "from_f32_exact with {dtype}");
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape/data mismatch");
+        debug_assert!(
+            data.iter().all(|&x| x.is_nan() || dtype.round(x) == x),
+            "from_f32_exact: a value not representable in {dtype}"
+        );
+        Tensor {
+            dtype,
+            shape,
+            data: Data::F32(data),
+        }
+    }
+
     pub fn from_i64(dtype: DType, shape: Vec<usize>, data: Vec<i64>) -> Tensor {
         assert!(dtype.is_int(), "from_i64 with {dtype}");
         assert_eq!(shape.iter().product::<usize>(), data.len(), "shape/data mismatch");

@@ -86,11 +86,16 @@ impl HostBuf {
             // SAFETY: checked just above.
             let vals: Vec<f32> = match dtype {
                 DType::F32 => unsafe { std::slice::from_raw_parts(self.ptr as *const f32, n) }.to_vec(),
+                DType::BF16 => unsafe { std::slice::from_raw_parts(self.ptr as *const u16, n) }
+                    .iter()
+                    .map(|&b| f32::from_bits(u32::from(b) << 16))
+                    .collect(),
                 _ => (0..n)
                     .map(|i| unsafe { load_elem(self.ptr, dtype, i) } as f32)
                     .collect(),
             };
-            return Ok(Tensor::from_f32(dtype, shape, vals));
+            // decoded from the dtype's storage: already representable
+            return Ok(Tensor::from_f32_exact(dtype, shape, vals));
         }
         // SAFETY: checked just above.
         let vals: Vec<f64> = (0..n).map(|i| unsafe { load_elem(self.ptr, dtype, i) }).collect();
