@@ -128,8 +128,9 @@ pub struct Pool {
 impl Pool {
     pub fn new(threads: usize) -> Result<Pool> {
         let threads = threads.max(1);
+        // the calling thread takes a share of every parallel extent (`run`)
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads((threads - 1).max(1))
             .thread_name(|i| format!("ringjit-cpu-{i}"))
             .build()
             .map_err(|e| Error(format!("thread pool: {e}")))?;
@@ -154,15 +155,26 @@ impl ParFor for Pool {
         if n == 1 || self.threads == 1 {
             return f(0, n);
         }
-        // a few pieces per thread, so uneven pieces balance
+        // a few pieces per thread, so uneven pieces balance, taken in turn by the calling
+        // thread and the pool's (threads - 1) workers: the caller starts at once, and a small
+        // extent may be done before a worker has woken
         let pieces = (self.threads * 4).min(n);
-        self.pool.scope(|s| {
-            for p in 0..pieces {
-                let (lo, hi) = (n * p / pieces, n * (p + 1) / pieces);
-                if lo < hi {
-                    s.spawn(move |_| f(lo, hi));
-                }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || loop {
+            let p = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if p >= pieces {
+                break;
             }
+            let (lo, hi) = (n * p / pieces, n * (p + 1) / pieces);
+            if lo < hi {
+                f(lo, hi);
+            }
+        };
+        self.pool.in_place_scope(|s| {
+            for _ in 1..self.threads {
+                s.spawn(|_| work());
+            }
+            work();
         });
     }
 }
