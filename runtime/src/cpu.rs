@@ -121,7 +121,8 @@ pub struct ParamCache {
 
 /// A thread pool for the kernels' parallel extents.
 pub struct Pool {
-    pool: rayon::ThreadPool,
+    /// the workers beside the calling thread (none for one thread)
+    pool: Option<rayon::ThreadPool>,
     threads: usize,
 }
 
@@ -129,11 +130,16 @@ impl Pool {
     pub fn new(threads: usize) -> Result<Pool> {
         let threads = threads.max(1);
         // the calling thread takes a share of every parallel extent (`run`)
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads((threads - 1).max(1))
-            .thread_name(|i| format!("ringjit-cpu-{i}"))
-            .build()
-            .map_err(|e| Error(format!("thread pool: {e}")))?;
+        let pool = match threads {
+            1 => None,
+            _ => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads - 1)
+                    .thread_name(|i| format!("ringjit-cpu-{i}"))
+                    .build()
+                    .map_err(|e| Error(format!("thread pool: {e}")))?,
+            ),
+        };
         Ok(Pool { pool, threads })
     }
 
@@ -152,9 +158,9 @@ impl ParFor for Pool {
         if n == 0 {
             return;
         }
-        if n == 1 || self.threads == 1 {
+        let Some(pool) = self.pool.as_ref().filter(|_| n > 1) else {
             return f(0, n);
-        }
+        };
         // a few pieces per thread, so uneven pieces balance, taken in turn by the calling
         // thread and the pool's (threads - 1) workers: the caller starts at once, and a small
         // extent may be done before a worker has woken
@@ -170,7 +176,7 @@ impl ParFor for Pool {
                 f(lo, hi);
             }
         };
-        self.pool.in_place_scope(|s| {
+        pool.in_place_scope(|s| {
             for _ in 1..self.threads {
                 s.spawn(|_| work());
             }

@@ -38,11 +38,8 @@ pub struct StepResult {
     pub ms: f64,
     pub tokens_per_s: f64,
     pub floor_ms: f64,
-    pub kernels: usize,
     /// summed kernel medians by kind (`gemm`, `attention`, `loop`, ...), ms
     pub by_kind: BTreeMap<String, f64>,
-    /// the slowest kernels, ms
-    pub top: Vec<(String, f64)>,
     /// every kernel in launch order with its median, ms (the JSON's `kernels_ms`)
     pub per_kernel: Vec<(String, f64)>,
     /// decode only: the median wall time of whole steps through [`CudaPlan::run`] (tokens
@@ -50,6 +47,16 @@ pub struct StepResult {
     pub wall_ms: Option<f64>,
     /// decode only: the median GPU time of one replay of the step's CUDA graph (events)
     pub graph_ms: Option<f64>,
+}
+
+impl StepResult {
+    /// The five slowest kernels, slowest first, ms.
+    pub fn slowest(&self) -> Vec<(String, f64)> {
+        let mut top = self.per_kernel.clone();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1));
+        top.truncate(5);
+        top
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -277,10 +284,6 @@ pub fn run(
             debug_assert_eq!(&k.name, name);
             *by_kind.entry(k.kind_name().to_string()).or_insert(0.0) += ms;
         }
-        let per_kernel = t.kernels.clone();
-        let mut top = t.kernels.clone();
-        top.sort_by(|a, b| b.1.total_cmp(&a.1));
-        top.truncate(5);
         steps.push(StepResult {
             what,
             batch,
@@ -288,10 +291,8 @@ pub fn run(
             ms: t.step_ms,
             tokens_per_s: tokens as f64 / (t.step_ms / 1e3),
             floor_ms,
-            kernels: t.kernels.len(),
             by_kind,
-            top,
-            per_kernel,
+            per_kernel: t.kernels,
             wall_ms,
             graph_ms,
         });
@@ -337,7 +338,7 @@ impl GpuBenchReport {
                 r.tokens_per_s,
                 r.floor_ms,
                 100.0 * r.floor_ms / r.ms,
-                r.kernels
+                r.per_kernel.len()
             );
             let graph_rows = [
                 (r.graph_ms, "  as a graph", "one CUDA-graph replay, GPU time"),
@@ -360,7 +361,7 @@ impl GpuBenchReport {
             }
             let kinds: Vec<String> = r.by_kind.iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
             let _ = writeln!(s, "    by kind (ms): {}", kinds.join(", "));
-            let top: Vec<String> = r.top.iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
+            let top: Vec<String> = r.slowest().iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
             let _ = writeln!(s, "    slowest: {}", top.join(", "));
         }
         s
@@ -373,8 +374,8 @@ impl GpuBenchReport {
             "compile_s": self.compile_s,
             "steps": self.steps.iter().map(|r| serde_json::json!({
                 "what": r.what, "batch": r.batch, "tokens": r.tokens, "ms": r.ms,
-                "tokens_per_s": r.tokens_per_s, "floor_ms": r.floor_ms, "kernels": r.kernels,
-                "by_kind_ms": r.by_kind, "slowest": r.top, "graph_wall_ms": r.wall_ms, "graph_ms": r.graph_ms,
+                "tokens_per_s": r.tokens_per_s, "floor_ms": r.floor_ms, "kernels": r.per_kernel.len(),
+                "by_kind_ms": r.by_kind, "slowest": r.slowest(), "graph_wall_ms": r.wall_ms, "graph_ms": r.graph_ms,
                 "kernels_ms": r.per_kernel,
             })).collect::<Vec<_>>(),
         })

@@ -20,7 +20,7 @@ use super::expr::{Jit, LoopSpec, Sink};
 use super::gemm::{gemm_batched, Fp8Mat, GemmKernels, MatRef};
 use super::host::{load_elem, read_view, read_view_f32, store_elem, write_view, ConcreteView};
 use super::vector::VecKernels;
-use super::{add_function, parallel_axes, sources, BufPtr, KernelFn, Launch, LoopFn};
+use super::{add_function, parallel_axes, sources, BufPtr, KernelFn, Launch, LoopFn, ParFor};
 use ir::fused::GroupedEpilogue;
 use ir::kernel::{BufferKind, Gemm, Kernel, KernelPlan, Operand, ScalarOp, TemplateKernel, TemplateOp, View};
 use ir::shape::{eval_shape, Dim};
@@ -1081,35 +1081,10 @@ impl TemplateExec {
                 let (inter, d) = (sw1[1], sw1[2]);
                 let out = DType::promote(xdt, w1dt).unwrap_or(DType::F32);
                 let mut h = vec![0f32; tokens * top_k * inter];
-                // each expert's rows gathered; its results at `at[e]`: gate m×I, then up m×I
-                let xa: Vec<Vec<f32>> = rows
-                    .iter()
-                    .map(|rs| {
-                        rs.iter()
-                            .flat_map(|&(t, _)| x[t * d..(t + 1) * d].iter().copied())
-                            .collect()
-                    })
-                    .collect();
-                let (at, total) = expert_offsets(&rows, 2 * inter);
-                let mut c = vec![0f32; total];
-                for (m, es) in by_row_count(&rows) {
-                    let jobs: Vec<_> = es
-                        .iter()
-                        .flat_map(|&e| {
-                            let xr = MatRef {
-                                data: &xa[e],
-                                base: 0,
-                                rs: d,
-                                cs: 1,
-                            };
-                            [
-                                (xr, wt(w1.as_slice(), e, inter, d), at[e]),
-                                (xr, wt(w2.as_slice(), e, inter, d), at[e] + m * inter),
-                            ]
-                        })
-                        .collect();
-                    gemm_batched(micro, &jobs, &mut c, (m, inter, d), l.par);
-                }
+                // each expert's results at `at[e]`: gate m×I, then up m×I
+                let row = |t: usize, _| &x[t * d..(t + 1) * d];
+                let mats = |e| [wt(w1.as_slice(), e, inter, d), wt(w2.as_slice(), e, inter, d)];
+                let (at, c) = expert_gemms(micro, &rows, (d, inter), row, mats, l.par);
                 for (e, rs) in rows.iter().enumerate() {
                     let (m, c) = (rs.len(), &c[at[e]..]);
                     for (r, &(t, s)) in rs.iter().enumerate() {
@@ -1131,42 +1106,10 @@ impl TemplateExec {
                 let hdt = xdt;
                 let prod_dt = DType::promote(hdt, w2dt).unwrap_or(DType::F32);
                 let mut y = vec![0f64; tokens * d];
-                // each expert's rows gathered; its results at `at[e]`, m×D
-                let ha: Vec<Vec<f32>> = rows
-                    .iter()
-                    .map(|rs| {
-                        rs.iter()
-                            .flat_map(|&(t, s)| {
-                                let src = (t * top_k + s) * inter;
-                                x[src..src + inter].iter().copied()
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let (at, total) = expert_offsets(&rows, d);
-                let mut c = vec![0f32; total];
-                for (m, es) in by_row_count(&rows) {
-                    let jobs: Vec<_> = es
-                        .iter()
-                        .map(|&e| {
-                            let hr = MatRef {
-                                data: &ha[e],
-                                base: 0,
-                                rs: inter,
-                                cs: 1,
-                            };
-                            let wr = MatRef {
-                                data: w2.as_slice(),
-                                base: e * d * inter,
-                                rs: 1,
-                                cs: inter,
-                            };
-                            (hr, wr, at[e])
-                        })
-                        .collect();
-                    gemm_batched(micro, &jobs, &mut c, (m, d, inter), l.par);
-                }
-                let contrib: Vec<&[f32]> = rows.iter().enumerate().map(|(e, _)| &c[at[e]..]).collect();
+                // each expert's results at `at[e]`, m×D
+                let row = |t: usize, s: usize| &x[(t * top_k + s) * inter..(t * top_k + s + 1) * inter];
+                let mats = |e| [wt(w2.as_slice(), e, d, inter)];
+                let (at, c) = expert_gemms(micro, &rows, (inter, d), row, mats, l.par);
                 // sum over the slots in slot order, as the reference does
                 let mut pos: Vec<usize> = vec![0; experts];
                 let mut slot_of: Vec<(usize, usize)> = vec![(0, 0); tokens * top_k];
@@ -1181,7 +1124,7 @@ impl TemplateExec {
                         let (e, r) = slot_of[t * top_k + s];
                         let w = weights[t * top_k + s];
                         for j in 0..d {
-                            let p = prod_dt.round(contrib[e][r * d + j]);
+                            let p = prod_dt.round(c[at[e] + r * d + j]);
                             y[t * d + j] += f64::from(w * p);
                         }
                     }
@@ -1332,26 +1275,54 @@ fn wt(w: &[f32], e: usize, rows: usize, cols: usize) -> MatRef<'_> {
     }
 }
 
-/// Where each expert's results start in one buffer, `per_row` values a routed row (experts
-/// without rows take none), and the buffer's length.
-fn expert_offsets(rows: &[Vec<(usize, usize)>], per_row: usize) -> (Vec<usize>, usize) {
+/// The expert GEMMs of a grouped kernel: each expert's routed rows (`rows[e]`, row `(t, s)`
+/// read by `row`, `k` wide) gathered and multiplied by each of its matrices (`mats(e)`, `k × n`),
+/// every expert with the same number of rows in one GEMM call (in decode every chosen expert has
+/// one row: one parallel pass). Returns where each expert's results start and the results: an
+/// expert's `m × n` blocks, one per matrix, one after the other.
+fn expert_gemms<'w, const M: usize>(
+    micro: GemmKernels,
+    rows: &[Vec<(usize, usize)>],
+    (k, n): (usize, usize),
+    row: impl Fn(usize, usize) -> &'w [f32],
+    mats: impl Fn(usize) -> [MatRef<'w>; M],
+    par: &dyn ParFor,
+) -> (Vec<usize>, Vec<f32>) {
+    let gathered: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|rs| rs.iter().flat_map(|&(t, s)| row(t, s).iter().copied()).collect())
+        .collect();
     let mut at = Vec::with_capacity(rows.len());
     let mut total = 0;
     for rs in rows {
         at.push(total);
-        total += rs.len() * per_row;
+        total += rs.len() * M * n;
     }
-    (at, total)
-}
-
-/// The experts with routed rows, grouped by their row count (ascending): one GEMM call for all
-/// the experts of a count (in decode, every expert has one row: one call, one parallel pass).
-fn by_row_count(rows: &[Vec<(usize, usize)>]) -> std::collections::BTreeMap<usize, Vec<usize>> {
-    let mut by = std::collections::BTreeMap::<usize, Vec<usize>>::new();
+    let mut by_count = std::collections::BTreeMap::<usize, Vec<usize>>::new();
     for (e, rs) in rows.iter().enumerate().filter(|(_, rs)| !rs.is_empty()) {
-        by.entry(rs.len()).or_default().push(e);
+        by_count.entry(rs.len()).or_default().push(e);
     }
-    by
+    let mut c = vec![0f32; total];
+    for (m, es) in by_count {
+        let jobs: Vec<_> = es
+            .iter()
+            .flat_map(|&e| {
+                let a = MatRef {
+                    data: &gathered[e],
+                    base: 0,
+                    rs: k,
+                    cs: 1,
+                };
+                let at = at[e];
+                mats(e)
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(j, b)| (a, b, at + j * m * n))
+            })
+            .collect();
+        gemm_batched(micro, &jobs, &mut c, (m, n, k), par);
+    }
+    (at, c)
 }
 
 /// `(shape, elements as f64, dtype)`

@@ -33,6 +33,13 @@ impl<T> Ck<T> for Result<T, BuilderError> {
     }
 }
 
+/// The integer value of the environment variable `name` when it lies in `range`: the codegen
+/// tuning knobs kept for A/B timing on the GPU machine (`RINGJIT_GB_STAGES`, `RINGJIT_LA_CB`, ..).
+pub(crate) fn knob(name: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
+    let v = std::env::var(name).ok()?.parse::<i64>().ok()?;
+    range.contains(&v).then_some(v)
+}
+
 pub(crate) fn err<T>(msg: impl Into<String>) -> R<T> {
     Err(CodegenError(msg.into()))
 }

@@ -16,7 +16,7 @@
 //! also the cheaper one on SIMT cores (2d² FMAs a token against 2d² + 2Cd), so the chunk op
 //! uses it too. (A tensor-core chunked form is future work.)
 
-use super::super::emit::{err, Em, Val, R};
+use super::super::emit::{err, knob, Em, Val, R};
 use super::attention::{fence_acq_rel, fptr, lds, lds4, naive_forced, sts};
 use inkwell::types::BasicType;
 use inkwell::values::{FloatValue, IntValue};
@@ -41,11 +41,9 @@ fn cb_max(em: &Em) -> i64 {
     if !em.prefill {
         return CB_MAX;
     }
-    let env = std::env::var("RINGJIT_LA_CB").ok().and_then(|v| v.parse::<i64>().ok());
-    match env {
-        Some(c) if [8, 16, 32].contains(&c) => c,
-        _ => CB_PREFILL,
-    }
+    knob("RINGJIT_LA_CB", 8..=32)
+        .filter(|c| [8, 16, 32].contains(c))
+        .unwrap_or(CB_PREFILL)
 }
 
 /// (d, columns per block, row groups, rows per thread) when the fast kernel handles `t`.

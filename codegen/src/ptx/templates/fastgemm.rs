@@ -19,7 +19,7 @@
 //! `B`, K not a constant multiple of 8) keeps the SIMT path. `RINGJIT_GEMM=naive` forces the
 //! SIMT path everywhere.
 
-use super::super::emit::{Ck, Em, Val, R};
+use super::super::emit::{knob, Ck, Em, Val, R};
 use super::matrix_index;
 use inkwell::types::{BasicMetadataTypeEnum, BasicType, BasicTypeEnum};
 use inkwell::values::{
@@ -1127,9 +1127,10 @@ pub(super) fn grouped_fast<'c>(
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
             // prefill plans launch exactly the expert-major blocks (E · column-tile groups), and
             // the GEMVs of a short prompt stride over them; decode plans a block per GEMV item
+            let group = gb_group(false);
             let sized = direct
                 .and(s2[1].as_const())
-                .and_then(|i| tiles_grid(&s2[0], i, GB_N, gb_group(false)));
+                .and_then(|i| tiles_grid(&s2[0], i, GB_N, group));
             if let Some(x) = direct {
                 // many (token, slot) pairs: the expert-major tensor-core tiles
                 let pairs = em.product(&em.dims(&s1)?)?;
@@ -1139,7 +1140,7 @@ pub(super) fn grouped_fast<'c>(
                 let gemv_bb = em.ctx.append_basic_block(em.f, "grouped.gemv");
                 em.b.build_conditional_branch(big, mma_bb, gemv_bb).ck()?;
                 em.b.position_at_end(mma_bb);
-                expert_major(em, t, smem, x, (wg, wu), d, dt, (&s1, &s2[0], &s2[1]), None)?;
+                expert_major(em, t, smem, x, (wg, wu), d, dt, (&s1, &s2[0], &s2[1]), group, None)?;
                 em.b.build_unconditional_branch(done).ck()?;
                 em.b.position_at_end(gemv_bb);
             }
@@ -1221,9 +1222,8 @@ pub(super) fn grouped_fast<'c>(
             let smem = grouped_smem(em, tiles)?;
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
             // prefill plans launch exactly the expert-major blocks, the GEMVs stride over them
-            let sized = direct
-                .and(dout_c)
-                .and_then(|n| tiles_grid(&s3[0], n, 2 * GB_N, gb_group(true)));
+            let group = gb_group(true);
+            let sized = direct.and(dout_c).and_then(|n| tiles_grid(&s3[0], n, 2 * GB_N, group));
             if let (Some(x), Some(dout_c)) = (direct, dout_c) {
                 // many (token, slot) pairs: expert-major tensor-core tiles into scratch, then
                 // the combine, on a grid of E · column-tile groups blocks (`sized`)
@@ -1242,7 +1242,8 @@ pub(super) fn grouped_fast<'c>(
                 em.b.build_conditional_branch(big, mma_bb, gemv_bb).ck()?;
                 em.b.position_at_end(mma_bb);
                 let layout = DownLayout { cstride };
-                expert_major(em, t, smem, x, (wd, wd), ii, ydt, (&s1, &s3[0], &s3[1]), Some(layout))?;
+                let (ext, ws) = ((&s1[..], &s3[0], &s3[1]), (wd, wd));
+                expert_major(em, t, smem, x, ws, ii, ydt, ext, group, Some(layout))?;
                 em.b.build_unconditional_branch(done).ck()?;
                 em.b.position_at_end(gemv_bb);
             }
@@ -1352,12 +1353,6 @@ fn gb_scan_per() -> i64 {
     knob("RINGJIT_GB_SCAN_PER", 4..=32).unwrap_or(GB_SCAN_PER)
 }
 
-/// The integer value of the environment variable `name` when it lies in `range` (the tuning
-/// knobs kept for A/B timing on the GPU machine).
-fn knob(name: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
-    let v = std::env::var(name).ok()?.parse::<i64>().ok()?;
-    range.contains(&v).then_some(v)
-}
 /// 16-byte copies of one operand row per K step, and the tile rows a pass of the block copies.
 const GB_CHUNKS: i64 = GB_K / 8;
 const GB_ROWS_PER_PASS: i64 = THREADS as i64 / GB_CHUNKS;
@@ -1832,15 +1827,13 @@ fn expert_major<'c>(
     d: i64,
     dt: DType,
     (s1, experts, ncols): (&[Dim], &Dim, &Dim),
+    group: i64,
     down: Option<DownLayout>,
 ) -> R<()> {
+    let per = gb_scan_per();
     let zero = em.i64c(0);
     let i32t = em.ctx.i32_type();
-    let list = em.shared_array(
-        "ringjit_grouped_list",
-        i32t.into(),
-        (GB_M + GB_SCAN * gb_scan_per()) as u32,
-    );
+    let list = em.shared_array("ringjit_grouped_list", i32t.into(), (GB_M + GB_SCAN * per) as u32);
     let ext1 = em.dims(s1)?;
     let pairs = em.product(&ext1)?;
     let experts_v = em.dim(experts)?;
@@ -1848,7 +1841,6 @@ fn expert_major<'c>(
     let tile_w = if down.is_some() { 2 * GB_N } else { GB_N };
     // the first E · groups blocks in launch order work (an expert's column tiles together,
     // sharing its gathered rows in L2), each on `group` column tiles; the others exit at once
-    let group = gb_group(down.is_some());
     let n_tiles = em.ceil_div(inter, em.i64c(tile_w))?;
     let n_groups = em.ceil_div(n_tiles, em.i64c(group))?;
     let lin = linear_block(em)?;
@@ -1888,7 +1880,6 @@ fn expert_major<'c>(
         let c = em.b.build_load(i32t, scnt, "").ck()?.into_int_value();
         em.b.build_int_z_extend(c, em.ctx.i64_type(), "").ck()
     };
-    let per = gb_scan_per();
     em.for_range(zero, pairs, em.i64c(GB_SCAN * per), |em, c0| {
         // the step's loads all issued before the first append (an append between two loads
         // would make each wait for the one before)
