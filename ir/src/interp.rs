@@ -1587,7 +1587,7 @@ fn argmax_t<T: Elem>(v: &[T], pre: usize, n: usize, post: usize) -> Vec<i64> {
 
 /// `[.., M, K] @ [.., K, N]` with broadcast batch dims; dot products accumulate in f64 and each
 /// result is rounded once (to f32, then to `dtype`).
-fn matmul(a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> Result<Tensor, String> {
+pub(crate) fn matmul(a: &Tensor, b: &Tensor, dtype: DType, shape: &[usize]) -> Result<Tensor, String> {
     let (x, y) = (floats(a)?, floats(b)?);
     let (ra, rb, r) = (a.shape.len(), b.shape.len(), shape.len());
     if ra < 2 || rb < 2 || r < 2 {
@@ -1682,7 +1682,7 @@ fn gemm(a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize), c: &mut [f32]) {
 
 /// Float → int truncates toward zero, saturating like `as` (NaN → 0; i32 to its range);
 /// int → float rounds to the dtype; bool ↔ number: nonzero is true, true is 1.
-fn cast(x: &Tensor, to: DType) -> Tensor {
+pub(crate) fn cast(x: &Tensor, to: DType) -> Tensor {
     let data = match &x.data {
         Data::F32(v) => match to {
             d if d.is_float() => Data::F32(v.clone()),

@@ -631,6 +631,20 @@ pub struct Gemm {
     pub acc: DType,
     /// Result dtype (before any epilogue).
     pub out: DType,
+    /// An RMSNorm of A's rows folded in (`Fused::NormMatmul`): see [`RowNorm`].
+    pub norm: Option<RowNorm>,
+}
+
+/// The RMSNorm a GEMM applies to the rows of A as it reads them (`Fused::NormMatmul`; decode
+/// plans, `passes::normgemm`). Operand 2 is the weight `w [K]`. The GEMM multiplies
+/// `round(round(a · r, A's dtype) · w[k], dtype)` where `r = 1 / sqrt(Σ_k a² / K + eps)` is
+/// the row's statistic in f32 (`Fused::RmsNorm`'s arithmetic). With a second kernel output
+/// (and no epilogue) the kernel also stores those normalised rows there.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowNorm {
+    pub eps: f64,
+    /// The normalised value's dtype (the RMSNorm's result type).
+    pub dtype: DType,
 }
 
 /// The group RMSNorm and sigmoid output gate folded into a lightning template
@@ -794,7 +808,9 @@ impl TemplateOp {
     /// index it irregularly (selections, scatters) or quantise from raw blocks do not.
     pub fn accepts_prologue(&self, slot: usize) -> bool {
         match self {
-            TemplateOp::Gemm(_) => slot < 2,
+            // A, B (and a folded norm's weight); a folded norm reads A from memory (its row
+            // statistics are loaded before the GEMM, with vector loads)
+            TemplateOp::Gemm(g) => slot < 3 && !(slot == 0 && g.norm.is_some()),
             // the token activations (and the routing weights of the combine)
             TemplateOp::GroupedGemm { .. } => slot == 0 || slot == 2,
             TemplateOp::Attention { .. }
@@ -841,7 +857,7 @@ impl TemplateOp {
             }
             TemplateOp::SwiGluQuantFp8 { width } => format!("width={width} block=1x128"),
             TemplateOp::Gemm(g) => format!(
-                "batch={} m={} n={} k={} a={:?} b={:?} acc={} out={}",
+                "batch={} m={} n={} k={} a={:?} b={:?} acc={} out={}{}",
                 shape_str(&g.batch),
                 g.m,
                 g.n,
@@ -849,7 +865,11 @@ impl TemplateOp {
                 g.a,
                 g.b,
                 g.acc,
-                g.out
+                g.out,
+                match &g.norm {
+                    Some(r) => format!(" norm(eps={:e}, {})", r.eps, r.dtype),
+                    None => String::new(),
+                }
             ),
             TemplateOp::GroupedGemm {
                 epilogue,

@@ -339,8 +339,15 @@ impl Eval<'_> {
                     .map(|o| self.operand(k, o, mem))
                     .collect::<Result<_, _>>()?;
                 let results: Vec<Dense> = match &t.op {
-                    TemplateOp::Gemm(gm) => vec![gemm(&ops[0], &ops[1], gm.out)?],
-                    op => self.by_interp(op, &t.operands, &ops, k, plan)?,
+                    TemplateOp::Gemm(gm) if gm.norm.is_none() => vec![gemm(&ops[0], &ops[1], gm.out)?],
+                    op => {
+                        let mut r = self.by_interp(op, &t.operands, &ops, k, plan)?;
+                        // a folded norm's rows are a result only where the kernel stores them
+                        if matches!(op, TemplateOp::Gemm(_)) && (t.epilogue.is_some() || k.outputs.len() < 2) {
+                            r.truncate(1);
+                        }
+                        r
+                    }
                 };
                 match &t.epilogue {
                     Some(f) => {
@@ -530,6 +537,11 @@ pub fn template_graph_op(op: &TemplateOp) -> Result<Op, String> {
         TemplateOp::GroupNormGate { groups, eps, .. } => f(Fused::GroupNormGate {
             groups: *groups,
             eps: *eps,
+        }),
+        // the normalised rows as a second result (stored where the kernel has a second output)
+        TemplateOp::Gemm(crate::kernel::Gemm { norm: Some(r), .. }) => f(Fused::NormMatmul {
+            eps: r.eps,
+            emit_norm: true,
         }),
         TemplateOp::Gemm(_) => return Err("gemm has no single graph op: it is evaluated directly".into()),
     })

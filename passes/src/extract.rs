@@ -256,6 +256,8 @@ impl CostModel {
             // op), times the gate
             Fused::GroupNormGate { .. } => 13.0 * out_n,
             Fused::AddRmsNorm { .. } => 7.0 * n(0),
+            // the norm of A's rows, then the GEMM
+            Fused::NormMatmul { .. } => 6.0 * n(0) + 2.0 * out_n * d(0, ins.first().map_or(1, |t| t.rank()) - 1),
             Fused::QkNormRope { .. } => 12.0 * out_n,
             // q [b, Hkv, G, s, d] against k [b, Hkv, n, d]: QKᵀ and PV
             Fused::FlashAttention { .. } => 4.0 * out_n * d(1, 2),

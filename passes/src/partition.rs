@@ -31,7 +31,7 @@ use ir::fused::{Fused, GroupedEpilogue};
 use ir::graph::{Graph, Value};
 use ir::kernel::{
     reshape_groups, Buffer, BufferId, BufferKind, BufferRef, ConstValue, ExprGraph, ExprId, ExprNode, Fusion, GateNorm,
-    Gemm, GridDim, IndexExpr, IndexVar, Kernel, KernelKind, KernelPlan, LaunchGeometry, LoopKernel, MatrixLayout,
+    Gemm, GridDim, IndexExpr, IndexVar, Kernel, KernelKind, KernelPlan, LaunchGeometry, LoopKernel, MatrixLayout, RowNorm,
     NodeIndex, Operand, PlanOutput, ScalarOp, ScanKernel, TemplateKernel, TemplateOp, TemplateParams, View,
 };
 use ir::op::{BinaryOp, InputKind, Op, UnaryOp};
@@ -152,6 +152,29 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                 b: MatrixLayout::RowMajor,
                 acc: DType::F32,
                 out: node.outputs[0].dtype,
+                norm: None,
+            })
+        }
+        Op::Fused(Fused::NormMatmul { eps, .. }) => {
+            let (a, r) = (arg(0)?, out.len());
+            let w = g.operands(n).get(2).map(|v| g.ty(*v).dtype).ok_or_else(bad)?;
+            let x = g.operands(n)[0];
+            if r < 2 {
+                return Err(bad());
+            }
+            TemplateOp::Gemm(Gemm {
+                batch: out[..r - 2].to_vec(),
+                m: out[r - 2].clone(),
+                n: out[r - 1].clone(),
+                k: last(a)?,
+                a: MatrixLayout::RowMajor,
+                b: MatrixLayout::RowMajor,
+                acc: DType::F32,
+                out: node.outputs[0].dtype,
+                norm: Some(RowNorm {
+                    eps: *eps,
+                    dtype: DType::promote(g.ty(x).dtype, w).ok_or_else(bad)?,
+                }),
             })
         }
         Op::TopK { k, axis } => TemplateOp::TopK { k: *k, axis: *axis },
@@ -301,6 +324,7 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                 }
             }
             Fused::SwiGlu => return Err(format!("%{}: swiglu is elementwise, not a template", n.index())),
+            Fused::NormMatmul { .. } => return Err(bad()),
         },
         op => return Err(format!("%{}: {} is not a template", n.index(), op.name())),
     })

@@ -609,7 +609,7 @@ impl TemplateExec {
 
     pub fn run(&self, l: &Launch) -> Result<(), String> {
         let results: Vec<Dense> = match &self.op {
-            TemplateOp::Gemm(g) => vec![self.gemm(g, l)?],
+            TemplateOp::Gemm(g) => self.gemm(g, l)?,
             TemplateOp::GroupedGemm { epilogue, .. } => vec![self.grouped_gemm(*epilogue, l)?],
             TemplateOp::QuantizeFp8 { rows, cols } => self.quantize(*rows, *cols, l)?,
             TemplateOp::DequantizeFp8 { rows, cols, to } => vec![self.dequantize(*rows, *cols, *to, l)?],
@@ -979,9 +979,19 @@ impl TemplateExec {
         }
     }
 
-    fn gemm(&self, g: &Gemm, l: &Launch) -> Result<Dense, String> {
+    /// `Gemm`, with a folded RMSNorm of A's rows first (`RowNorm`): the normalised rows are
+    /// the GEMM's A, and its second result when the kernel stores them.
+    fn gemm(&self, g: &Gemm, l: &Launch) -> Result<Vec<Dense>, String> {
         let micro = self.kernels.ok_or("the GEMM kernels are not linked")?;
-        let (sa, a, _) = self.operand(0, l)?;
+        let (sa, a, adt) = self.operand(0, l)?;
+        let (a, normed) = match g.norm {
+            Some(r) => {
+                let (_, w, _) = self.operand(2, l)?;
+                let n = Arc::new(norm_rows(&a, &w, r, adt)?);
+                (n.clone(), Some(n))
+            }
+            None => (a, None),
+        };
         // B as stored when it is a transposed weight (columns contiguous along K)
         let (sb, b, b_t) = match self.operand_transposed(1, l)? {
             Some((mut s, d, _)) => {
@@ -1046,7 +1056,11 @@ impl TemplateExec {
         let mut c = vec![0f32; nb * m * n];
         gemm_batched(micro, &jobs, &mut c, (m, n, k), l.par);
         round_all(&mut c, g.out);
-        Ok(Dense::F32(c))
+        let mut out = vec![Dense::F32(c)];
+        if let Some(n) = normed.filter(|_| self.epilogue.is_none() && self.outputs.len() > 1) {
+            out.push(Dense::F32(n.as_ref().clone()));
+        }
+        Ok(out)
     }
 
     /// `Fused::GroupedMatmul`: the rows routed to each expert gathered, one GEMM per expert
@@ -1344,4 +1358,23 @@ fn sigmoid(x: f32) -> f32 {
         let e = x.exp();
         e / (1.0 + e)
     }
+}
+
+/// The rows of `x` (rows of `w.len()` values, stored as `xdt`) normalised as `RowNorm` says:
+/// `round(round(x · r, xdt) · w, r.dtype)` with `r = 1 / sqrt(mean(x²) + eps)` (f64 sums).
+fn norm_rows(x: &[f32], w: &[f32], r: ir::kernel::RowNorm, xdt: DType) -> Result<Vec<f32>, String> {
+    let d = w.len();
+    if d == 0 || x.len() % d != 0 {
+        return Err(format!("row norm: {} values in rows of {d}", x.len()));
+    }
+    let mut y = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let ms = xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / d as f64;
+        let inv = 1.0 / (ms + r.eps).sqrt();
+        for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+            let normed = xdt.round((f64::from(xv) * inv) as f32);
+            *yv = r.dtype.round(normed * wv);
+        }
+    }
+    Ok(y)
 }

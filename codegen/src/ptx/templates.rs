@@ -300,13 +300,44 @@ fn gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &ir::kernel::Gemm) -> R<
     let total = em.product(&ext)?;
     let kk = em.dim(&g.k)?;
     let nb = g.batch.len();
+    // a folded norm (`RowNorm`): each thread finds its row's 1/rms first; the threads of
+    // column 0 store the normalised rows when the kernel has a second output
+    let (xdt, bdt) = (em.operand_dtype(t, 0)?, em.operand_dtype(t, 1)?);
+    let emit = g.norm.is_some() && t.epilogue.is_none() && em.kernel.outputs.len() > 1;
     em.flat(total, |em, lin| {
         let idx = em.unravel(lin, &ext)?;
         let (i, j) = (idx[nb], idx[nb + 1]);
         let acc = em.fvar(em.f32c(0.0))?;
         let zero = em.i64c(0);
+        let inv = match g.norm {
+            Some(r) => {
+                let ss = em.fvar(em.f32c(0.0))?;
+                em.for_range(zero, kk, em.i64c(1), |em, l| {
+                    let a = em.ldf(t, 0, &matrix_index(&sa, &idx[..nb], i, l, zero))?;
+                    let s = em.fma(a, a, em.getf(ss)?)?;
+                    em.set(ss, s)
+                })?;
+                Some((r, em.inv_rms(em.getf(ss)?, kk, r.eps)?))
+            }
+            None => None,
+        };
+        let first = em.icmp(IntPredicate::EQ, j, zero)?;
         em.for_range(zero, kk, em.i64c(1), |em, l| {
-            let a = em.ldf(t, 0, &matrix_index(&sa, &idx[..nb], i, l, zero))?;
+            let ai = matrix_index(&sa, &idx[..nb], i, l, zero);
+            let a = em.ldf(t, 0, &ai)?;
+            let a = match inv {
+                Some((r, inv)) => {
+                    let n = em.round(em.fmul(a, inv)?, xdt)?;
+                    let w = em.ldf(t, 2, &[l])?;
+                    let n = em.round(em.fmul(n, w)?, r.dtype)?;
+                    if emit {
+                        let shape = em.result_shape(t, 1)?;
+                        em.if_then(first, |em| em.store_output(1, &ai, &shape, Val::F(n), r.dtype))?;
+                    }
+                    em.round(n, bdt)?
+                }
+                None => a,
+            };
             let b = em.ldf(t, 1, &matrix_index(&sb, &idx[..nb], l, j, zero))?;
             let s = em.fma(a, b, em.getf(acc)?)?;
             em.set(acc, s)

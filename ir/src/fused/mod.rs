@@ -34,6 +34,11 @@ pub enum Fused {
     /// Inputs `h`, `a`, `w`. Outputs `(h + a, RmsNorm(h + a, w))`: the residual add fused with
     /// the next norm.
     AddRmsNorm { eps: f64 },
+    /// Inputs `x [.., M, K]`, `b [.., K, N]`, `w [K]`: the RMSNorm folded into the GEMM that
+    /// reads it, `c = cast(RmsNorm(x, w), b.dtype) @ b` (every row's statistic computed by the
+    /// kernel that multiplies it). Outputs `(c)`, or `(c, RmsNorm(x, w))` when `emit_norm`
+    /// (the normalised rows stored as well, for another reader).
+    NormMatmul { eps: f64, emit_norm: bool },
     /// Inputs `g`, `u`: `g · sigmoid(g) · u`.
     SwiGlu,
     /// Input `x`: softmax along the last axis (max-subtracted, f64 sums).
@@ -116,6 +121,7 @@ impl Fused {
         match self {
             Fused::RmsNorm { .. } => "rms_norm",
             Fused::AddRmsNorm { .. } => "add_rms_norm",
+            Fused::NormMatmul { .. } => "norm_matmul",
             Fused::SwiGlu => "swiglu",
             Fused::Softmax => "softmax",
             Fused::QkNormRope { .. } => "qk_norm_rope",
@@ -142,6 +148,7 @@ impl Fused {
             | Fused::AddRmsNorm { eps }
             | Fused::RmsNormQuantFp8 { eps }
             | Fused::AddRmsNormQuantFp8 { eps } => format!("eps={eps:e}"),
+            Fused::NormMatmul { eps, emit_norm } => format!("eps={eps:e} emit_norm={emit_norm}"),
             Fused::QkNormRope { eps, rotary } => format!("eps={eps:e} rotary={rotary}"),
             Fused::FlashAttention { scale } => format!("scale={scale}"),
             Fused::LinearAttnChunk { chunk } => format!("chunk={chunk}"),
@@ -178,7 +185,10 @@ impl Fused {
     pub fn infer(&self, tys: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let n_args = match self {
             Fused::RmsNorm { .. } | Fused::SwiGlu | Fused::RmsNormQuantFp8 { .. } | Fused::SwiGluQuantFp8 => 2,
-            Fused::AddRmsNorm { .. } | Fused::GroupNormGate { .. } | Fused::AddRmsNormQuantFp8 { .. } => 3,
+            Fused::AddRmsNorm { .. }
+            | Fused::GroupNormGate { .. }
+            | Fused::AddRmsNormQuantFp8 { .. }
+            | Fused::NormMatmul { .. } => 3,
             Fused::Softmax | Fused::QuantizeFp8 { .. } => 1,
             Fused::QkNormRope { .. } | Fused::FlashAttention { .. } | Fused::ScaledMatmulFp8 { .. } => 4,
             Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep => 5,
@@ -218,6 +228,19 @@ impl Fused {
                 }
                 let normed = Fused::RmsNorm { eps: 0.0 }.infer(&[tys[0], tys[2]])?;
                 Ok(vec![tys[0].clone(), normed[0].clone()])
+            }
+            Fused::NormMatmul { emit_norm, .. } => {
+                let (x, b, w) = (tys[0], tys[1], tys[2]);
+                let normed = Fused::RmsNorm { eps: 0.0 }.infer(&[x, w])?;
+                if x.rank() < 2 || b.rank() < 2 || !b.dtype.is_float() {
+                    return Err(format!("norm_matmul of {x} and {b}"));
+                }
+                let a = TensorType::new(b.dtype, normed[0].shape.clone());
+                let mut outs = crate::graph::infer(&crate::op::Op::Matmul, &[&a, b])?;
+                if *emit_norm {
+                    outs.push(normed[0].clone());
+                }
+                Ok(outs)
             }
             Fused::SwiGlu => {
                 float(0)?;
@@ -436,6 +459,7 @@ impl Fused {
         match self {
             Fused::RmsNorm { eps } => norm::rms_norm(*eps, args, out),
             Fused::AddRmsNorm { eps } => norm::add_rms_norm(*eps, args, out),
+            Fused::NormMatmul { eps, .. } => norm::norm_matmul(*eps, args, out),
             Fused::SwiGlu => norm::swiglu(args, out),
             Fused::Softmax => norm::softmax(args, out),
             Fused::QkNormRope { eps, rotary } => norm::qk_norm_rope(*eps, *rotary, args, out),

@@ -135,6 +135,32 @@ pub(super) fn add_rms_norm(
     ])
 }
 
+/// `Fused::NormMatmul`: inputs `x [.., M, K]`, `b [.., K, N]`, `w [K]`; outputs
+/// `(cast(RmsNorm(x, w), b.dtype) @ b)` and, when asked for, `RmsNorm(x, w)`.
+pub(super) fn norm_matmul(
+    eps: f64,
+    args: &[&Tensor],
+    out: &[(TensorType, Vec<usize>)],
+) -> Result<Vec<Tensor>, String> {
+    const OP: &str = "norm_matmul";
+    arity(OP, args, 3)?;
+    let (x, b, w) = (args[0], args[1], args[2]);
+    let (c_ty, c_shape) = out.first().ok_or_else(|| format!("{OP}: no type for output 0"))?;
+    let n_dtype = match out.get(1) {
+        Some(_) => float_out(OP, out, 1, &x.shape)?,
+        None => DType::promote(x.dtype, w.dtype).ok_or_else(|| format!("{OP}: {} and {}", x.dtype, w.dtype))?,
+    };
+    let n_ty = TensorType::new(n_dtype, x.shape.iter().map(|&d| crate::shape::Dim::constant(d as i64)).collect());
+    let normed = rms_norm(eps, &[x, w], &[(n_ty, x.shape.clone())])?.remove(0);
+    let a = crate::interp::cast(&normed, b.dtype);
+    let c = crate::interp::matmul(&a, b, c_ty.dtype, c_shape)?;
+    let mut outs = vec![c];
+    if out.len() > 1 {
+        outs.push(normed);
+    }
+    Ok(outs)
+}
+
 // ---- SwiGLU and softmax -----------------------------------------------------------------------
 
 /// `1 / (1 + e^-x)` without overflow: never the exponential of a large positive number.

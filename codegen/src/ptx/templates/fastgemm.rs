@@ -27,7 +27,8 @@ use inkwell::values::{
 };
 use inkwell::IntPredicate;
 use ir::kernel::{
-    ExprGraph, ExprId, Gemm, GridDim, IndexExpr, IndexVar, LaunchGeometry, Operand, ScalarOp, TemplateKernel, View,
+    ExprGraph, ExprId, Gemm, GridDim, IndexExpr, IndexVar, LaunchGeometry, Operand, RowNorm, ScalarOp, TemplateKernel,
+    View,
 };
 use ir::op::BinaryOp;
 use ir::op::ReduceOp;
@@ -62,6 +63,9 @@ const ROW_CHUNKS: i64 = BK / 8;
 /// Rows of a tile one pass of the block's threads copies.
 const ROWS_PER_PASS: i64 = THREADS as i64 / ROW_CHUNKS;
 const _: () = assert!(GEMV_RT * GEMV_KC <= SMEM_ELEMS);
+/// The GEMV's f32 slots of the rows' 1/rms (a folded norm), past its staged A rows.
+const GEMV_INV: i64 = GEMV_RT * GEMV_KC / 2;
+const _: () = assert!(2 * (GEMV_INV + GEMV_RT) <= SMEM_ELEMS);
 /// Warp steps (256 elements of K each) whose weight loads are issued together.
 const UNROLL: i64 = 4;
 
@@ -261,6 +265,10 @@ fn eligible(em: &Em, t: &TemplateKernel, g: &Gemm) -> R<Option<Shape>> {
     if g.acc != DType::F32 {
         return Ok(None);
     }
+    // a folded norm: its rows are staged as bf16, so they must be bf16 values
+    if g.norm.is_some_and(|r| r.dtype != DType::BF16) {
+        return Ok(None);
+    }
     let Some(a_direct) = a_form(em, t)? else {
         return Ok(None);
     };
@@ -295,6 +303,8 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
         out: g.out,
         smem: dynamic_smem(em),
         sh,
+        norm: g.norm,
+        emit: g.norm.is_some() && t.epilogue.is_none() && em.kernel.outputs.len() > 1,
     };
     cx.rr = em.product(&cx.rext)?;
     // prefill plans: two blocks a multiprocessor (registers capped at 128; 2 × 110 KB of
@@ -359,6 +369,9 @@ struct Cx<'c> {
     out: DType,
     smem: PointerValue<'c>,
     sh: Shape,
+    /// A folded RMSNorm of A's rows (`RowNorm`), and whether the kernel stores the rows.
+    norm: Option<RowNorm>,
+    emit: bool,
 }
 
 impl<'c> Cx<'c> {
@@ -567,6 +580,120 @@ fn gep16<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, e: IntValue<'c>) -> R<Poin
     unsafe { em.b.build_in_bounds_gep(em.ctx.i16_type(), base, &[e], "") }.ck()
 }
 
+/// This thread's part of the sum of squares of A's flattened row `ri`: the 8 elements at
+/// `first + step·i` for every `i` with them in K (16-byte loads, 8 in flight, when A is a
+/// direct bf16 buffer; one element at a time through the operand otherwise).
+fn row_ss_part<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    cx: &Cx<'c>,
+    ri: &[IntValue<'c>],
+    first: IntValue<'c>,
+    step: i64,
+) -> R<FloatValue<'c>> {
+    let zero = em.i64c(0);
+    let ss = em.fvar(em.f32c(0.0))?;
+    let n_i = (cx.sh.k + step - 1) / step;
+    const BATCH: i64 = 8;
+    let base = match cx.sh.a_direct {
+        Some(a) => Some((a, a_row(em, cx, a, ri)?)),
+        None => None,
+    };
+    em.for_range(zero, em.i64c(n_i), em.i64c(BATCH), |em, i0| {
+        let mut xs = Vec::new();
+        for b in 0..BATCH {
+            let k = em.add(first, em.mul(em.add(i0, em.i64c(b))?, em.i64c(step))?)?;
+            let ok = em.icmp(IntPredicate::SLT, k, cx.kk)?;
+            let kc = em.select_i(ok, k, zero)?;
+            match base {
+                Some((a, row)) => {
+                    let v = load_v4(em, gep16(em, em.inputs[a], em.add(row, kc)?)?)?;
+                    xs.push((ok, unpack8(em, v)?));
+                }
+                None => {
+                    let mut v = Vec::new();
+                    for j in 0..8 {
+                        let kj = em.add(kc, em.i64c(j))?;
+                        let okj = em.icmp(IntPredicate::SLT, kj, cx.kk)?;
+                        let idx = cx.a_index(em, ri, em.select_i(okj, kj, zero)?);
+                        let x = em.ldf(t, 0, &idx)?;
+                        v.push(em.select_f(okj, x, em.f32c(0.0))?);
+                    }
+                    xs.push((ok, v));
+                }
+            }
+        }
+        let mut acc = em.getf(ss)?;
+        for (ok, v) in xs {
+            for x in v {
+                let x = em.select_f(ok, x, em.f32c(0.0))?;
+                acc = em.fma(x, x, acc)?;
+            }
+        }
+        em.set(ss, acc)
+    })?;
+    em.getf(ss)
+}
+
+/// A's element at `idx` as the GEMM multiplies it: through the folded norm when there is one
+/// (`round(round(x · inv, bf16) · w[k], bf16)`), with `k` the element's column.
+fn a_value<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    cx: &Cx<'c>,
+    idx: &[IntValue<'c>],
+    k: IntValue<'c>,
+    inv: Option<FloatValue<'c>>,
+) -> R<FloatValue<'c>> {
+    let x = em.ldf(t, 0, idx)?;
+    match (cx.norm, inv) {
+        (Some(r), Some(inv)) => {
+            let n = em.round(em.fmul(x, inv)?, DType::BF16)?;
+            let w = em.ldf(t, 2, &[k])?;
+            em.round(em.fmul(n, w)?, r.dtype)
+        }
+        _ => Ok(x),
+    }
+}
+
+/// Σ over the 8 aligned lanes `lane & !7 ..`: every one of them gets it (all 32 lanes call).
+fn sum8<'c>(em: &Em<'c, '_>, v: FloatValue<'c>) -> R<FloatValue<'c>> {
+    let (f, i32t) = (em.ctx.f32_type(), em.ctx.i32_type());
+    let mut v = v;
+    for off in [4, 2, 1] {
+        let o = em
+            .call(
+                "llvm.nvvm.shfl.sync.bfly.f32",
+                f.into(),
+                &[i32t.into(), f.into(), i32t.into(), i32t.into()],
+                &[em.i32c(-1).into(), v.into(), em.i32c(off).into(), em.i32c(31).into()],
+            )?
+            .into_float_value();
+        v = em.fadd(v, o)?;
+    }
+    Ok(v)
+}
+
+/// Stores a normalised element of A (at A's index) as the kernel's second output, where `c`.
+fn store_row<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    cx: &Cx<'c>,
+    c: IntValue<'c>,
+    idx: &[IntValue<'c>],
+    x: FloatValue<'c>,
+) -> R<()> {
+    let shape = em.result_shape(t, 1)?;
+    let dt = cx.norm.map_or(DType::BF16, |r| r.dtype);
+    em.if_then(c, |em| em.store_output(1, idx, &shape, Val::F(x), dt))
+}
+
+/// `1 / rms` of a row from its sum of squares.
+fn row_inv<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, ss: FloatValue<'c>) -> R<FloatValue<'c>> {
+    let eps = cx.norm.map_or(0.0, |r| r.eps);
+    em.inv_rms(ss, cx.kk, eps)
+}
+
 // ---- GEMV -----------------------------------------------------------------------------------
 
 fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
@@ -597,14 +724,42 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
         for _ in 0..GEMV_RT * GEMV_CN {
             acc.push(em.fvar(em.f32c(0.0))?);
         }
+        if cx.norm.is_some() {
+            // a folded norm: warp w finds 1/rms of row r0 + w (a shared slot past the staged
+            // rows; the staging below starts with a barrier)
+            let live = em.icmp(IntPredicate::SLT, warp, rows)?;
+            let row = em.select_i(live, em.add(r0, warp)?, r0)?;
+            let ri = em.unravel(row, &cx.rext)?;
+            let first = em.mul(lane, em.i64c(8))?;
+            let part = row_ss_part(em, t, cx, &ri, first, 256)?;
+            let ss = em.warp_reduce(ReduceOp::Sum, part)?;
+            let inv = row_inv(em, cx, ss)?;
+            let st = em.and(live, em.icmp(IntPredicate::EQ, lane, zero)?)?;
+            em.if_then(st, |em| {
+                let p = em.shared_gep(em.ctx.f32_type().into(), cx.smem, em.add(em.i64c(GEMV_INV), warp)?)?;
+                em.b.build_store(p, inv).ck()?;
+                Ok(())
+            })?;
+        }
         em.for_range(zero, cx.kk, kc_n, |em, kc| {
             // stage rows r0.. of A, k in kc..kc+KC (zeros past K): 8 elements a thread per row
             em.barrier()?;
             em.for_range(zero, rows, one, |em, m| {
                 let ri = em.unravel(em.add(r0, m)?, &cx.rext)?;
-                let base = match cx.sh.a_direct {
-                    Some(a) => Some((a, a_row(em, cx, a, &ri)?)),
+                let base = match (cx.sh.a_direct, cx.norm) {
+                    (Some(a), None) => Some((a, a_row(em, cx, a, &ri)?)),
+                    _ => None,
+                };
+                let inv = match cx.norm {
+                    Some(_) => {
+                        let p = em.shared_gep(em.ctx.f32_type().into(), cx.smem, em.add(em.i64c(GEMV_INV), m)?)?;
+                        Some(em.b.build_load(em.ctx.f32_type(), p, "").ck()?.into_float_value())
+                    }
                     None => None,
+                };
+                let emit = match cx.emit {
+                    true => Some(em.icmp(IntPredicate::EQ, em.sreg("ctaid.x")?, zero)?),
+                    false => None,
                 };
                 let start = em.mul(tid, em.i64c(8))?;
                 em.for_range(start, kc_n, em.i64c(8 * THREADS as i64), |em, kx| {
@@ -626,7 +781,10 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
                             for j in 0..8 {
                                 let kj = em.add(kcl, em.i64c(j))?;
                                 let idx = cx.a_index(em, &ri, kj);
-                                let x = em.ldf(t, 0, &idx)?;
+                                let x = a_value(em, t, cx, &idx, kj, inv)?;
+                                if let Some(first) = emit {
+                                    store_row(em, t, cx, em.and(first, ok)?, &idx, x)?;
+                                }
                                 let x = em.select_f(ok, x, em.f32c(0.0))?;
                                 let bits = bf16_bits(em, x)?;
                                 v = em.b.build_insert_element(v, bits, em.i32c(j as i32), "").ck()?;
@@ -759,6 +917,8 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         b_ok: IntValue<'c>,
         /// B's column `col0 + r` at k 0
         b_row: PointerValue<'c>,
+        /// the row's 1/rms (a folded norm)
+        inv: Option<FloatValue<'c>>,
     }
     let mut lds = Vec::new();
     for i in 0..(BM / ROWS_PER_PASS) {
@@ -766,8 +926,16 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         let ar = em.add(row0, r)?;
         let a_ok = em.icmp(IntPredicate::SLT, ar, cx.rr)?;
         let a_ri = em.unravel(em.select_i(a_ok, ar, zero)?, &cx.rext)?;
-        let a_base = match cx.sh.a_direct {
-            Some(a) => Some(a_row(em, cx, a, &a_ri)?),
+        let a_base = match (cx.sh.a_direct, cx.norm) {
+            (Some(a), None) => Some(a_row(em, cx, a, &a_ri)?),
+            _ => None,
+        };
+        // a folded norm: the 8 threads of a tile row find its 1/rms together
+        let inv = match cx.norm {
+            Some(_) => {
+                let part = row_ss_part(em, t, cx, &a_ri, kc8, BK)?;
+                Some(row_inv(em, cx, sum8(em, part)?)?)
+            }
             None => None,
         };
         let bn_i = em.add(col0, r)?;
@@ -780,8 +948,13 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
             a_base,
             b_ok,
             b_row: gep16(em, b_buf, b_base)?,
+            inv,
         });
     }
+    let emit = match cx.emit {
+        true => Some(em.icmp(IntPredicate::EQ, bn, zero)?),
+        false => None,
+    };
     let load_tile = |em: &mut Em<'c, '_>, kt: IntValue<'c>, stage: IntValue<'c>| -> R<()> {
         let k = em.add(em.mul(kt, em.i64c(BK))?, kc8)?;
         let k_ok = em.icmp(IntPredicate::SLT, k, cx.kk)?;
@@ -804,7 +977,10 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
                         let ok = em.and(l.a_ok, em.icmp(IntPredicate::SLT, kj, cx.kk)?)?;
                         let kjc = em.select_i(ok, kj, zero)?;
                         let idx = cx.a_index(em, &l.a_ri, kjc);
-                        let x = em.ldf(t, 0, &idx)?;
+                        let x = a_value(em, t, cx, &idx, kjc, l.inv)?;
+                        if let Some(first) = emit {
+                            store_row(em, t, cx, em.and(first, ok)?, &idx, x)?;
+                        }
                         let x = em.select_f(ok, x, em.f32c(0.0))?;
                         let bits = bf16_bits(em, x)?;
                         v = em.b.build_insert_element(v, bits, em.i32c(j as i32), "").ck()?;
