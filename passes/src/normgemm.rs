@@ -32,8 +32,9 @@ use ir::fused::Fused;
 use ir::graph::{Graph, Operand, Value};
 use ir::op::{BinaryOp, Op};
 use petgraph::stable_graph::NodeIndex;
-use petgraph::visit::EdgeRef;
+use petgraph::visit::{EdgeRef, IntoEdgeReferences};
 use petgraph::Direction;
+use std::collections::{BTreeSet, HashMap};
 
 const PASS: &str = "fold-norm-gemm";
 
@@ -97,9 +98,48 @@ fn host(g: &Graph, n: Value) -> Option<(NodeIndex, Value, Option<NodeIndex>)> {
     None
 }
 
+/// `g` with its nodes numbered in a topological order that follows `key` (smallest first
+/// among the ready nodes). The partition orders kernels by the graph's topological order,
+/// which takes the smallest node index first: a node added by a pass would otherwise come
+/// after every ready node of a lower index (an FP8 plan's weight quantisations of every later
+/// layer, all held live in the arena at once).
+fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
+    let mut indeg: HashMap<NodeIndex, usize> = g.g.node_indices().map(|n| (n, 0)).collect();
+    for e in g.g.edge_references() {
+        *indeg.entry(e.target()).or_default() += 1;
+    }
+    let mut ready: BTreeSet<(u64, NodeIndex)> = indeg.iter().filter(|(_, d)| **d == 0).map(|(n, _)| (key(*n), *n)).collect();
+    let mut out = Graph::new();
+    let mut map: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+    while let Some((_, n)) = ready.pop_first() {
+        let m = out.g.add_node(g.node(n).clone());
+        map.insert(n, m);
+        for e in g.g.edges_directed(n, Direction::Incoming) {
+            out.g.add_edge(map[&e.source()], m, *e.weight());
+        }
+        for e in g.g.edges_directed(n, Direction::Outgoing) {
+            let d = indeg.get_mut(&e.target()).expect("a node of the graph");
+            *d -= 1;
+            if *d == 0 {
+                ready.insert((key(e.target()), e.target()));
+            }
+        }
+    }
+    out.inputs = g.inputs.iter().filter_map(|n| map.get(n).copied()).collect();
+    out.outputs = g.outputs.clone();
+    for o in &mut out.outputs {
+        o.value.node = map[&o.value.node];
+    }
+    out
+}
+
 /// Folds every RMSNorm read by a weight GEMM into it.
 pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
     let ir = |e| PassError::ir(PASS, e);
+    // where each node stood, and where each new node stands: just before the one it replaces
+    let pos: HashMap<NodeIndex, u64> = g.topo_order().into_iter().enumerate().map(|(i, n)| (n, 2 * i as u64 + 1)).collect();
+    let mut anchor: HashMap<NodeIndex, u64> = HashMap::new();
+    let mut folded_any = false;
     for n in g.topo_order() {
         let (eps, add, port) = match g.node(n).op {
             Op::Fused(Fused::RmsNorm { eps }) => (eps, false, 0),
@@ -113,6 +153,7 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
         let loc = g.node(n).loc.clone();
         let x = if add {
             let s = g.add1(Op::Binary(BinaryOp::Add), &ops[..2], loc.clone()).map_err(ir)?;
+            anchor.insert(s.node, pos[&n] - 1);
             if let Some(l) = g.node(n).label.clone() {
                 g.set_label(s, &l);
             }
@@ -125,6 +166,8 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
         let other = users(&g, normed).len() > 1 || cast.is_some_and(|c| users(&g, Value { node: c, port: 0 }).len() > 1);
         let folded = Fused::NormMatmul { eps, emit_norm: other };
         let outs = g.add(Op::Fused(folded), &[x, b, w], g.node(m).loc.clone()).map_err(ir)?;
+        anchor.insert(outs[0].node, pos[&m] - 1);
+        folded_any = true;
         if let Some(l) = g.node(m).label.clone() {
             g.set_label(outs[0], &l);
         }
@@ -134,7 +177,11 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
             replace_value(&mut g, normed, outs[1]);
         }
     }
-    crate::cleanup::dce(g)
+    if !folded_any {
+        return Ok(g);
+    }
+    let g = crate::cleanup::dce(g)?;
+    Ok(renumber(&g, |n| anchor.get(&n).or_else(|| pos.get(&n)).copied().unwrap_or(u64::MAX)))
 }
 
 #[cfg(test)]

@@ -534,6 +534,52 @@ mod tests {
     }
 
     #[test]
+    fn norm_matmul_matches_the_unfused_graph() {
+        // the norm of x times a weight matrix, in the weight's dtype (the router's f32 GEMM of
+        // bf16 rows included), and the normalised rows as the second output
+        let src = r#"
+            config D: int;
+            config xdt: str;
+            config bdt: str;
+            let X = dtype(xdt);
+            let B = dtype(bdt);
+            dim b, s;
+            input x: X[b, s, D];
+            input w: X[D];
+            input m: B[D, 24];
+            fn rms_norm(x, w) {
+                let xf = cast(x, f32);
+                let n = xf * rsqrt(mean(xf * xf, axis = -1, keepdim = true) + 1e-6);
+                cast(n, dtype_of(x)) * w
+            }
+            let n = rms_norm(x, w);
+            output "n" = n;
+            output "c" = cast(n, B) @ m;
+        "#;
+        let mut r = rng(7);
+        for (xdt, bdt, shape) in [
+            (DType::BF16, DType::BF16, [3, 1, 256]),
+            (DType::BF16, DType::F32, [2, 1, 130]),
+            (DType::F32, DType::F32, [1, 4, 64]),
+        ] {
+            let d = shape[2];
+            let x = randn(&mut r, xdt, &shape, 2.0);
+            let w = Tensor::from_f32(xdt, vec![d], normal(&mut r, xdt, d, 0.3).iter().map(|v| 1.0 + v).collect());
+            let m = randn(&mut r, bdt, &[d, 24], 0.1);
+            let cfg = json!({"D": d, "xdt": xdt.name(), "bdt": bdt.name()});
+            let want = run_dsl(src, cfg, &[("x", &x), ("w", &w), ("m", &m)]);
+            let tag = format!("{xdt}·{bdt} {shape:?}");
+            let got = run_fused(Fused::NormMatmul { eps: 1e-6, emit_norm: true }, &[&x, &m, &w]).unwrap();
+            assert_eq!(got.len(), 2);
+            assert_close(&format!("norm_matmul {tag}"), &got[0], &want["c"], tier(got[0].dtype));
+            assert_close(&format!("norm_matmul rows {tag}"), &got[1], &want["n"], tier(got[1].dtype));
+            let one = run_fused(Fused::NormMatmul { eps: 1e-6, emit_norm: false }, &[&x, &m, &w]).unwrap();
+            assert_eq!(one.len(), 1);
+            assert_eq!(one[0].to_f64_vec(), got[0].to_f64_vec());
+        }
+    }
+
+    #[test]
     fn swiglu_matches_the_unfused_graph() {
         let src = r#"
             config gdt: str;
