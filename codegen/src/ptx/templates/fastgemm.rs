@@ -305,6 +305,12 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
         sh,
         norm: g.norm,
         emit: g.norm.is_some() && t.epilogue.is_none() && em.kernel.outputs.len() > 1,
+        w_vec: match t.operands.get(2) {
+            Some(Operand::Buffer(i)) => bf16_view(em, *i)
+                .filter(|v| v.rank() == 1 && v.strides[0] == Dim::constant(1) && aligned8(&v.offset))
+                .map(|_| *i),
+            _ => None,
+        },
     };
     cx.rr = em.product(&cx.rext)?;
     // prefill plans: two blocks a multiprocessor (registers capped at 128; 2 × 110 KB of
@@ -372,6 +378,8 @@ struct Cx<'c> {
     /// A folded RMSNorm of A's rows (`RowNorm`), and whether the kernel stores the rows.
     norm: Option<RowNorm>,
     emit: bool,
+    /// The norm's weight as a contiguous, 16-byte aligned bf16 input (8 at a load).
+    w_vec: Option<usize>,
 }
 
 impl<'c> Cx<'c> {
@@ -635,27 +643,6 @@ fn row_ss_part<'c>(
     em.getf(ss)
 }
 
-/// A's element at `idx` as the GEMM multiplies it: through the folded norm when there is one
-/// (`round(round(x · inv, bf16) · w[k], bf16)`), with `k` the element's column.
-fn a_value<'c>(
-    em: &mut Em<'c, '_>,
-    t: &TemplateKernel,
-    cx: &Cx<'c>,
-    idx: &[IntValue<'c>],
-    k: IntValue<'c>,
-    inv: Option<FloatValue<'c>>,
-) -> R<FloatValue<'c>> {
-    let x = em.ldf(t, 0, idx)?;
-    match (cx.norm, inv) {
-        (Some(r), Some(inv)) => {
-            let n = em.round(em.fmul(x, inv)?, DType::BF16)?;
-            let w = em.ldf(t, 2, &[k])?;
-            em.round(em.fmul(n, w)?, r.dtype)
-        }
-        _ => Ok(x),
-    }
-}
-
 /// Σ over the 8 aligned lanes `lane & !7 ..`: every one of them gets it (all 32 lanes call).
 fn sum8<'c>(em: &Em<'c, '_>, v: FloatValue<'c>) -> R<FloatValue<'c>> {
     let (f, i32t) = (em.ctx.f32_type(), em.ctx.i32_type());
@@ -686,6 +673,52 @@ fn store_row<'c>(
     let shape = em.result_shape(t, 1)?;
     let dt = cx.norm.map_or(DType::BF16, |r| r.dtype);
     em.if_then(c, |em| em.store_output(1, idx, &shape, Val::F(x), dt))
+}
+
+/// A's elements `k .. k + 8` of flattened row `ri` through the folded norm (`k` a multiple of
+/// 8 below K, which is one too): 16-byte loads of A and of the weight where they are direct.
+fn a_chunk8<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    cx: &Cx<'c>,
+    ri: &[IntValue<'c>],
+    k: IntValue<'c>,
+    inv: FloatValue<'c>,
+) -> R<Vec<FloatValue<'c>>> {
+    let xs = match cx.sh.a_direct {
+        Some(a) => {
+            let row = a_row(em, cx, a, ri)?;
+            unpack8(em, load_v4(em, gep16(em, em.inputs[a], em.add(row, k)?)?)?)?
+        }
+        None => {
+            let mut v = Vec::new();
+            for j in 0..8 {
+                let idx = cx.a_index(em, ri, em.add(k, em.i64c(j))?);
+                v.push(em.ldf(t, 0, &idx)?);
+            }
+            v
+        }
+    };
+    let ws = match cx.w_vec {
+        Some(w) => {
+            let at = em.view_offset(&em.kernel.inputs[w].view, &[k])?;
+            unpack8(em, load_v4(em, gep16(em, em.inputs[w], at)?)?)?
+        }
+        None => {
+            let mut v = Vec::new();
+            for j in 0..8 {
+                v.push(em.ldf(t, 2, &[em.add(k, em.i64c(j))?])?);
+            }
+            v
+        }
+    };
+    let dt = cx.norm.map_or(DType::BF16, |r| r.dtype);
+    let mut out = Vec::with_capacity(8);
+    for (x, w) in xs.into_iter().zip(ws) {
+        let n = em.round(em.fmul(x, inv)?, DType::BF16)?;
+        out.push(em.round(em.fmul(n, w)?, dt)?);
+    }
+    Ok(out)
 }
 
 /// `1 / rms` of a row from its sum of squares.
@@ -778,10 +811,17 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
                         None => {
                             let i16t = em.ctx.i16_type();
                             let mut v = i16t.vec_type(8).const_zero();
+                            let normed = match inv {
+                                Some(inv) => Some(a_chunk8(em, t, cx, &ri, kcl, inv)?),
+                                None => None,
+                            };
                             for j in 0..8 {
                                 let kj = em.add(kcl, em.i64c(j))?;
                                 let idx = cx.a_index(em, &ri, kj);
-                                let x = a_value(em, t, cx, &idx, kj, inv)?;
+                                let x = match &normed {
+                                    Some(n) => n[j as usize],
+                                    None => em.ldf(t, 0, &idx)?,
+                                };
                                 if let Some(first) = emit {
                                     store_row(em, t, cx, em.and(first, ok)?, &idx, x)?;
                                 }
@@ -972,12 +1012,20 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
                     // computed A: eight elements through the prologue, one 16-byte store
                     let i16t = em.ctx.i16_type();
                     let mut v = i16t.vec_type(8).const_zero();
+                    // a folded norm: K is a multiple of 8, so the 8 are in K together or not
+                    let normed = match l.inv {
+                        Some(inv) => Some(a_chunk8(em, t, cx, &l.a_ri, kcl, inv)?),
+                        None => None,
+                    };
                     for j in 0..8 {
                         let kj = em.add(k, em.i64c(j))?;
                         let ok = em.and(l.a_ok, em.icmp(IntPredicate::SLT, kj, cx.kk)?)?;
                         let kjc = em.select_i(ok, kj, zero)?;
                         let idx = cx.a_index(em, &l.a_ri, kjc);
-                        let x = a_value(em, t, cx, &idx, kjc, l.inv)?;
+                        let x = match &normed {
+                            Some(n) => n[j as usize],
+                            None => em.ldf(t, 0, &idx)?,
+                        };
                         if let Some(first) = emit {
                             store_row(em, t, cx, em.and(first, ok)?, &idx, x)?;
                         }
