@@ -721,6 +721,23 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
     kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!("  by kind: {}", kinds.join(", "));
+    let folded = kplan
+        .kernels
+        .iter()
+        .filter(|k| match &k.kind {
+            ir::kernel::KernelKind::Template(t) => matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if g.norm.is_some()),
+            _ => false,
+        })
+        .count();
+    if folded > 0 {
+        println!("  {folded} GEMMs compute the RMSNorm of their rows (fold-norm-gemm)");
+        if !runtime::cuda::fold_norms() {
+            println!(
+                "  (the cuda device keeps these norms apart until the folded kernels have run on a GPU; \
+                 RINGJIT_FOLD_NORM=1 folds them there too)"
+            );
+        }
+    }
     println!(
         "arena peak: {:.2} MiB at batch 1, seq {seq}, past {past}",
         mem.arena_peak_bytes as f64 / (1u64 << 20) as f64
@@ -735,7 +752,7 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         j["compile_ms"] = compile_ms.into();
         j["model"] = m.source.clone().into();
         j["nodes"] = serde_json::json!({"before": m.model.graph.node_count(), "after": g.node_count()});
-        j["kernels"] = serde_json::json!({"before": before, "after": counts.total, "by_kind": counts.by_kind});
+        j["kernels"] = serde_json::json!({"before": before, "after": counts.total, "by_kind": counts.by_kind, "norms_folded": folded});
         j["arena_peak_bytes"] = mem.arena_peak_bytes.into();
         j["arena_env"] = serde_json::json!({"batch": 1, "seq": seq, "past": past});
         write_atomic(path, serde_json::to_string_pretty(&j)?.as_bytes())?;
@@ -749,9 +766,11 @@ fn cmd_ptx(a: PtxArgs) -> Result<()> {
         ModeArg::Prefill => passes::Mode::Prefill,
         ModeArg::Decode => passes::Mode::Decode,
     };
+    // the kernels a cuda device runs
     let opts = passes::CompileOptions {
         mode,
         precision: a.precision.get(),
+        fold_norms: runtime::cuda::fold_norms(),
         ..Default::default()
     };
     let (g, _) = passes::compile(&m.model.graph, &opts)?;

@@ -145,6 +145,8 @@ pub struct CompileOptions {
     pub dump_dir: Option<PathBuf>,
     /// Overrides the mode's cost model (sizes, bandwidth, launch cost).
     pub cost: Option<CostModel>,
+    /// Decode plans: fold each RMSNorm into the GEMM that reads it ([`normgemm`]).
+    pub fold_norms: bool,
 }
 
 impl Default for CompileOptions {
@@ -157,6 +159,7 @@ impl Default for CompileOptions {
             limits: Limits::default(),
             dump_dir: None,
             cost: None,
+            fold_norms: true,
         }
     }
 }
@@ -276,9 +279,10 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, PassRepor
         // saves a launch; a 4096-token prefill measured 1.1 ms slower merged on an H100 (the
         // shared half's f32 results, 19 layers)
         if opts.mode == Mode::Decode {
-            pm = pm
-                .then(Pass::simple("merge-router-gemm", siblings::merge_router_gemms))
-                .then(Pass::simple("fold-norm-gemm", normgemm::fold_norm_gemms));
+            pm = pm.then(Pass::simple("merge-router-gemm", siblings::merge_router_gemms));
+            if opts.fold_norms {
+                pm = pm.then(Pass::simple("fold-norm-gemm", normgemm::fold_norm_gemms));
+            }
         }
         pm = pm.then(Pass::simple("validate", cleanup::validate));
     }

@@ -108,7 +108,11 @@ fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
     for e in g.g.edge_references() {
         *indeg.entry(e.target()).or_default() += 1;
     }
-    let mut ready: BTreeSet<(u64, NodeIndex)> = indeg.iter().filter(|(_, d)| **d == 0).map(|(n, _)| (key(*n), *n)).collect();
+    let mut ready: BTreeSet<(u64, NodeIndex)> = indeg
+        .iter()
+        .filter(|(_, d)| **d == 0)
+        .map(|(n, _)| (key(*n), *n))
+        .collect();
     let mut out = Graph::new();
     let mut map: HashMap<NodeIndex, NodeIndex> = HashMap::new();
     while let Some((_, n)) = ready.pop_first() {
@@ -137,7 +141,12 @@ fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
 pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
     let ir = |e| PassError::ir(PASS, e);
     // where each node stood, and where each new node stands: just before the one it replaces
-    let pos: HashMap<NodeIndex, u64> = g.topo_order().into_iter().enumerate().map(|(i, n)| (n, 2 * i as u64 + 1)).collect();
+    let pos: HashMap<NodeIndex, u64> = g
+        .topo_order()
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| (n, 2 * i as u64 + 1))
+        .collect();
     let mut anchor: HashMap<NodeIndex, u64> = HashMap::new();
     let mut folded_any = false;
     for n in g.topo_order() {
@@ -163,9 +172,12 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
             ops[0]
         };
         // another reader of the rows: anything beside the GEMM (or beside its cast)
-        let other = users(&g, normed).len() > 1 || cast.is_some_and(|c| users(&g, Value { node: c, port: 0 }).len() > 1);
+        let other =
+            users(&g, normed).len() > 1 || cast.is_some_and(|c| users(&g, Value { node: c, port: 0 }).len() > 1);
         let folded = Fused::NormMatmul { eps, emit_norm: other };
-        let outs = g.add(Op::Fused(folded), &[x, b, w], g.node(m).loc.clone()).map_err(ir)?;
+        let outs = g
+            .add(Op::Fused(folded), &[x, b, w], g.node(m).loc.clone())
+            .map_err(ir)?;
         anchor.insert(outs[0].node, pos[&m] - 1);
         folded_any = true;
         if let Some(l) = g.node(m).label.clone() {
@@ -181,7 +193,9 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
         return Ok(g);
     }
     let g = crate::cleanup::dce(g)?;
-    Ok(renumber(&g, |n| anchor.get(&n).or_else(|| pos.get(&n)).copied().unwrap_or(u64::MAX)))
+    Ok(renumber(&g, |n| {
+        anchor.get(&n).or_else(|| pos.get(&n)).copied().unwrap_or(u64::MAX)
+    }))
 }
 
 #[cfg(test)]
@@ -236,14 +250,13 @@ mod tests {
         // both norms are folded: no norm kernel is left, two norm GEMMs, one storing its rows
         assert_eq!(count(&f, "add_rms_norm") + count(&f, "rms_norm"), 0, "{}", f.to_text());
         assert_eq!(count(&f, "norm_matmul"), 2, "{}", f.to_text());
-        let emits: Vec<bool> = f
-            .g
-            .node_weights()
-            .filter_map(|n| match n.op {
-                Op::Fused(Fused::NormMatmul { emit_norm, .. }) => Some(emit_norm),
-                _ => None,
-            })
-            .collect();
+        let emits: Vec<bool> =
+            f.g.node_weights()
+                .filter_map(|n| match n.op {
+                    Op::Fused(Fused::NormMatmul { emit_norm, .. }) => Some(emit_norm),
+                    _ => None,
+                })
+                .collect();
         assert_eq!(emits.iter().filter(|&&e| e).count(), 1, "{}", f.to_text());
         let e = same_values(&g, &f);
         println!("folded against unfused: {e:.2e}");

@@ -31,8 +31,8 @@ use ir::fused::{Fused, GroupedEpilogue};
 use ir::graph::{Graph, Value};
 use ir::kernel::{
     reshape_groups, Buffer, BufferId, BufferKind, BufferRef, ConstValue, ExprGraph, ExprId, ExprNode, Fusion, GateNorm,
-    Gemm, GridDim, IndexExpr, IndexVar, Kernel, KernelKind, KernelPlan, LaunchGeometry, LoopKernel, MatrixLayout, RowNorm,
-    NodeIndex, Operand, PlanOutput, ScalarOp, ScanKernel, TemplateKernel, TemplateOp, TemplateParams, View,
+    Gemm, GridDim, IndexExpr, IndexVar, Kernel, KernelKind, KernelPlan, LaunchGeometry, LoopKernel, MatrixLayout,
+    NodeIndex, Operand, PlanOutput, RowNorm, ScalarOp, ScanKernel, TemplateKernel, TemplateOp, TemplateParams, View,
 };
 use ir::op::{BinaryOp, InputKind, Op, UnaryOp};
 use ir::shape::{numel, Dim, Shape};

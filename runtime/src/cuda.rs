@@ -82,3 +82,11 @@ pub fn axpy_check(gpu: &Gpu, n: usize) -> Result<f64> {
     let want: Vec<f32> = x.iter().zip(&y).map(|(x, y)| a * x + y).collect();
     Ok(ir::tol::rel_err(&out, &want))
 }
+
+/// Whether cuda decode plans fold each RMSNorm into the GEMM that reads it
+/// (`passes::normgemm`). Off by default until the folded GEMM kernels (GEMV, tensor-core and
+/// SIMT paths) have passed the GPU tests on a card (docs/perf.md); `RINGJIT_FOLD_NORM=1` turns
+/// it on. The cpu device always folds.
+pub fn fold_norms() -> bool {
+    std::env::var("RINGJIT_FOLD_NORM").is_ok_and(|v| v == "1")
+}

@@ -230,6 +230,7 @@ impl Engine {
                 mode,
                 fuse: opts.fuse,
                 precision: opts.precision,
+                fold_norms: device != Device::Cuda || crate::cuda::fold_norms(),
                 ..Default::default()
             };
             let (g, report) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))?;

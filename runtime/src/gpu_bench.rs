@@ -209,6 +209,7 @@ pub fn run(
         let co = passes::CompileOptions {
             mode,
             precision: cfg.precision,
+            fold_norms: crate::cuda::fold_norms(),
             ..Default::default()
         };
         let (g, _) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling: {e}")))?;

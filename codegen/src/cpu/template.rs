@@ -1364,7 +1364,7 @@ fn sigmoid(x: f32) -> f32 {
 /// `round(round(x · r, xdt) · w, r.dtype)` with `r = 1 / sqrt(mean(x²) + eps)` (f64 sums).
 fn norm_rows(x: &[f32], w: &[f32], r: ir::kernel::RowNorm, xdt: DType) -> Result<Vec<f32>, String> {
     let d = w.len();
-    if d == 0 || x.len() % d != 0 {
+    if d == 0 || !x.len().is_multiple_of(d) {
         return Err(format!("row norm: {} values in rows of {d}", x.len()));
     }
     let mut y = vec![0f32; x.len()];

@@ -137,11 +137,7 @@ pub(super) fn add_rms_norm(
 
 /// `Fused::NormMatmul`: inputs `x [.., M, K]`, `b [.., K, N]`, `w [K]`; outputs
 /// `(cast(RmsNorm(x, w), b.dtype) @ b)` and, when asked for, `RmsNorm(x, w)`.
-pub(super) fn norm_matmul(
-    eps: f64,
-    args: &[&Tensor],
-    out: &[(TensorType, Vec<usize>)],
-) -> Result<Vec<Tensor>, String> {
+pub(super) fn norm_matmul(eps: f64, args: &[&Tensor], out: &[(TensorType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
     const OP: &str = "norm_matmul";
     arity(OP, args, 3)?;
     let (x, b, w) = (args[0], args[1], args[2]);
@@ -150,7 +146,10 @@ pub(super) fn norm_matmul(
         Some(_) => float_out(OP, out, 1, &x.shape)?,
         None => DType::promote(x.dtype, w.dtype).ok_or_else(|| format!("{OP}: {} and {}", x.dtype, w.dtype))?,
     };
-    let n_ty = TensorType::new(n_dtype, x.shape.iter().map(|&d| crate::shape::Dim::constant(d as i64)).collect());
+    let n_ty = TensorType::new(
+        n_dtype,
+        x.shape.iter().map(|&d| crate::shape::Dim::constant(d as i64)).collect(),
+    );
     let normed = rms_norm(eps, &[x, w], &[(n_ty, x.shape.clone())])?.remove(0);
     let a = crate::interp::cast(&normed, b.dtype);
     let c = crate::interp::matmul(&a, b, c_ty.dtype, c_shape)?;
@@ -564,16 +563,39 @@ mod tests {
         ] {
             let d = shape[2];
             let x = randn(&mut r, xdt, &shape, 2.0);
-            let w = Tensor::from_f32(xdt, vec![d], normal(&mut r, xdt, d, 0.3).iter().map(|v| 1.0 + v).collect());
+            let w = Tensor::from_f32(
+                xdt,
+                vec![d],
+                normal(&mut r, xdt, d, 0.3).iter().map(|v| 1.0 + v).collect(),
+            );
             let m = randn(&mut r, bdt, &[d, 24], 0.1);
             let cfg = json!({"D": d, "xdt": xdt.name(), "bdt": bdt.name()});
             let want = run_dsl(src, cfg, &[("x", &x), ("w", &w), ("m", &m)]);
             let tag = format!("{xdt}·{bdt} {shape:?}");
-            let got = run_fused(Fused::NormMatmul { eps: 1e-6, emit_norm: true }, &[&x, &m, &w]).unwrap();
+            let got = run_fused(
+                Fused::NormMatmul {
+                    eps: 1e-6,
+                    emit_norm: true,
+                },
+                &[&x, &m, &w],
+            )
+            .unwrap();
             assert_eq!(got.len(), 2);
             assert_close(&format!("norm_matmul {tag}"), &got[0], &want["c"], tier(got[0].dtype));
-            assert_close(&format!("norm_matmul rows {tag}"), &got[1], &want["n"], tier(got[1].dtype));
-            let one = run_fused(Fused::NormMatmul { eps: 1e-6, emit_norm: false }, &[&x, &m, &w]).unwrap();
+            assert_close(
+                &format!("norm_matmul rows {tag}"),
+                &got[1],
+                &want["n"],
+                tier(got[1].dtype),
+            );
+            let one = run_fused(
+                Fused::NormMatmul {
+                    eps: 1e-6,
+                    emit_norm: false,
+                },
+                &[&x, &m, &w],
+            )
+            .unwrap();
             assert_eq!(one.len(), 1);
             assert_eq!(one[0].to_f64_vec(), got[0].to_f64_vec());
         }
