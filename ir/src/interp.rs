@@ -1682,7 +1682,7 @@ fn gemm(a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize), c: &mut [f32]) {
 
 /// Float → int truncates toward zero, saturating like `as` (NaN → 0; i32 to its range);
 /// int → float rounds to the dtype; bool ↔ number: nonzero is true, true is 1.
-pub(crate) fn cast(x: &Tensor, to: DType) -> Tensor {
+fn cast(x: &Tensor, to: DType) -> Tensor {
     let data = match &x.data {
         Data::F32(v) => match to {
             d if d.is_float() => Data::F32(v.clone()),

@@ -76,8 +76,8 @@ fn gemm_of(g: &Graph, m: NodeIndex, a: Value) -> Option<Value> {
     (x == a && g.ty(b).rank() == 2).then_some(b)
 }
 
-/// The first GEMM that reads `n` as its left operand, directly or through a cast to the
-/// GEMM's dtype whose only users are GEMMs: `(gemm, b, cast)`.
+/// The first GEMM that reads `n` as its left operand, directly or through a widening cast to
+/// the GEMM's dtype (exact, so the matmul's own promotion does it): `(gemm, b, cast)`.
 fn host(g: &Graph, n: Value) -> Option<(NodeIndex, Value, Option<NodeIndex>)> {
     for (u, slot) in users(g, n) {
         if slot != 0 {
@@ -87,6 +87,9 @@ fn host(g: &Graph, n: Value) -> Option<(NodeIndex, Value, Option<NodeIndex>)> {
             return Some((u, b, None));
         }
         if let Op::Cast { to } = g.node(u).op {
+            if ir::DType::promote(g.ty(n).dtype, to) != Some(to) {
+                continue;
+            }
             let c = Value { node: u, port: 0 };
             for (m, _) in users(g, c) {
                 if let Some(b) = gemm_of(g, m, c).filter(|b| g.ty(*b).dtype == to) {

@@ -302,7 +302,7 @@ fn gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &ir::kernel::Gemm) -> R<
     let nb = g.batch.len();
     // a folded norm (`RowNorm`): each thread finds its row's 1/rms first; the threads of
     // column 0 store the normalised rows when the kernel has a second output
-    let (xdt, bdt) = (em.operand_dtype(t, 0)?, em.operand_dtype(t, 1)?);
+    let xdt = em.operand_dtype(t, 0)?;
     let emit = g.norm.is_some() && t.epilogue.is_none() && em.kernel.outputs.len() > 1;
     em.flat(total, |em, lin| {
         let idx = em.unravel(lin, &ext)?;
@@ -334,7 +334,7 @@ fn gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &ir::kernel::Gemm) -> R<
                         let shape = em.result_shape(t, 1)?;
                         em.if_then(first, |em| em.store_output(1, &ai, &shape, Val::F(n), r.dtype))?;
                     }
-                    em.round(n, bdt)?
+                    n
                 }
                 None => a,
             };

@@ -35,8 +35,8 @@ pub enum Fused {
     /// the next norm.
     AddRmsNorm { eps: f64 },
     /// Inputs `x [.., M, K]`, `b [.., K, N]`, `w [K]`: the RMSNorm folded into the GEMM that
-    /// reads it, `c = cast(RmsNorm(x, w), b.dtype) @ b` (every row's statistic computed by the
-    /// kernel that multiplies it). Outputs `(c)`, or `(c, RmsNorm(x, w))` when `emit_norm`
+    /// reads it, `c = RmsNorm(x, w) @ b` (a matmul's dtype promotion; every row's statistic
+    /// computed by the kernel that multiplies it). Outputs `(c)`, or `(c, RmsNorm(x, w))` when `emit_norm`
     /// (the normalised rows stored as well, for another reader).
     NormMatmul { eps: f64, emit_norm: bool },
     /// Inputs `g`, `u`: `g · sigmoid(g) · u`.
@@ -235,8 +235,7 @@ impl Fused {
                 if x.rank() < 2 || b.rank() < 2 || !b.dtype.is_float() {
                     return Err(format!("norm_matmul of {x} and {b}"));
                 }
-                let a = TensorType::new(b.dtype, normed[0].shape.clone());
-                let mut outs = crate::graph::infer(&crate::op::Op::Matmul, &[&a, b])?;
+                let mut outs = crate::graph::infer(&crate::op::Op::Matmul, &[&normed[0], b])?;
                 if *emit_norm {
                     outs.push(normed[0].clone());
                 }

@@ -136,7 +136,7 @@ pub(super) fn add_rms_norm(
 }
 
 /// `Fused::NormMatmul`: inputs `x [.., M, K]`, `b [.., K, N]`, `w [K]`; outputs
-/// `(cast(RmsNorm(x, w), b.dtype) @ b)` and, when asked for, `RmsNorm(x, w)`.
+/// `RmsNorm(x, w) @ b` (in the promoted dtype) and, when asked for, `RmsNorm(x, w)`.
 pub(super) fn norm_matmul(eps: f64, args: &[&Tensor], out: &[(TensorType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
     const OP: &str = "norm_matmul";
     arity(OP, args, 3)?;
@@ -151,8 +151,7 @@ pub(super) fn norm_matmul(eps: f64, args: &[&Tensor], out: &[(TensorType, Vec<us
         x.shape.iter().map(|&d| crate::shape::Dim::constant(d as i64)).collect(),
     );
     let normed = rms_norm(eps, &[x, w], &[(n_ty, x.shape.clone())])?.remove(0);
-    let a = crate::interp::cast(&normed, b.dtype);
-    let c = crate::interp::matmul(&a, b, c_ty.dtype, c_shape)?;
+    let c = crate::interp::matmul(&normed, b, c_ty.dtype, c_shape)?;
     let mut outs = vec![c];
     if out.len() > 1 {
         outs.push(normed);

@@ -971,10 +971,15 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
             _ => None,
         };
         // a folded norm: the 8 threads of a tile row find its 1/rms together
+        // (rows past the last load nothing; every lane joins the butterfly)
         let inv = match cx.norm {
             Some(_) => {
-                let part = row_ss_part(em, t, cx, &a_ri, kc8, BK)?;
-                Some(row_inv(em, cx, sum8(em, part)?)?)
+                let ss = em.fvar(em.f32c(0.0))?;
+                em.if_then(a_ok, |em| {
+                    let part = row_ss_part(em, t, cx, &a_ri, kc8, BK)?;
+                    em.set(ss, part)
+                })?;
+                Some(row_inv(em, cx, sum8(em, em.getf(ss)?)?)?)
             }
             None => None,
         };
