@@ -107,10 +107,22 @@ fn fuse_rules_fire_on_tiny_prefill_and_decode() {
         assert_eq!(count_ops(&c, "flash_attention"), 2);
         assert_eq!(count_ops(&c, "qk_norm_rope"), 6);
         // per layer: the wide input GEMM, the output GEMM, the MLP's wide and down GEMMs (the
-        // routed experts' are grouped), the 5 routers and the LM head
-        assert_eq!(count_ops(&c, "matmul"), 6 * 4 + 5 + 1, "{}", c.to_text());
-        assert_eq!(count_ops(&c, "add_rms_norm"), 12);
-        assert_eq!(count_ops(&c, "rms_norm"), 1, "the first input norm has no residual add");
+        // routed experts' are grouped), the 5 routers and the LM head; at decode every norm is
+        // folded into the GEMM that reads it (fold-norm-gemm: 13 of them, each then a norm_matmul)
+        let decode = usize::from(mode == Mode::Decode);
+        assert_eq!(
+            count_ops(&c, "matmul") + count_ops(&c, "norm_matmul"),
+            6 * 4 + 5 + 1,
+            "{}",
+            c.to_text()
+        );
+        assert_eq!(count_ops(&c, "norm_matmul"), 13 * decode, "{}", c.to_text());
+        assert_eq!(count_ops(&c, "add_rms_norm"), 12 * (1 - decode));
+        assert_eq!(
+            count_ops(&c, "rms_norm"),
+            1 - decode,
+            "the first input norm has no residual add"
+        );
         // the dense MLP and the shared experts; the routed ones are inside the grouped GEMMs
         assert_eq!(count_ops(&c, "swiglu"), 6);
         assert_eq!(count_ops(&c, "grouped_matmul"), 10);
@@ -145,7 +157,10 @@ fn fuse_rules_fire_on_small_bf16_prefill_and_decode() {
         // and at decode `merge-router-gemm` puts each of the 7 MoE layers' routers beside its
         // shared expert's gate/up GEMM
         let merged = if mode == Mode::Decode { 7 } else { 0 };
-        assert_eq!(count_ops(&c, "matmul"), 8 * 4 + 7 + 1 - merged);
+        // and `fold-norm-gemm` each of the 17 norms into the GEMM after it
+        let folded = if mode == Mode::Decode { 17 } else { 0 };
+        assert_eq!(count_ops(&c, "norm_matmul"), folded);
+        assert_eq!(count_ops(&c, "matmul") + folded, 8 * 4 + 7 + 1 - merged);
     }
 }
 
@@ -256,7 +271,8 @@ fn dumps_one_numbered_file_per_pass() {
         "07-after-fuse",
         "08-after-dce",
         "09-after-merge-router-gemm",
-        "10-after-validate",
+        "10-after-fold-norm-gemm",
+        "11-after-validate",
     ];
     let mut expected: Vec<String> = want
         .iter()
@@ -266,10 +282,10 @@ fn dumps_one_numbered_file_per_pass() {
     expected.sort();
     assert_eq!(names, expected);
     assert_eq!(
-        std::fs::read_to_string(dir.join("10-after-validate.txt")).unwrap(),
+        std::fs::read_to_string(dir.join("11-after-validate.txt")).unwrap(),
         c.to_text()
     );
-    assert_eq!(report.passes.len(), 10);
+    assert_eq!(report.passes.len(), 11);
     let json = report.to_json();
     assert_eq!(json["egraph"]["stop_reason"], "saturated");
     assert!(json["rules_fired"]["fuse-flash-attention"].as_u64().unwrap() == 2);

@@ -356,6 +356,13 @@ pub fn to_op<'a>(enode: &Rl, kids: &[&'a Data]) -> Result<(Op, Vec<&'a Data>), S
         Rl::Cast(_) => Ok((Op::Cast { to: dtype_at(1)? }, ops(1))),
         Rl::RmsNorm(_) => fused(Fused::RmsNorm { eps: f64_at(2)? }, 2),
         Rl::AddRmsNorm(_) => fused(Fused::AddRmsNorm { eps: f64_at(3)? }, 3),
+        Rl::NormMatmul(_) => fused(
+            Fused::NormMatmul {
+                eps: f64_at(3)?,
+                emit_norm: bool_at(4)?,
+            },
+            3,
+        ),
         Rl::SwiGlu(_) => fused(Fused::SwiGlu, 2),
         Rl::Softmax(_) => fused(Fused::Softmax, 1),
         Rl::QkNormRope(_) => fused(

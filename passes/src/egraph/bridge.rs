@@ -290,8 +290,9 @@ fn fused_to_enode(f: &Fused, x: &[Id], a: &mut impl FnMut(Attr) -> Id) -> Result
     let fl = |v: f64| Attr::Float(F64(v));
     let int = |v: usize| Attr::Int(v as i64);
     Ok(match f {
-        Fused::NormMatmul { .. } => {
-            return Err("norm_matmul is made after extraction (passes::normgemm), never in the e-graph".into())
+        Fused::NormMatmul { eps, emit_norm } => {
+            n(3)?;
+            Rl::NormMatmul([x[0], x[1], x[2], a(fl(*eps)), a(Attr::Bool(*emit_norm))])
         }
         Fused::RmsNorm { eps } => {
             n(2)?;

@@ -76,6 +76,7 @@ define_language! {
         // ---- composite ops (ir::fused::Fused), operands then attributes --------------------------
         "rms_norm" = RmsNorm([Id; 3]),                 // x w eps
         "add_rms_norm" = AddRmsNorm([Id; 4]),          // h a w eps: tuple (h + a, normed)
+        "norm_matmul" = NormMatmul([Id; 5]),           // x b w eps emit_norm: tuple (c[, normed])
         "swiglu" = SwiGlu([Id; 2]),                    // g u
         "softmax" = Softmax([Id; 1]),                  // x (last axis)
         "qk_norm_rope" = QkNormRope([Id; 6]),          // x w pos inv_freq eps rotary
