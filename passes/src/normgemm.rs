@@ -27,9 +27,10 @@
 //! costing each e-node alone, does not see; the fold never costs more at decode (one launch and
 //! one write and read of `n` fewer), so it is applied to every GEMM it finds.
 
+use crate::precision::replace_value;
 use crate::PassError;
 use ir::fused::Fused;
-use ir::graph::{Graph, Operand, Value};
+use ir::graph::{Graph, Value};
 use ir::op::{BinaryOp, Op};
 use petgraph::stable_graph::NodeIndex;
 use petgraph::visit::{EdgeRef, IntoEdgeReferences};
@@ -47,24 +48,6 @@ fn users(g: &Graph, v: Value) -> Vec<(NodeIndex, u32)> {
             .collect();
     u.sort();
     u
-}
-
-/// Points every use of `old` (edges and graph outputs) at `new`.
-fn replace_value(g: &mut Graph, old: Value, new: Value) {
-    let uses: Vec<_> =
-        g.g.edges_directed(old.node, Direction::Outgoing)
-            .filter(|e| e.weight().port == old.port)
-            .map(|e| (e.id(), e.target(), e.weight().slot))
-            .collect();
-    for (e, user, slot) in uses {
-        g.g.remove_edge(e);
-        g.g.add_edge(new.node, user, Operand { slot, port: new.port });
-    }
-    for o in &mut g.outputs {
-        if o.value == old {
-            o.value = new;
-        }
-    }
 }
 
 /// `m` multiplies `a` (as its left operand) by a matrix `b [K, N]`: `b`.

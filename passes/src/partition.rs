@@ -138,11 +138,23 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
     let last = |s: &Shape| s.last().cloned().ok_or_else(bad);
     let lead = |s: &Shape| numel(&s[..s.len().saturating_sub(1)]);
     Ok(match &node.op {
-        Op::Matmul => {
+        // a plain GEMM, or one that normalises A's rows first (the norm's dtype: RmsNorm's)
+        Op::Matmul | Op::Fused(Fused::NormMatmul { .. }) => {
             let (a, r) = (arg(0)?, out.len());
             if r < 2 {
                 return Err(bad());
             }
+            let norm = match &node.op {
+                Op::Fused(Fused::NormMatmul { eps, .. }) => {
+                    let ops = g.operands(n);
+                    let (x, w) = (ops.first().ok_or_else(bad)?, ops.get(2).ok_or_else(bad)?);
+                    Some(RowNorm {
+                        eps: *eps,
+                        dtype: DType::promote(g.ty(*x).dtype, g.ty(*w).dtype).ok_or_else(bad)?,
+                    })
+                }
+                _ => None,
+            };
             TemplateOp::Gemm(Gemm {
                 batch: out[..r - 2].to_vec(),
                 m: out[r - 2].clone(),
@@ -152,29 +164,7 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                 b: MatrixLayout::RowMajor,
                 acc: DType::F32,
                 out: node.outputs[0].dtype,
-                norm: None,
-            })
-        }
-        Op::Fused(Fused::NormMatmul { eps, .. }) => {
-            let (a, r) = (arg(0)?, out.len());
-            let w = g.operands(n).get(2).map(|v| g.ty(*v).dtype).ok_or_else(bad)?;
-            let x = g.operands(n)[0];
-            if r < 2 {
-                return Err(bad());
-            }
-            TemplateOp::Gemm(Gemm {
-                batch: out[..r - 2].to_vec(),
-                m: out[r - 2].clone(),
-                n: out[r - 1].clone(),
-                k: last(a)?,
-                a: MatrixLayout::RowMajor,
-                b: MatrixLayout::RowMajor,
-                acc: DType::F32,
-                out: node.outputs[0].dtype,
-                norm: Some(RowNorm {
-                    eps: *eps,
-                    dtype: DType::promote(g.ty(x).dtype, w).ok_or_else(bad)?,
-                }),
+                norm,
             })
         }
         Op::TopK { k, axis } => TemplateOp::TopK { k: *k, axis: *axis },

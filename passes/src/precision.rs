@@ -204,8 +204,14 @@ pub fn is_graph_output(g: &Graph, m: NodeIndex) -> bool {
 
 /// Points every use of `old`'s (single) output, edges and graph outputs, at `new`.
 pub(crate) fn replace_uses(g: &mut Graph, old: NodeIndex, new: Value) {
+    replace_value(g, Value { node: old, port: 0 }, new);
+}
+
+/// Points every use of the value `old` (one output of its node), edges and graph outputs, at `new`.
+pub(crate) fn replace_value(g: &mut Graph, old: Value, new: Value) {
     let uses: Vec<_> =
-        g.g.edges_directed(old, Direction::Outgoing)
+        g.g.edges_directed(old.node, Direction::Outgoing)
+            .filter(|e| e.weight().port == old.port)
             .map(|e| (e.id(), e.target(), e.weight().slot))
             .collect();
     for (e, user, slot) in uses {
@@ -213,7 +219,7 @@ pub(crate) fn replace_uses(g: &mut Graph, old: NodeIndex, new: Value) {
         g.g.add_edge(new.node, user, Operand { slot, port: new.port });
     }
     for o in &mut g.outputs {
-        if o.value.node == old {
+        if o.value == old {
             o.value = new;
         }
     }

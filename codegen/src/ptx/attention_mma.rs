@@ -122,23 +122,7 @@ fn split_bf16<'c>(em: &Em<'c, '_>, p0: FloatValue<'c>, p1: FloatValue<'c>) -> R<
 
 /// `op` over the 4 lanes of a quad (lanes 4q..4q+3), every lane gets it.
 fn quad_reduce<'c>(em: &Em<'c, '_>, op: ReduceOp, v: FloatValue<'c>) -> R<FloatValue<'c>> {
-    let (f, i32t) = (em.ctx.f32_type(), em.ctx.i32_type());
-    let mut v = v;
-    for off in [1, 2] {
-        let o = em
-            .call(
-                "llvm.nvvm.shfl.sync.bfly.f32",
-                f.into(),
-                &[i32t.into(), f.into(), i32t.into(), i32t.into()],
-                &[em.i32c(-1).into(), v.into(), em.i32c(off).into(), em.i32c(31).into()],
-            )?
-            .into_float_value();
-        v = match op {
-            ReduceOp::Max => em.fmax(v, o)?,
-            ReduceOp::Sum => em.fadd(v, o)?,
-        };
-    }
-    Ok(v)
+    em.bfly_reduce(op, v, &[1, 2])
 }
 
 /// 16 bytes of global memory at element `e` of the bf16 buffer `base`.

@@ -903,9 +903,15 @@ impl<'c, 'a> Em<'c, 'a> {
 
     /// Butterfly reduction over the 32 lanes of a warp: every lane ends with the result.
     pub fn warp_reduce(&self, op: ReduceOp, v: FloatValue<'c>) -> R<FloatValue<'c>> {
+        self.bfly_reduce(op, v, &[16, 8, 4, 2, 1])
+    }
+
+    /// `op` over the lanes that differ in the bits of `offsets` (xor butterflies, in that
+    /// order): every one of them gets it. Every lane of the warp calls.
+    pub fn bfly_reduce(&self, op: ReduceOp, v: FloatValue<'c>, offsets: &[i32]) -> R<FloatValue<'c>> {
         let (f, i32t) = (self.ctx.f32_type(), self.ctx.i32_type());
         let mut v = v;
-        for off in [16, 8, 4, 2, 1] {
+        for &off in offsets {
             let o = self
                 .call(
                     "llvm.nvvm.shfl.sync.bfly.f32",

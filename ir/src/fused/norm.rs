@@ -571,31 +571,12 @@ mod tests {
             let cfg = json!({"D": d, "xdt": xdt.name(), "bdt": bdt.name()});
             let want = run_dsl(src, cfg, &[("x", &x), ("w", &w), ("m", &m)]);
             let tag = format!("{xdt}·{bdt} {shape:?}");
-            let got = run_fused(
-                Fused::NormMatmul {
-                    eps: 1e-6,
-                    emit_norm: true,
-                },
-                &[&x, &m, &w],
-            )
-            .unwrap();
-            assert_eq!(got.len(), 2);
+            let run = |emit_norm| run_fused(Fused::NormMatmul { eps: 1e-6, emit_norm }, &[&x, &m, &w]).unwrap();
+            let (got, one) = (run(true), run(false));
+            assert_eq!((got.len(), one.len()), (2, 1));
             assert_close(&format!("norm_matmul {tag}"), &got[0], &want["c"], tier(got[0].dtype));
-            assert_close(
-                &format!("norm_matmul rows {tag}"),
-                &got[1],
-                &want["n"],
-                tier(got[1].dtype),
-            );
-            let one = run_fused(
-                Fused::NormMatmul {
-                    eps: 1e-6,
-                    emit_norm: false,
-                },
-                &[&x, &m, &w],
-            )
-            .unwrap();
-            assert_eq!(one.len(), 1);
+            let rows = format!("norm_matmul rows {tag}");
+            assert_close(&rows, &got[1], &want["n"], tier(got[1].dtype));
             assert_eq!(one[0].to_f64_vec(), got[0].to_f64_vec());
         }
     }

@@ -643,24 +643,6 @@ fn row_ss_part<'c>(
     em.getf(ss)
 }
 
-/// Σ over the 8 aligned lanes `lane & !7 ..`: every one of them gets it (all 32 lanes call).
-fn sum8<'c>(em: &Em<'c, '_>, v: FloatValue<'c>) -> R<FloatValue<'c>> {
-    let (f, i32t) = (em.ctx.f32_type(), em.ctx.i32_type());
-    let mut v = v;
-    for off in [4, 2, 1] {
-        let o = em
-            .call(
-                "llvm.nvvm.shfl.sync.bfly.f32",
-                f.into(),
-                &[i32t.into(), f.into(), i32t.into(), i32t.into()],
-                &[em.i32c(-1).into(), v.into(), em.i32c(off).into(), em.i32c(31).into()],
-            )?
-            .into_float_value();
-        v = em.fadd(v, o)?;
-    }
-    Ok(v)
-}
-
 /// Stores a normalised element of A (at A's index) as the kernel's second output, where `c`.
 fn store_row<'c>(
     em: &mut Em<'c, '_>,
@@ -979,7 +961,11 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
                     let part = row_ss_part(em, t, cx, &a_ri, kc8, BK)?;
                     em.set(ss, part)
                 })?;
-                Some(row_inv(em, cx, sum8(em, em.getf(ss)?)?)?)
+                Some(row_inv(
+                    em,
+                    cx,
+                    em.bfly_reduce(ReduceOp::Sum, em.getf(ss)?, &[4, 2, 1])?,
+                )?)
             }
             None => None,
         };
