@@ -147,3 +147,25 @@ fn plans_of_one_model_share_their_converted_weights() {
         assert_eq!(t.to_bytes(), second[name].to_bytes(), "output {name}");
     }
 }
+
+/// The GEMMs that normalise their rows first (`fold-norm-gemm`) at model widths, as the GPU
+/// test runs them (`gpu::FOLDED_NORM_CASES`), on the cpu backend against the interpreter.
+#[test]
+fn folded_norm_gemms_on_cpu_match_the_interpreter() {
+    use crate::gpu::{assert_folded_norm_outputs, folded_norm_case, FOLDED_NORM_CASES};
+    use runtime::cpu::{CpuExec, ParamCache, Pool};
+    let pool = std::sync::Arc::new(Pool::all_cores().unwrap());
+    let empty = std::collections::HashMap::new();
+    let table = crate::common::Table(&empty);
+    for (n, (rows, k)) in FOLDED_NORM_CASES.into_iter().enumerate() {
+        let (graph, inputs) = folded_norm_case(rows, k, 90 + n as u64);
+        let what = format!("{rows} rows of {k} on cpu");
+        let exec = CpuExec::new(&graph, &table, &mut ParamCache::default(), pool.clone()).unwrap();
+        let got = exec.run(&inputs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let want = ir::interp::Interpreter::new(&graph, &table)
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
+        assert_folded_norm_outputs(&got, &want, &what);
+    }
+}
