@@ -10,6 +10,9 @@
 #   bench      `ringjit bench --device cuda` on Ring-mini (random bf16 weights made on the GPU)
 #   ab         the same bench by .gpu/ringjit-base.xz (a release CLI of another commit, packed by
 #              hand), right after, on the same card: before/after figures of one change
+#   fold       decode with each RMSNorm folded into its GEMM (RINGJIT_FOLD_NORM=1, off on cuda by
+#              default): compute-sanitizer memcheck of small decode b40, then the Ring-mini bench
+#              (compare with `bench`: the same binary with the norms apart)
 #   baseline   bench/torch_ring.py (strong PyTorch Ring-mini) and bench/kernels.py (torch.matmul,
 #              SDPA, fla) on the same card; needs `.whl` carried too
 # default: tests,sanitizer,bench,baseline). Full logs and JSON go to $OUT (or out/); a short
@@ -77,6 +80,23 @@ if [[ $parts == *,ab,* ]]; then
   else
     say "== ab: no .gpu/ringjit-base.xz carried"
   fi
+fi
+
+if [[ $parts == *,fold,* ]]; then
+  if command -v compute-sanitizer >/dev/null; then
+    log="$out/sanitizer-fold.log"
+    RINGJIT_FOLD_NORM=1 compute-sanitizer --tool memcheck --error-exitcode 7 \
+      .gpu/bin/ringjit bench --config small --device cuda --prefill 16 --decode-batch 1,16,40 --context 16 --steps 1 --repeats 1 \
+      > "$log" 2>&1
+    st=$?
+    say "== compute-sanitizer memcheck, small decode b1/b16/b40, norms folded (exit $st)"
+    grep -E "ERROR SUMMARY|Invalid|error" "$log" | head -5 | sed 's/^/    /' >> "$summary"
+  fi
+  log="$out/bench-fold.log"
+  RINGJIT_FOLD_NORM=1 .gpu/bin/ringjit bench --config ring-mini-linear-2.0 --device cuda --json "$out/ringjit_mini_fold.json" 2>&1 | tee "$log"
+  st=${PIPESTATUS[0]}
+  say "== ringjit bench, Ring-mini, norms folded into their GEMMs (exit $st)"
+  sed -n '/^card /,$p' "$log" | sed 's/^/    /' >> "$summary"
 fi
 
 if [[ $parts == *,baseline,* ]]; then
