@@ -134,7 +134,6 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
         .map(|(i, n)| (n, 2 * i as u64 + 1))
         .collect();
     let mut anchor: HashMap<NodeIndex, u64> = HashMap::new();
-    let mut folded_any = false;
     for n in g.topo_order() {
         let (eps, add, port) = match g.node(n).op {
             Op::Fused(Fused::RmsNorm { eps }) => (eps, false, 0),
@@ -165,7 +164,6 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
             .add(Op::Fused(folded), &[x, b, w], g.node(m).loc.clone())
             .map_err(ir)?;
         anchor.insert(outs[0].node, pos[&m] - 1);
-        folded_any = true;
         if let Some(l) = g.node(m).label.clone() {
             g.set_label(outs[0], &l);
         }
@@ -175,8 +173,8 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
             replace_value(&mut g, normed, outs[1]);
         }
     }
-    if !folded_any {
-        return Ok(g);
+    if anchor.is_empty() {
+        return Ok(g); // nothing folded
     }
     let g = crate::cleanup::dce(g)?;
     Ok(renumber(&g, |n| {

@@ -984,14 +984,11 @@ impl TemplateExec {
     fn gemm(&self, g: &Gemm, l: &Launch) -> Result<Vec<Dense>, String> {
         let micro = self.kernels.ok_or("the GEMM kernels are not linked")?;
         let (sa, a, adt) = self.operand(0, l)?;
-        let (a, normed) = match g.norm {
-            Some(r) => {
-                let (_, w, _) = self.operand(2, l)?;
-                let n = Arc::new(norm_rows(&a, &w, r, adt)?);
-                (n.clone(), Some(n))
-            }
-            None => (a, None),
+        let normed = match g.norm {
+            Some(r) => Some(norm_rows(&a, &self.operand(2, l)?.1, r, adt)?),
+            None => None,
         };
+        let a: &[f32] = normed.as_deref().unwrap_or(&a);
         // B as stored when it is a transposed weight (columns contiguous along K)
         let (sb, b, b_t) = match self.operand_transposed(1, l)? {
             Some((mut s, d, _)) => {
@@ -1032,7 +1029,7 @@ impl TemplateExec {
             let (ba, bb) = (bidx(&sa, &idx), bidx(&sb, &idx));
             jobs.push((
                 MatRef {
-                    data: &a,
+                    data: a,
                     base: ba * m * k,
                     rs: k,
                     cs: 1,
@@ -1058,7 +1055,7 @@ impl TemplateExec {
         round_all(&mut c, g.out);
         let mut out = vec![Dense::F32(c)];
         if let Some(n) = normed.filter(|_| self.epilogue.is_none() && self.outputs.len() > 1) {
-            out.push(Dense::F32(n.as_ref().clone()));
+            out.push(Dense::F32(n));
         }
         Ok(out)
     }

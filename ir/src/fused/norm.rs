@@ -534,26 +534,14 @@ mod tests {
     #[test]
     fn norm_matmul_matches_the_unfused_graph() {
         // the norm of x times a weight matrix, in the weight's dtype (the router's f32 GEMM of
-        // bf16 rows included), and the normalised rows as the second output
-        let src = r#"
-            config D: int;
-            config xdt: str;
+        // bf16 rows included), and the normalised rows (`y`) as the second output
+        let src = format!(
+            "{RMS_NORM_SRC}
             config bdt: str;
-            let X = dtype(xdt);
             let B = dtype(bdt);
-            dim b, s;
-            input x: X[b, s, D];
-            input w: X[D];
             input m: B[D, 24];
-            fn rms_norm(x, w) {
-                let xf = cast(x, f32);
-                let n = xf * rsqrt(mean(xf * xf, axis = -1, keepdim = true) + 1e-6);
-                cast(n, dtype_of(x)) * w
-            }
-            let n = rms_norm(x, w);
-            output "n" = n;
-            output "c" = cast(n, B) @ m;
-        "#;
+            output \"c\" = cast(rms_norm(x, w), B) @ m;"
+        );
         let mut r = rng(7);
         for (xdt, bdt, shape) in [
             (DType::BF16, DType::BF16, [3, 1, 256]),
@@ -568,15 +556,15 @@ mod tests {
                 normal(&mut r, xdt, d, 0.3).iter().map(|v| 1.0 + v).collect(),
             );
             let m = randn(&mut r, bdt, &[d, 24], 0.1);
-            let cfg = json!({"D": d, "xdt": xdt.name(), "bdt": bdt.name()});
-            let want = run_dsl(src, cfg, &[("x", &x), ("w", &w), ("m", &m)]);
+            let cfg = json!({"D": d, "eps": 1e-6, "xdt": xdt.name(), "wdt": xdt.name(), "bdt": bdt.name()});
+            let want = run_dsl(&src, cfg, &[("x", &x), ("w", &w), ("h", &x), ("m", &m)]);
             let tag = format!("{xdt}·{bdt} {shape:?}");
             let run = |emit_norm| run_fused(Fused::NormMatmul { eps: 1e-6, emit_norm }, &[&x, &m, &w]).unwrap();
             let (got, one) = (run(true), run(false));
             assert_eq!((got.len(), one.len()), (2, 1));
             assert_close(&format!("norm_matmul {tag}"), &got[0], &want["c"], tier(got[0].dtype));
             let rows = format!("norm_matmul rows {tag}");
-            assert_close(&rows, &got[1], &want["n"], tier(got[1].dtype));
+            assert_close(&rows, &got[1], &want["y"], tier(got[1].dtype));
             assert_eq!(one[0].to_f64_vec(), got[0].to_f64_vec());
         }
     }

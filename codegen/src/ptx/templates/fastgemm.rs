@@ -588,9 +588,32 @@ fn gep16<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, e: IntValue<'c>) -> R<Poin
     unsafe { em.b.build_in_bounds_gep(em.ctx.i16_type(), base, &[e], "") }.ck()
 }
 
+/// A's elements `k .. k + 8` of flattened row `ri` (`k` a multiple of 8 below K, which is one
+/// too): one 16-byte load when A is a direct bf16 buffer, else one element at a time through
+/// the operand.
+fn a8<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    cx: &Cx<'c>,
+    ri: &[IntValue<'c>],
+    k: IntValue<'c>,
+) -> R<Vec<FloatValue<'c>>> {
+    match cx.sh.a_direct {
+        Some(a) => {
+            let row = a_row(em, cx, a, ri)?;
+            unpack8(em, load_v4(em, gep16(em, em.inputs[a], em.add(row, k)?)?)?)
+        }
+        None => (0..8)
+            .map(|j| {
+                let idx = cx.a_index(em, ri, em.add(k, em.i64c(j))?);
+                em.ldf(t, 0, &idx)
+            })
+            .collect(),
+    }
+}
+
 /// This thread's part of the sum of squares of A's flattened row `ri`: the 8 elements at
-/// `first + step·i` for every `i` with them in K (16-byte loads, 8 in flight, when A is a
-/// direct bf16 buffer; one element at a time through the operand otherwise).
+/// `first + step·i` for every `i` with them in K ([`a8`], 8 loads in flight).
 fn row_ss_part<'c>(
     em: &mut Em<'c, '_>,
     t: &TemplateKernel,
@@ -603,33 +626,14 @@ fn row_ss_part<'c>(
     let ss = em.fvar(em.f32c(0.0))?;
     let n_i = (cx.sh.k + step - 1) / step;
     const BATCH: i64 = 8;
-    let base = match cx.sh.a_direct {
-        Some(a) => Some((a, a_row(em, cx, a, ri)?)),
-        None => None,
-    };
     em.for_range(zero, em.i64c(n_i), em.i64c(BATCH), |em, i0| {
         let mut xs = Vec::new();
         for b in 0..BATCH {
+            // K is a multiple of 8: the 8 are in K together, or (clamped to 0) not counted
             let k = em.add(first, em.mul(em.add(i0, em.i64c(b))?, em.i64c(step))?)?;
             let ok = em.icmp(IntPredicate::SLT, k, cx.kk)?;
             let kc = em.select_i(ok, k, zero)?;
-            match base {
-                Some((a, row)) => {
-                    let v = load_v4(em, gep16(em, em.inputs[a], em.add(row, kc)?)?)?;
-                    xs.push((ok, unpack8(em, v)?));
-                }
-                None => {
-                    let mut v = Vec::new();
-                    for j in 0..8 {
-                        let kj = em.add(kc, em.i64c(j))?;
-                        let okj = em.icmp(IntPredicate::SLT, kj, cx.kk)?;
-                        let idx = cx.a_index(em, ri, em.select_i(okj, kj, zero)?);
-                        let x = em.ldf(t, 0, &idx)?;
-                        v.push(em.select_f(okj, x, em.f32c(0.0))?);
-                    }
-                    xs.push((ok, v));
-                }
-            }
+            xs.push((ok, a8(em, t, cx, ri, kc)?));
         }
         let mut acc = em.getf(ss)?;
         for (ok, v) in xs {
@@ -667,20 +671,7 @@ fn a_chunk8<'c>(
     k: IntValue<'c>,
     inv: FloatValue<'c>,
 ) -> R<Vec<FloatValue<'c>>> {
-    let xs = match cx.sh.a_direct {
-        Some(a) => {
-            let row = a_row(em, cx, a, ri)?;
-            unpack8(em, load_v4(em, gep16(em, em.inputs[a], em.add(row, k)?)?)?)?
-        }
-        None => {
-            let mut v = Vec::new();
-            for j in 0..8 {
-                let idx = cx.a_index(em, ri, em.add(k, em.i64c(j))?);
-                v.push(em.ldf(t, 0, &idx)?);
-            }
-            v
-        }
-    };
+    let xs = a8(em, t, cx, ri, k)?;
     let ws = match cx.w_vec {
         Some(w) => {
             let at = em.view_offset(&em.kernel.inputs[w].view, &[k])?;
