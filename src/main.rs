@@ -733,8 +733,8 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         println!("  {folded} GEMMs compute the RMSNorm of their rows (fold-norm-gemm)");
         if !runtime::cuda::fold_norms() {
             println!(
-                "  (the cuda device keeps these norms apart until the folded kernels have run on a GPU; \
-                 RINGJIT_FOLD_NORM=1 folds them there too)"
+                "  (the cuda device keeps these norms apart by default: folded, an H200 decode step measured \
+                 8 % faster at batch 1 and 3 % slower at batch 64; RINGJIT_FOLD_NORM=1 folds them there too)"
             );
         }
     }

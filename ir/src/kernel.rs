@@ -639,7 +639,9 @@ pub struct Gemm {
 /// plans, `passes::normgemm`). Operand 2 is the weight `w [K]`. The GEMM multiplies
 /// `round(round(a · r, A's dtype) · w[k], dtype)` where `r = 1 / sqrt(Σ_k a² / K + eps)` is
 /// the row's statistic in f32 (`Fused::RmsNorm`'s arithmetic). With a second kernel output
-/// (and no epilogue) the kernel also stores those normalised rows there.
+/// (and no epilogue) the kernel also stores those normalised rows there. A backend may instead
+/// multiply `round(a · w[k])` and scale each row's dot products by `r` (the GPU's tensor-core
+/// path): the same norm up to bf16 rounding, within the dtype's tier.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowNorm {
     pub eps: f64,
@@ -811,8 +813,9 @@ impl TemplateOp {
             // A, B (and a folded norm's weight); a folded norm reads A from memory (its row
             // statistics are loaded before the GEMM, with vector loads)
             TemplateOp::Gemm(g) => slot < 3 && !(slot == 0 && g.norm.is_some()),
-            // the token activations (and the routing weights of the combine)
-            TemplateOp::GroupedGemm { .. } => slot == 0 || slot == 2,
+            // the token activations (and the routing weights of the combine, and the shared
+            // expert's activations beside it)
+            TemplateOp::GroupedGemm { .. } => slot == 0 || slot == 2 || slot == 4,
             TemplateOp::Attention { .. }
             | TemplateOp::LinearAttnChunk { .. }
             | TemplateOp::LinearAttnStep { .. }

@@ -182,7 +182,8 @@ impl CostModel {
         // operands: SwiGlu (x, chosen, w_gate, w_up), WeightedCombine (h, chosen, weights, w_down)
         let weights: &[usize] = match epilogue {
             GroupedEpilogue::SwiGlu => &[2, 3],
-            GroupedEpilogue::WeightedCombine => &[3],
+            // (the shared expert's weights, operand 5, are read whole)
+            GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => &[3],
         };
         let pairs = self.numel(ins.get(1)?);
         let experts = ins.get(weights[0])?.shape.first()?.eval(&self.env).ok()?.max(1) as f64;
@@ -287,6 +288,8 @@ impl CostModel {
                 GroupedEpilogue::SwiGlu => 4.0 * out_n * d(0, 2),
                 // h [b,s,K,I] · W_down[e]ᵀ [I, D] per (token, slot), then the weighted sum
                 GroupedEpilogue::WeightedCombine => 2.0 * n(0) * d(3, 1),
+                // and hs [b,s,Is] · bs [Is, D]
+                GroupedEpilogue::CombineShared => 2.0 * n(0) * d(3, 1) + 2.0 * n(4) * d(5, 1),
             },
             Fused::QuantizeFp8 { .. } | Fused::DequantizeFp8 { .. } => 2.0 * n(0),
             // FP8 MMA runs at twice the bf16 rate on Hopper: half the FLOP time of a matmul

@@ -23,6 +23,7 @@ pub mod partition;
 pub mod precision;
 pub mod report;
 pub mod rules;
+pub mod shared;
 pub mod siblings;
 pub mod testing;
 
@@ -280,6 +281,7 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, PassRepor
         // shared half's f32 results, 19 layers)
         if opts.mode == Mode::Decode {
             pm = pm.then(Pass::simple("merge-router-gemm", siblings::merge_router_gemms));
+            pm = pm.then(Pass::simple("fold-shared-expert", shared::fold_shared_experts));
             if opts.fold_norms {
                 pm = pm.then(Pass::simple("fold-norm-gemm", normgemm::fold_norm_gemms));
             }

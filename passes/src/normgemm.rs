@@ -15,8 +15,13 @@
 //! One launch fewer per norm: at decode a norm is a latency-bound kernel of one block per token
 //! (≈ 9 µs each on an H100, 40 a Ring-mini step), and the GEMM that follows reads the same rows
 //! anyway. The residual add moves into the epilogue of the GEMM that makes `a` (kernel
-//! partition: an elementwise consumer of a template's result). Exact: the same roundings in the
-//! same order (`ir::kernel::RowNorm`).
+//! partition: an elementwise consumer of a template's result). The cpu GEMM and the GPU's GEMV
+//! (up to 16 rows) round as the norm does (`ir::kernel::RowNorm`); the GPU's tensor-core path
+//! copies A raw, scales it by the weight in shared memory and multiplies the accumulators by
+//! 1/rms at the end, so it rounds `x · w` where the norm rounds `x / rms` (the bf16 tier; the
+//! stored rows stay exact).
+//!
+//! The LM head (over [`FOLD_MAX_COLS`] columns) keeps its norm: see there.
 //!
 //! Why not in prefill: there every tile of the GEMM would recompute the statistics of its 128
 //! rows, and the tensor-core path would compute its A tiles element by element instead of
@@ -50,13 +55,23 @@ fn users(g: &Graph, v: Value) -> Vec<(NodeIndex, u32)> {
     u
 }
 
-/// `m` multiplies `a` (as its left operand) by a matrix `b [K, N]`: `b`.
+/// The widest GEMM (columns) that takes a norm. Wider ones (the LM head's vocabulary) keep the
+/// norm apart: each block of 16 columns of the decode GEMV finds the rows' statistic again, so
+/// the cost grows with N. Measured on an H200 (docs/perf.md): Ring-mini's LM head (157184
+/// columns) went from 167 to 245 µs at batch 1 folded, against a 7.5 µs norm kernel; the
+/// layers' GEMMs (at most 10240 columns) gained.
+pub const FOLD_MAX_COLS: i64 = 32768;
+
+/// `m` multiplies `a` (as its left operand) by a matrix `b [K, N]` (N at most
+/// [`FOLD_MAX_COLS`]): `b`.
 fn gemm_of(g: &Graph, m: NodeIndex, a: Value) -> Option<Value> {
     if !matches!(g.node(m).op, Op::Matmul) {
         return None;
     }
     let [x, b] = g.operands(m)[..] else { return None };
-    (x == a && g.ty(b).rank() == 2).then_some(b)
+    let ty = g.ty(b);
+    let narrow = ty.rank() == 2 && ty.shape[1].as_const().is_some_and(|n| n <= FOLD_MAX_COLS);
+    (x == a && narrow).then_some(b)
 }
 
 /// The first GEMM that reads `n` as its left operand, directly or through a widening cast to
@@ -89,7 +104,7 @@ fn host(g: &Graph, n: Value) -> Option<(NodeIndex, Value, Option<NodeIndex>)> {
 /// which takes the smallest node index first: a node added by a pass would otherwise come
 /// after every ready node of a lower index (an FP8 plan's weight quantisations of every later
 /// layer, all held live in the arena at once).
-fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
+pub(crate) fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
     let mut indeg: HashMap<NodeIndex, usize> = g.g.node_indices().map(|n| (n, 0)).collect();
     for e in g.g.edge_references() {
         *indeg.entry(e.target()).or_default() += 1;
@@ -244,6 +259,25 @@ mod tests {
         assert_eq!(emits.iter().filter(|&&e| e).count(), 1, "{}", f.to_text());
         let e = same_values(&g, &f);
         println!("folded against unfused: {e:.2e}");
+    }
+
+    #[test]
+    fn a_vocabulary_wide_gemm_keeps_its_norm() {
+        let src = format!(
+            "dim b, s; input x: bf16[b, s, 64]; param w: bf16[64] = \"ln\";
+            param v: bf16[{}, 64] = \"lm_head\";
+            let x32 = cast(x, f32);
+            let n = cast(x32 * rsqrt(mean(x32 * x32, axis = -1, keepdim = true) + 1e-6), bf16) * w;
+            output \"logits\" = n @ transpose(v);",
+            FOLD_MAX_COLS + 8
+        );
+        let f = compiled(&dsl(&src), crate::Mode::Decode);
+        assert_eq!(count(&f, "norm_matmul"), 0, "{}", f.to_text());
+        assert_eq!(count(&f, "rms_norm"), 1, "{}", f.to_text());
+        // at the limit it folds
+        let src = src.replace(&format!("{}", FOLD_MAX_COLS + 8), &format!("{FOLD_MAX_COLS}"));
+        let f = compiled(&dsl(&src), crate::Mode::Decode);
+        assert_eq!(count(&f, "norm_matmul"), 1, "{}", f.to_text());
     }
 
     #[test]

@@ -284,7 +284,7 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                 let tokens = numel(&chosen[..chosen.len().saturating_sub(1)]);
                 let (n, k) = match epilogue {
                     GroupedEpilogue::SwiGlu => (dim(w, 1)?, last(x)?),
-                    GroupedEpilogue::WeightedCombine => (dim(w, 1)?, dim(w, 2)?),
+                    GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => (dim(w, 1)?, dim(w, 2)?),
                 };
                 TemplateOp::GroupedGemm {
                     epilogue: *epilogue,

@@ -14,6 +14,18 @@ use passes::{compile, CompileOptions, Family, Mode};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// Grouped down projections that carry their layer's shared expert (`fold-shared-expert`).
+fn combine_shared(g: &Graph) -> usize {
+    use ir::fused::{Fused, GroupedEpilogue};
+    g.g.node_weights()
+        .filter(|n| {
+            n.op == ir::op::Op::Fused(Fused::GroupedMatmul {
+                epilogue: GroupedEpilogue::CombineShared,
+            })
+        })
+        .count()
+}
+
 #[test]
 fn bridge_round_trip_without_rules_equals_the_input() {
     let g = model("tiny");
@@ -109,13 +121,16 @@ fn fuse_rules_fire_on_tiny_prefill_and_decode() {
         // per layer: the wide input GEMM, the output GEMM, the MLP's wide and down GEMMs (the
         // routed experts' are grouped), the 5 routers and the LM head; at decode every norm is
         // folded into the GEMM that reads it (fold-norm-gemm: 13 of them, each then a norm_matmul)
+        // (and at decode the 5 shared experts' down GEMMs join their layers' combines:
+        // fold-shared-expert)
         let decode = usize::from(mode == Mode::Decode);
         assert_eq!(
             count_ops(&c, "matmul") + count_ops(&c, "norm_matmul"),
-            6 * 4 + 5 + 1,
+            6 * 4 + 5 + 1 - 5 * decode,
             "{}",
             c.to_text()
         );
+        assert_eq!(combine_shared(&c), 5 * decode, "{}", c.to_text());
         assert_eq!(count_ops(&c, "norm_matmul"), 13 * decode, "{}", c.to_text());
         assert_eq!(count_ops(&c, "add_rms_norm"), 12 * (1 - decode));
         assert_eq!(
@@ -159,8 +174,11 @@ fn fuse_rules_fire_on_small_bf16_prefill_and_decode() {
         let merged = if mode == Mode::Decode { 7 } else { 0 };
         // and `fold-norm-gemm` each of the 17 norms into the GEMM after it
         let folded = if mode == Mode::Decode { 17 } else { 0 };
+        // and `fold-shared-expert` each shared expert's down GEMM into its layer's combine
+        let shared = merged;
         assert_eq!(count_ops(&c, "norm_matmul"), folded);
-        assert_eq!(count_ops(&c, "matmul") + folded, 8 * 4 + 7 + 1 - merged);
+        assert_eq!(count_ops(&c, "matmul") + folded, 8 * 4 + 7 + 1 - merged - shared);
+        assert_eq!(combine_shared(&c), shared, "{}", c.to_text());
     }
 }
 
@@ -271,8 +289,9 @@ fn dumps_one_numbered_file_per_pass() {
         "07-after-fuse",
         "08-after-dce",
         "09-after-merge-router-gemm",
-        "10-after-fold-norm-gemm",
-        "11-after-validate",
+        "10-after-fold-shared-expert",
+        "11-after-fold-norm-gemm",
+        "12-after-validate",
     ];
     let mut expected: Vec<String> = want
         .iter()
@@ -282,10 +301,10 @@ fn dumps_one_numbered_file_per_pass() {
     expected.sort();
     assert_eq!(names, expected);
     assert_eq!(
-        std::fs::read_to_string(dir.join("11-after-validate.txt")).unwrap(),
+        std::fs::read_to_string(dir.join("12-after-validate.txt")).unwrap(),
         c.to_text()
     );
-    assert_eq!(report.passes.len(), 11);
+    assert_eq!(report.passes.len(), 12);
     let json = report.to_json();
     assert_eq!(json["egraph"]["stop_reason"], "saturated");
     assert!(json["rules_fired"]["fuse-flash-attention"].as_u64().unwrap() == 2);

@@ -1072,7 +1072,7 @@ impl TemplateExec {
         let tokens = chosen.len() / top_k.max(1);
         let experts = match epi {
             GroupedEpilogue::SwiGlu => sw1[0],
-            GroupedEpilogue::WeightedCombine => sw2[0],
+            GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => sw2[0],
         };
         // rows per expert: (token, slot)
         let mut rows: Vec<Vec<(usize, usize)>> = vec![Vec::new(); experts];
@@ -1110,7 +1110,7 @@ impl TemplateExec {
                 }
                 Ok(Dense::F32(h))
             }
-            GroupedEpilogue::WeightedCombine => {
+            GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => {
                 // h [.., K, I], weights [.., K] f32, w_down [E, D, I]: Σ_k w_k · (h_k · W_downᵀ)
                 let weights = &w1;
                 let (d, inter) = (sw2[1], sw2[2]);
@@ -1140,7 +1140,34 @@ impl TemplateExec {
                         }
                     }
                 }
-                Ok(Dense::F32(y.iter().map(|&v| v as f32).collect()))
+                let mut y: Vec<f32> = y.iter().map(|&v| v as f32).collect();
+                if epi == GroupedEpilogue::CombineShared {
+                    // + hs [.., Is] · bs [Is, D], rounded to its matmul's dtype, added in f32
+                    let (shs, hs, hsdt) = self.operand(4, l)?;
+                    let (sbs, bs, bsdt) = self.operand(5, l)?;
+                    let is = *shs.last().ok_or("shared activations without dims")?;
+                    if sbs != [is, d] || hs.len() != tokens * is {
+                        return Err(format!(
+                            "grouped_gemm: shared {shs:?} · {sbs:?} does not fit {d} outputs"
+                        ));
+                    }
+                    let sdt = DType::promote(hsdt, bsdt).unwrap_or(DType::F32);
+                    let all: Vec<Vec<(usize, usize)>> = vec![(0..tokens).map(|t| (t, 0)).collect()];
+                    let row = |t: usize, _| &hs[t * is..(t + 1) * is];
+                    let mats = |_| {
+                        [MatRef {
+                            data: bs.as_slice(),
+                            base: 0,
+                            rs: d,
+                            cs: 1,
+                        }]
+                    };
+                    let (_, c) = expert_gemms(micro, &all, (is, d), row, mats, l.par);
+                    for (v, p) in y.iter_mut().zip(&c) {
+                        *v += sdt.round(*p);
+                    }
+                }
+                Ok(Dense::F32(y))
             }
         }
     }

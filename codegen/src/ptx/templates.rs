@@ -444,8 +444,9 @@ fn grouped_gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, epi: GroupedEpilogu
             })?;
             Ok(flat_geo(numel(&shape)))
         }
-        GroupedEpilogue::WeightedCombine => {
+        GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => {
             // h [b, s, K, I], chosen [b, s, K], weights [b, s, K], w_down [E, D, I] -> [b, s, D]
+            // (CombineShared: + hs [b, s, Is] · bs [Is, D], rounded to its matmul dtype)
             if s0.len() != 4 || s3.len() != 3 {
                 return err("grouped_gemm(combine): h must be [b, s, K, I] and w_down [E, D, I]");
             }
@@ -474,7 +475,20 @@ fn grouped_gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, epi: GroupedEpilogu
                     let s = em.fma(w, down, em.getf(acc)?)?;
                     em.set(acc, s)
                 })?;
-                let v = em.getf(acc)?;
+                let mut v = em.getf(acc)?;
+                if epi == GroupedEpilogue::CombineShared {
+                    let s4 = em.operand_shape(t, 4)?;
+                    let is = em.dim(s4.last().ok_or_else(|| super::CodegenError("hs without dims".into()))?)?;
+                    let sdt = DType::promote(em.operand_dtype(t, 4)?, em.operand_dtype(t, 5)?).unwrap_or(DType::F32);
+                    let dot = em.fvar(em.f32c(0.0))?;
+                    em.for_range(zero, is, one, |em, i| {
+                        let h = em.ldf(t, 4, &[bi, si, i])?;
+                        let b = em.ldf(t, 5, &[i, j])?;
+                        let s = em.fma(h, b, em.getf(dot)?)?;
+                        em.set(dot, s)
+                    })?;
+                    v = em.fadd(v, em.round(em.getf(dot)?, sdt)?)?;
+                }
                 em.finish(t, 0, &idx, Val::F(v), DType::F32)
             })?;
             Ok(flat_geo(numel(&shape)))

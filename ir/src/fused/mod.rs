@@ -24,6 +24,9 @@ pub enum GroupedEpilogue {
     SwiGlu,
     /// down projection, then the routing-weighted sum over the chosen experts (f32)
     WeightedCombine,
+    /// `WeightedCombine` plus the shared expert's down projection, added in f32 (decode plans:
+    /// `passes::shared`)
+    CombineShared,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +90,9 @@ pub enum Fused {
     /// output `h [b, s, K, I]` in the dtype of x and the weights promoted.
     /// `WeightedCombine`: inputs `h [b, s, K, I]`, `chosen`, `weights [b, s, K]` (f32),
     /// `w_down [E, D, I]`; output `Σ_k weights_k · (h_k · W_downᵀ)` f32 `[b, s, D]`.
+    /// `CombineShared`: those four, then the shared expert's `hs [b, s, Is]` and down
+    /// projection `bs [Is, D]` (a matmul's B); output `WeightedCombine + f32(hs @ bs)` f32, the
+    /// shared product rounded to its matmul dtype first (as `routed + shared` in the model).
     GroupedMatmul { epilogue: GroupedEpilogue },
     /// Input `x [.., R, C]` (float): E4M3 values and f32 scales per `rows × cols` block
     /// (1×128 for activations, 128×128 for weights; spec §5.2). Outputs
@@ -194,7 +200,10 @@ impl Fused {
             Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep => 5,
             Fused::LinearAttnGate { .. } => 7,
             Fused::RouteTopK { biased, .. } => 1 + usize::from(*biased),
-            Fused::GroupedMatmul { .. } => 4,
+            Fused::GroupedMatmul { epilogue } => match epilogue {
+                GroupedEpilogue::CombineShared => 6,
+                _ => 4,
+            },
             Fused::DequantizeFp8 { .. } => 2,
         };
         if tys.len() != n_args {
@@ -380,7 +389,7 @@ impl Fused {
                     s.push(wg.shape[1].clone());
                     Ok(vec![TensorType::new(promote(x.dtype, wg.dtype)?, s)])
                 }
-                GroupedEpilogue::WeightedCombine => {
+                GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => {
                     let (h, chosen, w, wd) = (tys[0], tys[1], tys[2], tys[3]);
                     if h.rank() != 4
                         || wd.rank() != 3
@@ -393,6 +402,20 @@ impl Fused {
                     }
                     if wd.shape[2] != h.shape[3] {
                         return Err(format!("grouped_matmul(combine): {wd} does not fit {h}"));
+                    }
+                    if *epilogue == GroupedEpilogue::CombineShared {
+                        let (hs, bs) = (tys[4], tys[5]);
+                        if hs.rank() != 3
+                            || bs.rank() != 2
+                            || hs.shape[..2] != h.shape[..2]
+                            || bs.shape[0] != hs.shape[2]
+                            || bs.shape[1] != wd.shape[1]
+                        {
+                            return Err(format!(
+                                "grouped_matmul(combine_shared): shared {hs}, {bs} do not fit {h}, {wd}"
+                            ));
+                        }
+                        promote(hs.dtype, bs.dtype)?;
                     }
                     Ok(vec![TensorType::new(
                         DType::F32,

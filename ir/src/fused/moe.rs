@@ -128,13 +128,66 @@ pub(super) fn grouped_matmul(
     args: &[&Tensor],
     out: &[(TensorType, Vec<usize>)],
 ) -> Result<Vec<Tensor>, String> {
+    if let (GroupedEpilogue::CombineShared, &[h, chosen, w, wd, hs, bs]) = (epilogue, args) {
+        let mut y = combine_experts(h, chosen, w, wd, out)?;
+        add_shared(&mut y[0], hs, bs)?;
+        return Ok(y);
+    }
     let &[a, chosen, b, c] = args else {
-        return Err(format!("grouped_matmul takes 4 operands, got {}", args.len()));
+        return Err(format!(
+            "grouped_matmul({epilogue:?}) takes {} operands, got {}",
+            match epilogue {
+                GroupedEpilogue::CombineShared => 6,
+                _ => 4,
+            },
+            args.len()
+        ));
     };
     match epilogue {
         GroupedEpilogue::SwiGlu => swiglu_experts(a, chosen, b, c, out),
-        GroupedEpilogue::WeightedCombine => combine_experts(a, chosen, b, c, out),
+        GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => combine_experts(a, chosen, b, c, out),
     }
+}
+
+/// `y += f32(hs @ bs)` over `y [b, s, D]`, `hs [b, s, Is]`, `bs [Is, D]`: the shared expert's
+/// down projection, each element a matmul's (f64 dot, rounded to the promoted dtype).
+fn add_shared(y: &mut Tensor, hs: &Tensor, bs: &Tensor) -> Result<(), String> {
+    let op = "grouped_matmul(combine_shared)";
+    let (&[b, s, is], &[ki, dm]) = (hs.shape.as_slice(), bs.shape.as_slice()) else {
+        return Err(format!(
+            "{op}: hs {} must be [b, s, Is] and bs {} [Is, D]",
+            hs.type_str(),
+            bs.type_str()
+        ));
+    };
+    if ki != is || y.shape != [b, s, dm] {
+        return Err(format!(
+            "{op}: hs {}, bs {} do not fit {}",
+            hs.type_str(),
+            bs.type_str(),
+            y.type_str()
+        ));
+    }
+    let dt = DType::promote(hs.dtype, bs.dtype)
+        .ok_or_else(|| format!("{op}: hs {} and bs {} do not mix", hs.dtype, bs.dtype))?;
+    let (xs, ws) = (floats(op, "hs", hs)?, floats(op, "bs", bs)?);
+    // bs's columns as rows, for matmul_elem
+    let mut cols = vec![0f32; is * dm];
+    for k in 0..is {
+        for j in 0..dm {
+            cols[j * is + k] = ws[k * dm + j];
+        }
+    }
+    let crate::tensor::Data::F32(ys) = &mut y.data else {
+        return Err(format!("{op}: the output must be f32"));
+    };
+    for tok in 0..b * s {
+        let row = &xs[tok * is..(tok + 1) * is];
+        for j in 0..dm {
+            ys[tok * dm + j] += matmul_elem(row, &cols[j * is..(j + 1) * is], dt);
+        }
+    }
+    Ok(())
 }
 
 /// The integer data of operand `name` of `op`.
@@ -544,6 +597,64 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn combine_shared_matches_the_combine_plus_the_shared_gemm() {
+        use crate::op::BinaryOp;
+        // (batch, seq, D, I, experts, k), and the shared expert's Is
+        let sizes = [((2, 3, 16, 8, 8, 2), 24), ((1, 5, 32, 24, 16, 4), 40)];
+        for (n, &(size, is)) in sizes.iter().enumerate() {
+            for (dt, tol) in [(DType::F32, Tol::F32), (DType::BF16, Tol::BF16)] {
+                let [_, chosen, weights, _, _, w_down] = expert_inputs(900 + n as u64, dt, size);
+                let (b, s, dm, inter, _, k) = size;
+                let mut r = rng(950 + n as u64);
+                let h = random(&mut r, dt, &[b, s, k, inter], 1.0);
+                let hs = random(&mut r, dt, &[b, s, is], 1.0);
+                let bs = random(&mut r, dt, &[is, dm], (is as f32).powf(-0.5));
+                let named = [
+                    ("h", &h),
+                    ("chosen", &chosen),
+                    ("weights", &weights),
+                    ("w_down", &w_down),
+                    ("hs", &hs),
+                    ("bs", &bs),
+                ];
+                let grouped = |epilogue| Op::Fused(Fused::GroupedMatmul { epilogue });
+                let want = run_graph(&named, |g, v| {
+                    let routed = g.add1(grouped(GroupedEpilogue::WeightedCombine), &v[..4], None)?;
+                    let shared = g.add1(Op::Matmul, &[v[4], v[5]], None)?;
+                    g.add(Op::Binary(BinaryOp::Add), &[routed, shared], None)
+                })
+                .unwrap();
+                let got = run_graph(&named, |g, v| g.add(grouped(GroupedEpilogue::CombineShared), v, None)).unwrap();
+                assert_eq!(got[0].dtype, DType::F32);
+                compare(
+                    &format!("combine + shared ({dt}, size {size:?}, Is {is})"),
+                    &got[0],
+                    &want[0],
+                    tol,
+                );
+            }
+        }
+        // operands that do not fit are refused with what they are
+        let [_, chosen, weights, _, _, w_down] = expert_inputs(990, DType::F32, (1, 2, 8, 4, 4, 2));
+        let h = Tensor::from_f32(DType::F32, vec![1, 2, 2, 4], vec![0.5; 16]);
+        let hs = Tensor::from_f32(DType::F32, vec![1, 2, 6], vec![0.5; 12]);
+        let bs = Tensor::from_f32(DType::F32, vec![5, 8], vec![0.5; 40]);
+        let named = [
+            ("h", &h),
+            ("chosen", &chosen),
+            ("weights", &weights),
+            ("w_down", &w_down),
+            ("hs", &hs),
+            ("bs", &bs),
+        ];
+        let op = Op::Fused(Fused::GroupedMatmul {
+            epilogue: GroupedEpilogue::CombineShared,
+        });
+        let e = run_graph(&named, |g, v| g.add(op, v, None)).unwrap_err().to_string();
+        assert!(e.contains("combine_shared") && e.contains("do not fit"), "{e}");
     }
 
     #[test]

@@ -432,6 +432,12 @@ pub fn to_op<'a>(enode: &Rl, kids: &[&'a Data]) -> Result<(Op, Vec<&'a Data>), S
             },
             4,
         ),
+        Rl::GroupedMatmulCombineShared(_) => fused(
+            Fused::GroupedMatmul {
+                epilogue: GroupedEpilogue::CombineShared,
+            },
+            6,
+        ),
         Rl::QuantizeFp8(_) => fused(
             Fused::QuantizeFp8 {
                 rows: usize_at(1)?,

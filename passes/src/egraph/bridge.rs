@@ -377,12 +377,18 @@ fn fused_to_enode(f: &Fused, x: &[Id], a: &mut impl FnMut(Attr) -> Id) -> Result
             ]);
             Rl::RouteTopK(kids)
         }
+        Fused::GroupedMatmul {
+            epilogue: GroupedEpilogue::CombineShared,
+        } => {
+            n(6)?;
+            Rl::GroupedMatmulCombineShared([x[0], x[1], x[2], x[3], x[4], x[5]])
+        }
         Fused::GroupedMatmul { epilogue } => {
             n(4)?;
             let k = [x[0], x[1], x[2], x[3]];
             match epilogue {
                 GroupedEpilogue::SwiGlu => Rl::GroupedMatmulSwiGlu(k),
-                GroupedEpilogue::WeightedCombine => Rl::GroupedMatmulCombine(k),
+                _ => Rl::GroupedMatmulCombine(k),
             }
         }
         Fused::QuantizeFp8 { rows, cols } => {

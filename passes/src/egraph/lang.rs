@@ -89,6 +89,7 @@ define_language! {
         "route_topk" = RouteTopK(Vec<Id>),             // probs [bias] k n_group topk_group scale normalize biased: tuple
         "grouped_matmul_swiglu" = GroupedMatmulSwiGlu([Id; 4]),   // x chosen w_gate w_up
         "grouped_matmul_combine" = GroupedMatmulCombine([Id; 4]), // h chosen weights w_down
+        "grouped_matmul_combine_shared" = GroupedMatmulCombineShared([Id; 6]), // h chosen weights w_down hs bs
         "quantize_fp8" = QuantizeFp8([Id; 3]),         // x rows cols: tuple (q, scales)
         "dequantize_fp8" = DequantizeFp8([Id; 5]),     // q scales rows cols to
         "scaled_matmul_fp8" = ScaledMatmulFp8([Id; 5]), // a_q a_s b_q b_s out

@@ -336,10 +336,16 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
     // x: ceil((8N + 8(BN - 1)) / BN) blocks, at least the GEMV's ceil(N / 16) and 8 · the
     // column tiles; y: ceil(rows / 8 BM), so that x · y holds every tensor-core tile (in launch
     // order, see `mma`) without a grid of mostly idle blocks
+    // (stored norm rows: 8 blocks more in x, so that x · y also holds a block per row tile)
     let per = (BN / GEMV_COLS) as u32;
+    let extra = if cx.emit && cx.sh.a_direct.is_some() {
+        per as i64 * BN
+    } else {
+        0
+    };
     let wide =
         g.n.mul(&Dim::constant(per as i64))
-            .add(&Dim::constant(per as i64 * (BN - 1)));
+            .add(&Dim::constant(per as i64 * (BN - 1) + extra));
     Ok(Some(LaunchGeometry {
         grid: [
             GridDim::blocks(wide, BN as u32),
@@ -450,19 +456,25 @@ fn pipeline_start<'c, 'a>(
 }
 
 /// Step `kt` of the pipeline: tile kt landed (the `stages - 2` newer groups may still fly);
+/// `landed(em, stage)` then runs on this thread's own copies of it, before the barrier;
 /// after the barrier every warp is done with tile kt - 1, whose buffer then receives tile
 /// kt + stages - 1. Returns the stage tile kt sits in.
+#[allow(clippy::type_complexity)]
 fn pipeline_step<'c, 'a>(
     em: &mut Em<'c, 'a>,
     stages: i64,
     kt: IntValue<'c>,
     kt_n: IntValue<'c>,
     load: &impl Fn(&mut Em<'c, 'a>, IntValue<'c>, IntValue<'c>) -> R<()>,
+    landed: Option<&dyn Fn(&mut Em<'c, 'a>, IntValue<'c>) -> R<()>>,
 ) -> R<IntValue<'c>> {
     let wait = format!("cp.async.wait_group {};", stages - 2);
     asm_se(em, None, &[], &wait, "~{memory}", &[])?;
-    em.barrier()?;
     let stage = em.rem(kt, em.i64c(stages))?;
+    if let Some(f) = landed {
+        f(em, stage)?;
+    }
+    em.barrier()?;
     let nxt = em.add(kt, em.i64c(stages - 1))?;
     let more = em.icmp(IntPredicate::SLT, nxt, kt_n)?;
     em.if_then(more, |em| {
@@ -672,26 +684,79 @@ fn a_chunk8<'c>(
     inv: FloatValue<'c>,
 ) -> R<Vec<FloatValue<'c>>> {
     let xs = a8(em, t, cx, ri, k)?;
-    let ws = match cx.w_vec {
+    let ws = w8(em, t, cx, k)?;
+    norm8(em, &xs, &ws, inv)
+}
+
+/// The folded norm's weight at `k .. k + 8` (`k` a multiple of 8 below K).
+fn w8<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, k: IntValue<'c>) -> R<Vec<FloatValue<'c>>> {
+    match cx.w_vec {
         Some(w) => {
             let at = em.view_offset(&em.kernel.inputs[w].view, &[k])?;
-            unpack8(em, load_v4(em, gep16(em, em.inputs[w], at)?)?)?
+            unpack8(em, load_v4(em, gep16(em, em.inputs[w], at)?)?)
         }
-        None => {
-            let mut v = Vec::new();
-            for j in 0..8 {
-                v.push(em.ldf(t, 2, &[em.add(k, em.i64c(j))?])?);
-            }
-            v
-        }
-    };
-    let dt = cx.norm.map_or(DType::BF16, |r| r.dtype);
-    let mut out = Vec::with_capacity(8);
-    for (x, w) in xs.into_iter().zip(ws) {
-        let n = em.round(em.fmul(x, inv)?, DType::BF16)?;
-        out.push(em.round(em.fmul(n, w)?, dt)?);
+        None => (0..8).map(|j| em.ldf(t, 2, &[em.add(k, em.i64c(j))?])).collect(),
+    }
+}
+
+/// The norm of 8 elements with their row's `1 / rms`: `bf16(bf16(x · inv) · w)` (the norm's
+/// dtype is bf16 on these paths), rounded two at a time by `cvt.rn.bf16x2`.
+fn norm8<'c>(
+    em: &Em<'c, '_>,
+    xs: &[FloatValue<'c>],
+    ws: &[FloatValue<'c>],
+    inv: FloatValue<'c>,
+) -> R<Vec<FloatValue<'c>>> {
+    let mut n = Vec::with_capacity(xs.len());
+    for x in xs {
+        n.push(em.fmul(*x, inv)?);
+    }
+    let n = round_bf16_pairs(em, &n)?;
+    let mut y = Vec::with_capacity(n.len());
+    for (n, w) in n.iter().zip(ws) {
+        y.push(em.fmul(*n, *w)?);
+    }
+    round_bf16_pairs(em, &y)
+}
+
+/// f32 values (an even count) rounded to bf16 (nearest even) two at a time, back as f32.
+fn round_bf16_pairs<'c>(em: &Em<'c, '_>, xs: &[FloatValue<'c>]) -> R<Vec<FloatValue<'c>>> {
+    let mut out = Vec::with_capacity(xs.len());
+    for pair in xs.chunks(2) {
+        let (lo, hi) = super::tc::unpack_bf16(em, super::tc::pack_bf16(em, pair[0], pair[1])?)?;
+        out.push(lo);
+        out.push(hi);
     }
     Ok(out)
+}
+
+/// 8 f32 values holding bf16 values as one 16-byte vector (element order).
+fn pack8<'c>(em: &Em<'c, '_>, xs: &[FloatValue<'c>]) -> R<VectorValue<'c>> {
+    let i16t = em.ctx.i16_type();
+    let mut v = i16t.vec_type(8).const_zero();
+    for (j, x) in xs.iter().enumerate() {
+        let bits = bf16_bits(em, *x)?;
+        v = em.b.build_insert_element(v, bits, em.i32c(j as i32), "").ck()?;
+    }
+    Ok(v)
+}
+
+/// The 1/rms of a tensor-core tile row, found by its 8 copying threads together (`kc8` this
+/// thread's first column; rows past the last load nothing, every lane joins the butterfly).
+fn tile_row_inv<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    cx: &Cx<'c>,
+    a_ok: IntValue<'c>,
+    a_ri: &[IntValue<'c>],
+    kc8: IntValue<'c>,
+) -> R<FloatValue<'c>> {
+    let ss = em.fvar(em.f32c(0.0))?;
+    em.if_then(a_ok, |em| {
+        let part = row_ss_part(em, t, cx, a_ri, kc8, BK)?;
+        em.set(ss, part)
+    })?;
+    row_inv(em, cx, em.bfly_reduce(ReduceOp::Sum, em.getf(ss)?, &[4, 2, 1])?)
 }
 
 /// `1 / rms` of a row from its sum of squares.
@@ -905,11 +970,54 @@ fn mma<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
     let n_tiles = em.ceil_div(cx.nn, em.i64c(BN))?;
     let m_tiles = em.ceil_div(cx.rr, em.i64c(BM))?;
     let lin = linear_block(em)?;
-    let mine = em.icmp(IntPredicate::SLT, lin, em.mul(n_tiles, m_tiles)?)?;
-    em.if_then(mine, |em| {
-        let (bn, bm) = (em.rem(lin, n_tiles)?, em.div(lin, n_tiles)?);
-        mma_tile(em, t, cx, bn, bm)
-    })
+    let tiles = em.mul(n_tiles, m_tiles)?;
+    let mine = em.icmp(IntPredicate::SLT, lin, tiles)?;
+    let tile_bb = em.ctx.append_basic_block(em.f, "mma.tile");
+    let rest_bb = em.ctx.append_basic_block(em.f, "mma.rest");
+    let done = em.ctx.append_basic_block(em.f, "mma.done");
+    em.b.build_conditional_branch(mine, tile_bb, rest_bb).ck()?;
+    em.b.position_at_end(tile_bb);
+    let (bn, bm) = (em.rem(lin, n_tiles)?, em.div(lin, n_tiles)?);
+    mma_tile(em, t, cx, bn, bm)?;
+    em.b.build_unconditional_branch(done).ck()?;
+    em.b.position_at_end(rest_bb);
+    if cx.emit && cx.sh.a_direct.is_some() {
+        // a folded norm whose rows are stored: a block per row tile past the GEMM's tiles
+        // stores them (the tiles scale their accumulators instead, see `mma_tile`)
+        let bm = em.sub(lin, tiles)?;
+        let mine = em.icmp(IntPredicate::SLT, bm, m_tiles)?;
+        em.if_then(mine, |em| emit_rows(em, t, cx, bm))?;
+    }
+    em.b.build_unconditional_branch(done).ck()?;
+    em.b.position_at_end(done);
+    Ok(())
+}
+
+/// The normalised rows of row tile `bm` as the kernel's second output, exact: each row's
+/// 1/rms by its 8 threads (as the tiles' copy rows), then its elements 8 at a time.
+fn emit_rows<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bm: IntValue<'c>) -> R<()> {
+    let zero = em.i64c(0);
+    let tid = em.sreg("tid.x")?;
+    let kc8 = em.mul(em.rem(tid, em.i64c(ROW_CHUNKS))?, em.i64c(8))?;
+    let row0 = em.mul(bm, em.i64c(BM))?;
+    for i in 0..(BM / ROWS_PER_PASS) {
+        let r = em.add(em.div(tid, em.i64c(ROW_CHUNKS))?, em.i64c(ROWS_PER_PASS * i))?;
+        let ar = em.add(row0, r)?;
+        let a_ok = em.icmp(IntPredicate::SLT, ar, cx.rr)?;
+        let a_ri = em.unravel(em.select_i(a_ok, ar, zero)?, &cx.rext)?;
+        let inv = tile_row_inv(em, t, cx, a_ok, &a_ri, kc8)?;
+        em.if_then(a_ok, |em| {
+            em.for_range(kc8, cx.kk, em.i64c(BK), |em, k| {
+                let ys = a_chunk8(em, t, cx, &a_ri, k, inv)?;
+                for (j, y) in ys.iter().enumerate() {
+                    let idx = cx.a_index(em, &a_ri, em.add(k, em.i64c(j as i64))?);
+                    store_row(em, t, cx, a_ok, &idx, *y)?;
+                }
+                Ok(())
+            })
+        })?;
+    }
+    Ok(())
 }
 
 fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntValue<'c>, bm: IntValue<'c>) -> R<()> {
@@ -939,26 +1047,15 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         let ar = em.add(row0, r)?;
         let a_ok = em.icmp(IntPredicate::SLT, ar, cx.rr)?;
         let a_ri = em.unravel(em.select_i(a_ok, ar, zero)?, &cx.rext)?;
-        let a_base = match (cx.sh.a_direct, cx.norm) {
-            (Some(a), None) => Some(a_row(em, cx, a, &a_ri)?),
-            _ => None,
-        };
-        // a folded norm: the 8 threads of a tile row find its 1/rms together
-        // (rows past the last load nothing; every lane joins the butterfly)
-        let inv = match cx.norm {
-            Some(_) => {
-                let ss = em.fvar(em.f32c(0.0))?;
-                em.if_then(a_ok, |em| {
-                    let part = row_ss_part(em, t, cx, &a_ri, kc8, BK)?;
-                    em.set(ss, part)
-                })?;
-                Some(row_inv(
-                    em,
-                    cx,
-                    em.bfly_reduce(ReduceOp::Sum, em.getf(ss)?, &[4, 2, 1])?,
-                )?)
-            }
+        let a_base = match cx.sh.a_direct {
+            Some(a) => Some(a_row(em, cx, a, &a_ri)?),
             None => None,
+        };
+        // a folded norm over a computed A: the rows' 1/rms before the first tile is staged
+        // (a direct A finds them once its first tiles are in flight, below)
+        let inv = match (cx.norm, a_base) {
+            (Some(_), None) => Some(tile_row_inv(em, t, cx, a_ok, &a_ri, kc8)?),
+            _ => None,
         };
         let bn_i = em.add(col0, r)?;
         let b_ok = em.icmp(IntPredicate::SLT, bn_i, cx.nn)?;
@@ -1035,6 +1132,78 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
     }
     let kt_n = em.ceil_div(cx.kk, em.i64c(BK))?;
     pipeline_start(em, STAGES, kt_n, &load_tile)?;
+    // a folded norm over a direct A (`deferred`): the tiles are copied raw (`cp.async`); each
+    // thread, once its own copies of a tile have landed (before the step's barrier), adds their
+    // squares to its rows' sums and scales them by the norm's weight in place (bf16(x · w));
+    // the rows' 1/rms multiply the accumulators at the end. The same norm up to where bf16
+    // rounds (the reference rounds x · 1/rms first); the rows themselves, when stored, come
+    // from blocks of their own (`mma`), exact.
+    let deferred = cx.norm.is_some() && cx.sh.a_direct.is_some();
+    let mut ss = Vec::new();
+    if deferred {
+        for _ in &lds {
+            ss.push(em.fvar(em.f32c(0.0))?);
+        }
+    }
+    // the weight's 8 elements at this thread's chunks of tile kt: with a direct weight, 16
+    // bytes loaded `STAGES - 1` steps ahead into a register queue (`wq`), as its tile's copies
+    // are issued; else loaded at the step
+    let k_of = |em: &mut Em<'c, '_>, kt: IntValue<'c>| -> R<(IntValue<'c>, IntValue<'c>)> {
+        let k = em.add(em.mul(kt, em.i64c(BK))?, kc8)?;
+        let k_ok = em.icmp(IntPredicate::SLT, k, cx.kk)?;
+        Ok((k_ok, em.select_i(k_ok, k, zero)?))
+    };
+    let w_load = |em: &mut Em<'c, '_>, kt: IntValue<'c>| -> R<VectorValue<'c>> {
+        let (_, kcl) = k_of(em, kt)?;
+        let w = cx.w_vec.expect("a direct weight");
+        let at = em.view_offset(&em.kernel.inputs[w].view, &[kcl])?;
+        load_v4(em, gep16(em, em.inputs[w], at)?)
+    };
+    let mut wq = Vec::new();
+    if deferred && cx.w_vec.is_some() {
+        for j in 0..STAGES - 1 {
+            let v = w_load(em, em.i64c(j))?;
+            wq.push(em.var(v.get_type().into(), v.into())?);
+        }
+    }
+    let tile_w = |em: &mut Em<'c, '_>, kt: IntValue<'c>| -> R<(IntValue<'c>, Vec<FloatValue<'c>>)> {
+        let (k_ok, kcl) = k_of(em, kt)?;
+        if wq.is_empty() {
+            return Ok((k_ok, w8(em, t, cx, kcl)?));
+        }
+        let vt = em.ctx.i32_type().vec_type(4);
+        let cur = em.b.build_load(vt, wq[0], "").ck()?.into_vector_value();
+        for j in 1..wq.len() {
+            let v = em.b.build_load(vt, wq[j], "").ck()?;
+            em.b.build_store(wq[j - 1], v).ck()?;
+        }
+        let next = w_load(em, em.add(kt, em.i64c(STAGES - 1))?)?;
+        em.b.build_store(wq[wq.len() - 1], next).ck()?;
+        Ok((k_ok, unpack8(em, cur)?))
+    };
+    let landed =
+        |em: &mut Em<'c, '_>, stage: IntValue<'c>, (k_ok, ws): &(IntValue<'c>, Vec<FloatValue<'c>>)| -> R<()> {
+            let k_ok = *k_ok;
+            let sbase = em.mul(stage, em.i64c(STAGE))?;
+            for (l, acc) in lds.iter().zip(&ss) {
+                let live = em.and(l.a_ok, k_ok)?;
+                em.if_then(live, |em| {
+                    let at = em.add(em.add(sbase, em.mul(l.r, em.i64c(LDS))?)?, kc8)?;
+                    let p = em.shared_gep(em.ctx.i16_type().into(), cx.smem, at)?;
+                    let xs = unpack8(em, load_v4(em, p)?)?;
+                    let mut sum = em.getf(*acc)?;
+                    let mut ys = Vec::with_capacity(8);
+                    for (x, w) in xs.iter().zip(ws) {
+                        sum = em.fma(*x, *x, sum)?;
+                        ys.push(em.fmul(*x, *w)?);
+                    }
+                    em.set(*acc, sum)?;
+                    let v = pack8(em, &round_bf16_pairs(em, &ys)?)?;
+                    store_v(em, p, v.into())
+                })?;
+            }
+            Ok(())
+        };
     let g = em.div(lane, em.i64c(4))?;
     let tq = em.rem(lane, em.i64c(4))?;
     let [a_lrow, a_lcol, b_ln, b_lk] = ldmatrix_lanes(em, lane, (wm, wn), (64, 32))?;
@@ -1042,7 +1211,13 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         super::tc::ldmatrix(em, smem_addr(em, cx, e)?, false)
     };
     em.for_range(zero, kt_n, one, |em, kt| {
-        let stage = pipeline_step(em, STAGES, kt, kt_n, &load_tile)?;
+        let stage = match deferred {
+            false => pipeline_step(em, STAGES, kt, kt_n, &load_tile, None)?,
+            true => {
+                let w = tile_w(em, kt)?;
+                pipeline_step(em, STAGES, kt, kt_n, &load_tile, Some(&|em, st| landed(em, st, &w)))?
+            }
+        };
         let sbase = em.mul(stage, em.i64c(STAGE))?;
         for ks in 0..(BK / 16) {
             let mut af = Vec::new();
@@ -1069,15 +1244,35 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         }
         Ok(())
     })?;
+    if deferred {
+        // the rows' 1/rms (8 copying threads a row) to a shared slot per tile row, once every
+        // warp is done with the last tile
+        em.barrier()?;
+        for (l, acc) in lds.iter().zip(&ss) {
+            let inv = row_inv(em, cx, em.bfly_reduce(ReduceOp::Sum, em.getf(*acc)?, &[4, 2, 1])?)?;
+            let first = em.icmp(IntPredicate::EQ, kc8, zero)?;
+            em.if_then(first, |em| {
+                let p = em.shared_gep(em.ctx.f32_type().into(), cx.smem, l.r)?;
+                em.b.build_store(p, inv).ck()?;
+                Ok(())
+            })?;
+        }
+        em.barrier()?;
+    }
     // results: c0, c1 at (g, 2t..2t+1), c2, c3 at (g + 8, ..)
     for mi in 0..4i64 {
         for h in 0..2i64 {
-            let row = em.add(
-                em.add(row0, em.mul(wm, em.i64c(64))?)?,
-                em.add(em.i64c(mi * 16 + h * 8), g)?,
-            )?;
+            let trow = em.add(em.mul(wm, em.i64c(64))?, em.add(em.i64c(mi * 16 + h * 8), g)?)?;
+            let row = em.add(row0, trow)?;
             let ok = em.icmp(IntPredicate::SLT, row, cx.rr)?;
             let acc = &acc;
+            let inv = match deferred {
+                true => {
+                    let p = em.shared_gep(em.ctx.f32_type().into(), cx.smem, trow)?;
+                    Some(em.b.build_load(em.ctx.f32_type(), p, "").ck()?.into_float_value())
+                }
+                false => None,
+            };
             em.if_then(ok, |em| {
                 let ri = em.unravel(row, &cx.rext)?;
                 for ni in 0..4i64 {
@@ -1092,7 +1287,12 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
                         em.if_then(okc, |em| {
                             let mut idx = ri;
                             idx.push(col);
-                            let v = em.round(em.getf(slot)?, cx.out)?;
+                            let v = em.getf(slot)?;
+                            let v = match inv {
+                                Some(inv) => em.fmul(v, inv)?,
+                                None => v,
+                            };
+                            let v = em.round(v, cx.out)?;
                             em.finish(t, 0, &idx, Val::F(v), cx.out)
                         })?;
                     }
@@ -1120,6 +1320,29 @@ fn experts_ok(em: &Em, t: &TemplateKernel, i: usize) -> R<Option<usize>> {
         && aligned8(&v.strides[1])
         && aligned8(&v.offset);
     Ok(ok.then_some(b))
+}
+
+/// The shared expert of a `CombineShared` kernel when its GEMV can run it: `hs [b, s, Is]`
+/// (Is a multiple of 8) and `bs` a bf16 `[Is, D]` buffer whose columns are contiguous and
+/// 16-byte aligned. Returns (bs's input, Is, the shared product's dtype).
+fn shared_ok(em: &Em, t: &TemplateKernel) -> R<Option<(usize, i64, DType)>> {
+    let s4 = em.operand_shape(t, 4)?;
+    let is = match (s4.len(), s4.last().and_then(|d| d.as_const())) {
+        (3, Some(n)) if n > 0 && n % 8 == 0 => n,
+        _ => return Ok(None),
+    };
+    let b = match t.operands.get(5) {
+        Some(Operand::Buffer(b)) => *b,
+        _ => return Ok(None),
+    };
+    let v = &em.kernel.inputs[b].view;
+    let ok = em.operand_dtype(t, 5)? == DType::BF16
+        && em.operand_dtype(t, 4)? == DType::BF16
+        && v.rank() == 2
+        && v.strides[0] == Dim::constant(1)
+        && aligned8(&v.strides[1])
+        && aligned8(&v.offset);
+    Ok(ok.then_some((b, is, DType::BF16)))
 }
 
 /// Element offset of row `r` of expert `e` in expert buffer input `b`.
@@ -1408,13 +1631,24 @@ pub(super) fn grouped_fast<'c>(
             ];
             Ok(Some(grouped_launch(sized, gemv, tiles)))
         }
-        GroupedEpilogue::WeightedCombine => {
+        GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => {
             let s3 = em.operand_shape(t, 3)?;
             if s0.len() != 4 || s3.len() != 3 || em.operand_dtype(t, 0)? != DType::BF16 {
                 return Ok(None);
             }
+            // the shared expert beside the combine: `hs` staged after the token's h rows, `bs`
+            // a bf16 [Is, D] with each output column's Is weights contiguous (a transposed
+            // [D, Is] weight)
+            let shared = match epi {
+                GroupedEpilogue::CombineShared => match shared_ok(em, t)? {
+                    Some(x) => Some(x),
+                    None => return Ok(None),
+                },
+                _ => None,
+            };
+            let is_n = shared.map_or(0, |(_, n, _)| n);
             let (kn, ii) = match (s0[2].as_const(), s0[3].as_const()) {
-                (Some(kn), Some(ii)) if kn > 0 && ii > 0 && ii % 8 == 0 && kn * ii <= smem_cap => (kn, ii),
+                (Some(kn), Some(ii)) if kn > 0 && ii > 0 && ii % 8 == 0 && kn * ii + is_n <= smem_cap => (kn, ii),
                 _ => return Ok(None),
             };
             let Some(wd) = experts_ok(em, t, 3)? else {
@@ -1422,8 +1656,9 @@ pub(super) fn grouped_fast<'c>(
             };
             let ydt = DType::promote(em.operand_dtype(t, 0)?, em.operand_dtype(t, 3)?).unwrap_or(DType::F32);
             let dout_c = s3[1].as_const().filter(|&n| n > 0 && n % 8 == 0);
-            let direct =
-                grouped_rows_direct(em, t, 4).filter(|_| em.prefill && down_mma_enabled() && ydt == DType::BF16);
+            let direct = grouped_rows_direct(em, t, 4).filter(|_| {
+                em.prefill && down_mma_enabled() && ydt == DType::BF16 && epi == GroupedEpilogue::WeightedCombine
+            });
             let tiles = direct.is_some() && dout_c.is_some();
             let smem = grouped_smem(em, tiles)?;
             let done = em.ctx.append_basic_block(em.f, "grouped.done");
@@ -1471,6 +1706,14 @@ pub(super) fn grouped_fast<'c>(
                     let p = em.shared_gep(em.ctx.i16_type().into(), smem, x)?;
                     em.set(p, bits)
                 })?;
+                if shared.is_some() {
+                    em.for_range(tid, em.i64c(is_n), em.i64c(THREADS as i64), |em, i| {
+                        let h = em.ldf(t, 4, &[bi, si, i])?;
+                        let bits = bf16_bits(em, h)?;
+                        let p = em.shared_gep(em.ctx.i16_type().into(), smem, em.add(i, em.i64c(kn * ii))?)?;
+                        em.set(p, bits)
+                    })?;
+                }
                 em.barrier()?;
                 let warp = em.div(tid, em.i64c(32))?;
                 let lane = em.rem(tid, em.i64c(32))?;
@@ -1503,6 +1746,20 @@ pub(super) fn grouped_fast<'c>(
                     }
                     Ok(())
                 })?;
+                if let Some((bs, is, sdt)) = shared {
+                    // one more row of the sum: the shared expert, weight 1
+                    let mut rows = Vec::new();
+                    for (_, _, jc) in &cols {
+                        let at = em.view_offset(&em.kernel.inputs[bs].view, &[zero, *jc])?;
+                        rows.push((em.inputs[bs], at));
+                    }
+                    let acc = lane_dots(em, smem, &rows, em.i64c(kn * ii), em.i64c(is), lane)?;
+                    for (y, a) in ys.iter().zip(acc) {
+                        let dsum = em.warp_reduce(ReduceOp::Sum, em.getf(a)?)?;
+                        let v = em.fadd(em.getf(*y)?, em.round(dsum, sdt)?)?;
+                        em.set(*y, v)?;
+                    }
+                }
                 let first = em.icmp(IntPredicate::EQ, lane, em.i64c(0))?;
                 for (y, (j, ok, _)) in ys.into_iter().zip(cols) {
                     let st = em.and(first, ok)?;
@@ -1785,7 +2042,7 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
         |em: &Em<'c, '_>, e: IntValue<'c>| -> R<[IntValue<'c>; 4]> { super::tc::ldmatrix(em, saddr(em, e)?, false) };
     let live = em.icmp(IntPredicate::SLT, em.mul(wm, em.i64c(32))?, nrows)?;
     em.for_range(zero, kt_n, one, |em, kt| {
-        let stage = pipeline_step(em, stages, kt, kt_n, &load_tile)?;
+        let stage = pipeline_step(em, stages, kt, kt_n, &load_tile, None)?;
         let sbase = em.mul(stage, em.i64c(GB_STAGE))?;
         em.if_then(live, |em| {
             for ks in 0..(GB_K / 16) {

@@ -60,3 +60,28 @@ pub(super) fn mma<'c>(
     }
     Ok(out)
 }
+
+/// Two f32 as a bf16x2 register (round to nearest even): `lo` in the low half.
+pub(super) fn pack_bf16<'c>(em: &Em<'c, '_>, lo: FloatValue<'c>, hi: FloatValue<'c>) -> R<IntValue<'c>> {
+    let (i32t, f32t) = (em.ctx.i32_type(), em.ctx.f32_type());
+    Ok(em
+        .asm(
+            i32t.into(),
+            &[f32t.into(), f32t.into()],
+            "cvt.rn.bf16x2.f32 $0, $1, $2;",
+            "=r,f,f",
+            &[hi.into(), lo.into()],
+        )?
+        .into_int_value())
+}
+
+/// The two bf16 halves of a bf16x2 register as f32 (low, high).
+pub(super) fn unpack_bf16<'c>(em: &Em<'c, '_>, w: IntValue<'c>) -> R<(FloatValue<'c>, FloatValue<'c>)> {
+    let (i32t, f32t) = (em.ctx.i32_type(), em.ctx.f32_type());
+    let lo = em.b.build_left_shift(w, i32t.const_int(16, false), "").ck()?;
+    let hi = em.b.build_and(w, i32t.const_int(0xffff_0000, false), "").ck()?;
+    Ok((
+        em.b.build_bit_cast(lo, f32t, "").ck()?.into_float_value(),
+        em.b.build_bit_cast(hi, f32t, "").ck()?.into_float_value(),
+    ))
+}
