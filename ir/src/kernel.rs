@@ -811,7 +811,7 @@ impl TemplateOp {
     pub fn accepts_prologue(&self, slot: usize) -> bool {
         match self {
             // A, B (and a folded norm's weight); a folded norm reads A from memory (its row
-            // statistics are loaded before the GEMM, with vector loads)
+            // statistics come from vector loads of A, before or during the K loop)
             TemplateOp::Gemm(g) => slot < 3 && !(slot == 0 && g.norm.is_some()),
             // the token activations (and the routing weights of the combine, and the shared
             // expert's activations beside it)

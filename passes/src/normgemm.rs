@@ -17,20 +17,23 @@
 //! anyway. The residual add moves into the epilogue of the GEMM that makes `a` (kernel
 //! partition: an elementwise consumer of a template's result). The cpu GEMM and the GPU's GEMV
 //! (up to 16 rows) round as the norm does (`ir::kernel::RowNorm`); the GPU's tensor-core path
-//! copies A raw, scales it by the weight in shared memory and multiplies the accumulators by
-//! 1/rms at the end, so it rounds `x · w` where the norm rounds `x / rms` (the bf16 tier; the
-//! stored rows stay exact).
+//! copies a 16-byte aligned bf16 A raw, scales it by the weight in shared memory and multiplies
+//! the accumulators by 1/rms at the end when the result is bf16, so it rounds `x · w` where the
+//! norm rounds `x / rms` (the bf16 tier; the stored rows stay exact; an f32 result, the
+//! router's, keeps the exact roundings).
 //!
 //! The LM head (over [`FOLD_MAX_COLS`] columns) keeps its norm: see there.
 //!
-//! Why not in prefill: there every tile of the GEMM would recompute the statistics of its 128
-//! rows, and the tensor-core path would compute its A tiles element by element instead of
-//! copying them; at M = 4096 the separate norm kernel costs less than that.
+//! Why not in prefill: there every column tile of the GEMM would find the statistics of its
+//! 128 rows again and rescale its A tiles in shared memory; at M = 4096 the separate norm
+//! kernel costs less than that.
 //!
 //! Why a pass over the extracted graph and not an egg rule: the fold changes which kernel
 //! stores the residual sum (the producer's epilogue instead of the norm), which the cost model,
-//! costing each e-node alone, does not see; the fold never costs more at decode (one launch and
-//! one write and read of `n` fewer), so it is applied to every GEMM it finds.
+//! costing each e-node alone, does not see. At decode it saves a launch and a write and read of
+//! `n`, so it is applied to every GEMM it finds but the widest ([`FOLD_MAX_COLS`]); whether it
+//! pays on a GPU at large batches depends on the epilogues that take the residual adds
+//! (docs/perf.md: the cuda device keeps the norms apart by default).
 
 use crate::precision::replace_value;
 use crate::PassError;
@@ -104,7 +107,7 @@ fn host(g: &Graph, n: Value) -> Option<(NodeIndex, Value, Option<NodeIndex>)> {
 /// which takes the smallest node index first: a node added by a pass would otherwise come
 /// after every ready node of a lower index (an FP8 plan's weight quantisations of every later
 /// layer, all held live in the arena at once).
-pub(crate) fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
+fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
     let mut indeg: HashMap<NodeIndex, usize> = g.g.node_indices().map(|n| (n, 0)).collect();
     for e in g.g.edge_references() {
         *indeg.entry(e.target()).or_default() += 1;
@@ -138,17 +141,53 @@ pub(crate) fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
     out
 }
 
+/// Where each node of a graph stood in its topological order, and where the nodes a pass adds
+/// stand: each just before the node it replaces, so that the plan's kernel order (and the arena's
+/// liveness) stays as it was ([`renumber`]).
+pub(crate) struct Placement {
+    pos: HashMap<NodeIndex, u64>,
+    anchor: HashMap<NodeIndex, u64>,
+}
+
+impl Placement {
+    pub(crate) fn of(g: &Graph) -> Placement {
+        let pos = g
+            .topo_order()
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (n, 2 * i as u64 + 1))
+            .collect();
+        Placement {
+            pos,
+            anchor: HashMap::new(),
+        }
+    }
+
+    /// `new` stands just before `old`.
+    pub(crate) fn before(&mut self, new: NodeIndex, old: NodeIndex) {
+        self.anchor.insert(new, self.pos[&old] - 1);
+    }
+
+    /// `g` after DCE, renumbered in this order (unchanged when nothing was placed).
+    pub(crate) fn finish(self, g: Graph) -> Result<Graph, PassError> {
+        if self.anchor.is_empty() {
+            return Ok(g);
+        }
+        let g = crate::cleanup::dce(g)?;
+        Ok(renumber(&g, |n| {
+            self.anchor
+                .get(&n)
+                .or_else(|| self.pos.get(&n))
+                .copied()
+                .unwrap_or(u64::MAX)
+        }))
+    }
+}
+
 /// Folds every RMSNorm read by a weight GEMM into it.
 pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
     let ir = |e| PassError::ir(PASS, e);
-    // where each node stood, and where each new node stands: just before the one it replaces
-    let pos: HashMap<NodeIndex, u64> = g
-        .topo_order()
-        .into_iter()
-        .enumerate()
-        .map(|(i, n)| (n, 2 * i as u64 + 1))
-        .collect();
-    let mut anchor: HashMap<NodeIndex, u64> = HashMap::new();
+    let mut place = Placement::of(&g);
     for n in g.topo_order() {
         let (eps, add, port) = match g.node(n).op {
             Op::Fused(Fused::RmsNorm { eps }) => (eps, false, 0),
@@ -162,7 +201,7 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
         let loc = g.node(n).loc.clone();
         let x = if add {
             let s = g.add1(Op::Binary(BinaryOp::Add), &ops[..2], loc.clone()).map_err(ir)?;
-            anchor.insert(s.node, pos[&n] - 1);
+            place.before(s.node, n);
             if let Some(l) = g.node(n).label.clone() {
                 g.set_label(s, &l);
             }
@@ -178,7 +217,7 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
         let outs = g
             .add(Op::Fused(folded), &[x, b, w], g.node(m).loc.clone())
             .map_err(ir)?;
-        anchor.insert(outs[0].node, pos[&m] - 1);
+        place.before(outs[0].node, m);
         if let Some(l) = g.node(m).label.clone() {
             g.set_label(outs[0], &l);
         }
@@ -188,13 +227,7 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
             replace_value(&mut g, normed, outs[1]);
         }
     }
-    if anchor.is_empty() {
-        return Ok(g); // nothing folded
-    }
-    let g = crate::cleanup::dce(g)?;
-    Ok(renumber(&g, |n| {
-        anchor.get(&n).or_else(|| pos.get(&n)).copied().unwrap_or(u64::MAX)
-    }))
+    place.finish(g)
 }
 
 #[cfg(test)]

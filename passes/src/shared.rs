@@ -17,7 +17,7 @@
 //! tensor-core GEMM runs well, while the combine's expert-major tiles would take it as a
 //! token-by-token GEMV.
 
-use crate::normgemm::renumber;
+use crate::normgemm::Placement;
 use crate::precision::replace_value;
 use crate::PassError;
 use ir::fused::{Fused, GroupedEpilogue};
@@ -25,7 +25,6 @@ use ir::graph::{Graph, Value};
 use ir::op::{BinaryOp, Op};
 use petgraph::stable_graph::NodeIndex;
 use petgraph::Direction;
-use std::collections::HashMap;
 
 const PASS: &str = "fold-shared-expert";
 
@@ -59,13 +58,7 @@ fn shared_gemm(g: &Graph, v: Value) -> Option<(Value, Value)> {
 /// Folds each shared expert's down projection into the combine beside it.
 pub fn fold_shared_experts(mut g: Graph) -> Result<Graph, PassError> {
     let ir = |e| PassError::ir(PASS, e);
-    let pos: HashMap<NodeIndex, u64> = g
-        .topo_order()
-        .into_iter()
-        .enumerate()
-        .map(|(i, n)| (n, 2 * i as u64 + 1))
-        .collect();
-    let mut anchor: HashMap<NodeIndex, u64> = HashMap::new();
+    let mut place = Placement::of(&g);
     for n in g.topo_order() {
         if !matches!(g.node(n).op, Op::Binary(BinaryOp::Add)) {
             continue;
@@ -81,8 +74,11 @@ pub fn fold_shared_experts(mut g: Graph) -> Result<Graph, PassError> {
         let Some((c, (hs, bs))) = found else { continue };
         let out = Value { node: n, port: 0 };
         let r = Value { node: c, port: 0 };
-        // the sum stays the combine's f32 [b, s, D] (no broadcast, no other dtype)
-        if g.ty(out) != g.ty(r) {
+        // the sum stays the combine's f32 [b, s, D]: no broadcast of either side (the shared
+        // product of the combine's shape, its rows the combine's tokens), no other dtype
+        let m = if x.node == c { y } else { x };
+        let h = g.operands(c)[0];
+        if g.ty(out) != g.ty(r) || g.ty(m).shape != g.ty(r).shape || g.ty(hs).shape[..2] != g.ty(h).shape[..2] {
             continue;
         }
         let mut ops = g.operands(c);
@@ -91,17 +87,82 @@ pub fn fold_shared_experts(mut g: Graph) -> Result<Graph, PassError> {
             epilogue: GroupedEpilogue::CombineShared,
         };
         let new = g.add1(Op::Fused(f), &ops, g.node(c).loc.clone()).map_err(ir)?;
-        anchor.insert(new.node, pos[&n] - 1);
+        place.before(new.node, n);
         if let Some(l) = g.node(c).label.clone() {
             g.set_label(new, &l);
         }
         replace_value(&mut g, out, new);
     }
-    if anchor.is_empty() {
-        return Ok(g);
+    place.finish(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{outputs_close, random_inputs, run};
+    use ir::checkpoint::RandomWeights;
+    use ir::op::InputKind;
+    use ir::shape::{Dim, DimEnv};
+    use ir::tol::Tol;
+    use ir::DType;
+
+    /// `combine(h, chosen, weights, w_down) + hs @ bs` over inputs; `hs_rows` is hs's batch
+    /// (`b`, or 1 for a broadcast shared product).
+    fn moe_out(hs_rows: Dim) -> Graph {
+        let mut g = Graph::new();
+        let (b, s) = (Dim::sym("b"), Dim::sym("s"));
+        let c = |n: i64| Dim::constant(n);
+        let input = |g: &mut Graph, name: &str, dtype, shape: Vec<Dim>| {
+            let op = Op::Input {
+                name: name.into(),
+                kind: InputKind::Data,
+                dtype,
+                shape,
+            };
+            g.add1(op, &[], None).unwrap()
+        };
+        let h = input(&mut g, "h", DType::BF16, vec![b.clone(), s.clone(), c(2), c(8)]);
+        let chosen = input(&mut g, "chosen", DType::I64, vec![b.clone(), s.clone(), c(2)]);
+        let w = input(&mut g, "weights", DType::F32, vec![b.clone(), s.clone(), c(2)]);
+        let wd = input(&mut g, "w_down", DType::BF16, vec![c(4), c(16), c(8)]);
+        let hs = input(&mut g, "hs", DType::BF16, vec![hs_rows, s.clone(), c(24)]);
+        let bs = input(&mut g, "bs", DType::BF16, vec![c(24), c(16)]);
+        let f = Fused::GroupedMatmul {
+            epilogue: GroupedEpilogue::WeightedCombine,
+        };
+        let r = g.add1(Op::Fused(f), &[h, chosen, w, wd], None).unwrap();
+        let m = g.add1(Op::Matmul, &[hs, bs], None).unwrap();
+        let y = g.add1(Op::Binary(BinaryOp::Add), &[m, r], None).unwrap();
+        g.add_output("y", y, InputKind::Data);
+        g
     }
-    let g = crate::cleanup::dce(g)?;
-    Ok(renumber(&g, |n| {
-        anchor.get(&n).or_else(|| pos.get(&n)).copied().unwrap_or(u64::MAX)
-    }))
+
+    fn count_shared(g: &Graph) -> usize {
+        let f = Fused::GroupedMatmul {
+            epilogue: GroupedEpilogue::CombineShared,
+        };
+        g.g.node_weights().filter(|n| n.op == Op::Fused(f.clone())).count()
+    }
+
+    #[test]
+    fn the_shared_down_gemm_joins_the_combine() {
+        let g = moe_out(Dim::sym("b"));
+        let f = fold_shared_experts(g.clone()).unwrap();
+        assert_eq!(count_shared(&f), 1, "{}", f.to_text());
+        assert!(!f.g.node_weights().any(|n| n.op == Op::Matmul), "{}", f.to_text());
+        let env: DimEnv = [("b".to_string(), 3), ("s".to_string(), 2)].into();
+        let inputs = random_inputs(&g, &env, 5, 1.0, 4);
+        let w = RandomWeights::new(5);
+        let (want, got) = (run(&g, &w, &inputs).unwrap(), run(&f, &w, &inputs).unwrap());
+        let e = outputs_close(&got, &want, Tol::BF16.op()).unwrap();
+        println!("folded against unfused: {e:.2e}");
+    }
+
+    #[test]
+    fn a_broadcast_shared_product_is_left_alone() {
+        // hs for one batch row added to every row's combine: not the combine's own rows
+        let g = moe_out(Dim::constant(1));
+        let f = fold_shared_experts(g).unwrap();
+        assert_eq!(count_shared(&f), 0, "{}", f.to_text());
+    }
 }

@@ -145,7 +145,11 @@ pub(super) fn grouped_matmul(
     };
     match epilogue {
         GroupedEpilogue::SwiGlu => swiglu_experts(a, chosen, b, c, out),
-        GroupedEpilogue::WeightedCombine | GroupedEpilogue::CombineShared => combine_experts(a, chosen, b, c, out),
+        GroupedEpilogue::WeightedCombine => combine_experts(a, chosen, b, c, out),
+        GroupedEpilogue::CombineShared => Err(format!(
+            "grouped_matmul(CombineShared) takes 6 operands, got {}",
+            args.len()
+        )),
     }
 }
 
@@ -599,6 +603,12 @@ mod tests {
         }
     }
 
+    /// The operands of a `CombineShared` node, named.
+    fn shared_inputs(ts: [&Tensor; 6]) -> [(&'static str, &Tensor); 6] {
+        let names = ["h", "chosen", "weights", "w_down", "hs", "bs"];
+        std::array::from_fn(|i| (names[i], ts[i]))
+    }
+
     #[test]
     fn combine_shared_matches_the_combine_plus_the_shared_gemm() {
         use crate::op::BinaryOp;
@@ -612,14 +622,7 @@ mod tests {
                 let h = random(&mut r, dt, &[b, s, k, inter], 1.0);
                 let hs = random(&mut r, dt, &[b, s, is], 1.0);
                 let bs = random(&mut r, dt, &[is, dm], (is as f32).powf(-0.5));
-                let named = [
-                    ("h", &h),
-                    ("chosen", &chosen),
-                    ("weights", &weights),
-                    ("w_down", &w_down),
-                    ("hs", &hs),
-                    ("bs", &bs),
-                ];
+                let named = shared_inputs([&h, &chosen, &weights, &w_down, &hs, &bs]);
                 let grouped = |epilogue| Op::Fused(Fused::GroupedMatmul { epilogue });
                 let want = run_graph(&named, |g, v| {
                     let routed = g.add1(grouped(GroupedEpilogue::WeightedCombine), &v[..4], None)?;
@@ -642,14 +645,7 @@ mod tests {
         let h = Tensor::from_f32(DType::F32, vec![1, 2, 2, 4], vec![0.5; 16]);
         let hs = Tensor::from_f32(DType::F32, vec![1, 2, 6], vec![0.5; 12]);
         let bs = Tensor::from_f32(DType::F32, vec![5, 8], vec![0.5; 40]);
-        let named = [
-            ("h", &h),
-            ("chosen", &chosen),
-            ("weights", &weights),
-            ("w_down", &w_down),
-            ("hs", &hs),
-            ("bs", &bs),
-        ];
+        let named = shared_inputs([&h, &chosen, &weights, &w_down, &hs, &bs]);
         let op = Op::Fused(Fused::GroupedMatmul {
             epilogue: GroupedEpilogue::CombineShared,
         });

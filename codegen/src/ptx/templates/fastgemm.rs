@@ -13,8 +13,9 @@
 //!   for ragged M/N/K. An `A` with a prologue (or an unaligned view) is computed element by
 //!   element into shared memory instead of copied.
 //!
-//! The grid is `[ceil(N/16), ceil(R/128), 1]` for both: the tensor-core path uses the blocks
-//! with `x < ceil(N/128)` and the others exit at once. Results go through the template's
+//! One grid serves both (`gemm_fast`): x about 8 · ceil(N/128) blocks (at least the GEMV's
+//! ceil(N/16)), y ceil(R/1024); the tensor-core tiles are numbered in launch order over it and
+//! the blocks past them exit at once, as do the GEMV's past N. Results go through the template's
 //! epilogue exactly as the SIMT path does. Anything else (f32 operands, a computed or batched
 //! `B`, K not a constant multiple of 8) keeps the SIMT path. `RINGJIT_GEMM=naive` forces the
 //! SIMT path everywhere.
@@ -338,7 +339,7 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
     // order, see `mma`) without a grid of mostly idle blocks
     // (stored norm rows: 8 blocks more in x, so that x · y also holds a block per row tile)
     let per = (BN / GEMV_COLS) as u32;
-    let extra = if cx.emit && cx.sh.a_direct.is_some() {
+    let extra = if cx.emit && cx.deferred_norm() {
         per as i64 * BN
     } else {
         0
@@ -389,6 +390,15 @@ struct Cx<'c> {
 }
 
 impl<'c> Cx<'c> {
+    /// Whether the tensor-core path applies the folded norm after the fact (A copied raw and
+    /// scaled by the weight in shared memory, the accumulators by 1/rms; `mma_tile`): for a
+    /// direct A and a bf16 result. An f32 result (the router's logits, whose top-k a bf16
+    /// rounding of a · w could flip against the reference) keeps the norm's exact roundings: A
+    /// staged element by element through it.
+    fn deferred_norm(&self) -> bool {
+        self.norm.is_some() && self.sh.a_direct.is_some() && self.out != DType::F32
+    }
+
     /// Operand index of A at flattened row `r`, column `k`.
     fn a_index(&self, em: &Em<'c, '_>, ri: &[IntValue<'c>], k: IntValue<'c>) -> Vec<IntValue<'c>> {
         matrix_index(&self.sa, &ri[..self.nb], ri[self.nb], k, em.i64c(0))
@@ -981,7 +991,7 @@ fn mma<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
     mma_tile(em, t, cx, bn, bm)?;
     em.b.build_unconditional_branch(done).ck()?;
     em.b.position_at_end(rest_bb);
-    if cx.emit && cx.sh.a_direct.is_some() {
+    if cx.emit && cx.deferred_norm() {
         // a folded norm whose rows are stored: a block per row tile past the GEMM's tiles
         // stores them (the tiles scale their accumulators instead, see `mma_tile`)
         let bm = em.sub(lin, tiles)?;
@@ -1028,7 +1038,7 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
     let row0 = em.mul(bm, em.i64c(BM))?;
     let col0 = em.mul(bn, em.i64c(BN))?;
     let (wm, wn) = (em.div(warp, em.i64c(4))?, em.rem(warp, em.i64c(4))?);
-    // this thread's copy assignments: chunk c = tid + 256 i → tile row c / 4, k offset (c % 4)·8
+    // this thread's copy assignments: chunk c = tid + 256 i → tile row c / 8, k offset (c % 8)·8
     let kc8 = em.mul(em.rem(tid, em.i64c(ROW_CHUNKS))?, em.i64c(8))?;
     struct Ld<'c> {
         r: IntValue<'c>,
@@ -1048,8 +1058,8 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
         let a_ok = em.icmp(IntPredicate::SLT, ar, cx.rr)?;
         let a_ri = em.unravel(em.select_i(a_ok, ar, zero)?, &cx.rext)?;
         let a_base = match cx.sh.a_direct {
-            Some(a) => Some(a_row(em, cx, a, &a_ri)?),
-            None => None,
+            Some(a) if cx.norm.is_none() || cx.deferred_norm() => Some(a_row(em, cx, a, &a_ri)?),
+            _ => None,
         };
         // a folded norm over a computed A: the rows' 1/rms before the first tile is staged
         // (a direct A finds them once its first tiles are in flight, below)
@@ -1138,7 +1148,7 @@ fn mma_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>, bn: IntVal
     // the rows' 1/rms multiply the accumulators at the end. The same norm up to where bf16
     // rounds (the reference rounds x · 1/rms first); the rows themselves, when stored, come
     // from blocks of their own (`mma`), exact.
-    let deferred = cx.norm.is_some() && cx.sh.a_direct.is_some();
+    let deferred = cx.deferred_norm();
     let mut ss = Vec::new();
     if deferred {
         for _ in &lds {
