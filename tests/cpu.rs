@@ -149,10 +149,10 @@ fn plans_of_one_model_share_their_converted_weights() {
 }
 
 /// The GEMMs that normalise their rows first (`fold-norm-gemm`) at model widths, as the GPU
-/// test runs them (`gpu::FOLDED_NORM_CASES`), on the cpu backend against the interpreter.
+/// test runs them (`common::FOLDED_NORM_CASES`), on the cpu backend against the interpreter.
 #[test]
 fn folded_norm_gemms_on_cpu_match_the_interpreter() {
-    use crate::gpu::{assert_folded_norm_outputs, folded_norm_case, FOLDED_NORM_CASES};
+    use crate::common::{assert_folded_norm_outputs, folded_norm_case, FOLDED_NORM_CASES};
     use runtime::cpu::{CpuExec, ParamCache, Pool};
     let pool = std::sync::Arc::new(Pool::all_cores().unwrap());
     let empty = std::collections::HashMap::new();

@@ -977,81 +977,9 @@ fn gpu_row_norms_at_model_widths_match_the_interpreter() {
     }
 }
 
-/// The decode GEMMs that normalise their rows first (`Fused::NormMatmul`, `fold-norm-gemm`):
-/// the residual sum read from memory, a bf16 GEMM without the rows stored and the router-like
-/// f32 GEMM of a computed B that stores them. The cases: 1..16 rows (the GEMV), 17..130 rows
-/// (tensor cores, a partial tile and a second one), K of Ring-mini (2048 = the GEMV's staged
-/// chunk), Ring-flash (4096: two chunks, one statistic) and 64.
-pub(crate) const FOLDED_NORM_CASES: [(usize, usize); 7] = [
-    (1, 2048),
-    (3, 2048),
-    (16, 4096),
-    (17, 2048),
-    (40, 4096),
-    (130, 64),
-    (5, 64),
-];
-
-/// The graph of one [`FOLDED_NORM_CASES`] case and its random inputs; outputs `q`, `router`,
-/// `rows` (the stored normalised rows) and `sum`.
-pub(crate) fn folded_norm_case(
-    rows: usize,
-    k: usize,
-    seed: u64,
-) -> (ir::graph::Graph, std::collections::HashMap<String, ir::Tensor>) {
-    use ir::fused::Fused;
-    let mut graph = ir::graph::Graph::new();
-    let mut inputs = std::collections::HashMap::new();
-    let mut rng = passes::testing::SplitMix(seed);
-    let bf = ir::DType::BF16;
-    let mut input = |graph: &mut ir::graph::Graph, name: &str, shape: &[usize], scale: f32| {
-        let dims = shape.iter().map(|&x| ir::Dim::constant(x as i64)).collect();
-        let numel: usize = shape.iter().product();
-        let data = (0..numel)
-            .map(|_| scale * (rng.unit() + 0.1f32.copysign(rng.unit())))
-            .collect();
-        inputs.insert(name.to_string(), ir::Tensor::from_f32(bf, shape.to_vec(), data));
-        graph.add_input(name, ir::op::InputKind::Data, bf, dims)
-    };
-    let h = input(&mut graph, "h", &[rows, k], 1.0);
-    let a = input(&mut graph, "a", &[rows, k], 1.0);
-    let w = input(&mut graph, "w", &[k], 1.0);
-    // HF layouts [N, K], used transposed
-    let wq = input(&mut graph, "wq", &[96, k], 0.05);
-    let wr = input(&mut graph, "wr", &[40, k], 0.05);
-    let mut add = |op: ir::Op, args: &[ir::graph::Value]| graph.add(op, args, None).unwrap();
-    let s = add(ir::Op::Binary(ir::op::BinaryOp::Add), &[h, a])[0];
-    let bq = add(ir::Op::Permute { perm: vec![1, 0] }, &[wq])[0];
-    let br = add(ir::Op::Permute { perm: vec![1, 0] }, &[wr])[0];
-    let br = add(ir::Op::Cast { to: ir::DType::F32 }, &[br])[0];
-    let fold = |emit_norm| ir::Op::Fused(Fused::NormMatmul { eps: 1e-6, emit_norm });
-    let c1 = add(fold(false), &[s, bq, w])[0];
-    let c2 = add(fold(true), &[s, br, w]);
-    for (name, v) in [("q", c1), ("router", c2[0]), ("rows", c2[1]), ("sum", s)] {
-        graph.add_output(name, v, ir::op::InputKind::Data);
-    }
-    (graph, inputs)
-}
-
-/// Every output of a [`folded_norm_case`] within the bf16 tier of the interpreter's.
-pub(crate) fn assert_folded_norm_outputs(
-    got: &std::collections::HashMap<String, ir::Tensor>,
-    want: &std::collections::HashMap<String, ir::Tensor>,
-    what: &str,
-) {
-    for name in ["q", "router", "rows", "sum"] {
-        let (a, b) = (got[name].to_f64_vec(), want[name].to_f64_vec());
-        let (a, b): (Vec<f32>, Vec<f32>) = (
-            a.iter().map(|&x| x as f32).collect(),
-            b.iter().map(|&x| x as f32).collect(),
-        );
-        let e = ir::tol::rel_err(&a, &b);
-        assert!(e <= Tol::BF16.op(), "{what}: {name} rel err {e:.3e}");
-    }
-}
-
 #[test]
 fn gpu_folded_norm_gemms_match_the_interpreter() {
+    use crate::common::{assert_folded_norm_outputs, folded_norm_case, FOLDED_NORM_CASES};
     let Some(g) = gpu() else { return };
     let g = std::sync::Arc::new(g);
     for (n, (rows, k)) in FOLDED_NORM_CASES.into_iter().enumerate() {

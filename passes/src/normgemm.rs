@@ -48,7 +48,7 @@ use std::collections::{BTreeSet, HashMap};
 const PASS: &str = "fold-norm-gemm";
 
 /// The users of `v` (node, operand slot).
-fn users(g: &Graph, v: Value) -> Vec<(NodeIndex, u32)> {
+pub(crate) fn users(g: &Graph, v: Value) -> Vec<(NodeIndex, u32)> {
     let mut u: Vec<_> =
         g.g.edges_directed(v.node, Direction::Outgoing)
             .filter(|e| e.weight().port == v.port)

@@ -17,23 +17,15 @@
 //! tensor-core GEMM runs well, while the combine's expert-major tiles would take it as a
 //! token-by-token GEMV.
 
-use crate::normgemm::Placement;
+use crate::normgemm::{users, Placement};
 use crate::precision::replace_value;
 use crate::PassError;
 use ir::fused::{Fused, GroupedEpilogue};
 use ir::graph::{Graph, Value};
 use ir::op::{BinaryOp, Op};
 use petgraph::stable_graph::NodeIndex;
-use petgraph::Direction;
 
 const PASS: &str = "fold-shared-expert";
-
-/// How many operand slots read `v` (over all its users).
-fn uses(g: &Graph, v: Value) -> usize {
-    g.g.edges_directed(v.node, Direction::Outgoing)
-        .filter(|e| e.weight().port == v.port)
-        .count()
-}
 
 /// `v` is the combine of a grouped down projection, read only once: its node.
 fn combine(g: &Graph, v: Value) -> Option<NodeIndex> {
@@ -43,12 +35,12 @@ fn combine(g: &Graph, v: Value) -> Option<NodeIndex> {
             epilogue: GroupedEpilogue::WeightedCombine
         })
     );
-    (ok && v.port == 0 && uses(g, v) == 1).then_some(v.node)
+    (ok && v.port == 0 && users(g, v).len() == 1).then_some(v.node)
 }
 
 /// `v` is `hs @ bs` with `hs [b, s, Is]` and a matrix `bs [Is, D]`, read only once: `(hs, bs)`.
 fn shared_gemm(g: &Graph, v: Value) -> Option<(Value, Value)> {
-    if !matches!(g.node(v.node).op, Op::Matmul) || uses(g, v) != 1 {
+    if !matches!(g.node(v.node).op, Op::Matmul) || users(g, v).len() != 1 {
         return None;
     }
     let [hs, bs] = g.operands(v.node)[..] else { return None };

@@ -29,6 +29,16 @@ pub enum GroupedEpilogue {
     CombineShared,
 }
 
+impl GroupedEpilogue {
+    /// How many operands a `GroupedMatmul` with this epilogue takes.
+    pub fn operands(self) -> usize {
+        match self {
+            GroupedEpilogue::SwiGlu | GroupedEpilogue::WeightedCombine => 4,
+            GroupedEpilogue::CombineShared => 6,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fused {
     /// Inputs `x [.., D]`, `w [D]`. `cast(x32 · rsqrt(mean(x32², -1) + eps), x.dtype) · w`
@@ -200,10 +210,7 @@ impl Fused {
             Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep => 5,
             Fused::LinearAttnGate { .. } => 7,
             Fused::RouteTopK { biased, .. } => 1 + usize::from(*biased),
-            Fused::GroupedMatmul { epilogue } => match epilogue {
-                GroupedEpilogue::CombineShared => 6,
-                _ => 4,
-            },
+            Fused::GroupedMatmul { epilogue } => epilogue.operands(),
             Fused::DequantizeFp8 { .. } => 2,
         };
         if tys.len() != n_args {

@@ -128,26 +128,17 @@ pub(super) fn grouped_matmul(
     args: &[&Tensor],
     out: &[(TensorType, Vec<usize>)],
 ) -> Result<Vec<Tensor>, String> {
-    if let (GroupedEpilogue::CombineShared, &[h, chosen, w, wd, hs, bs]) = (epilogue, args) {
-        let mut y = combine_experts(h, chosen, w, wd, out)?;
-        add_shared(&mut y[0], hs, bs)?;
-        return Ok(y);
-    }
-    let &[a, chosen, b, c] = args else {
-        return Err(format!(
+    match (epilogue, args) {
+        (GroupedEpilogue::SwiGlu, &[x, chosen, wg, wu]) => swiglu_experts(x, chosen, wg, wu, out),
+        (GroupedEpilogue::WeightedCombine, &[h, chosen, w, wd]) => combine_experts(h, chosen, w, wd, out),
+        (GroupedEpilogue::CombineShared, &[h, chosen, w, wd, hs, bs]) => {
+            let mut y = combine_experts(h, chosen, w, wd, out)?;
+            add_shared(&mut y[0], hs, bs)?;
+            Ok(y)
+        }
+        _ => Err(format!(
             "grouped_matmul({epilogue:?}) takes {} operands, got {}",
-            match epilogue {
-                GroupedEpilogue::CombineShared => 6,
-                _ => 4,
-            },
-            args.len()
-        ));
-    };
-    match epilogue {
-        GroupedEpilogue::SwiGlu => swiglu_experts(a, chosen, b, c, out),
-        GroupedEpilogue::WeightedCombine => combine_experts(a, chosen, b, c, out),
-        GroupedEpilogue::CombineShared => Err(format!(
-            "grouped_matmul(CombineShared) takes 6 operands, got {}",
+            epilogue.operands(),
             args.len()
         )),
     }

@@ -377,18 +377,12 @@ fn fused_to_enode(f: &Fused, x: &[Id], a: &mut impl FnMut(Attr) -> Id) -> Result
             ]);
             Rl::RouteTopK(kids)
         }
-        Fused::GroupedMatmul {
-            epilogue: GroupedEpilogue::CombineShared,
-        } => {
-            n(6)?;
-            Rl::GroupedMatmulCombineShared([x[0], x[1], x[2], x[3], x[4], x[5]])
-        }
         Fused::GroupedMatmul { epilogue } => {
-            n(4)?;
-            let k = [x[0], x[1], x[2], x[3]];
+            n(epilogue.operands())?;
             match epilogue {
-                GroupedEpilogue::SwiGlu => Rl::GroupedMatmulSwiGlu(k),
-                _ => Rl::GroupedMatmulCombine(k),
+                GroupedEpilogue::SwiGlu => Rl::GroupedMatmulSwiGlu([x[0], x[1], x[2], x[3]]),
+                GroupedEpilogue::WeightedCombine => Rl::GroupedMatmulCombine([x[0], x[1], x[2], x[3]]),
+                GroupedEpilogue::CombineShared => Rl::GroupedMatmulCombineShared([x[0], x[1], x[2], x[3], x[4], x[5]]),
             }
         }
         Fused::QuantizeFp8 { rows, cols } => {
