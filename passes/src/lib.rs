@@ -13,6 +13,7 @@
 //! ```
 
 pub mod cleanup;
+pub mod copies;
 pub mod egraph;
 pub mod extract;
 pub mod inplace;

@@ -1686,16 +1686,17 @@ fn lower(g: &Graph, info: &Info, dec: &Decision) -> Result<KernelPlan, Vec<Retry
             ordered.push(kernel);
         }
     }
-    let mut ordered = merge_horizontal(ordered);
-    for (i, kernel) in ordered.iter_mut().enumerate() {
-        kernel.name = kernel_name(i, kernel, g);
-    }
-    Ok(KernelPlan {
+    let mut plan = KernelPlan {
         buffers: lw.buffers,
-        kernels: ordered,
+        kernels: merge_horizontal(ordered),
         inputs,
         outputs: plan_outputs,
-    })
+    };
+    crate::copies::forward_copies(&mut plan);
+    for (i, kernel) in plan.kernels.iter_mut().enumerate() {
+        kernel.name = kernel_name(i, kernel, g);
+    }
+    Ok(plan)
 }
 
 impl Lower<'_> {
@@ -2524,6 +2525,27 @@ pub(crate) mod tests {
             .unwrap();
             let plan = partition(&fused).unwrap();
             assert!(plan.counts().templates > 0);
+            // the attention output's permute is no copy kernel: the attention writes the
+            // projection's rows itself (crate::copies)
+            let attn: Vec<&Kernel> = plan
+                .kernels
+                .iter()
+                .filter(|k| matches!(&k.kind, KernelKind::Template(t) if matches!(t.op, TemplateOp::Attention { .. })))
+                .collect();
+            assert!(!attn.is_empty());
+            for a in attn {
+                let out = &a.outputs[0];
+                assert_ne!(out.view, View::contiguous(&out.view.shape), "{}", a.name);
+                let readers = plan
+                    .kernels
+                    .iter()
+                    .filter(|k| k.inputs.iter().any(|r| r.buffer == out.buffer));
+                assert!(
+                    readers.into_iter().all(|k| !matches!(k.kind, KernelKind::Loop(_))),
+                    "{}",
+                    a.name
+                );
+            }
             let env: DimEnv = [("batch", batch), ("seq", seq), ("past", past)]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
