@@ -581,9 +581,11 @@ fn gpu_bench_attention_kernels_ring_mini() {
         for (kind, ms) in &s.by_kind {
             let per = match kind.as_str() {
                 "attention" => ms / n_soft,
-                "linear_attn_chunk" | "linear_attn_step" | "linear_attn_chunk_gate" | "linear_attn_step_gate" => {
-                    ms / n_lin
-                }
+                "linear_attn_chunk"
+                | "linear_attn_step"
+                | "linear_attn_chunk_gate"
+                | "linear_attn_step_gate"
+                | "linear_attn_step_qk_gate" => ms / n_lin,
                 _ => continue,
             };
             let what = if kind == "attention" {

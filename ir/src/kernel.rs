@@ -658,6 +658,17 @@ pub struct GateNorm {
     pub eps: f64,
 }
 
+/// q's and k's per-head RMSNorm and RoPE made by the lightning step itself
+/// (`Fused::LinearAttnQkGate`): operands 1 and 2 are the raw `q`, `k` rows (f32 `[b, T, H, d]`),
+/// operands 7 and 8 their norm weights (`[d]` or `[H, d]`), 9 the positions `[T]` (i64) and 10
+/// `inv_freq [rotary/2]`; the step uses `QkNormRope(q) · scale` and `QkNormRope(k)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QkPrelude {
+    pub eps: f64,
+    pub rotary: usize,
+    pub scale: f64,
+}
+
 /// The algorithm a template kernel runs, with the sizes it was instantiated for. Operands are
 /// in the order of the graph op (ir::op / ir::fused document each).
 #[derive(Clone, Debug, PartialEq)]
@@ -710,6 +721,8 @@ pub enum TemplateOp {
         heads: Dim,
         head_dim: Dim,
         gate: Option<GateNorm>,
+        /// q and k normed and rotated in the kernel (`Fused::LinearAttnQkGate`; with `gate`)
+        qk: Option<QkPrelude>,
     },
     /// Group-limited routing top-k (`Fused::RouteTopK`) over `tokens` rows of `experts` scores.
     RouteTopK {
@@ -789,7 +802,12 @@ impl TemplateOp {
             TemplateOp::LinearAttnChunk { gate: None, .. } => "linear_attn_chunk",
             TemplateOp::LinearAttnChunk { gate: Some(_), .. } => "linear_attn_chunk_gate",
             TemplateOp::LinearAttnStep { gate: None, .. } => "linear_attn_step",
-            TemplateOp::LinearAttnStep { gate: Some(_), .. } => "linear_attn_step_gate",
+            TemplateOp::LinearAttnStep {
+                gate: Some(_),
+                qk: None,
+                ..
+            } => "linear_attn_step_gate",
+            TemplateOp::LinearAttnStep { qk: Some(_), .. } => "linear_attn_step_qk_gate",
             TemplateOp::RouteTopK { .. } => "route_topk",
             TemplateOp::QuantizeFp8 { .. } => "quantize_fp8",
             TemplateOp::DequantizeFp8 { .. } => "dequantize_fp8",
@@ -907,7 +925,15 @@ impl TemplateOp {
                 heads,
                 head_dim,
                 gate,
-            } => format!("batch={batch} len={len} heads={heads} d={head_dim}{}", gate_str(gate)),
+                qk,
+            } => format!(
+                "batch={batch} len={len} heads={heads} d={head_dim}{}{}",
+                gate_str(gate),
+                match qk {
+                    Some(p) => format!(" qk_eps={:e} rotary={} scale={}", p.eps, p.rotary, p.scale),
+                    None => String::new(),
+                }
+            ),
             TemplateOp::RouteTopK {
                 k,
                 n_group,

@@ -488,7 +488,25 @@ pub fn template_graph_op(op: &TemplateOp) -> Result<Op, String> {
         TemplateOp::GroupedGemm { epilogue, .. } => f(Fused::GroupedMatmul { epilogue: *epilogue }),
         TemplateOp::Attention { scale, .. } => f(Fused::FlashAttention { scale: *scale }),
         TemplateOp::LinearAttnChunk { chunk, gate: None, .. } => f(Fused::LinearAttnChunk { chunk: *chunk }),
-        TemplateOp::LinearAttnStep { gate: None, .. } => f(Fused::LinearAttnStep),
+        TemplateOp::LinearAttnStep {
+            gate: None, qk: None, ..
+        } => f(Fused::LinearAttnStep),
+        TemplateOp::LinearAttnStep {
+            gate: None,
+            qk: Some(_),
+            ..
+        } => return Err("a lightning step that norms its q and k needs its group norm and gate too".into()),
+        TemplateOp::LinearAttnStep {
+            gate: Some(g),
+            qk: Some(p),
+            ..
+        } => f(Fused::LinearAttnQkGate {
+            groups: g.groups,
+            eps: g.eps,
+            qk_eps: p.eps,
+            rotary: p.rotary,
+            scale: p.scale,
+        }),
         TemplateOp::LinearAttnChunk {
             chunk, gate: Some(g), ..
         } => f(Fused::LinearAttnGate {

@@ -159,9 +159,12 @@ impl CostModel {
                 let carry: f64 = outs.iter().map(|t| self.numel(t)).sum();
                 self.kernel(io, 4.0 * carry) + steps * body_kernels * self.launch_us
             }
-            Op::Fused(f @ (Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep | Fused::LinearAttnGate { .. })) => {
-                self.lightning(f, ins, io)
-            }
+            Op::Fused(
+                f @ (Fused::LinearAttnChunk { .. }
+                | Fused::LinearAttnStep
+                | Fused::LinearAttnGate { .. }
+                | Fused::LinearAttnQkGate { .. }),
+            ) => self.lightning(f, ins, io),
             Op::Fused(f) => {
                 let bytes = self.fused_bytes(f, ins, outs).unwrap_or(io);
                 self.kernel(bytes, self.fused_flops(f, ins, out_n))
@@ -227,7 +230,7 @@ impl CostModel {
         let flops = self.fused_flops(f, ins, 0.0);
         // the folded group norm waits for each 16-token batch's normalisation
         let sync = match f {
-            Fused::LinearAttnGate { .. } => (t / 16.0).ceil() * GATE_SYNC_US,
+            Fused::LinearAttnGate { .. } | Fused::LinearAttnQkGate { .. } => (t / 16.0).ceil() * GATE_SYNC_US,
             _ => 0.0,
         };
         sync + match f {
@@ -280,6 +283,8 @@ impl CostModel {
                 };
                 self.fused_flops(&scan, ins, 0.0) + 13.0 * n(1)
             }
+            // and q's and k's norms and rotations first (as `QkNormRope`)
+            Fused::LinearAttnQkGate { .. } => self.fused_flops(&Fused::LinearAttnStep, ins, 0.0) + 37.0 * n(1),
             // per token row: the bias add, group scores, group and expert top-k, normalisation
             Fused::RouteTopK { .. } => 8.0 * n(0),
             // tokens · K expert rows (the dense form does tokens · E)

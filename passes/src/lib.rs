@@ -22,6 +22,7 @@ pub mod memplan;
 pub mod normgemm;
 pub mod partition;
 pub mod precision;
+pub mod qkstep;
 pub mod report;
 pub mod rules;
 pub mod shared;
@@ -283,6 +284,7 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, PassRepor
         if opts.mode == Mode::Decode {
             pm = pm.then(Pass::simple("merge-router-gemm", siblings::merge_router_gemms));
             pm = pm.then(Pass::simple("fold-shared-expert", shared::fold_shared_experts));
+            pm = pm.then(Pass::simple("fold-qk-norm-step", qkstep::fold_qk_norm_steps));
             if opts.fold_norms {
                 pm = pm.then(Pass::simple("fold-norm-gemm", normgemm::fold_norm_gemms));
             }

@@ -227,6 +227,7 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                     heads: dim(q, 2)?,
                     head_dim: dim(q, 3)?,
                     gate: None,
+                    qk: None,
                 }
             }
             Fused::LinearAttnGate { chunk, groups, eps } => {
@@ -251,7 +252,32 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                         heads,
                         head_dim,
                         gate,
+                        qk: None,
                     },
+                }
+            }
+            Fused::LinearAttnQkGate {
+                groups,
+                eps,
+                qk_eps,
+                rotary,
+                scale,
+            } => {
+                let q = arg(1)?;
+                TemplateOp::LinearAttnStep {
+                    batch: dim(q, 0)?,
+                    len: dim(q, 1)?,
+                    heads: dim(q, 2)?,
+                    head_dim: dim(q, 3)?,
+                    gate: Some(GateNorm {
+                        groups: *groups,
+                        eps: *eps,
+                    }),
+                    qk: Some(ir::kernel::QkPrelude {
+                        eps: *qk_eps,
+                        rotary: *rotary,
+                        scale: *scale,
+                    }),
                 }
             }
             Fused::GroupNormGate { groups, eps } => TemplateOp::GroupNormGate {

@@ -117,13 +117,15 @@ fn fuse_rules_fire_on_tiny_prefill_and_decode() {
         assert_eq!(r.fired("fuse-concat-gemms-first"), 4 + 1 + 3 * 5, "{r}");
         assert_eq!(r.fired("fuse-concat-gemms-second"), 4 + 1 + 3 * 5, "{r}");
         assert_eq!(count_ops(&c, "flash_attention"), 2);
-        assert_eq!(count_ops(&c, "qk_norm_rope"), 6);
+        // at decode the 4 linear layers' q/k norms are made by their steps (fold-qk-norm-step)
+        let decode = usize::from(mode == Mode::Decode);
+        assert_eq!(count_ops(&c, "qk_norm_rope"), 6 - 4 * decode, "{}", c.to_text());
+        assert_eq!(count_ops(&c, "linear_attn_step_qk_gate"), 4 * decode, "{}", c.to_text());
         // per layer: the wide input GEMM, the output GEMM, the MLP's wide and down GEMMs (the
         // routed experts' are grouped), the 5 routers and the LM head; at decode every norm is
         // folded into the GEMM that reads it (fold-norm-gemm: 13 of them, each then a norm_matmul)
         // (and at decode the 5 shared experts' down GEMMs join their layers' combines:
         // fold-shared-expert)
-        let decode = usize::from(mode == Mode::Decode);
         assert_eq!(
             count_ops(&c, "matmul") + count_ops(&c, "norm_matmul"),
             6 * 4 + 5 + 1 - 5 * decode,
@@ -168,7 +170,10 @@ fn fuse_rules_fire_on_small_bf16_prefill_and_decode() {
         assert_eq!(r.fired("fuse-qknorm-rope-pair-first"), 8, "{r}");
         assert_eq!(r.fired("fuse-concat-gemms-first"), 6 + 1 + 7, "{r}");
         assert_eq!(count_ops(&c, "flash_attention"), 2);
-        assert_eq!(count_ops(&c, "qk_norm_rope"), 8);
+        // at decode the 6 linear layers' q/k norms are made by their steps
+        let qk = if mode == Mode::Decode { 6 } else { 0 };
+        assert_eq!(count_ops(&c, "qk_norm_rope"), 8 - qk);
+        assert_eq!(count_ops(&c, "linear_attn_step_qk_gate"), qk);
         // and at decode `merge-router-gemm` puts each of the 7 MoE layers' routers beside its
         // shared expert's gate/up GEMM
         let merged = if mode == Mode::Decode { 7 } else { 0 };
@@ -290,8 +295,9 @@ fn dumps_one_numbered_file_per_pass() {
         "08-after-dce",
         "09-after-merge-router-gemm",
         "10-after-fold-shared-expert",
-        "11-after-fold-norm-gemm",
-        "12-after-validate",
+        "11-after-fold-qk-norm-step",
+        "12-after-fold-norm-gemm",
+        "13-after-validate",
     ];
     let mut expected: Vec<String> = want
         .iter()
@@ -301,10 +307,10 @@ fn dumps_one_numbered_file_per_pass() {
     expected.sort();
     assert_eq!(names, expected);
     assert_eq!(
-        std::fs::read_to_string(dir.join("12-after-validate.txt")).unwrap(),
+        std::fs::read_to_string(dir.join("13-after-validate.txt")).unwrap(),
         c.to_text()
     );
-    assert_eq!(report.passes.len(), 12);
+    assert_eq!(report.passes.len(), 13);
     let json = report.to_json();
     assert_eq!(json["egraph"]["stop_reason"], "saturated");
     assert!(json["rules_fired"]["fuse-flash-attention"].as_u64().unwrap() == 2);

@@ -47,7 +47,8 @@ fn compiled(g: &Graph, mode: Mode) -> (Graph, PassReport) {
 fn check_counts(g: &Graph, what: &str, linear_layers: usize) {
     for (mode, chosen) in [
         (Mode::Prefill, ["linear_attn_chunk", "group_norm_gate"].as_slice()),
-        (Mode::Decode, ["linear_attn_step_gate"].as_slice()),
+        // (and `fold-qk-norm-step` then gives each step its q/k norms and rotation)
+        (Mode::Decode, ["linear_attn_step_qk_gate"].as_slice()),
     ] {
         let (c, r) = compiled(g, mode);
         println!("{what} {}: {r}", mode.name());
@@ -66,6 +67,7 @@ fn check_counts(g: &Graph, what: &str, linear_layers: usize) {
             "group_norm_gate",
             "linear_attn_chunk_gate",
             "linear_attn_step_gate",
+            "linear_attn_step_qk_gate",
             "scan",
         ];
         for form in forms {

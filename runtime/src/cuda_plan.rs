@@ -579,6 +579,12 @@ impl CudaPlan {
         &self.plan
     }
 
+    /// The plan a timed or fixed-buffer step runs: the in-place one where it was made (the
+    /// kernels of [`StepTiming::kernels`]).
+    pub fn step_plan(&self) -> &KernelPlan {
+        self.exe().plan
+    }
+
     /// Runs one step under `env`: `inputs` are the data inputs by name (host), `states` the
     /// carried states (device), replaced by the step's new values. Returns the other outputs.
     pub fn run(
@@ -606,6 +612,58 @@ impl CudaPlan {
         Ok((out, t))
     }
 
+    /// Times `kernels` (launched by `launch(i)`): `repeats` back-to-back runs of all of them
+    /// (what a CUDA graph replays), then `repeats` runs with an event between every two
+    /// launches; the medians.
+    fn time_launches(
+        &self,
+        kernels: &[Kernel],
+        repeats: usize,
+        launch: impl Fn(usize) -> Result<()>,
+    ) -> Result<StepTiming> {
+        let gpu = &*self.gpu;
+        let ev = || {
+            gpu.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| Error(format!("CUDA event: {e}")))
+        };
+        let n = kernels.len();
+        let marks: Vec<_> = (0..=n).map(|_| ev()).collect::<Result<_>>()?;
+        let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(repeats); n];
+        let mut whole = Vec::with_capacity(repeats);
+        let (a, b) = (ev()?, ev()?);
+        for _ in 0..repeats {
+            a.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+            for i in 0..n {
+                launch(i)?;
+            }
+            b.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+            b.synchronize().map_err(|e| Error(e.to_string()))?;
+            whole.push(f64::from(a.elapsed_ms(&b).map_err(|e| Error(e.to_string()))?));
+        }
+        for _ in 0..repeats {
+            for (i, m) in marks.iter().take(n).enumerate() {
+                m.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+                launch(i)?;
+            }
+            marks[n].record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
+            marks[n].synchronize().map_err(|e| Error(e.to_string()))?;
+            for (i, p) in per.iter_mut().enumerate() {
+                p.push(f64::from(
+                    marks[i].elapsed_ms(&marks[i + 1]).map_err(|e| Error(e.to_string()))?,
+                ));
+            }
+        }
+        Ok(StepTiming {
+            step_ms: median(&mut whole),
+            kernels: kernels
+                .iter()
+                .zip(per.iter_mut())
+                .map(|(k, p)| (k.name.clone(), median(p)))
+                .collect(),
+        })
+    }
+
     fn run_inner(
         &self,
         env: &DimEnv,
@@ -613,8 +671,9 @@ impl CudaPlan {
         states: &mut DeviceStates,
         timing: Option<(usize, &mut StepTiming)>,
     ) -> Result<HashMap<String, Tensor>> {
-        if timing.is_none() && self.graphs.get() {
-            return self.run_fixed(env, inputs, states);
+        // timed steps of a decode plan run what serving runs: the caches updated in place
+        if (timing.is_none() && self.graphs.get()) || (timing.is_some() && self.inplace.is_some()) {
+            return self.run_fixed(env, inputs, states, timing);
         }
         self.plain_states(states)?;
         let gpu = &*self.gpu;
@@ -665,47 +724,9 @@ impl CudaPlan {
             self.launch(k, l, env, &addr, syms, scratch_ptr)?;
         }
         if let Some((repeats, t)) = timing {
-            let ev = || {
-                gpu.ctx
-                    .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(|e| Error(format!("CUDA event: {e}")))
-            };
-            let n = self.kernels.len();
-            let marks: Vec<_> = (0..=n).map(|_| ev()).collect::<Result<_>>()?;
-            let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(repeats); n];
-            let mut whole = Vec::with_capacity(repeats);
-            // launches alone, back to back (what a CUDA graph would replay), then per kernel
-            let (a, b) = (ev()?, ev()?);
-            for _ in 0..repeats {
-                a.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
-                for (k, l) in self.plan.kernels.iter().zip(&self.kernels) {
-                    self.launch(k, l, env, &addr, syms, scratch_ptr)?;
-                }
-                b.record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
-                b.synchronize().map_err(|e| Error(e.to_string()))?;
-                whole.push(f64::from(a.elapsed_ms(&b).map_err(|e| Error(e.to_string()))?));
-            }
-            for _ in 0..repeats {
-                for (i, (k, l)) in self.plan.kernels.iter().zip(&self.kernels).enumerate() {
-                    marks[i].record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
-                    self.launch(k, l, env, &addr, syms, scratch_ptr)?;
-                }
-                marks[n].record(&gpu.stream).map_err(|e| Error(e.to_string()))?;
-                marks[n].synchronize().map_err(|e| Error(e.to_string()))?;
-                for (i, p) in per.iter_mut().enumerate() {
-                    p.push(f64::from(
-                        marks[i].elapsed_ms(&marks[i + 1]).map_err(|e| Error(e.to_string()))?,
-                    ));
-                }
-            }
-            t.step_ms = median(&mut whole);
-            t.kernels = self
-                .plan
-                .kernels
-                .iter()
-                .zip(per.iter_mut())
-                .map(|(k, p)| (k.name.clone(), median(p)))
-                .collect();
+            *t = self.time_launches(&self.plan.kernels, repeats, |i| {
+                self.launch(&self.plan.kernels[i], &self.kernels[i], env, &addr, syms, scratch_ptr)
+            })?;
         }
         gpu.stream.synchronize().map_err(|e| {
             Error(format!(
@@ -886,6 +907,7 @@ impl CudaPlan {
         env: &DimEnv,
         inputs: &HashMap<String, Tensor>,
         states: &mut DeviceStates,
+        timing: Option<(usize, &mut StepTiming)>,
     ) -> Result<HashMap<String, Tensor>> {
         let gpu = &*self.gpu;
         let exe = self.exe();
@@ -1050,7 +1072,17 @@ impl CudaPlan {
         }
         let syms = self.put_syms(exe.symbols, &env)?;
 
-        if from_pool {
+        if let Some((repeats, t)) = timing {
+            // launched one by one: once for the step, then timed (idempotent: the caches get
+            // the same new tokens at the same places, the linear states go to other buffers)
+            fx.last = None;
+            let scratch = fx.scratch;
+            let launch = |i: usize| self.launch(&exe.plan.kernels[i], &exe.kernels[i], &env, &addr, syms, scratch);
+            for i in 0..exe.plan.kernels.len() {
+                launch(i)?;
+            }
+            *t = self.time_launches(&exe.plan.kernels, repeats, launch)?;
+        } else if from_pool {
             // a step between two sets of our buffers: replay (capture the first time)
             if !fx.graphs.contains_key(&addr) {
                 if fx.graphs.len() >= MAX_GRAPHS {

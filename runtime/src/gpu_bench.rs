@@ -281,7 +281,7 @@ pub fn run(
             2.0 * ((sz.active_params - sz.head_params) * tokens as f64 + sz.head_params * head_rows as f64);
         let floor_ms = 1e3 * (floor_bytes / cfg.bandwidth).max(floor_flops / cfg.peak_flops);
         let mut by_kind = BTreeMap::new();
-        for (k, (name, ms)) in plan.plan().kernels.iter().zip(&t.kernels) {
+        for (k, (name, ms)) in plan.step_plan().kernels.iter().zip(&t.kernels) {
             debug_assert_eq!(&k.name, name);
             *by_kind.entry(k.kind_name().to_string()).or_insert(0.0) += ms;
         }

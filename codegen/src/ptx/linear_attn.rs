@@ -17,11 +17,11 @@
 //! uses it too. (A tensor-core chunked form is future work.)
 
 use super::super::emit::{err, knob, Em, Val, R};
-use super::attention::{fence_acq_rel, fptr, lds, lds4, naive_forced, sts};
+use super::attention::{fence_acq_rel, fptr, lds, lds4, naive_forced, sts, warp_sync};
 use inkwell::types::BasicType;
 use inkwell::values::{FloatValue, IntValue};
 use inkwell::IntPredicate;
-use ir::kernel::{GateNorm, GridDim, LaunchGeometry, TemplateKernel};
+use ir::kernel::{GateNorm, GridDim, LaunchGeometry, QkPrelude, TemplateKernel};
 use ir::op::ReduceOp;
 use ir::{DType, Dim};
 
@@ -74,7 +74,7 @@ pub(super) fn plan(em: &Em, t: &TemplateKernel, head_dim: &Dim) -> Option<(i64, 
 pub(super) fn recurrence<'c>(
     em: &mut Em<'c, '_>,
     t: &TemplateKernel,
-    gate: Option<GateNorm>,
+    (gate, qk): (Option<GateNorm>, Option<QkPrelude>),
     (d, cb, rgs, rpt): (i64, i64, i64, i64),
 ) -> R<LaunchGeometry> {
     let (s0, sq) = (em.operand_shape(t, 0)?, em.operand_shape(t, 1)?);
@@ -207,6 +207,10 @@ pub(super) fn recurrence<'c>(
         }
         em.barrier()?;
         let n = em.imin(em.i64c(TB), em.sub(tl, t0)?)?;
+        if let Some(p) = qk {
+            qk_prelude(em, t, p, (qsm, ksm), (hi, t0, n), d)?;
+            em.barrier()?;
+        }
         em.for_range(zero, n, one, |em, u| {
             let vj = lds(em, vsm, em.add(em.mul(u, cbv)?, cl)?)?;
             let rbase = em.add(em.mul(u, dd)?, row0)?;
@@ -278,6 +282,101 @@ pub(super) fn recurrence<'c>(
         block: [THREADS as u32, 1, 1],
         shared_bytes: 0,
     })
+}
+
+/// q's and k's per-head RMSNorm and RoPE (`QkPrelude`), on the raw rows of `n` tokens staged
+/// in shared memory (`qsm`, `ksm`: `[TB, d]` each), in place: a warp per (token, q or k) row.
+/// The arithmetic of the `qk_norm_rope` template in f32: `y = (x · r) · w` with `r` the row's
+/// 1/rms, then each of the first `rotary` columns rotated with its partner half a rotation
+/// away; q's rows then times `scale`. Every lane holds its columns (`c = lane + 32j`) in
+/// registers between the warp-synchronised phases (norm, rotate, store).
+fn qk_prelude<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    p: QkPrelude,
+    (qsm, ksm): (inkwell::values::PointerValue<'c>, inkwell::values::PointerValue<'c>),
+    (hi, t0, n): (IntValue<'c>, IntValue<'c>, IntValue<'c>),
+    d: i64,
+) -> R<()> {
+    const WARPS: i64 = THREADS / 32;
+    let cols = (d + 31) / 32;
+    let half = (p.rotary / 2) as i64;
+    let rot = p.rotary as i64;
+    let tid = em.sreg("tid.x")?;
+    let (warp, lane) = (em.div(tid, em.i64c(32))?, em.rem(tid, em.i64c(32))?);
+    let zero = em.i64c(0);
+    let dd = em.i64c(d);
+    for (sm, wslot, scale) in [(qsm, 7usize, Some(p.scale)), (ksm, 8, None)] {
+        let per_head = em.operand_shape(t, wslot)?.len() == 2;
+        em.for_range(warp, n, em.i64c(WARPS), |em, u| {
+            let ro = em.mul(u, dd)?;
+            let cidx = |em: &Em<'c, '_>, j: i64| em.add(lane, em.i64c(32 * j));
+            // the row statistic: Σ x² over the warp
+            let mut ss = em.f32c(0.0);
+            let mut xs = Vec::new();
+            for j in 0..cols {
+                let c = cidx(em, j)?;
+                let inb = em.icmp(IntPredicate::SLT, c, dd)?;
+                let at = em.add(ro, em.select_i(inb, c, zero)?)?;
+                let x = em.select_f(inb, lds(em, sm, at)?, em.f32c(0.0))?;
+                ss = em.fma(x, x, ss)?;
+                xs.push(x);
+            }
+            let ss = em.bfly_reduce(ReduceOp::Sum, ss, &[16, 8, 4, 2, 1])?;
+            let inv = em.inv_rms(ss, dd, p.eps)?;
+            let mut ys = Vec::new();
+            for (j, &x) in xs.iter().enumerate() {
+                let c = cidx(em, j as i64)?;
+                let inb = em.icmp(IntPredicate::SLT, c, dd)?;
+                let cc = em.select_i(inb, c, zero)?;
+                let w = if per_head {
+                    em.ldf(t, wslot, &[hi, cc])?
+                } else {
+                    em.ldf(t, wslot, &[cc])?
+                };
+                ys.push(em.fmul(em.fmul(x, inv)?, w)?);
+            }
+            if half > 0 {
+                // the normed row in place, then each rotary column reads its partner
+                warp_sync(em)?;
+                for (j, &y) in ys.iter().enumerate() {
+                    let c = cidx(em, j as i64)?;
+                    let inb = em.icmp(IntPredicate::SLT, c, dd)?;
+                    em.if_then(inb, |em| sts(em, sm, em.add(ro, c)?, y))?;
+                }
+                warp_sync(em)?;
+                let pos = em.ld(t, 9, &[em.add(t0, u)?])?;
+                let pos = em.as_f(pos)?;
+                for (j, y) in ys.iter_mut().enumerate() {
+                    let c = cidx(em, j as i64)?;
+                    let h = em.i64c(half);
+                    let first = em.icmp(IntPredicate::SLT, c, h)?;
+                    let in_rot = em.icmp(IntPredicate::SLT, c, em.i64c(rot))?;
+                    let partner = em.select_i(first, em.add(c, h)?, em.select_i(in_rot, em.sub(c, h)?, zero)?)?;
+                    let fj = em.select_i(first, c, em.select_i(in_rot, em.sub(c, h)?, zero)?)?;
+                    let yp = lds(em, sm, em.add(ro, partner)?)?;
+                    let f = em.ldf(t, 10, &[fj])?;
+                    let ang = em.fmul(pos, f)?;
+                    let (cs, sn) = (em.sincos(ang, true)?, em.sincos(ang, false)?);
+                    let lo = em.fsub(em.fmul(*y, cs)?, em.fmul(yp, sn)?)?;
+                    let hi2 = em.fadd(em.fmul(*y, cs)?, em.fmul(yp, sn)?)?;
+                    *y = em.select_f(first, lo, em.select_f(in_rot, hi2, *y)?)?;
+                }
+                warp_sync(em)?;
+            }
+            for (j, &y) in ys.iter().enumerate() {
+                let c = cidx(em, j as i64)?;
+                let inb = em.icmp(IntPredicate::SLT, c, dd)?;
+                let y = match scale {
+                    Some(s) => em.fmul(y, em.f32c(f64::from(s as f32)))?,
+                    None => y,
+                };
+                em.if_then(inb, |em| sts(em, sm, em.add(ro, c)?, y))?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// The group RMSNorm and sigmoid gate folded into the recurrence (`gate: Some(_)`,

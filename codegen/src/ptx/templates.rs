@@ -49,12 +49,21 @@ pub(crate) fn emit(em: &mut Em, t: &TemplateKernel) -> R<LaunchGeometry> {
             Some(d) => attention::flash(em, t, *scale, d)?,
             None => attention(em, t, *scale)?,
         },
-        TemplateOp::LinearAttnChunk { head_dim, gate, .. } | TemplateOp::LinearAttnStep { head_dim, gate, .. } => {
-            match linear_attn::plan(em, t, head_dim) {
-                Some(p) => linear_attn::recurrence(em, t, *gate, p)?,
-                None => linear_attn(em, t, *gate, head_dim)?,
+        TemplateOp::LinearAttnChunk { head_dim, gate, .. } => match linear_attn::plan(em, t, head_dim) {
+            Some(p) => linear_attn::recurrence(em, t, (*gate, None), p)?,
+            None => linear_attn(em, t, *gate, head_dim)?,
+        },
+        TemplateOp::LinearAttnStep { head_dim, gate, qk, .. } => match (linear_attn::plan(em, t, head_dim), qk) {
+            (Some(p), _) => linear_attn::recurrence(em, t, (*gate, *qk), p)?,
+            (None, None) => linear_attn(em, t, *gate, head_dim)?,
+            (None, Some(_)) => {
+                return err(format!(
+                    "{}: the step that norms its own q and k needs the register-state kernel \
+                     (head dim at most 128, not RINGJIT_ATTN=naive)",
+                    t.op.name()
+                ))
             }
-        }
+        },
         TemplateOp::RouteTopK {
             k,
             n_group,

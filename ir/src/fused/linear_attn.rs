@@ -314,6 +314,39 @@ pub(super) fn gated(
     Ok(so)
 }
 
+/// `LinearAttnQkGate`: q and k made from their raw rows by `QkNormRope` (q then times `scale`,
+/// an f32 product as the model's `q * scale`), then the gated step.
+pub(super) fn qk_gated(
+    (groups, eps): (usize, f64),
+    (qk_eps, rotary, scale): (f64, usize, f64),
+    args: &[&Tensor],
+    out: &[(TensorType, Vec<usize>)],
+) -> Result<Vec<Tensor>, String> {
+    let op = "linear_attn_step_qk_gate";
+    let &[s0, qr, kr, v, lam, w, g, qw, kw, pos, inv] = args else {
+        return Err(format!("{op} takes 11 operands, got {}", args.len()));
+    };
+    let rope = super::Fused::QkNormRope { eps: qk_eps, rotary };
+    let normed = |x: &Tensor, wt: &Tensor| -> Result<Tensor, String> {
+        let dims = x.shape.iter().map(|&n| crate::shape::Dim::constant(n as i64)).collect();
+        let ty = (TensorType::new(crate::DType::F32, dims), x.shape.clone());
+        rope.eval(&[x, wt, pos, inv], std::slice::from_ref(&ty))?
+            .pop()
+            .ok_or_else(|| format!("{op}: internal: no normed rows"))
+    };
+    let q = normed(qr, qw)?;
+    let k = normed(kr, kw)?;
+    let sc = scale as f32;
+    let qs: Vec<f32> = q
+        .as_f32()
+        .ok_or_else(|| format!("{op}: q is not f32"))?
+        .iter()
+        .map(|&x| x * sc)
+        .collect();
+    let q = Tensor::from_f32(crate::DType::F32, q.shape.clone(), qs);
+    gated(None, groups, eps, &[s0, &q, &k, v, lam, w, g], out)
+}
+
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -726,6 +759,83 @@ mod tests {
                 &want.remove("s").unwrap(),
                 Tol::F32,
             );
+        }
+    }
+
+    /// The decode step with q and k made in the op equals `QkNormRope` of each, q times the
+    /// scale, then the gated step; q's weight is one row for every head, k's one per head.
+    #[test]
+    fn the_qk_gated_step_equals_the_norms_the_rotation_and_the_gated_step() {
+        let (eps, qk_eps, rotary) = (1e-6, 1e-5, 6);
+        for (n, &(b, t, d, groups)) in [(2usize, 1usize, 8usize, 3usize), (1, 3, 16, 1)].iter().enumerate() {
+            let mut r = rng(900 + n as u64);
+            let ins = lightning_inputs(&mut r, b, t, d, &STRONG);
+            let h = STRONG.len();
+            let qr = random(&mut r, DType::F32, &[b, t, h, d], 2.0);
+            let kr = random(&mut r, DType::F32, &[b, t, h, d], 2.0);
+            let qw = random(&mut r, DType::BF16, &[d], 1.0);
+            let kw = random(&mut r, DType::BF16, &[h, d], 1.0);
+            let pos = Tensor::from_i64(DType::I64, vec![t], (40..40 + t as i64).collect());
+            let inv = random(&mut r, DType::F32, &[rotary / 2], 0.5);
+            let w = random(&mut r, DType::F32, &[h * d], 1.0);
+            let g = random(&mut r, DType::F32, &[b, t, h * d], 2.0);
+            let scale = f64::from((d as f32).powf(-0.5));
+            let rope = |x: &Tensor, wt: &Tensor| {
+                let f = Fused::QkNormRope { eps: qk_eps, rotary };
+                let named = [("x", x), ("w", wt), ("pos", &pos), ("inv", &inv)];
+                run_op(Op::Fused(f), &named).unwrap().remove(0)
+            };
+            let q = rope(&qr, &qw);
+            let q = Tensor::from_f32(
+                DType::F32,
+                q.shape.clone(),
+                q.as_f32().unwrap().iter().map(|&x| x * scale as f32).collect(),
+            );
+            let k = rope(&kr, &kw);
+            let gate = Fused::LinearAttnGate {
+                chunk: None,
+                groups,
+                eps,
+            };
+            let step = [
+                ("s0", &ins[0]),
+                ("q", &q),
+                ("k", &k),
+                ("v", &ins[3]),
+                ("lam", &ins[4]),
+                ("w", &w),
+                ("g", &g),
+            ];
+            let want = run_op(Op::Fused(gate), &step).unwrap();
+            let f = Fused::LinearAttnQkGate {
+                groups,
+                eps,
+                qk_eps,
+                rotary,
+                scale,
+            };
+            let all = [
+                ("s0", &ins[0]),
+                ("qr", &qr),
+                ("kr", &kr),
+                ("v", &ins[3]),
+                ("lam", &ins[4]),
+                ("w", &w),
+                ("g", &g),
+                ("qw", &qw),
+                ("kw", &kw),
+                ("pos", &pos),
+                ("inv", &inv),
+            ];
+            let got = run_op(Op::Fused(f.clone()), &all).unwrap();
+            // the same arithmetic in the same order: equal, not merely close
+            assert_eq!(got, want, "b {b}, T {t}, d {d}");
+            // q in bf16 is refused: the step's q is f32
+            let q16 = random(&mut r, DType::BF16, &[b, t, h, d], 1.0);
+            let mut bad = all;
+            bad[1] = ("qr", &q16);
+            let e = run_op(Op::Fused(f), &bad).unwrap_err();
+            assert!(e.to_string().contains("must be f32"), "{e}");
         }
     }
 }

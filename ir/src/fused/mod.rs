@@ -84,6 +84,19 @@ pub enum Fused {
         groups: usize,
         eps: f64,
     },
+    /// The decode step of `LinearAttnGate` with its q and k made in the same op from their raw
+    /// rows (spec §2.4.2, §2.5): inputs `s0, q_raw, k_raw, v, lam, w, g` (`q_raw`, `k_raw` f32
+    /// `[b, T, H, d]`), then `qw`, `kw` (each `[d]` or `[H, d]`), `pos [T]`, `inv_freq
+    /// [rotary/2]`. `q = QkNormRope(q_raw, qw, pos, inv_freq) · scale` (an f32 product),
+    /// `k = QkNormRope(k_raw, kw, pos, inv_freq)`, then `LinearAttnGate { chunk: None }`.
+    /// Outputs as that op's.
+    LinearAttnQkGate {
+        groups: usize,
+        eps: f64,
+        qk_eps: f64,
+        rotary: usize,
+        scale: f64,
+    },
     /// Inputs `probs [.., E]` (f32 sigmoid scores) and, when `biased`, `bias [E]`: group-limited
     /// top-k of spec §2.6. Outputs `(chosen [.., k] i64, weights [.., k] f32)`; weights from the
     /// unbiased probabilities, normalised when `normalize`, times `scale`.
@@ -147,6 +160,7 @@ impl Fused {
             Fused::GroupNormGate { .. } => "group_norm_gate",
             Fused::LinearAttnGate { chunk: Some(_), .. } => "linear_attn_chunk_gate",
             Fused::LinearAttnGate { chunk: None, .. } => "linear_attn_step_gate",
+            Fused::LinearAttnQkGate { .. } => "linear_attn_step_qk_gate",
             Fused::RouteTopK { .. } => "route_topk",
             Fused::GroupedMatmul { .. } => "grouped_matmul",
             Fused::QuantizeFp8 { .. } => "quantize_fp8",
@@ -179,6 +193,13 @@ impl Fused {
                 groups,
                 eps,
             } => format!("groups={groups} eps={eps:e}"),
+            Fused::LinearAttnQkGate {
+                groups,
+                eps,
+                qk_eps,
+                rotary,
+                scale,
+            } => format!("groups={groups} eps={eps:e} qk_eps={qk_eps:e} rotary={rotary} scale={scale}"),
             Fused::RouteTopK {
                 k,
                 n_group,
@@ -209,6 +230,7 @@ impl Fused {
             Fused::QkNormRope { .. } | Fused::FlashAttention { .. } | Fused::ScaledMatmulFp8 { .. } => 4,
             Fused::LinearAttnChunk { .. } | Fused::LinearAttnStep => 5,
             Fused::LinearAttnGate { .. } => 7,
+            Fused::LinearAttnQkGate { .. } => 11,
             Fused::RouteTopK { biased, .. } => 1 + usize::from(*biased),
             Fused::GroupedMatmul { epilogue } => epilogue.operands(),
             Fused::DequantizeFp8 { .. } => 2,
@@ -357,6 +379,34 @@ impl Fused {
                 .infer(&[&so[1], tys[5], tys[6]])?;
                 Ok(vec![so[0].clone(), y[0].clone()])
             }
+            Fused::LinearAttnQkGate {
+                groups,
+                eps,
+                qk_eps,
+                rotary,
+                ..
+            } => {
+                let rope = Fused::QkNormRope {
+                    eps: *qk_eps,
+                    rotary: *rotary,
+                };
+                let q = rope.infer(&[tys[1], tys[7], tys[9], tys[10]])?;
+                let k = rope.infer(&[tys[2], tys[8], tys[9], tys[10]])?;
+                if tys[1].dtype != DType::F32 || q[0].dtype != DType::F32 || k[0].dtype != DType::F32 {
+                    return Err(format!(
+                        "{}: q {} and k {} must be f32 (and their norm weights no wider)",
+                        self.name(),
+                        tys[1],
+                        tys[2]
+                    ));
+                }
+                Fused::LinearAttnGate {
+                    chunk: None,
+                    groups: *groups,
+                    eps: *eps,
+                }
+                .infer(&[tys[0], &q[0], &k[0], tys[3], tys[4], tys[5], tys[6]])
+            }
             Fused::RouteTopK {
                 k,
                 n_group,
@@ -497,6 +547,13 @@ impl Fused {
             Fused::LinearAttnStep => linear_attn::stepwise(args, out),
             Fused::GroupNormGate { groups, eps } => linear_attn::group_norm_gate(*groups, *eps, args, out),
             Fused::LinearAttnGate { chunk, groups, eps } => linear_attn::gated(*chunk, *groups, *eps, args, out),
+            Fused::LinearAttnQkGate {
+                groups,
+                eps,
+                qk_eps,
+                rotary,
+                scale,
+            } => linear_attn::qk_gated((*groups, *eps), (*qk_eps, *rotary, *scale), args, out),
             Fused::RouteTopK {
                 k,
                 n_group,

@@ -398,6 +398,16 @@ pub fn to_op<'a>(enode: &Rl, kids: &[&'a Data]) -> Result<(Op, Vec<&'a Data>), S
             },
             7,
         ),
+        Rl::LinearAttnStepQkGate(_) => fused(
+            Fused::LinearAttnQkGate {
+                groups: usize_at(11)?,
+                eps: f64_at(12)?,
+                qk_eps: f64_at(13)?,
+                rotary: usize_at(14)?,
+                scale: f64_at(15)?,
+            },
+            11,
+        ),
         Rl::RouteTopK(ch) => {
             let n_ops = match ch.len() {
                 7 => 1,

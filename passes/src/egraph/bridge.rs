@@ -357,6 +357,23 @@ fn fused_to_enode(f: &Fused, x: &[Id], a: &mut impl FnMut(Attr) -> Id) -> Result
             n(7)?;
             Rl::LinearAttnStepGate([x[0], x[1], x[2], x[3], x[4], x[5], x[6], a(int(*groups)), a(fl(*eps))])
         }
+        Fused::LinearAttnQkGate {
+            groups,
+            eps,
+            qk_eps,
+            rotary,
+            scale,
+        } => {
+            n(11)?;
+            let mut ch = [x[0]; 16];
+            ch[..11].copy_from_slice(&x[..11]);
+            ch[11] = a(int(*groups));
+            ch[12] = a(fl(*eps));
+            ch[13] = a(fl(*qk_eps));
+            ch[14] = a(int(*rotary));
+            ch[15] = a(fl(*scale));
+            Rl::LinearAttnStepQkGate(ch)
+        }
         Fused::RouteTopK {
             k,
             n_group,

@@ -86,6 +86,7 @@ define_language! {
         "group_norm_gate" = GroupNormGate([Id; 5]),    // o w g groups eps
         "linear_attn_chunk_gate" = LinearAttnChunkGate([Id; 10]), // s0 q k v lam w g chunk groups eps: tuple (s_T, y)
         "linear_attn_step_gate" = LinearAttnStepGate([Id; 9]),    // s0 q k v lam w g groups eps: tuple (s_T, y)
+        "linear_attn_step_qk_gate" = LinearAttnStepQkGate([Id; 16]), // s0 q_raw k_raw v lam w g qw kw pos inv_freq groups eps qk_eps rotary scale: tuple (s_T, y)
         "route_topk" = RouteTopK(Vec<Id>),             // probs [bias] k n_group topk_group scale normalize biased: tuple
         "grouped_matmul_swiglu" = GroupedMatmulSwiGlu([Id; 4]),   // x chosen w_gate w_up
         "grouped_matmul_combine" = GroupedMatmulCombine([Id; 4]), // h chosen weights w_down
