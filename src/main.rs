@@ -731,11 +731,17 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         .count();
     if folded > 0 {
         println!("  {folded} GEMMs compute the RMSNorm of their rows (fold-norm-gemm)");
-        if !runtime::cuda::fold_norms() {
-            println!(
-                "  (the cuda device keeps these norms apart by default: folded, an H200 decode step measured \
-                 8 % faster at batch 1 and 3 % slower at batch 64; RINGJIT_FOLD_NORM=1 folds them there too)"
-            );
+        match runtime::cuda::fold_policy() {
+            runtime::cuda::FoldNorms::SmallBatches => println!(
+                "  (the cuda device runs this plan for decode batches up to {} and keeps the norms apart above: \
+                 folded, an H200 decode step measured 7 % faster at batch 1 and 3-7 % slower at batch 64; \
+                 RINGJIT_FOLD_NORM=1 folds every batch, 0 none)",
+                runtime::cuda::FOLD_BATCH
+            ),
+            runtime::cuda::FoldNorms::Never => {
+                println!("  (RINGJIT_FOLD_NORM=0: the cuda device keeps these norms apart)")
+            }
+            runtime::cuda::FoldNorms::Always => {}
         }
     }
     println!(
@@ -766,7 +772,8 @@ fn cmd_ptx(a: PtxArgs) -> Result<()> {
         ModeArg::Prefill => passes::Mode::Prefill,
         ModeArg::Decode => passes::Mode::Decode,
     };
-    // the kernels a cuda device runs
+    // the kernels a cuda device runs (decode: for batches above runtime::cuda::FOLD_BATCH by
+    // default; RINGJIT_FOLD_NORM=1 shows the plan of the small batches, norms folded)
     let opts = passes::CompileOptions {
         mode,
         precision: a.precision.get(),

@@ -230,15 +230,31 @@ fn pair(
     use ir::op::{InputKind, Op};
     let c = cfg(config, overrides);
     let m = model(&c);
-    let compile = |mode| passes::compile(&m.graph, &opts(mode, precision)).unwrap().0;
-    let (pg, dg) = (compile(passes::Mode::Prefill), compile(passes::Mode::Decode));
+    let compile = |mode, fold_norms| {
+        let o = passes::CompileOptions {
+            fold_norms,
+            ..opts(mode, precision)
+        };
+        passes::compile(&m.graph, &o).unwrap().0
+    };
+    // as the runtime by default: decode with the norms apart, and folded for small batches
+    let (pg, dg) = (
+        compile(passes::Mode::Prefill, false),
+        compile(passes::Mode::Decode, false),
+    );
+    let dg_small = compile(passes::Mode::Decode, true);
     let specs = m.graph.params().unwrap();
     let w = ir::checkpoint::RandomWeights::new(5);
     let table: std::collections::HashMap<String, ir::Tensor> =
         specs.iter().map(|s| (s.name.clone(), w.load(s).unwrap())).collect();
     let weights = runtime::cuda_plan::GpuWeights::upload(g.clone(), &specs, &Table(&table), &|_, _| {}).unwrap();
-    let gpu = runtime::cuda_plan::CudaModel::new(weights, &pg, &dg, &codegen::ptx::PtxOptions::default())
-        .unwrap_or_else(|e| panic!("{config}: {e}"));
+    let gpu = runtime::cuda_plan::CudaModel::new(
+        weights,
+        &pg,
+        (&dg, Some(&dg_small)),
+        &codegen::ptx::PtxOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{config}: {e}"));
     let states = m
         .graph
         .inputs
@@ -301,6 +317,32 @@ impl Pair {
             want["logits"].as_f32().unwrap().to_vec(),
         )
     }
+}
+
+/// A batch above `FOLD_BATCH` decodes with the other plan (norms apart) than the small
+/// batches of the other model tests (norms folded): prefill then decode steps of 17 sequences
+/// against the interpreter, small in f32.
+#[test]
+fn gpu_decode_above_the_fold_batch_matches_the_interpreter() {
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let f32c = [("ringjit_compute_dtype", serde_json::json!("float32"))];
+    let p = pair(&g, "small", &f32c, passes::Precision::Bf16);
+    let batch = runtime::cuda::FOLD_BATCH + 1;
+    assert!(!std::ptr::eq(p.gpu.decode_plan_for(batch), p.gpu.decode_plan_for(1)));
+    let prompt = crate::common::random_tokens(23, batch * 5, p.vocab);
+    let mut host = p.zero_states(batch);
+    let mut dev = p.gpu.states(&host).unwrap();
+    let mut worst = 0f64;
+    let (a, b) = p.step(&mut dev, &mut host, &prompt, batch, 0);
+    worst = worst.max(ir::tol::rel_err(&a, &b));
+    for s in 0..3 {
+        let toks = crate::common::random_tokens(30 + s as u64, batch, p.vocab);
+        let (a, b) = p.step(&mut dev, &mut host, &toks, batch, 5 + s);
+        worst = worst.max(ir::tol::rel_err(&a, &b));
+    }
+    assert!(worst <= Tol::F32.model(), "batch {batch}: logits rel err {worst:.3e}");
+    eprintln!("gpu decode at batch {batch} (norms apart) vs the interpreter: {worst:.2e}");
 }
 
 /// Prefill then decode on the GPU against the interpreter, logits in `tier`; with f32 compute,
@@ -925,6 +967,98 @@ fn gpu_lightning_with_and_without_the_gate_matches_the_interpreter() {
             }
             eprintln!("lightning on {}: {what}: all four outputs within the f32 tier", g.name);
         }
+    }
+}
+
+/// The lightning decode step that norms and rotates its own q and k (`linear_attn_step_qk_gate`,
+/// `fold-qk-norm-step`) on the GPU against the interpreter: Ring-mini's heads (d 128, rotary
+/// 64: each column's partner in its own lane), all of a head rotated (rotary = d), and the
+/// shared-memory partners (half the rotary dims not a multiple of 32; a head dim of 96 with a
+/// ragged last column group); one token and several.
+#[test]
+fn gpu_lightning_step_with_its_qk_norms_matches_the_interpreter() {
+    use ir::fused::Fused;
+    use std::collections::HashMap;
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let cases = [
+        (1, 1, 16, 128, 64),
+        (3, 1, 16, 128, 64),
+        (1, 1, 3, 128, 128),
+        (2, 3, 4, 64, 32),
+        (2, 2, 2, 96, 40),
+    ];
+    for (n, (b, t, h, d, rotary)) in cases.into_iter().enumerate() {
+        let mut graph = ir::graph::Graph::new();
+        let mut inputs: HashMap<String, ir::Tensor> = HashMap::new();
+        let mut rng = passes::testing::SplitMix(90 + n as u64);
+        let mut input = |graph: &mut ir::graph::Graph, name: &str, dtype: ir::DType, shape: &[usize], scale: f32| {
+            let dims = shape.iter().map(|&x| ir::Dim::constant(x as i64)).collect();
+            let numel: usize = shape.iter().product();
+            let data = (0..numel)
+                .map(|_| (rng.unit() + 0.1f32.copysign(rng.unit())) * scale)
+                .collect();
+            inputs.insert(name.into(), ir::Tensor::from_f32(dtype, shape.to_vec(), data));
+            graph.add_input(name, ir::op::InputKind::Data, dtype, dims)
+        };
+        let (f32t, bf) = (ir::DType::F32, ir::DType::BF16);
+        let s0 = input(&mut graph, "s0", f32t, &[b, h, d, d], 1.0);
+        let qr = input(&mut graph, "q_raw", f32t, &[b, t, h, d], 2.0);
+        let kr = input(&mut graph, "k_raw", f32t, &[b, t, h, d], 2.0);
+        let v = input(&mut graph, "v", f32t, &[b, t, h, d], 1.0);
+        let lam = input(&mut graph, "lam", f32t, &[h, 1, 1], 0.0);
+        let w = input(&mut graph, "w", bf, &[h * d], 1.0);
+        let gate = input(&mut graph, "g", f32t, &[b, t, h * d], 2.0);
+        let qw = input(&mut graph, "qw", bf, &[d], 1.0);
+        let kw = input(&mut graph, "kw", bf, &[h, d], 1.0);
+        let pos = graph.add_input(
+            "pos",
+            ir::op::InputKind::Data,
+            ir::DType::I64,
+            vec![ir::Dim::constant(t as i64)],
+        );
+        let inv = input(&mut graph, "inv_freq", f32t, &[rotary / 2], 1.0);
+        inputs.insert(
+            "lam".into(),
+            ir::Tensor::from_f32(f32t, vec![h, 1, 1], (0..h).map(|i| 0.9 + 0.02 * i as f32).collect()),
+        );
+        // positions deep in a context, the frequencies of rope_theta 10^4
+        inputs.insert(
+            "pos".into(),
+            ir::Tensor::from_i64(ir::DType::I64, vec![t], (0..t as i64).map(|i| 4093 + 7 * i).collect()),
+        );
+        let half = rotary / 2;
+        inputs.insert(
+            "inv_freq".into(),
+            ir::Tensor::from_f32(
+                f32t,
+                vec![half],
+                (0..half).map(|i| 10000f32.powf(-(i as f32) / half as f32)).collect(),
+            ),
+        );
+        let groups = 4.min(h);
+        let f = Fused::LinearAttnQkGate {
+            groups,
+            eps: 1e-6,
+            qk_eps: 1e-6,
+            rotary,
+            scale: f64::from((d as f32).powf(-0.5)),
+        };
+        let outs = graph
+            .add(ir::Op::Fused(f), &[s0, qr, kr, v, lam, w, gate, qw, kw, pos, inv], None)
+            .unwrap();
+        graph.add_output("s", outs[0], ir::op::InputKind::Data);
+        graph.add_output("y", outs[1], ir::op::InputKind::Data);
+        let what = format!("b {b}, T {t}, H {h}, d {d}, rotary {rotary}");
+        let (got, want) = on_gpu_and_interpreter(&g, &graph, &inputs, &what);
+        for name in ["s", "y"] {
+            let e = ir::tol::rel_err(got[name].as_f32().unwrap(), want[name].as_f32().unwrap());
+            assert!(e <= Tol::F32.op(), "{what}: {name} rel err {e:.3e} on {}", g.name);
+        }
+        eprintln!(
+            "lightning step with q/k norms on {}: {what}: within the f32 tier",
+            g.name
+        );
     }
 }
 

@@ -83,12 +83,40 @@ pub fn axpy_check(gpu: &Gpu, n: usize) -> Result<f64> {
     Ok(ir::tol::rel_err(&out, &want))
 }
 
-/// Whether cuda decode plans fold each RMSNorm into the GEMM that reads it
-/// (`passes::normgemm`). Off by default: the folded kernels pass every GPU test, and on an H200
-/// a Ring-mini decode step is 8 % faster folded at batch 1 but 3 % slower at batch 64, where
-/// the residual adds that move into GEMM epilogues cost more than the norm kernels saved
-/// (docs/perf.md). `RINGJIT_FOLD_NORM=1` turns it on (latency-bound serving). The cpu device
-/// always folds.
+/// Which cuda decode plans fold each RMSNorm into the GEMM that reads it (`passes::normgemm`).
+/// On an H200 a Ring-mini decode step is 7–8 % faster folded at batch 1 (the GEMV paths) but
+/// 3–7 % slower at batch 64 (the tensor-core paths, where the residual adds moved into GEMM
+/// epilogues cost more than the norm kernels saved; docs/perf.md). The cpu device always folds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoldNorms {
+    /// Two decode plans: folded for batches up to [`FOLD_BATCH`], norms apart above (default).
+    SmallBatches,
+    /// Every decode plan folded (`RINGJIT_FOLD_NORM=1`).
+    Always,
+    /// No decode plan folded (`RINGJIT_FOLD_NORM=0`).
+    Never,
+}
+
+/// The largest decode batch that runs the folded plan under [`FoldNorms::SmallBatches`]: the
+/// GEMMs' rows up to here take the GEMV paths.
+pub const FOLD_BATCH: usize = 16;
+
+/// `RINGJIT_FOLD_NORM`: `1` always, `0` never, unset (or anything else) for small batches.
+pub fn fold_policy() -> FoldNorms {
+    match std::env::var("RINGJIT_FOLD_NORM").as_deref() {
+        Ok("1") => FoldNorms::Always,
+        Ok("0") => FoldNorms::Never,
+        _ => FoldNorms::SmallBatches,
+    }
+}
+
+/// Whether the main cuda decode plan (every batch under `Always`, the batches above
+/// [`FOLD_BATCH`] otherwise) folds its norms.
 pub fn fold_norms() -> bool {
-    std::env::var("RINGJIT_FOLD_NORM").is_ok_and(|v| v == "1")
+    fold_policy() == FoldNorms::Always
+}
+
+/// Whether a second, folded decode plan serves the batches up to [`FOLD_BATCH`].
+pub fn fold_small_batches() -> bool {
+    fold_policy() == FoldNorms::SmallBatches
 }

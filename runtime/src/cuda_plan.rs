@@ -1543,34 +1543,58 @@ pub struct CudaModel {
     pub weights: GpuWeights,
     prefill: CudaPlan,
     decode: CudaPlan,
+    /// The decode plan of batches up to [`crate::cuda::FOLD_BATCH`], when it differs
+    /// ([`crate::cuda::FoldNorms::SmallBatches`]: norms folded into their GEMMs).
+    decode_small: Option<CudaPlan>,
 }
 
 impl CudaModel {
-    /// Partitions and loads the two compiled graphs (prefill, decode).
-    pub fn new(weights: GpuWeights, prefill: &Graph, decode: &Graph, opts: &PtxOptions) -> Result<CudaModel> {
+    /// Partitions and loads the compiled graphs: prefill, decode, and the decode graph of small
+    /// batches when there is one.
+    pub fn new(
+        weights: GpuWeights,
+        prefill: &Graph,
+        (decode, decode_small): (&Graph, Option<&Graph>),
+        opts: &PtxOptions,
+    ) -> Result<CudaModel> {
         let part = |g: &Graph| passes::partition::partition(g).map_err(|e| Error(format!("kernel partition: {e}")));
         let prefill = CudaPlan::new(&weights, prefill, part(prefill)?, opts)?;
         let dopts = PtxOptions {
             prefill: false,
             ..opts.clone()
         };
-        let decode = CudaPlan::new(&weights, decode, part(decode)?, &dopts)?.for_decode()?;
+        let decode_plan = |g: &Graph| CudaPlan::new(&weights, g, part(g)?, &dopts)?.for_decode();
+        let decode_small = decode_small.map(decode_plan).transpose()?;
+        let decode = decode_plan(decode)?;
         Ok(CudaModel {
             weights,
             prefill,
             decode,
+            decode_small,
         })
     }
 
-    /// Turns the decode step's CUDA graphs on or off (on by default; see
+    /// Turns the decode steps' CUDA graphs on or off (on by default; see
     /// [`CudaPlan::set_graphs`]); returns whether they are on.
     pub fn set_graphs(&self, on: bool) -> bool {
+        if let Some(p) = &self.decode_small {
+            p.set_graphs(on);
+        }
         self.decode.set_graphs(on)
     }
 
-    /// The decode plan (for tests and the benchmark).
+    /// The decode plan of batches above [`crate::cuda::FOLD_BATCH`] (of every batch when there
+    /// is no second plan), for tests and the benchmark.
     pub fn decode_plan(&self) -> &CudaPlan {
         &self.decode
+    }
+
+    /// The decode plan a step of `batch` sequences runs.
+    pub fn decode_plan_for(&self, batch: usize) -> &CudaPlan {
+        match &self.decode_small {
+            Some(p) if batch <= crate::cuda::FOLD_BATCH => p,
+            _ => &self.decode,
+        }
     }
 
     /// Fresh device states from host tensors (zeros for a new sequence).
@@ -1598,7 +1622,11 @@ impl CudaModel {
             ("past".to_string(), past as i64),
         ]
         .into();
-        let plan = if seq == 1 { &self.decode } else { &self.prefill };
+        let plan = if seq == 1 {
+            self.decode_plan_for(batch)
+        } else {
+            &self.prefill
+        };
         let inputs: HashMap<String, Tensor> = [("tokens".to_string(), tokens)].into();
         plan.run(&env, &inputs, states)
     }

@@ -225,18 +225,26 @@ impl Engine {
             as usize;
         let mut reports = Vec::new();
         let mut compiled = Vec::new();
-        for mode in [passes::Mode::Prefill, passes::Mode::Decode] {
+        let compile = |mode, fold_norms| {
             let co = passes::CompileOptions {
                 mode,
                 fuse: opts.fuse,
                 precision: opts.precision,
-                fold_norms: device != Device::Cuda || crate::cuda::fold_norms(),
+                fold_norms,
                 ..Default::default()
             };
-            let (g, report) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))?;
+            passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))
+        };
+        for mode in [passes::Mode::Prefill, passes::Mode::Decode] {
+            let (g, report) = compile(mode, device != Device::Cuda || crate::cuda::fold_norms())?;
             compiled.push(g);
             reports.push(report);
         }
+        // cuda: small decode batches get a plan with the norms folded into their GEMMs
+        let decode_small = match device == Device::Cuda && opts.fuse && crate::cuda::fold_small_batches() {
+            true => Some(compile(passes::Mode::Decode, true)?.0),
+            false => None,
+        };
         let params = m.params()?;
         if device == Device::Cuda {
             let gpu = Arc::new(crate::cuda::Gpu::open(0)?);
@@ -250,7 +258,7 @@ impl Engine {
             let cuda = CudaModel::new(
                 weights,
                 &compiled[0],
-                &compiled[1],
+                (&compiled[1], decode_small.as_ref()),
                 &codegen::ptx::PtxOptions::default(),
             )?;
             return Ok(Engine {

@@ -204,12 +204,22 @@ pub fn run(
     let weights = GpuWeights::random(gpu.clone(), &specs, cfg.seed, moments, &|_, _| {})?;
     let t0 = std::time::Instant::now();
     let mut plans = Vec::new();
-    for mode in [passes::Mode::Decode, passes::Mode::Prefill] {
-        progress(&format!("compiling the {mode:?} graph"));
+    // the decode plan of small batches (norms folded) beside the other, as the engine has them
+    let small = crate::cuda::fold_small_batches();
+    let kinds = [
+        (passes::Mode::Decode, false),
+        (passes::Mode::Prefill, false),
+        (passes::Mode::Decode, true),
+    ];
+    for (mode, folded) in kinds.into_iter().filter(|&(_, f)| !f || small) {
+        progress(&format!(
+            "compiling the {mode:?} graph{}",
+            if folded { " (small batches)" } else { "" }
+        ));
         let co = passes::CompileOptions {
             mode,
             precision: cfg.precision,
-            fold_norms: crate::cuda::fold_norms(),
+            fold_norms: folded || crate::cuda::fold_norms(),
             ..Default::default()
         };
         let (g, _) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling: {e}")))?;
@@ -300,7 +310,11 @@ pub fn run(
         Ok(())
     };
     for &b in &cfg.decode_batch {
-        step(&plans[0].0, format!("decode b{b} @{}", cfg.context), b, 1, cfg.context)?;
+        let plan = match plans.get(2) {
+            Some((p, _)) if b <= crate::cuda::FOLD_BATCH => p,
+            _ => &plans[0].0,
+        };
+        step(plan, format!("decode b{b} @{}", cfg.context), b, 1, cfg.context)?;
     }
     for &t in &cfg.prefill {
         step(&plans[1].0, format!("prefill {t}"), 1, t, 0)?;

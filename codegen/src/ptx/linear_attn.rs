@@ -83,6 +83,11 @@ pub(super) fn recurrence<'c>(
         Some(gn) => Some(Gate::new(em, t, gn, d / cb, THREADS)?),
         None => None,
     };
+    if qk.is_some() {
+        // the prelude's registers beside the state's: keep three blocks a multiprocessor (what
+        // the step without it fits), the state's loads of three blocks in flight
+        em.launch_bounds(THREADS as u32, 3)?;
+    }
     let f32t = em.ctx.f32_type();
     let qsm = em.shared_array("ringjit_la_q", f32t.as_basic_type_enum(), (TB * d) as u32);
     let ksm = em.shared_array("ringjit_la_k", f32t.as_basic_type_enum(), (TB * d) as u32);
@@ -285,11 +290,15 @@ pub(super) fn recurrence<'c>(
 }
 
 /// q's and k's per-head RMSNorm and RoPE (`QkPrelude`), on the raw rows of `n` tokens staged
-/// in shared memory (`qsm`, `ksm`: `[TB, d]` each), in place: a warp per (token, q or k) row.
-/// The arithmetic of the `qk_norm_rope` template in f32: `y = (x · r) · w` with `r` the row's
-/// 1/rms, then each of the first `rotary` columns rotated with its partner half a rotation
-/// away; q's rows then times `scale`. Every lane holds its columns (`c = lane + 32j`) in
-/// registers between the warp-synchronised phases (norm, rotate, store).
+/// in shared memory (`qsm`, `ksm`: `[TB, d]` each), in place: a warp per (token, q or k) row,
+/// the q and k rows of a token on neighbouring warps at once. The arithmetic of the
+/// `qk_norm_rope` template in f32: `y = (x · r) · w` with `r` the row's 1/rms, then each of the
+/// first `rotary` columns rotated with its partner half a rotation away; q's rows then times
+/// `scale`. Each lane holds its columns (`c = lane + 32j`) in registers; the weight, position
+/// and frequencies are loaded before the row's reduction. When half the rotary dims is a
+/// multiple of 32, a column's partner and its frequency belong to the same lane (`j ± half/32`),
+/// so the rotation stays in registers and each lane finds one angle per frequency it uses;
+/// otherwise the normed row goes through shared memory (warp-synchronised) for the partners.
 fn qk_prelude<'c>(
     em: &mut Em<'c, '_>,
     t: &TemplateKernel,
@@ -299,82 +308,142 @@ fn qk_prelude<'c>(
     d: i64,
 ) -> R<()> {
     const WARPS: i64 = THREADS / 32;
+    let tid = em.sreg("tid.x")?;
+    let (warp, lane) = (em.div(tid, em.i64c(32))?, em.rem(tid, em.i64c(32))?);
+    em.for_range(warp, em.mul(n, em.i64c(2))?, em.i64c(WARPS), |em, r| {
+        let u = em.div(r, em.i64c(2))?;
+        let odd = em.rem(r, em.i64c(2))?;
+        let is_q = em.icmp(IntPredicate::EQ, odd, em.i64c(0))?;
+        let is_k = em.icmp(IntPredicate::NE, odd, em.i64c(0))?;
+        // warp-uniform: q's row on even warps, k's on odd ones
+        em.if_then(is_q, |em| {
+            qk_row(em, t, p, (qsm, 7, Some(p.scale)), (hi, t0, u, lane), d)
+        })?;
+        em.if_then(is_k, |em| qk_row(em, t, p, (ksm, 8, None), (hi, t0, u, lane), d))
+    })
+}
+
+/// One warp's row of [`qk_prelude`]: row `u` of `sm`, its norm weight operand `wslot`.
+fn qk_row<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    p: QkPrelude,
+    (sm, wslot, scale): (inkwell::values::PointerValue<'c>, usize, Option<f64>),
+    (hi, t0, u, lane): (IntValue<'c>, IntValue<'c>, IntValue<'c>, IntValue<'c>),
+    d: i64,
+) -> R<()> {
     let cols = (d + 31) / 32;
     let half = (p.rotary / 2) as i64;
     let rot = p.rotary as i64;
-    let tid = em.sreg("tid.x")?;
-    let (warp, lane) = (em.div(tid, em.i64c(32))?, em.rem(tid, em.i64c(32))?);
     let zero = em.i64c(0);
     let dd = em.i64c(d);
-    for (sm, wslot, scale) in [(qsm, 7usize, Some(p.scale)), (ksm, 8, None)] {
-        let per_head = em.operand_shape(t, wslot)?.len() == 2;
-        em.for_range(warp, n, em.i64c(WARPS), |em, u| {
-            let ro = em.mul(u, dd)?;
-            let cidx = |em: &Em<'c, '_>, j: i64| em.add(lane, em.i64c(32 * j));
-            // the row statistic: Σ x² over the warp
-            let mut ss = em.f32c(0.0);
-            let mut xs = Vec::new();
-            for j in 0..cols {
-                let c = cidx(em, j)?;
-                let inb = em.icmp(IntPredicate::SLT, c, dd)?;
-                let at = em.add(ro, em.select_i(inb, c, zero)?)?;
-                let x = em.select_f(inb, lds(em, sm, at)?, em.f32c(0.0))?;
-                ss = em.fma(x, x, ss)?;
-                xs.push(x);
+    let per_head = em.operand_shape(t, wslot)?.len() == 2;
+    let ro = em.mul(u, dd)?;
+    let col = |em: &Em<'c, '_>, j: i64| -> R<(IntValue<'c>, IntValue<'c>)> {
+        let c = em.add(lane, em.i64c(32 * j))?;
+        let inb = em.icmp(IntPredicate::SLT, c, dd)?;
+        Ok((c, inb))
+    };
+    // loads that do not depend on the row's values first: the weight, position, frequencies
+    let mut ws = Vec::new();
+    for j in 0..cols {
+        let (c, inb) = col(em, j)?;
+        let cc = em.select_i(inb, c, zero)?;
+        ws.push(if per_head {
+            em.ldf(t, wslot, &[hi, cc])?
+        } else {
+            em.ldf(t, wslot, &[cc])?
+        });
+    }
+    let in_lane = half > 0 && half % 32 == 0;
+    let pos = if half > 0 {
+        let v = em.ld(t, 9, &[em.add(t0, u)?])?;
+        Some(em.as_f(v)?)
+    } else {
+        None
+    };
+    // (cos, sin) of each column's angle: column j of a rotary half uses frequency c − 32·(j's
+    // half start); in-lane, the two halves share their lanes' angles
+    let mut angles: Vec<Option<(FloatValue<'c>, FloatValue<'c>)>> = vec![None; cols as usize];
+    if let Some(pos) = pos {
+        for j in 0..cols {
+            if 32 * j >= rot {
+                break;
             }
-            let ss = em.bfly_reduce(ReduceOp::Sum, ss, &[16, 8, 4, 2, 1])?;
-            let inv = em.inv_rms(ss, dd, p.eps)?;
-            let mut ys = Vec::new();
-            for (j, &x) in xs.iter().enumerate() {
-                let c = cidx(em, j as i64)?;
-                let inb = em.icmp(IntPredicate::SLT, c, dd)?;
-                let cc = em.select_i(inb, c, zero)?;
-                let w = if per_head {
-                    em.ldf(t, wslot, &[hi, cc])?
-                } else {
-                    em.ldf(t, wslot, &[cc])?
-                };
-                ys.push(em.fmul(em.fmul(x, inv)?, w)?);
+            if in_lane && 32 * j >= half {
+                angles[j as usize] = angles[(j - half / 32) as usize];
+                continue;
             }
-            if half > 0 {
-                // the normed row in place, then each rotary column reads its partner
-                warp_sync(em)?;
-                for (j, &y) in ys.iter().enumerate() {
-                    let c = cidx(em, j as i64)?;
-                    let inb = em.icmp(IntPredicate::SLT, c, dd)?;
-                    em.if_then(inb, |em| sts(em, sm, em.add(ro, c)?, y))?;
-                }
-                warp_sync(em)?;
-                let pos = em.ld(t, 9, &[em.add(t0, u)?])?;
-                let pos = em.as_f(pos)?;
-                for (j, y) in ys.iter_mut().enumerate() {
-                    let c = cidx(em, j as i64)?;
-                    let h = em.i64c(half);
-                    let first = em.icmp(IntPredicate::SLT, c, h)?;
-                    let in_rot = em.icmp(IntPredicate::SLT, c, em.i64c(rot))?;
-                    let partner = em.select_i(first, em.add(c, h)?, em.select_i(in_rot, em.sub(c, h)?, zero)?)?;
-                    let fj = em.select_i(first, c, em.select_i(in_rot, em.sub(c, h)?, zero)?)?;
-                    let yp = lds(em, sm, em.add(ro, partner)?)?;
-                    let f = em.ldf(t, 10, &[fj])?;
-                    let ang = em.fmul(pos, f)?;
-                    let (cs, sn) = (em.sincos(ang, true)?, em.sincos(ang, false)?);
-                    let lo = em.fsub(em.fmul(*y, cs)?, em.fmul(yp, sn)?)?;
-                    let hi2 = em.fadd(em.fmul(*y, cs)?, em.fmul(yp, sn)?)?;
-                    *y = em.select_f(first, lo, em.select_f(in_rot, hi2, *y)?)?;
-                }
-                warp_sync(em)?;
-            }
-            for (j, &y) in ys.iter().enumerate() {
-                let c = cidx(em, j as i64)?;
-                let inb = em.icmp(IntPredicate::SLT, c, dd)?;
-                let y = match scale {
-                    Some(s) => em.fmul(y, em.f32c(f64::from(s as f32)))?,
-                    None => y,
-                };
+            let (c, _) = col(em, j)?;
+            let first = em.icmp(IntPredicate::SLT, c, em.i64c(half))?;
+            let in_rot = em.icmp(IntPredicate::SLT, c, em.i64c(rot))?;
+            let fj = em.select_i(first, c, em.select_i(in_rot, em.sub(c, em.i64c(half))?, zero)?)?;
+            let f = em.ldf(t, 10, &[fj])?;
+            let ang = em.fmul(pos, f)?;
+            angles[j as usize] = Some((em.sincos(ang, true)?, em.sincos(ang, false)?));
+        }
+    }
+    // the row statistic: Σ x² over the warp
+    let mut ss = em.f32c(0.0);
+    let mut xs = Vec::new();
+    for j in 0..cols {
+        let (c, inb) = col(em, j)?;
+        let at = em.add(ro, em.select_i(inb, c, zero)?)?;
+        let x = em.select_f(inb, lds(em, sm, at)?, em.f32c(0.0))?;
+        ss = em.fma(x, x, ss)?;
+        xs.push(x);
+    }
+    let ss = em.bfly_reduce(ReduceOp::Sum, ss, &[16, 8, 4, 2, 1])?;
+    let inv = em.inv_rms(ss, dd, p.eps)?;
+    let mut ys: Vec<FloatValue<'c>> = Vec::new();
+    for (x, w) in xs.iter().zip(&ws) {
+        ys.push(em.fmul(em.fmul(*x, inv)?, *w)?);
+    }
+    if half > 0 {
+        let normed = ys.clone();
+        if !in_lane {
+            // the normed row in place, for the partners in other lanes
+            warp_sync(em)?;
+            for (j, &y) in normed.iter().enumerate() {
+                let (c, inb) = col(em, j as i64)?;
                 em.if_then(inb, |em| sts(em, sm, em.add(ro, c)?, y))?;
             }
-            Ok(())
-        })?;
+            warp_sync(em)?;
+        }
+        for j in 0..cols {
+            let Some((cs, sn)) = angles[j as usize] else { continue };
+            let (c, _) = col(em, j)?;
+            let h = em.i64c(half);
+            let first = em.icmp(IntPredicate::SLT, c, h)?;
+            let in_rot = em.icmp(IntPredicate::SLT, c, em.i64c(rot))?;
+            let y = normed[j as usize];
+            let yp = if in_lane {
+                // the partner column is this lane's column j ± half/32
+                let hj = half / 32;
+                if j < hj {
+                    normed[(j + hj) as usize]
+                } else {
+                    normed[(j - hj) as usize]
+                }
+            } else {
+                let partner = em.select_i(first, em.add(c, h)?, em.select_i(in_rot, em.sub(c, h)?, zero)?)?;
+                lds(em, sm, em.add(ro, partner)?)?
+            };
+            let lo = em.fsub(em.fmul(y, cs)?, em.fmul(yp, sn)?)?;
+            let hi2 = em.fadd(em.fmul(y, cs)?, em.fmul(yp, sn)?)?;
+            ys[j as usize] = em.select_f(first, lo, em.select_f(in_rot, hi2, y)?)?;
+        }
+        if !in_lane {
+            warp_sync(em)?;
+        }
+    }
+    for (j, &y) in ys.iter().enumerate() {
+        let (c, inb) = col(em, j as i64)?;
+        let y = match scale {
+            Some(s) => em.fmul(y, em.f32c(f64::from(s as f32)))?,
+            None => y,
+        };
+        em.if_then(inb, |em| sts(em, sm, em.add(ro, c)?, y))?;
     }
     Ok(())
 }
