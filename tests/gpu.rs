@@ -484,22 +484,22 @@ fn gpu_prefill_then_decode_equals_the_forward() {
 }
 
 /// Decode through fixed buffers and replayed CUDA graphs equals decode with plain launches,
-/// bit for bit, over 300 steps after a 250-token prefill; the KV caches are paged (moved into
+/// bit for bit, over 300 steps after a 250-token prefill (batch 2: the small batches' plan); the KV caches are paged (moved into
 /// pages once after the prefill, then grown in place with one layout and its graphs).
 #[test]
 fn gpu_decode_as_cuda_graphs_equals_plain_launches() {
     let Some(g) = gpu() else { return };
     let g = std::sync::Arc::new(g);
     let p = pair(&g, "tiny", &[], passes::Precision::Bf16);
-    assert!(
-        p.gpu.decode_plan().graph_blocker().is_none(),
-        "tiny decode cannot use graphs: {:?}",
-        p.gpu.decode_plan().graph_blocker()
-    );
     let (batch, prompt_len, steps) = (2, 250, 300);
+    assert!(
+        p.gpu.decode_plan_for(batch).graph_blocker().is_none(),
+        "tiny decode cannot use graphs: {:?}",
+        p.gpu.decode_plan_for(batch).graph_blocker()
+    );
     let prompt = crate::common::random_tokens(8, batch * prompt_len, p.vocab);
     assert!(
-        p.gpu.decode_plan().caches_in_place(),
+        p.gpu.decode_plan_for(batch).caches_in_place(),
         "tiny decode keeps functional caches"
     );
     let run = |graphs: bool| -> (Vec<Vec<f32>>, usize, Vec<ir::Tensor>) {
@@ -519,20 +519,20 @@ fn gpu_decode_as_cuda_graphs_equals_plain_launches() {
             .collect();
         let mut out = Vec::new();
         let mut most_graphs = 0;
-        let layouts = p.gpu.decode_plan().layouts_made();
+        let layouts = p.gpu.decode_plan_for(batch).layouts_made();
         for i in 0..steps {
             let t = ir::Tensor::from_i64(ir::DType::I64, vec![batch, 1], next.clone());
             let l = p.gpu.step(&mut dev, t, batch, 1, prompt_len + i).unwrap();
             let l = l["logits"].as_f32().unwrap().to_vec();
             next = (0..batch).map(|s| argmax(&l[s * p.vocab..][..p.vocab])).collect();
-            most_graphs = most_graphs.max(p.gpu.decode_plan().graph_count());
+            most_graphs = most_graphs.max(p.gpu.decode_plan_for(batch).graph_count());
             out.push(l);
         }
         if graphs {
             // the caches are paged: they grew 300 tokens without a new layout (no copy, no
             // new capture)
             assert_eq!(
-                p.gpu.decode_plan().layouts_made(),
+                p.gpu.decode_plan_for(batch).layouts_made(),
                 layouts + 1,
                 "the decode step was laid out more than once"
             );
