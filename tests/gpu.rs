@@ -913,16 +913,9 @@ fn gpu_lightning_with_and_without_the_gate_matches_the_interpreter() {
             let mut graph = ir::graph::Graph::new();
             let mut inputs: HashMap<String, ir::Tensor> = HashMap::new();
             let mut rng = passes::testing::SplitMix(40 + n as u64);
-            let mut input =
-                |graph: &mut ir::graph::Graph, name: &str, dtype: ir::DType, shape: &[usize], scale: f32| {
-                    let dims = shape.iter().map(|&x| ir::Dim::constant(x as i64)).collect();
-                    let numel: usize = shape.iter().product();
-                    let data = (0..numel)
-                        .map(|_| (rng.unit() + 0.1f32.copysign(rng.unit())) * scale)
-                        .collect();
-                    inputs.insert(name.into(), ir::Tensor::from_f32(dtype, shape.to_vec(), data));
-                    graph.add_input(name, ir::op::InputKind::Data, dtype, dims)
-                };
+            let mut input = |graph: &mut ir::graph::Graph, name: &str, dtype, shape: &[usize], scale| {
+                random_input(graph, &mut inputs, &mut rng, (name, dtype, shape), scale)
+            };
             let f32t = ir::DType::F32;
             let s0 = input(&mut graph, "s0", f32t, &[b, h, d, d], 1.0);
             let q = input(&mut graph, "q", f32t, &[b, t, h, d], (d as f32).powf(-0.5));
@@ -992,14 +985,8 @@ fn gpu_lightning_step_with_its_qk_norms_matches_the_interpreter() {
         let mut graph = ir::graph::Graph::new();
         let mut inputs: HashMap<String, ir::Tensor> = HashMap::new();
         let mut rng = passes::testing::SplitMix(90 + n as u64);
-        let mut input = |graph: &mut ir::graph::Graph, name: &str, dtype: ir::DType, shape: &[usize], scale: f32| {
-            let dims = shape.iter().map(|&x| ir::Dim::constant(x as i64)).collect();
-            let numel: usize = shape.iter().product();
-            let data = (0..numel)
-                .map(|_| (rng.unit() + 0.1f32.copysign(rng.unit())) * scale)
-                .collect();
-            inputs.insert(name.into(), ir::Tensor::from_f32(dtype, shape.to_vec(), data));
-            graph.add_input(name, ir::op::InputKind::Data, dtype, dims)
+        let mut input = |graph: &mut ir::graph::Graph, name: &str, dtype, shape: &[usize], scale| {
+            random_input(graph, &mut inputs, &mut rng, (name, dtype, shape), scale)
         };
         let (f32t, bf) = (ir::DType::F32, ir::DType::BF16);
         let s0 = input(&mut graph, "s0", f32t, &[b, h, d, d], 1.0);
@@ -1080,11 +1067,7 @@ fn gpu_row_norms_at_model_widths_match_the_interpreter() {
         let mut rng = passes::testing::SplitMix(70 + n as u64);
         let bf = ir::DType::BF16;
         let mut input = |graph: &mut ir::graph::Graph, name: &str, shape: &[usize]| {
-            let dims = shape.iter().map(|&x| ir::Dim::constant(x as i64)).collect();
-            let numel: usize = shape.iter().product();
-            let data = (0..numel).map(|_| rng.unit() + 0.1f32.copysign(rng.unit())).collect();
-            inputs.insert(name.into(), ir::Tensor::from_f32(bf, shape.to_vec(), data));
-            graph.add_input(name, ir::op::InputKind::Data, bf, dims)
+            random_input(graph, &mut inputs, &mut rng, (name, bf, shape), 1.0)
         };
         let h = input(&mut graph, "h", &[rows, width]);
         let a = input(&mut graph, "a", &[rows, width]);
@@ -1128,6 +1111,24 @@ fn gpu_folded_norm_gemms_match_the_interpreter() {
 }
 
 /// A graph without parameters and of constant shapes run on the GPU and by the interpreter.
+/// A data input `name` of `graph` with random values, never near zero (a uniform draw moved
+/// 0.1 away from it) times `scale`, put into `inputs`.
+fn random_input(
+    graph: &mut ir::graph::Graph,
+    inputs: &mut std::collections::HashMap<String, ir::Tensor>,
+    rng: &mut passes::testing::SplitMix,
+    (name, dtype, shape): (&str, ir::DType, &[usize]),
+    scale: f32,
+) -> ir::graph::Value {
+    let dims = shape.iter().map(|&x| ir::Dim::constant(x as i64)).collect();
+    let numel: usize = shape.iter().product();
+    let data = (0..numel)
+        .map(|_| (rng.unit() + 0.1f32.copysign(rng.unit())) * scale)
+        .collect();
+    inputs.insert(name.into(), ir::Tensor::from_f32(dtype, shape.to_vec(), data));
+    graph.add_input(name, ir::op::InputKind::Data, dtype, dims)
+}
+
 fn on_gpu_and_interpreter(
     g: &std::sync::Arc<Gpu>,
     graph: &ir::graph::Graph,
