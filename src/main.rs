@@ -778,6 +778,7 @@ fn cmd_ptx(a: PtxArgs) -> Result<()> {
         mode,
         precision: a.precision.get(),
         fold_norms: runtime::cuda::fold_norms(),
+        fold_qk_norms: codegen::ptx::folds_qk_norms(),
         ..Default::default()
     };
     let (g, _) = passes::compile(&m.model.graph, &opts)?;

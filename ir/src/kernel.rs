@@ -801,13 +801,13 @@ impl TemplateOp {
             TemplateOp::Attention { .. } => "attention",
             TemplateOp::LinearAttnChunk { gate: None, .. } => "linear_attn_chunk",
             TemplateOp::LinearAttnChunk { gate: Some(_), .. } => "linear_attn_chunk_gate",
+            TemplateOp::LinearAttnStep { qk: Some(_), .. } => "linear_attn_step_qk_gate",
             TemplateOp::LinearAttnStep { gate: None, .. } => "linear_attn_step",
             TemplateOp::LinearAttnStep {
                 gate: Some(_),
                 qk: None,
                 ..
             } => "linear_attn_step_gate",
-            TemplateOp::LinearAttnStep { qk: Some(_), .. } => "linear_attn_step_qk_gate",
             TemplateOp::RouteTopK { .. } => "route_topk",
             TemplateOp::QuantizeFp8 { .. } => "quantize_fp8",
             TemplateOp::DequantizeFp8 { .. } => "dequantize_fp8",

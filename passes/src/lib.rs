@@ -150,6 +150,10 @@ pub struct CompileOptions {
     pub cost: Option<CostModel>,
     /// Decode plans: fold each RMSNorm into the GEMM that reads it ([`normgemm`]).
     pub fold_norms: bool,
+    /// Decode plans: the lightning steps norm and rotate their own q and k ([`qkstep`]); off for
+    /// a backend without that kernel (the PTX backend's simple lightning kernels,
+    /// `RINGJIT_ATTN=naive`).
+    pub fold_qk_norms: bool,
 }
 
 impl Default for CompileOptions {
@@ -163,6 +167,7 @@ impl Default for CompileOptions {
             dump_dir: None,
             cost: None,
             fold_norms: true,
+            fold_qk_norms: true,
         }
     }
 }
@@ -284,7 +289,9 @@ pub fn compile(graph: &Graph, opts: &CompileOptions) -> Result<(Graph, PassRepor
         if opts.mode == Mode::Decode {
             pm = pm.then(Pass::simple("merge-router-gemm", siblings::merge_router_gemms));
             pm = pm.then(Pass::simple("fold-shared-expert", shared::fold_shared_experts));
-            pm = pm.then(Pass::simple("fold-qk-norm-step", qkstep::fold_qk_norm_steps));
+            if opts.fold_qk_norms {
+                pm = pm.then(Pass::simple("fold-qk-norm-step", qkstep::fold_qk_norm_steps));
+            }
             if opts.fold_norms {
                 pm = pm.then(Pass::simple("fold-norm-gemm", normgemm::fold_norm_gemms));
             }

@@ -32,6 +32,16 @@ use ir::{DType, Dim};
 
 const PASS: &str = "fold-qk-norm-step";
 
+/// Whether the step kernels make q and k for heads of `d`: the PTX backend's register-state
+/// lightning kernel (`codegen/src/ptx/linear_attn.rs`, `plan`) takes a constant d up to 128
+/// whose column blocks (`min(d, 32)` columns) tile both d and its 256 threads; its simple
+/// kernel has no q/k prelude. (The cpu backend takes any d.)
+pub fn step_takes_qk(d: &Dim) -> bool {
+    let Some(d) = d.as_const() else { return false };
+    let cb = d.min(32);
+    (1..=128).contains(&d) && d % cb == 0 && 256 % cb == 0 && d % (256 / cb) == 0
+}
+
 /// How many ops read `v`, a graph output counting as one more.
 fn readers(g: &Graph, v: Value) -> usize {
     users(g, v).len() + g.outputs.iter().filter(|o| o.value == v).count()
@@ -95,6 +105,9 @@ pub fn fold_qk_norm_steps(mut g: Graph) -> Result<Graph, PassError> {
             continue;
         }
         let h = g.ty(ops[2]).shape[2].clone();
+        if !step_takes_qk(&g.ty(ops[2]).shape[3]) {
+            continue;
+        }
         let [x, w, pos, inv] = g.operands(r.node)[..] else {
             continue;
         };
@@ -238,6 +251,18 @@ mod tests {
             let e = outputs_close(&got, &want, Tol::F32.op()).unwrap();
             println!("b {b}, t {t}: folded against unfused {e:.2e}");
         }
+    }
+
+    #[test]
+    fn head_dims_the_step_kernel_takes() {
+        for d in [128, 96, 64, 32, 16] {
+            assert!(step_takes_qk(&Dim::constant(d)), "{d}");
+        }
+        // 256 threads do not tile 8 columns of 8 rows; 40 and 160 are not whole column blocks
+        for d in [8, 40, 160, 256] {
+            assert!(!step_takes_qk(&Dim::constant(d)), "{d}");
+        }
+        assert!(!step_takes_qk(&Dim::sym("d")));
     }
 
     #[test]

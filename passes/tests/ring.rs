@@ -152,6 +152,20 @@ fn fuse_rules_fire_on_tiny_prefill_and_decode() {
     }
 }
 
+/// A backend without the step's q/k prelude (the PTX simple kernels) compiles with the fold off.
+#[test]
+fn the_qk_norm_fold_can_be_turned_off() {
+    let g = model("tiny");
+    let o = CompileOptions {
+        fold_qk_norms: false,
+        ..opts(Mode::Decode)
+    };
+    let (c, _) = compile(&g, &o).unwrap();
+    assert_eq!(count_ops(&c, "linear_attn_step_qk_gate"), 0, "{}", c.to_text());
+    assert_eq!(count_ops(&c, "linear_attn_step_gate"), 4, "{}", c.to_text());
+    assert_eq!(count_ops(&c, "qk_norm_rope"), 6, "{}", c.to_text());
+}
+
 #[test]
 fn fuse_rules_fire_on_small_bf16_prefill_and_decode() {
     for mode in [Mode::Prefill, Mode::Decode] {

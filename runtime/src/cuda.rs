@@ -99,7 +99,7 @@ pub enum FoldNorms {
 
 /// The largest decode batch that runs the folded plan under [`FoldNorms::SmallBatches`]: the
 /// GEMMs' rows up to here take the GEMV paths.
-pub const FOLD_BATCH: usize = 16;
+pub const FOLD_BATCH: usize = codegen::ptx::GEMV_ROWS as usize;
 
 /// `RINGJIT_FOLD_NORM`: `1` always, `0` never, unset (or anything else) for small batches.
 pub fn fold_policy() -> FoldNorms {

@@ -231,6 +231,7 @@ impl Engine {
                 fuse: opts.fuse,
                 precision: opts.precision,
                 fold_norms,
+                fold_qk_norms: device != Device::Cuda || codegen::ptx::folds_qk_norms(),
                 ..Default::default()
             };
             passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))
@@ -240,9 +241,13 @@ impl Engine {
             compiled.push(g);
             reports.push(report);
         }
-        // cuda: small decode batches get a plan with the norms folded into their GEMMs
+        // cuda: small decode batches get a plan with the norms folded into their GEMMs (when
+        // the graph has norms to fold)
         let decode_small = match device == Device::Cuda && opts.fuse && crate::cuda::fold_small_batches() {
-            true => Some(compile(passes::Mode::Decode, true)?.0),
+            true => Some(compile(passes::Mode::Decode, true)?.0).filter(|g| {
+                g.g.node_weights()
+                    .any(|n| matches!(n.op, Op::Fused(ir::fused::Fused::NormMatmul { .. })))
+            }),
             false => None,
         };
         let params = m.params()?;

@@ -220,6 +220,7 @@ pub fn run(
             mode,
             precision: cfg.precision,
             fold_norms: folded || crate::cuda::fold_norms(),
+            fold_qk_norms: codegen::ptx::folds_qk_norms(),
             ..Default::default()
         };
         let (g, _) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling: {e}")))?;
@@ -258,6 +259,9 @@ pub fn run(
         )]
         .into();
         let mut st = random_states(&gpu, &states, batch, past, cfg.seed)?;
+        // the states the step reads (before a decode step moves its caches into pages, whose
+        // reserved capacity is not traffic)
+        let kv_bytes: f64 = st.bufs.values().map(|d| d.bytes as f64).sum();
         let (_, t): (_, StepTiming) = plan.run_timed(&env, &inputs, &mut st, cfg.repeats)?;
         // whole decode steps as a server runs them: three to reach the captured graphs, then timed
         let mut graph_ms = None;
@@ -282,7 +286,6 @@ pub fn run(
             }
         };
         let tokens = batch * seq;
-        let kv_bytes: f64 = st.bufs.values().map(|d| d.bytes as f64).sum();
         let floor_bytes = sz.weight_bytes(tokens) + kv_bytes;
         // the LM head runs for the positions that get logits (the last of each sequence when
         // the model makes only those: `ringjit_logits = "last"`)

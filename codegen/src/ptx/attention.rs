@@ -61,7 +61,7 @@ fn split_stride(d: i64) -> i64 {
 
 /// Whether the fast kernels are switched off (`RINGJIT_ATTN=naive`): the simple SIMT versions
 /// of `templates` are emitted instead.
-pub(super) fn naive_forced() -> bool {
+pub(crate) fn naive_forced() -> bool {
     std::env::var("RINGJIT_ATTN").is_ok_and(|v| v == "naive")
 }
 

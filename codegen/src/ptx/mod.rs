@@ -188,6 +188,16 @@ pub struct PtxKernel {
 
 /// Compile one loop or template kernel of `plan` (docs/kernel-abi.md). A scan is a host loop:
 /// compile its body's kernels instead ([`compile_plan`] does).
+/// Whether the lightning step kernels norm and rotate their own q and k
+/// (`passes::CompileOptions::fold_qk_norms`): the register-state kernel does, the simple
+/// kernels that `RINGJIT_ATTN=naive` forces do not.
+pub fn folds_qk_norms() -> bool {
+    !templates::attention::naive_forced()
+}
+
+/// The most rows (tokens) a GEMM runs as a GEMV; more take the tensor-core paths.
+pub const GEMV_ROWS: i64 = templates::fastgemm::GEMV_ROWS;
+
 pub fn compile_kernel(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel, CodegenError> {
     compile_inner(plan, kernel, opts).map_err(|e| CodegenError(format!("{}: {}", kernel.name, e.0)))
 }

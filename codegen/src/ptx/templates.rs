@@ -5,7 +5,7 @@
 //! bound to the value. Semantics follow `ir::fused` (the reference of `ir::kernel_eval`).
 
 #[path = "attention.rs"]
-mod attention;
+pub(crate) mod attention;
 #[path = "attention_mma.rs"]
 mod attention_mma;
 pub(crate) mod fastgemm;

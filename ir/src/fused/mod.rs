@@ -392,7 +392,11 @@ impl Fused {
                 };
                 let q = rope.infer(&[tys[1], tys[7], tys[9], tys[10]])?;
                 let k = rope.infer(&[tys[2], tys[8], tys[9], tys[10]])?;
-                if tys[1].dtype != DType::F32 || q[0].dtype != DType::F32 || k[0].dtype != DType::F32 {
+                if tys[1].dtype != DType::F32
+                    || tys[2].dtype != DType::F32
+                    || q[0].dtype != DType::F32
+                    || k[0].dtype != DType::F32
+                {
                     return Err(format!(
                         "{}: q {} and k {} must be f32 (and their norm weights no wider)",
                         self.name(),
