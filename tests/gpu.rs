@@ -248,13 +248,14 @@ fn pair(
     let table: std::collections::HashMap<String, ir::Tensor> =
         specs.iter().map(|s| (s.name.clone(), w.load(s).unwrap())).collect();
     let weights = runtime::cuda_plan::GpuWeights::upload(g.clone(), &specs, &Table(&table), &|_, _| {}).unwrap();
-    let gpu = runtime::cuda_plan::CudaModel::new(
-        weights,
-        &pg,
-        (&dg, Some(&dg_small)),
-        &codegen::ptx::PtxOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{config}: {e}"));
+    let graphs = runtime::cuda_plan::CudaGraphs {
+        prefill: pg.clone(),
+        decode: dg.clone(),
+        decode_small: Some(dg_small),
+        reports: Vec::new(),
+    };
+    let gpu = runtime::cuda_plan::CudaModel::new(weights, &graphs, &codegen::ptx::PtxOptions::default())
+        .unwrap_or_else(|e| panic!("{config}: {e}"));
     let states = m
         .graph
         .inputs

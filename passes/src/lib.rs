@@ -24,6 +24,7 @@ pub mod partition;
 pub mod precision;
 pub mod qkstep;
 pub mod report;
+pub(crate) mod rewire;
 pub mod rules;
 pub mod shared;
 pub mod siblings;

@@ -35,28 +35,14 @@
 //! pays on a GPU at large batches depends on the epilogues that take the residual adds
 //! (docs/perf.md: the cuda device keeps the norms apart by default).
 
-use crate::precision::replace_value;
+use crate::rewire::{readers, replace_value, users, Placement};
 use crate::PassError;
 use ir::fused::Fused;
 use ir::graph::{Graph, Value};
 use ir::op::{BinaryOp, Op};
 use petgraph::stable_graph::NodeIndex;
-use petgraph::visit::{EdgeRef, IntoEdgeReferences};
-use petgraph::Direction;
-use std::collections::{BTreeSet, HashMap};
 
 const PASS: &str = "fold-norm-gemm";
-
-/// The users of `v` (node, operand slot).
-pub(crate) fn users(g: &Graph, v: Value) -> Vec<(NodeIndex, u32)> {
-    let mut u: Vec<_> =
-        g.g.edges_directed(v.node, Direction::Outgoing)
-            .filter(|e| e.weight().port == v.port)
-            .map(|e| (e.target(), e.weight().slot))
-            .collect();
-    u.sort();
-    u
-}
 
 /// The widest GEMM (columns) that takes a norm. Wider ones (the LM head's vocabulary) keep the
 /// norm apart: each block of 16 columns of the decode GEMV finds the rows' statistic again, so
@@ -102,88 +88,6 @@ fn host(g: &Graph, n: Value) -> Option<(NodeIndex, Value, Option<NodeIndex>)> {
     None
 }
 
-/// `g` with its nodes numbered in a topological order that follows `key` (smallest first
-/// among the ready nodes). The partition orders kernels by the graph's topological order,
-/// which takes the smallest node index first: a node added by a pass would otherwise come
-/// after every ready node of a lower index (an FP8 plan's weight quantisations of every later
-/// layer, all held live in the arena at once).
-fn renumber(g: &Graph, key: impl Fn(NodeIndex) -> u64) -> Graph {
-    let mut indeg: HashMap<NodeIndex, usize> = g.g.node_indices().map(|n| (n, 0)).collect();
-    for e in g.g.edge_references() {
-        *indeg.entry(e.target()).or_default() += 1;
-    }
-    let mut ready: BTreeSet<(u64, NodeIndex)> = indeg
-        .iter()
-        .filter(|(_, d)| **d == 0)
-        .map(|(n, _)| (key(*n), *n))
-        .collect();
-    let mut out = Graph::new();
-    let mut map: HashMap<NodeIndex, NodeIndex> = HashMap::new();
-    while let Some((_, n)) = ready.pop_first() {
-        let m = out.g.add_node(g.node(n).clone());
-        map.insert(n, m);
-        for e in g.g.edges_directed(n, Direction::Incoming) {
-            out.g.add_edge(map[&e.source()], m, *e.weight());
-        }
-        for e in g.g.edges_directed(n, Direction::Outgoing) {
-            let d = indeg.get_mut(&e.target()).expect("a node of the graph");
-            *d -= 1;
-            if *d == 0 {
-                ready.insert((key(e.target()), e.target()));
-            }
-        }
-    }
-    out.inputs = g.inputs.iter().filter_map(|n| map.get(n).copied()).collect();
-    out.outputs = g.outputs.clone();
-    for o in &mut out.outputs {
-        o.value.node = map[&o.value.node];
-    }
-    out
-}
-
-/// Where each node of a graph stood in its topological order, and where the nodes a pass adds
-/// stand: each just before the node it replaces, so that the plan's kernel order (and the arena's
-/// liveness) stays as it was ([`renumber`]).
-pub(crate) struct Placement {
-    pos: HashMap<NodeIndex, u64>,
-    anchor: HashMap<NodeIndex, u64>,
-}
-
-impl Placement {
-    pub(crate) fn of(g: &Graph) -> Placement {
-        let pos = g
-            .topo_order()
-            .into_iter()
-            .enumerate()
-            .map(|(i, n)| (n, 2 * i as u64 + 1))
-            .collect();
-        Placement {
-            pos,
-            anchor: HashMap::new(),
-        }
-    }
-
-    /// `new` stands just before `old`.
-    pub(crate) fn before(&mut self, new: NodeIndex, old: NodeIndex) {
-        self.anchor.insert(new, self.pos[&old] - 1);
-    }
-
-    /// `g` after DCE, renumbered in this order (unchanged when nothing was placed).
-    pub(crate) fn finish(self, g: Graph) -> Result<Graph, PassError> {
-        if self.anchor.is_empty() {
-            return Ok(g);
-        }
-        let g = crate::cleanup::dce(g)?;
-        Ok(renumber(&g, |n| {
-            self.anchor
-                .get(&n)
-                .or_else(|| self.pos.get(&n))
-                .copied()
-                .unwrap_or(u64::MAX)
-        }))
-    }
-}
-
 /// Folds every RMSNorm read by a weight GEMM into it.
 pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
     let ir = |e| PassError::ir(PASS, e);
@@ -211,8 +115,7 @@ pub fn fold_norm_gemms(mut g: Graph) -> Result<Graph, PassError> {
             ops[0]
         };
         // another reader of the rows: anything beside the GEMM (or beside its cast)
-        let other =
-            users(&g, normed).len() > 1 || cast.is_some_and(|c| users(&g, Value { node: c, port: 0 }).len() > 1);
+        let other = readers(&g, normed) > 1 || cast.is_some_and(|c| readers(&g, Value { node: c, port: 0 }) > 1);
         let folded = Fused::NormMatmul { eps, emit_norm: other };
         let outs = g
             .add(Op::Fused(folded), &[x, b, w], g.node(m).loc.clone())

@@ -36,13 +36,13 @@
 //! so their weight operand is not a bare `permute(W)` and they are never candidates; in an f32
 //! model the casts are elided and the two structural checks above keep them out.
 
+use crate::rewire::replace_value;
 use crate::PassError;
 use ir::fused::Fused;
-use ir::graph::{Graph, Operand, Value};
+use ir::graph::{Graph, Value};
 use ir::op::Op;
 use ir::DType;
 use petgraph::stable_graph::NodeIndex;
-use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use std::collections::HashMap;
 
@@ -205,24 +205,6 @@ pub fn is_graph_output(g: &Graph, m: NodeIndex) -> bool {
 /// Points every use of `old`'s (single) output, edges and graph outputs, at `new`.
 pub(crate) fn replace_uses(g: &mut Graph, old: NodeIndex, new: Value) {
     replace_value(g, Value { node: old, port: 0 }, new);
-}
-
-/// Points every use of the value `old` (one output of its node), edges and graph outputs, at `new`.
-pub(crate) fn replace_value(g: &mut Graph, old: Value, new: Value) {
-    let uses: Vec<_> =
-        g.g.edges_directed(old.node, Direction::Outgoing)
-            .filter(|e| e.weight().port == old.port)
-            .map(|e| (e.id(), e.target(), e.weight().slot))
-            .collect();
-    for (e, user, slot) in uses {
-        g.g.remove_edge(e);
-        g.g.add_edge(new.node, user, Operand { slot, port: new.port });
-    }
-    for o in &mut g.outputs {
-        if o.value == old {
-            o.value = new;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -22,8 +22,7 @@
 //! of them would repeat the norms of the whole sequence, where the separate kernel does each
 //! once.
 
-use crate::normgemm::{users, Placement};
-use crate::precision::replace_value;
+use crate::rewire::{readers, replace_value, Placement};
 use crate::PassError;
 use ir::fused::Fused;
 use ir::graph::{Graph, Value};
@@ -40,11 +39,6 @@ pub fn step_takes_qk(d: &Dim) -> bool {
     let Some(d) = d.as_const() else { return false };
     let cb = d.min(32);
     (1..=128).contains(&d) && d % cb == 0 && 256 % cb == 0 && d % (256 / cb) == 0
-}
-
-/// How many ops read `v`, a graph output counting as one more.
-fn readers(g: &Graph, v: Value) -> usize {
-    users(g, v).len() + g.outputs.iter().filter(|o| o.value == v).count()
 }
 
 /// `v = slice(r, axis 2, lo..lo + H)` of a `QkNormRope` result `r`, read only once: `(r, lo)`.
@@ -178,15 +172,7 @@ mod tests {
         let mut g = Graph::new();
         let (b, t) = (Dim::sym("b"), Dim::sym("t"));
         let c = |n: i64| Dim::constant(n);
-        let input = |g: &mut Graph, name: &str, dtype, shape: Vec<Dim>| {
-            let op = Op::Input {
-                name: name.into(),
-                kind: InputKind::Data,
-                dtype,
-                shape,
-            };
-            g.add1(op, &[], None).unwrap()
-        };
+        let input = |g: &mut Graph, name: &str, dtype, shape| g.add_input(name, InputKind::Data, dtype, shape);
         let x = input(&mut g, "x", DType::F32, vec![b.clone(), t.clone(), c(2 * H), c(D)]);
         let w = input(&mut g, "w", DType::BF16, vec![c(2 * H), c(D)]);
         let pos = input(&mut g, "pos", DType::I64, vec![t.clone()]);

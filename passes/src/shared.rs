@@ -17,8 +17,7 @@
 //! tensor-core GEMM runs well, while the combine's expert-major tiles would take it as a
 //! token-by-token GEMV.
 
-use crate::normgemm::{users, Placement};
-use crate::precision::replace_value;
+use crate::rewire::{readers, replace_value, Placement};
 use crate::PassError;
 use ir::fused::{Fused, GroupedEpilogue};
 use ir::graph::{Graph, Value};
@@ -35,12 +34,12 @@ fn combine(g: &Graph, v: Value) -> Option<NodeIndex> {
             epilogue: GroupedEpilogue::WeightedCombine
         })
     );
-    (ok && v.port == 0 && users(g, v).len() == 1).then_some(v.node)
+    (ok && v.port == 0 && readers(g, v) == 1).then_some(v.node)
 }
 
 /// `v` is `hs @ bs` with `hs [b, s, Is]` and a matrix `bs [Is, D]`, read only once: `(hs, bs)`.
 fn shared_gemm(g: &Graph, v: Value) -> Option<(Value, Value)> {
-    if !matches!(g.node(v.node).op, Op::Matmul) || users(g, v).len() != 1 {
+    if !matches!(g.node(v.node).op, Op::Matmul) || readers(g, v) != 1 {
         return None;
     }
     let [hs, bs] = g.operands(v.node)[..] else { return None };
@@ -104,15 +103,7 @@ mod tests {
         let mut g = Graph::new();
         let (b, s) = (Dim::sym("b"), Dim::sym("s"));
         let c = |n: i64| Dim::constant(n);
-        let input = |g: &mut Graph, name: &str, dtype, shape: Vec<Dim>| {
-            let op = Op::Input {
-                name: name.into(),
-                kind: InputKind::Data,
-                dtype,
-                shape,
-            };
-            g.add1(op, &[], None).unwrap()
-        };
+        let input = |g: &mut Graph, name: &str, dtype, shape| g.add_input(name, InputKind::Data, dtype, shape);
         let h = input(&mut g, "h", DType::BF16, vec![b.clone(), s.clone(), c(2), c(8)]);
         let chosen = input(&mut g, "chosen", DType::I64, vec![b.clone(), s.clone(), c(2)]);
         let w = input(&mut g, "weights", DType::F32, vec![b.clone(), s.clone(), c(2)]);

@@ -1548,24 +1548,62 @@ pub struct CudaModel {
     decode_small: Option<CudaPlan>,
 }
 
+/// The graphs a cuda model runs, compiled for the device: prefill, decode, and (under
+/// [`crate::cuda::FoldNorms::SmallBatches`], when the graph has norms to fold) the decode graph
+/// of batches up to [`crate::cuda::FOLD_BATCH`] with the norms folded into their GEMMs.
+pub struct CudaGraphs {
+    pub prefill: Graph,
+    pub decode: Graph,
+    pub decode_small: Option<Graph>,
+    /// the passes' reports of `prefill` and `decode`
+    pub reports: Vec<passes::PassReport>,
+}
+
+impl CudaGraphs {
+    /// Runs the passes as the cuda device wants them (`RINGJIT_FOLD_NORM`, and the q/k fold
+    /// only where the PTX step kernels have it).
+    pub fn compile(graph: &Graph, fuse: bool, precision: passes::Precision) -> Result<CudaGraphs> {
+        let compile = |mode, fold_norms| {
+            let co = passes::CompileOptions {
+                mode,
+                fuse,
+                precision,
+                fold_norms,
+                fold_qk_norms: codegen::ptx::folds_qk_norms(),
+                ..Default::default()
+            };
+            passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))
+        };
+        let (prefill, rp) = compile(passes::Mode::Prefill, crate::cuda::fold_norms())?;
+        let (decode, rd) = compile(passes::Mode::Decode, crate::cuda::fold_norms())?;
+        let decode_small = match fuse && crate::cuda::fold_small_batches() {
+            true => Some(compile(passes::Mode::Decode, true)?.0).filter(|g| {
+                g.g.node_weights()
+                    .any(|n| matches!(n.op, Op::Fused(ir::fused::Fused::NormMatmul { .. })))
+            }),
+            false => None,
+        };
+        Ok(CudaGraphs {
+            prefill,
+            decode,
+            decode_small,
+            reports: vec![rp, rd],
+        })
+    }
+}
+
 impl CudaModel {
-    /// Partitions and loads the compiled graphs: prefill, decode, and the decode graph of small
-    /// batches when there is one.
-    pub fn new(
-        weights: GpuWeights,
-        prefill: &Graph,
-        (decode, decode_small): (&Graph, Option<&Graph>),
-        opts: &PtxOptions,
-    ) -> Result<CudaModel> {
+    /// Partitions and loads the compiled graphs.
+    pub fn new(weights: GpuWeights, graphs: &CudaGraphs, opts: &PtxOptions) -> Result<CudaModel> {
         let part = |g: &Graph| passes::partition::partition(g).map_err(|e| Error(format!("kernel partition: {e}")));
-        let prefill = CudaPlan::new(&weights, prefill, part(prefill)?, opts)?;
+        let prefill = CudaPlan::new(&weights, &graphs.prefill, part(&graphs.prefill)?, opts)?;
         let dopts = PtxOptions {
             prefill: false,
             ..opts.clone()
         };
         let decode_plan = |g: &Graph| CudaPlan::new(&weights, g, part(g)?, &dopts)?.for_decode();
-        let decode_small = decode_small.map(decode_plan).transpose()?;
-        let decode = decode_plan(decode)?;
+        let decode_small = graphs.decode_small.as_ref().map(decode_plan).transpose()?;
+        let decode = decode_plan(&graphs.decode)?;
         Ok(CudaModel {
             weights,
             prefill,
@@ -1587,6 +1625,11 @@ impl CudaModel {
     /// is no second plan), for tests and the benchmark.
     pub fn decode_plan(&self) -> &CudaPlan {
         &self.decode
+    }
+
+    /// The prefill plan (for the benchmark).
+    pub fn prefill_plan(&self) -> &CudaPlan {
+        &self.prefill
     }
 
     /// The decode plan a step of `batch` sequences runs.

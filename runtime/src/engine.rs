@@ -5,7 +5,7 @@
 //! of linear layers) are fed from [`State`] and replaced by the step's carried outputs.
 
 use crate::cpu::{CpuExec, ParamCache, Pool};
-use crate::cuda_plan::{CudaModel, DeviceStates, GpuWeights};
+use crate::cuda_plan::{CudaGraphs, CudaModel, DeviceStates, GpuWeights};
 use crate::model::LoadedModel;
 use crate::{err, Error, Result};
 use ir::interp::{Interpreter, ParamSource};
@@ -223,35 +223,9 @@ impl Engine {
             .and_then(|d| d.as_const())
             .ok_or_else(|| Error("the logits' last dimension (vocabulary) must be fixed".into()))?
             as usize;
-        let mut reports = Vec::new();
-        let mut compiled = Vec::new();
-        let compile = |mode, fold_norms| {
-            let co = passes::CompileOptions {
-                mode,
-                fuse: opts.fuse,
-                precision: opts.precision,
-                fold_norms,
-                fold_qk_norms: device != Device::Cuda || codegen::ptx::folds_qk_norms(),
-                ..Default::default()
-            };
-            passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))
-        };
-        for mode in [passes::Mode::Prefill, passes::Mode::Decode] {
-            let (g, report) = compile(mode, device != Device::Cuda || crate::cuda::fold_norms())?;
-            compiled.push(g);
-            reports.push(report);
-        }
-        // cuda: small decode batches get a plan with the norms folded into their GEMMs (when
-        // the graph has norms to fold)
-        let decode_small = match device == Device::Cuda && opts.fuse && crate::cuda::fold_small_batches() {
-            true => Some(compile(passes::Mode::Decode, true)?.0).filter(|g| {
-                g.g.node_weights()
-                    .any(|n| matches!(n.op, Op::Fused(ir::fused::Fused::NormMatmul { .. })))
-            }),
-            false => None,
-        };
         let params = m.params()?;
         if device == Device::Cuda {
+            let graphs = CudaGraphs::compile(graph, opts.fuse, opts.precision)?;
             let gpu = Arc::new(crate::cuda::Gpu::open(0)?);
             let n_params: usize = params.iter().map(|p| p.numel()).sum();
             let weights = match &m.weights {
@@ -260,12 +234,7 @@ impl Engine {
                 }
                 w => GpuWeights::upload(gpu, &params, w, progress)?,
             };
-            let cuda = CudaModel::new(
-                weights,
-                &compiled[0],
-                (&compiled[1], decode_small.as_ref()),
-                &codegen::ptx::PtxOptions::default(),
-            )?;
+            let cuda = CudaModel::new(weights, &graphs, &codegen::ptx::PtxOptions::default())?;
             return Ok(Engine {
                 prefill: Exec::Cuda,
                 decode: Exec::Cuda,
@@ -274,8 +243,22 @@ impl Engine {
                 device,
                 vocab,
                 last_logits_only,
-                reports,
+                reports: graphs.reports,
             });
+        }
+        // the cpu and reference devices: both plans with the norms folded into their GEMMs
+        let mut reports = Vec::new();
+        let mut compiled = Vec::new();
+        for mode in [passes::Mode::Prefill, passes::Mode::Decode] {
+            let co = passes::CompileOptions {
+                mode,
+                fuse: opts.fuse,
+                precision: opts.precision,
+                ..Default::default()
+            };
+            let (g, report) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling the model: {e}")))?;
+            compiled.push(g);
+            reports.push(report);
         }
         // the prefill and decode plans (interpreters or cpu plans) share one copy of the weights
         let total: u64 = params

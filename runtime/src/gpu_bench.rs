@@ -8,7 +8,7 @@
 //! attention reads a real `context` tokens without running a prefill of that length first.
 
 use crate::cuda::Gpu;
-use crate::cuda_plan::{alloc, CudaPlan, DeviceStates, GpuWeights, StepTiming};
+use crate::cuda_plan::{alloc, CudaGraphs, CudaModel, CudaPlan, DeviceStates, GpuWeights, StepTiming};
 use crate::{Error, Result};
 use ir::op::{InputKind, Op};
 use ir::{DType, DimEnv, Graph, ParamSpec, Tensor};
@@ -203,40 +203,11 @@ pub fn run(
     progress("making random weights on the GPU");
     let weights = GpuWeights::random(gpu.clone(), &specs, cfg.seed, moments, &|_, _| {})?;
     let t0 = std::time::Instant::now();
-    let mut plans = Vec::new();
-    // the decode plan of small batches (norms folded) beside the other, as the engine has them
-    let small = crate::cuda::fold_small_batches();
-    let kinds = [
-        (passes::Mode::Decode, false),
-        (passes::Mode::Prefill, false),
-        (passes::Mode::Decode, true),
-    ];
-    for (mode, folded) in kinds.into_iter().filter(|&(_, f)| !f || small) {
-        progress(&format!(
-            "compiling the {mode:?} graph{}",
-            if folded { " (small batches)" } else { "" }
-        ));
-        let co = passes::CompileOptions {
-            mode,
-            precision: cfg.precision,
-            fold_norms: folded || crate::cuda::fold_norms(),
-            fold_qk_norms: codegen::ptx::folds_qk_norms(),
-            ..Default::default()
-        };
-        let (g, _) = passes::compile(graph, &co).map_err(|e| Error(format!("compiling: {e}")))?;
-        let plan = passes::partition::partition(&g).map_err(|e| Error(format!("kernel partition: {e}")))?;
-        let popts = codegen::ptx::PtxOptions {
-            prefill: mode == passes::Mode::Prefill,
-            ..Default::default()
-        };
-        let cplan = CudaPlan::new(&weights, &g, plan, &popts)?;
-        let cplan = match mode {
-            passes::Mode::Decode => cplan.for_decode()?,
-            _ => cplan,
-        };
-        cplan.set_graphs(false); // on only for the whole-step timing below
-        plans.push((cplan, g));
-    }
+    // the engine's plans: prefill, decode, and the decode plan of small batches (norms folded)
+    progress("compiling the prefill and decode graphs");
+    let graphs = CudaGraphs::compile(graph, true, cfg.precision)?;
+    let model = CudaModel::new(weights, &graphs, &codegen::ptx::PtxOptions::default())?;
+    model.set_graphs(false); // on only for the whole-step timing below
     let compile_s = t0.elapsed().as_secs_f64();
     let states = state_specs(graph);
     let vocab = config["vocab_size"].as_u64().unwrap_or(1) as i64;
@@ -313,18 +284,20 @@ pub fn run(
         Ok(())
     };
     for &b in &cfg.decode_batch {
-        let plan = match plans.get(2) {
-            Some((p, _)) if b <= crate::cuda::FOLD_BATCH => p,
-            _ => &plans[0].0,
-        };
-        step(plan, format!("decode b{b} @{}", cfg.context), b, 1, cfg.context)?;
+        step(
+            model.decode_plan_for(b),
+            format!("decode b{b} @{}", cfg.context),
+            b,
+            1,
+            cfg.context,
+        )?;
     }
     for &t in &cfg.prefill {
-        step(&plans[1].0, format!("prefill {t}"), 1, t, 0)?;
+        step(model.prefill_plan(), format!("prefill {t}"), 1, t, 0)?;
     }
     Ok(GpuBenchReport {
         card: gpu.name.clone(),
-        weights_bytes: weights.bytes,
+        weights_bytes: model.weights.bytes,
         compile_s,
         steps,
     })

@@ -1256,28 +1256,24 @@ impl TemplateExec {
                 let (_, s0, _) = self.operand(0, l)?;
                 let (sq, mut q, _) = self.operand(1, l)?;
                 let (_, mut k, _) = self.operand(2, l)?;
-                // q and k normed and rotated first, as `QkNormRope` of each (q then scaled)
-                if let TemplateOp::LinearAttnStep { qk: Some(p), .. } = &self.op {
-                    let &[_, t, h, d] = sq.as_slice() else {
-                        return Err(format!("linear attention of q {sq:?}"));
-                    };
-                    let (_, pos, _) = self.operand_exact(9, l)?;
-                    let (_, inv, _) = self.operand(10, l)?;
-                    for (x, w_slot) in [(&mut q, 7), (&mut k, 8)] {
-                        let (_, w, _) = self.operand(w_slot, l)?;
-                        let mut y = zeros(x.len());
-                        let dts = (DType::F32, DType::F32);
-                        rows::qk_norm_rope(vk, (x, &w, &pos, &inv), (t, h, d), p.eps, dts, &mut y, l.par)?;
-                        *x = y.into();
-                    }
-                    let sc = p.scale as f32;
-                    q = q.iter().map(|x| x * sc).collect::<Vec<f32>>().into();
-                }
                 let (_, v, _) = self.operand(3, l)?;
                 let (_, lam, _) = self.operand(4, l)?;
                 let &[b, t, h, d] = sq.as_slice() else {
                     return Err(format!("linear attention of q {sq:?}"));
                 };
+                // q and k normed and rotated first, as `QkNormRope` of each (q then scaled)
+                if let TemplateOp::LinearAttnStep { qk: Some(p), .. } = &self.op {
+                    let (_, pos, _) = self.operand_exact(9, l)?;
+                    let (_, inv, _) = self.operand(10, l)?;
+                    for (x, w_slot, scale) in [(&mut q, 7, p.scale as f32), (&mut k, 8, 1.0)] {
+                        let (_, w, _) = self.operand(w_slot, l)?;
+                        let mut y = zeros(x.len());
+                        let dts = (DType::F32, DType::F32);
+                        rows::qk_norm_rope(vk, (x, &w, &pos, &inv), (t, h, d), p.eps, dts, &mut y, l.par)?;
+                        y.iter_mut().for_each(|e| *e *= scale);
+                        *x = y.into();
+                    }
+                }
                 let (mut s, mut o) = (zeros(s0.len()), zeros(q.len()));
                 rows::linear_attn(vk, [&s0, &q, &k, &v, &lam], (b, t, h, d), &mut s, &mut o, l.par)?;
                 match gate {

@@ -186,8 +186,6 @@ pub struct PtxKernel {
     pub llvm_ir: Option<String>,
 }
 
-/// Compile one loop or template kernel of `plan` (docs/kernel-abi.md). A scan is a host loop:
-/// compile its body's kernels instead ([`compile_plan`] does).
 /// Whether the lightning step kernels norm and rotate their own q and k
 /// (`passes::CompileOptions::fold_qk_norms`): the register-state kernel does, the simple
 /// kernels that `RINGJIT_ATTN=naive` forces do not.
@@ -198,6 +196,8 @@ pub fn folds_qk_norms() -> bool {
 /// The most rows (tokens) a GEMM runs as a GEMV; more take the tensor-core paths.
 pub const GEMV_ROWS: i64 = templates::fastgemm::GEMV_ROWS;
 
+/// Compile one loop or template kernel of `plan` (docs/kernel-abi.md). A scan is a host loop:
+/// compile its body's kernels instead ([`compile_plan`] does).
 pub fn compile_kernel(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Result<PtxKernel, CodegenError> {
     compile_inner(plan, kernel, opts).map_err(|e| CodegenError(format!("{}: {}", kernel.name, e.0)))
 }
