@@ -3,7 +3,8 @@
 #   scripts/gpu-pack.sh  builds the test binary and the release CLI and packs them (xz) into
 #                        .gpu/, which the device tool's `carry` takes along.
 # Then, in one call:  scripts/gpu-check.sh [parts]   (parts: a comma list of
-#   tests      every GPU test: each kernel alone against ir::kernel_eval, the tiny and small
+#   route      Ring-mini decode b1/b8/b16 with the routing kernels apart, then folded
+#   tests      every GPU test (GPU_TESTS=<filter> for some): each kernel alone against ir::kernel_eval, the tiny and small
 #              models against the interpreter (f32/bf16/fp8 tiers), greedy generation,
 #              prefill+decode = forward
 #   sanitizer  compute-sanitizer memcheck of `ringjit forward --device cuda` on the tiny model
@@ -31,7 +32,7 @@ say() { echo "$*" >> "$summary"; }
 
 if [[ $parts == *,tests,* ]]; then
   log="$out/tests.log"
-  .gpu/bin/ringjit-tests gpu:: --test-threads=1 --nocapture 2>&1 | tee "$log"
+  .gpu/bin/ringjit-tests "${GPU_TESTS:-gpu::}" --test-threads=1 --nocapture 2>&1 | tee "$log"
   st=${PIPESTATUS[0]}
   say "== tests (exit $st)"
   grep -E '^test gpu::' "$log" | sed -E 's/^test (gpu::[a-z0-9_]+) \.\.\. (.*)$/  \1 \2/' >> "$summary"
@@ -97,6 +98,19 @@ if [[ $parts == *,fold,* ]]; then
   st=${PIPESTATUS[0]}
   say "== ringjit bench, Ring-mini, norms folded into their GEMMs (exit $st)"
   sed -n '/^card /,$p' "$log" | sed 's/^/    /' >> "$summary"
+fi
+
+if [[ $parts == *,route,* ]]; then
+  # A/B of passes::routegemm: Ring-mini decode at the folded plan's batches, the routing
+  # kernels apart (RINGJIT_FOLD_ROUTE=0) then folded into the router GEMMs, back to back
+  for fold in 0 1; do
+    log="$out/bench-route$fold.log"
+    RINGJIT_FOLD_ROUTE=$fold .gpu/bin/ringjit bench --config ring-mini-linear-2.0 --device cuda \
+      --prefill 0 --decode-batch 1,8,16 --context 4096 2>&1 | tee "$log"
+    st=${PIPESTATUS[0]}
+    say "== ringjit bench, Ring-mini decode, RINGJIT_FOLD_ROUTE=$fold (exit $st)"
+    sed -n '/^card /,$p' "$log" | grep -v "slowest" | sed 's/^/    /' >> "$summary"
+  done
 fi
 
 if [[ $parts == *,baseline,* ]]; then

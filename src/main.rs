@@ -320,7 +320,8 @@ struct BenchArgs {
     model: ModelArgs,
     #[command(flatten)]
     device: DeviceArgs,
-    /// Prefill lengths at batch 1 (default 4096,16384; 128,512 on the reference device).
+    /// Prefill lengths at batch 1 (default 4096,16384; 128,512 on the reference device; 0 for
+    /// none).
     #[arg(long, value_delimiter = ',')]
     prefill: Vec<usize>,
     /// Decode batch sizes (default 1,64; 1,8 on the reference device; 0 for none).
@@ -344,6 +345,11 @@ impl BenchArgs {
     /// The decode batch sizes asked for, a 0 meaning none (`--decode-batch 0`: prefill only).
     fn decode_batches(&self) -> Vec<usize> {
         self.decode_batch.iter().copied().filter(|&b| b > 0).collect()
+    }
+
+    /// The prefill lengths asked for, a 0 meaning none (`--prefill 0`: decode only).
+    fn prefills(&self) -> Vec<usize> {
+        self.prefill.iter().copied().filter(|&p| p > 0).collect()
     }
 }
 
@@ -721,16 +727,25 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
     kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!("  by kind: {}", kinds.join(", "));
-    let folded = kplan
-        .kernels
-        .iter()
-        .filter(|k| match &k.kind {
-            ir::kernel::KernelKind::Template(t) => matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if g.norm.is_some()),
-            _ => false,
-        })
-        .count();
+    let gemms = |f: fn(&ir::kernel::Gemm) -> bool| {
+        kplan
+            .kernels
+            .iter()
+            .filter(|k| match &k.kind {
+                ir::kernel::KernelKind::Template(t) => matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if f(g)),
+                _ => false,
+            })
+            .count()
+    };
+    let folded = gemms(|g| g.norm.is_some());
+    let routed = gemms(|g| g.route.is_some());
     if folded > 0 {
         println!("  {folded} GEMMs compute the RMSNorm of their rows (fold-norm-gemm)");
+        if routed > 0 {
+            println!(
+                "  {routed} of them route their rows in their last block (passes::routegemm: no route_topk kernel)"
+            );
+        }
         match runtime::cuda::fold_policy() {
             runtime::cuda::FoldNorms::SmallBatches => println!(
                 "  (the cuda device runs this plan for decode batches up to {} and keeps the norms apart above: \
@@ -758,7 +773,7 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         j["compile_ms"] = compile_ms.into();
         j["model"] = m.source.clone().into();
         j["nodes"] = serde_json::json!({"before": m.model.graph.node_count(), "after": g.node_count()});
-        j["kernels"] = serde_json::json!({"before": before, "after": counts.total, "by_kind": counts.by_kind, "norms_folded": folded});
+        j["kernels"] = serde_json::json!({"before": before, "after": counts.total, "by_kind": counts.by_kind, "norms_folded": folded, "routes_folded": routed});
         j["arena_peak_bytes"] = mem.arena_peak_bytes.into();
         j["arena_env"] = serde_json::json!({"batch": 1, "seq": seq, "past": past});
         write_atomic(path, serde_json::to_string_pretty(&j)?.as_bytes())?;
@@ -860,11 +875,7 @@ fn cmd_bench_gpu(a: BenchArgs) -> Result<()> {
             a.decode_batches()
         },
         context: a.context.unwrap_or(4096),
-        prefill: if a.prefill.is_empty() {
-            vec![4096]
-        } else {
-            a.prefill.clone()
-        },
+        prefill: if a.prefill.is_empty() { vec![4096] } else { a.prefills() },
         repeats: a.steps.max(5),
         seed: a.model.seed,
         precision: a.device.precision.get(),
@@ -912,7 +923,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 vec![4096, 16384]
             }
         } else {
-            a.prefill.clone()
+            a.prefills()
         },
         decode_batch: if a.decode_batch.is_empty() {
             if reference {

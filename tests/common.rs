@@ -123,18 +123,63 @@ pub struct Trace {
     pub after: Vec<HashMap<ir::kernel::BufferId, Tensor>>,
 }
 
-pub fn trace(
+impl Trace {
+    /// What kernel `i` must write given the backend's own results `got`: `after[i]`, except
+    /// that a GEMM's folded route is the evaluator's route of the backend's router logits
+    /// (`Eval::route_tail`; logits within their tier may still flip a near tie).
+    pub fn expected(
+        &self,
+        i: usize,
+        got: &HashMap<ir::kernel::BufferId, Tensor>,
+    ) -> HashMap<ir::kernel::BufferId, Tensor> {
+        use ir::kernel::{BufferKind, KernelKind, TemplateOp};
+        let k = &self.plan.kernels[i];
+        let mut want = self.after[i].clone();
+        let KernelKind::Template(t) = &k.kind else { return want };
+        if !matches!(&t.op, TemplateOp::Gemm(g) if g.route.is_some()) {
+            return want;
+        }
+        let mut mem = ir::kernel_eval::Memory::new();
+        for r in &k.inputs {
+            let b = self.plan.buffer(r.buffer).unwrap();
+            let v = match b.kind {
+                BufferKind::Param => self.params[&b.name].to_f64_vec(),
+                _ => self.before[i][&r.buffer].to_f64_vec(),
+            };
+            mem.insert(r.buffer, v);
+        }
+        let y = k.outputs[0].buffer;
+        mem.insert(y, got[&y].to_f64_vec());
+        let none = HashMap::new();
+        let eval = ir::kernel_eval::Eval {
+            env: &self.env,
+            params: &none,
+        };
+        eval.route_tail(&self.plan, k, &mut mem)
+            .unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        for r in &k.outputs[k.outputs.len() - 2..] {
+            let b = self.plan.buffer(r.buffer).unwrap();
+            let shape = ir::shape::eval_shape(&b.shape, &self.env).unwrap();
+            want.insert(r.buffer, ir::kernel_eval::tensor(b.dtype, shape, &mem[&r.buffer]));
+        }
+        want
+    }
+}
+
+/// The trace of the plan partitioned with `fold_routes` (`passes::partition::partition_with`).
+pub fn trace_with(
     config: &serde_json::Value,
     opts: &passes::CompileOptions,
     (batch, seq, past): (i64, i64, i64),
     seed: u64,
+    fold_routes: bool,
 ) -> Trace {
     use ir::kernel::{BufferId, BufferKind};
     use ir::kernel_eval::{tensor, Eval, Memory};
     use ir::op::{InputKind, Op};
     let m = model(config);
     let (graph, _) = passes::compile(&m.graph, opts).unwrap();
-    let plan = passes::partition::partition(&graph).unwrap();
+    let plan = passes::partition::partition_with(&graph, fold_routes).unwrap();
     let env: ir::DimEnv = [("batch", batch), ("seq", seq), ("past", past)]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -98,9 +98,21 @@ fn kernels_match_as(
     dims: (i64, i64, i64),
     prefill_ptx: bool,
 ) {
-    use crate::common::{config as cfg, kernel_tier, trace};
-    let c = cfg(config, &[]);
-    let t = trace(&c, &opts, dims, 11);
+    kernels_match_with(g, config, &[], opts, dims, (prefill_ptx, passes::routegemm::enabled()))
+}
+
+/// [`kernels_match_as`] with config entries overridden.
+fn kernels_match_with(
+    g: &std::sync::Arc<Gpu>,
+    config: &str,
+    overrides: &[(&str, serde_json::Value)],
+    opts: passes::CompileOptions,
+    dims: (i64, i64, i64),
+    (prefill_ptx, fold_routes): (bool, bool),
+) {
+    use crate::common::{config as cfg, kernel_tier, trace_with};
+    let c = cfg(config, overrides);
+    let t = trace_with(&c, &opts, dims, 11, fold_routes);
     let specs = t.graph.params().unwrap();
     let weights =
         runtime::cuda_plan::GpuWeights::upload(g.clone(), &specs, &crate::common::Table(&t.params), &|_, _| {})
@@ -122,7 +134,7 @@ fn kernels_match_as(
             }
         };
         let tier = kernel_tier(&t.plan, k);
-        for (id, want) in &t.after[i] {
+        for (id, want) in &t.expected(i, &got) {
             let have = &got[id];
             let b = t.plan.buffer(*id).unwrap();
             if b.dtype.is_float() {
@@ -208,6 +220,42 @@ fn gpu_every_kernel_of_tiny_and_small_matches_the_evaluator() {
             kernels_match_as(&g, config, opts(Mode::Decode, Precision::Bf16), (batch, 1, 21), false);
         }
         kernels_match(&g, config, opts(Mode::Prefill, Precision::Fp8), (1, 33, 0));
+    }
+}
+
+/// The routing folded into the router's GEMM (`passes::routegemm`) at Ring's routing: 256
+/// experts in 8 groups, 4 groups kept, 8 experts a token; on tiny (f32: the SIMT GEMM) and on
+/// a small of 3 layers (bf16: the GEMV path, and the tensor-core path at 40 rows), each
+/// kernel against the evaluator, the route against the evaluator's route of the GPU's logits.
+#[test]
+fn gpu_routes_folded_into_the_router_gemm_match_the_evaluator() {
+    use passes::{Mode, Precision};
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let ring = [
+        ("num_experts", serde_json::json!(256)),
+        ("n_group", serde_json::json!(8)),
+        ("topk_group", serde_json::json!(4)),
+        ("num_experts_per_tok", serde_json::json!(8)),
+        ("moe_intermediate_size", serde_json::json!(32)),
+        ("num_hidden_layers", serde_json::json!(3)),
+    ];
+    for config in ["tiny", "small"] {
+        let o = opts(Mode::Decode, Precision::Bf16);
+        let (c, _) = passes::compile(&crate::common::model(&crate::common::config(config, &ring)).graph, &o).unwrap();
+        let plan = passes::partition::partition_with(&c, true).unwrap();
+        let routed = plan
+            .kernels
+            .iter()
+            .filter(|k| {
+                matches!(&k.kind, ir::kernel::KernelKind::Template(t)
+                if matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if g.route.is_some()))
+            })
+            .count();
+        assert_eq!(routed, 2, "{config}: 2 MoE layers, each GEMM of its router routes");
+        for batch in [1, 5, 16, 40] {
+            kernels_match_with(&g, config, &ring, o.clone(), (batch, 1, 9), (false, true));
+        }
     }
 }
 

@@ -633,6 +633,54 @@ pub struct Gemm {
     pub out: DType,
     /// An RMSNorm of A's rows folded in (`Fused::NormMatmul`): see [`RowNorm`].
     pub norm: Option<RowNorm>,
+    /// The routing of the router logits in result 0, folded in: see [`RouteTail`].
+    pub route: Option<Box<RouteTail>>,
+}
+
+impl Gemm {
+    /// The kernel outputs of the product itself (result 0 and a folded norm's rows): all but
+    /// the two a folded route adds.
+    pub fn product_outputs(&self, outputs: usize) -> usize {
+        outputs - if self.route.is_some() { 2 } else { 0 }
+    }
+}
+
+/// Group-limited routing (`Fused::RouteTopK`'s arithmetic) folded into the GEMM that computes
+/// the router's logits (`passes::routegemm`, the decode plans whose GEMMs fold their norms).
+/// Once every block of the kernel has stored result 0, the last block to finish routes every
+/// row: its probabilities are result 0's columns `col .. col + experts` as stored, through a
+/// sigmoid when `sigmoid`; the last operand is the selection bias when `biased`; the experts
+/// (i64) and weights (f32) go to the kernel's last two outputs, `[rows.., k]` each.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouteTail {
+    pub k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub scale: f64,
+    pub normalize: bool,
+    pub biased: bool,
+    pub experts: i64,
+    pub col: i64,
+    pub sigmoid: bool,
+}
+
+impl RouteTail {
+    /// Most experts a folded route may have (the GPU keeps `experts / 32` keys a lane).
+    pub const MAX_EXPERTS: i64 = 1024;
+
+    /// The standalone template with this routing, over `tokens` rows.
+    pub fn template(&self, tokens: Dim) -> TemplateOp {
+        TemplateOp::RouteTopK {
+            k: self.k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            scale: self.scale,
+            normalize: self.normalize,
+            biased: self.biased,
+            tokens,
+            experts: Dim::constant(self.experts),
+        }
+    }
 }
 
 /// The RMSNorm a GEMM applies to the rows of A as it reads them (`Fused::NormMatmul`; decode
@@ -878,7 +926,7 @@ impl TemplateOp {
             }
             TemplateOp::SwiGluQuantFp8 { width } => format!("width={width} block=1x128"),
             TemplateOp::Gemm(g) => format!(
-                "batch={} m={} n={} k={} a={:?} b={:?} acc={} out={}{}",
+                "batch={} m={} n={} k={} a={:?} b={:?} acc={} out={}{}{}",
                 shape_str(&g.batch),
                 g.m,
                 g.n,
@@ -889,6 +937,21 @@ impl TemplateOp {
                 g.out,
                 match &g.norm {
                     Some(r) => format!(" norm(eps={:e}, {})", r.eps, r.dtype),
+                    None => String::new(),
+                },
+                match &g.route {
+                    Some(r) => format!(
+                        " route(k={} groups={} keep={} scale={} normalize={} biased={} experts={} col={}{})",
+                        r.k,
+                        r.n_group,
+                        r.topk_group,
+                        r.scale,
+                        r.normalize,
+                        r.biased,
+                        r.experts,
+                        r.col,
+                        if r.sigmoid { " sigmoid" } else { "" }
+                    ),
                     None => String::new(),
                 }
             ),

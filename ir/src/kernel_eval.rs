@@ -338,13 +338,21 @@ impl Eval<'_> {
                     .iter()
                     .map(|o| self.operand(k, o, mem))
                     .collect::<Result<_, _>>()?;
+                // a folded route's bias is the last operand, not the product's
+                let route = match &t.op {
+                    TemplateOp::Gemm(gm) => gm.route.as_deref().copied(),
+                    _ => None,
+                };
+                let n_prod = t.operands.len() - usize::from(route.is_some_and(|r| r.biased));
                 let results: Vec<Dense> = match &t.op {
                     TemplateOp::Gemm(gm) if gm.norm.is_none() => vec![gemm(&ops[0], &ops[1], gm.out)?],
                     op => {
-                        let mut r = self.by_interp(op, &t.operands, &ops, k, plan)?;
+                        let mut r = self.by_interp(op, &t.operands[..n_prod], &ops[..n_prod], k, plan)?;
                         // a folded norm's rows are a result only where the kernel stores them
-                        if matches!(op, TemplateOp::Gemm(_)) && (t.epilogue.is_some() || k.outputs.len() < 2) {
-                            r.truncate(1);
+                        if let TemplateOp::Gemm(gm) = op {
+                            if t.epilogue.is_some() || gm.product_outputs(k.outputs.len()) < 2 {
+                                r.truncate(1);
+                            }
                         }
                         r
                     }
@@ -362,6 +370,9 @@ impl Eval<'_> {
                             self.store(plan, mem, k, o, v)?;
                         }
                     }
+                }
+                if route.is_some() {
+                    self.route_tail(plan, k, mem)?;
                 }
             }
             KernelKind::Scan(s) => {
@@ -423,6 +434,54 @@ impl Eval<'_> {
         Ok(())
     }
 
+    /// A GEMM's folded route ([`crate::kernel::RouteTail`]): `RouteTopK` on result 0's
+    /// columns as `mem` holds them, written to the kernel's last two outputs (nothing for
+    /// another kernel). Tests call it on a backend's result 0 to check that backend's route:
+    /// a result within its tier of this evaluator's may still flip a near tie.
+    pub fn route_tail(&self, plan: &KernelPlan, k: &Kernel, mem: &mut Memory) -> Result<(), String> {
+        let KernelKind::Template(t) = &k.kind else {
+            return Ok(());
+        };
+        let TemplateOp::Gemm(crate::kernel::Gemm { route: Some(r), .. }) = &t.op else {
+            return Ok(());
+        };
+        let bias = match (r.biased, t.operands.last()) {
+            (true, Some(o)) => Some(self.operand(k, o, mem)?),
+            (true, None) => return Err("a biased route without its bias operand".into()),
+            (false, _) => None,
+        };
+        let bias = bias.as_ref();
+        let out = &k.outputs[0];
+        let (shape, data) = self.gather(&out.view, mem.get(&out.buffer).ok_or("gemm result not written")?)?;
+        let n = *shape.last().ok_or("a gemm result of rank 0")?;
+        let (col, e) = (r.col as usize, r.experts as usize);
+        if col + e > n {
+            return Err(format!("route columns {col}..{} past the result's {n}", col + e));
+        }
+        let probs: Vec<f64> = data
+            .chunks(n)
+            .flat_map(|row| row[col..col + e].iter())
+            // the standalone kernel's prologue: `sigmoid` evaluated as the loop kernels do
+            .map(|&x| round(DType::F32, if r.sigmoid { 1.0 / (1.0 + (-x).exp()) } else { x }))
+            .collect();
+        let mut pshape = shape.clone();
+        *pshape.last_mut().expect("rank checked") = e;
+        let tokens = Dim::constant(pshape[..pshape.len() - 1].iter().product::<usize>() as i64);
+        let mut ops = vec![(pshape, probs)];
+        let mut dtypes = vec![DType::F32];
+        if r.biased {
+            let b = bias.ok_or("a biased route without its bias operand")?;
+            ops.push(b.clone());
+            dtypes.push(DType::F32);
+        }
+        let res = self.by_interp_typed(&r.template(tokens), &dtypes, &ops)?;
+        let first = k.outputs.len() - 2;
+        for (o, (_, v)) in res.iter().enumerate() {
+            self.store(plan, &mut *mem, k, first + o, v)?;
+        }
+        Ok(())
+    }
+
     /// A non-GEMM template: the interpreter's op on one-node graph.
     fn by_interp(
         &self,
@@ -432,12 +491,21 @@ impl Eval<'_> {
         k: &Kernel,
         plan: &KernelPlan,
     ) -> Result<Vec<Dense>, String> {
+        let dtypes: Vec<DType> = operands
+            .iter()
+            .map(|o| operand_dtype(k, o, plan))
+            .collect::<Result<_, _>>()?;
+        self.by_interp_typed(op, &dtypes, ops)
+    }
+
+    /// [`Self::by_interp`] with the operands' dtypes given.
+    fn by_interp_typed(&self, op: &TemplateOp, dtypes: &[DType], ops: &[Dense]) -> Result<Vec<Dense>, String> {
         let graph_op = template_graph_op(op)?;
         let mut g = Graph::new();
         let mut args = Vec::new();
         let mut feed = HashMap::new();
         for (i, (shape, data)) in ops.iter().enumerate() {
-            let dtype = operand_dtype(k, &operands[i], plan)?;
+            let dtype = dtypes[i];
             let name = format!("a{i}");
             let dims = shape.iter().map(|&d| Dim::constant(d as i64)).collect();
             args.push(

@@ -25,6 +25,7 @@ pub mod precision;
 pub mod qkstep;
 pub mod report;
 pub(crate) mod rewire;
+pub mod routegemm;
 pub mod rules;
 pub mod shared;
 pub mod siblings;

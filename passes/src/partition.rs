@@ -42,8 +42,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 /// Partition a graph into kernels. The graph is validated first; an error names what could
 /// not be partitioned.
 pub fn partition(graph: &Graph) -> Result<KernelPlan, String> {
+    partition_with(graph, crate::routegemm::enabled())
+}
+
+/// [`partition`], with each routing kernel folded into its router's GEMM where it qualifies
+/// when `fold_routes` ([`crate::routegemm`]; `partition` asks `RINGJIT_FOLD_ROUTE`).
+pub fn partition_with(graph: &Graph, fold_routes: bool) -> Result<KernelPlan, String> {
     graph.validate().map_err(|e| format!("partition: {e}"))?;
-    partition_valid(graph)
+    let mut plan = partition_valid(graph)?;
+    if fold_routes && crate::routegemm::fold_routes(&mut plan) > 0 {
+        for (i, kernel) in plan.kernels.iter_mut().enumerate() {
+            kernel.name = kernel_name(i, kernel, graph);
+        }
+    }
+    Ok(plan)
 }
 
 /// The kernel count when every non-view primitive op is its own kernel: the "before" figure.
@@ -165,6 +177,7 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                 acc: DType::F32,
                 out: node.outputs[0].dtype,
                 norm,
+                route: None,
             })
         }
         Op::TopK { k, axis } => TemplateOp::TopK { k: *k, axis: *axis },
@@ -2549,7 +2562,8 @@ pub(crate) mod tests {
                 },
             )
             .unwrap();
-            let plan = partition(&fused).unwrap();
+            // decode: with each route folded into its router's GEMM (crate::routegemm)
+            let plan = partition_with(&fused, mode == Mode::Decode).unwrap();
             assert!(plan.counts().templates > 0);
             // the attention output's permute is no copy kernel: the attention writes the
             // projection's rows itself (crate::copies)

@@ -621,7 +621,55 @@ impl TemplateExec {
             TemplateOp::ScatterAdd { axis } => vec![self.scatter_add(*axis, l)?],
             _ => self.by_rows(l)?,
         };
-        self.finish(results, l)
+        self.finish(results, l)?;
+        match &self.op {
+            TemplateOp::Gemm(Gemm { route: Some(r), .. }) => self.route_tail(r, l),
+            _ => Ok(()),
+        }
+    }
+
+    /// A GEMM's folded route (`ir::kernel::RouteTail`): the routing rows of result 0 as
+    /// stored, through the standalone kernel's row kernel, into the last two outputs.
+    fn route_tail(&self, r: &ir::kernel::RouteTail, l: &Launch) -> Result<(), String> {
+        let vk = self.vk()?;
+        let (view, dtype) = &self.outputs[0];
+        let cv = ConcreteView::new(view, l.env)?;
+        // SAFETY: the runtime hands the buffer the view was made for.
+        let y = unsafe { read_view_f32(l.bufs[self.n_inputs].0, *dtype, &cv) };
+        let n = *cv.shape.last().ok_or("a gemm result of rank 0")?;
+        let (col, e) = (r.col as usize, r.experts as usize);
+        if col + e > n {
+            return Err(format!("route columns {col}..{} past the result's {n}", col + e));
+        }
+        // the standalone kernel's prologue: an f64 sigmoid rounded to f32
+        let p: Vec<f32> = y
+            .chunks(n)
+            .flat_map(|row| row[col..col + e].iter())
+            .map(|&x| {
+                if r.sigmoid {
+                    super::host::rj_sigmoid(f64::from(x)) as f32
+                } else {
+                    x
+                }
+            })
+            .collect();
+        let bias = match r.biased {
+            true => Some(self.operand(self.operands.len() - 1, l)?.1),
+            false => None,
+        };
+        let (chosen, weights) = super::rows::route_topk(
+            vk,
+            &p,
+            bias.as_deref().map(|b| b.as_slice()),
+            e,
+            (r.k, r.n_group, r.topk_group),
+            r.scale,
+            r.normalize,
+            l.par,
+        )?;
+        let first = self.outputs.len() - 2;
+        self.store_result(first, &Dense::F32(chosen), l)?;
+        self.store_result(first + 1, &Dense::F32(weights), l)
     }
 
     fn finish(&self, mut results: Vec<Dense>, l: &Launch) -> Result<(), String> {
@@ -632,8 +680,22 @@ impl TemplateExec {
             bufs.push(BufPtr(data.as_mut_ptr() as *mut u8));
             return e.call(&bufs, l.syms, l.env, l.par);
         }
-        for (o, (view, dtype)) in self.outputs.iter().enumerate() {
+        // a folded route's outputs are written after these (`route_tail`)
+        let n = match &self.op {
+            TemplateOp::Gemm(g) => g.product_outputs(self.outputs.len()),
+            _ => self.outputs.len(),
+        };
+        for o in 0..n {
             let r = results.get(o).ok_or_else(|| format!("{}: no result {o}", self.name))?;
+            self.store_result(o, r, l)?;
+        }
+        Ok(())
+    }
+
+    /// Writes result `r` through output `o`'s view.
+    fn store_result(&self, o: usize, r: &Dense, l: &Launch) -> Result<(), String> {
+        {
+            let (view, dtype) = &self.outputs[o];
             let cv = ConcreteView::new(view, l.env)?;
             if let Some(n) = r.len(*dtype) {
                 if cv.numel() != n {
@@ -649,11 +711,11 @@ impl TemplateExec {
                 match (r, dense) {
                     (Dense::Raw(b), Some(d)) => {
                         std::ptr::copy_nonoverlapping(b.as_ptr(), d, b.len());
-                        continue;
+                        return Ok(());
                     }
                     (Dense::F32(v), Some(d)) if *dtype == DType::F32 => {
                         std::ptr::copy_nonoverlapping(v.as_ptr(), d as *mut f32, v.len());
-                        continue;
+                        return Ok(());
                     }
                     _ => {}
                 }
@@ -1054,7 +1116,7 @@ impl TemplateExec {
         gemm_batched(micro, &jobs, &mut c, (m, n, k), l.par);
         round_all(&mut c, g.out);
         let mut out = vec![Dense::F32(c)];
-        if let Some(n) = normed.filter(|_| self.epilogue.is_none() && self.outputs.len() > 1) {
+        if let Some(n) = normed.filter(|_| self.epilogue.is_none() && g.product_outputs(self.outputs.len()) > 1) {
             out.push(Dense::F32(n));
         }
         Ok(out)

@@ -457,6 +457,16 @@ impl<'c, 'a> Em<'c, 'a> {
         Ok(())
     }
 
+    /// `if (c) goto end;`: returns `end`, where the caller branches and continues after the
+    /// skipped code (for blocks that must still reach a later arrival count).
+    pub fn skip_if(&mut self, c: IntValue<'c>) -> R<inkwell::basic_block::BasicBlock<'c>> {
+        let end = self.ctx.append_basic_block(self.f, "skip_end");
+        let go = self.ctx.append_basic_block(self.f, "in_range");
+        self.b.build_conditional_branch(c, end, go).ck()?;
+        self.b.position_at_end(go);
+        Ok(end)
+    }
+
     // ---- memory ---------------------------------------------------------------------------------
 
     fn gep(&self, elem: BasicTypeEnum<'c>, base: PointerValue<'c>, idx: IntValue<'c>) -> R<PointerValue<'c>> {

@@ -283,3 +283,308 @@ fn warp_umax<'c>(em: &Em<'c, '_>, v: IntValue<'c>) -> R<IntValue<'c>> {
     }
     Ok(v)
 }
+
+// ---- the route folded into the router's GEMM ---------------------------------------------------
+
+/// Most experts the folded route handles (each lane keeps `experts / 32` keys in registers);
+/// `passes::routegemm` folds no more.
+pub(crate) const TAIL_MAX_EXPERTS: i64 = ir::kernel::RouteTail::MAX_EXPERTS;
+
+/// Bytes of one warp's shared scratch in the tail: probabilities and selection scores (f32 per
+/// expert), group keys (u64) and kept flags (u32 per group), rounded to 16.
+fn tail_region(experts: i64, n_group: i64) -> i64 {
+    (8 * experts + 12 * n_group + 15) / 16 * 16
+}
+
+/// Dynamic shared memory the tail needs in a block of `threads`.
+pub(super) fn tail_smem(r: &ir::kernel::RouteTail, threads: i64) -> i64 {
+    threads / 32 * tail_region(r.experts, r.n_group as i64)
+}
+
+/// The route of a GEMM's rows (`ir::kernel::RouteTail`), emitted after the GEMM's stores of
+/// result 0, which every block of the launch must reach. Each block counts its arrival; the
+/// last one (an atomic counter in the kernel's scratch, fences on both sides, put back to zero
+/// at the end) routes every row, a warp a row: steps 1–5 of [`route_topk`] with the warp's
+/// lanes in place of the block's threads and warp shuffles in place of its barriers. The
+/// probabilities are read back from result 0 with volatile loads (other blocks wrote them).
+pub(super) fn route_tail<'c>(
+    em: &mut Em<'c, '_>,
+    t: &TemplateKernel,
+    r: &ir::kernel::RouteTail,
+    threads: i64,
+) -> R<()> {
+    let (e_n, n_group, k) = (r.experts, r.n_group as i64, r.k as i64);
+    if e_n <= 0 || e_n > TAIL_MAX_EXPERTS || n_group == 0 || n_group > 63 || e_n % n_group != 0 {
+        return err(format!(
+            "gemm route: {e_n} experts in {n_group} groups cannot be routed in the tail"
+        ));
+    }
+    let per = e_n / n_group;
+    if k == 0 || r.topk_group as i64 > n_group || k > r.topk_group as i64 * per || k > 32 {
+        return err(format!(
+            "gemm route: cannot choose {k} experts from {} of {n_group} groups of {per}",
+            r.topk_group
+        ));
+    }
+    let nout = em.kernel.outputs.len();
+    let (o_idx, o_w) = (nout - 2, nout - 1);
+    let bias_op = t.operands.len() - 1;
+    let view = em.kernel.outputs[0].view.clone();
+    if view.strides.last() != Some(&Dim::constant(1)) {
+        return err("gemm route: the router's columns must be contiguous");
+    }
+    let lead = &view.shape[..view.rank() - 1];
+    let rext = em.dims(lead)?;
+    let rows = em.product(&rext)?;
+    let (i32t, i64t, f32t) = (em.ctx.i32_type(), em.ctx.i64_type(), em.ctx.f32_type());
+    let (zero, one) = (em.i64c(0), em.i64c(1));
+
+    // every thread of the block has stored its results
+    em.barrier()?;
+    em.scratch_bytes = Dim::constant(16);
+    em.scratch_counters = true;
+    let counter = super::attention::fptr(em, em.scratch, zero)?;
+    let blocks = em.mul(
+        em.mul(em.sreg("nctaid.x")?, em.sreg("nctaid.y")?)?,
+        em.sreg("nctaid.z")?,
+    )?;
+    let last_old = em.b.build_int_truncate(em.sub(blocks, one)?, i32t, "").ck()?;
+    let is_last = em.block_arrives_last("ringjit_route_last", counter, last_old, super::attention::fence_acq_rel)?;
+    em.if_then(is_last, |em| {
+        let tid = em.sreg("tid.x")?;
+        let lane = em.rem(tid, em.i64c(32))?;
+        let warp = em.div(tid, em.i64c(32))?;
+        let warps = em.i64c(threads / 32);
+        let lanes = em.i64c(32);
+        let en = em.i64c(e_n);
+        let ng = em.i64c(n_group);
+        // this warp's scratch: probs [E] f32, sel [E] f32, group keys [ng] u64, kept [ng] u32
+        let smem = super::attention::dyn_smem(em);
+        let region = em.mul(warp, em.i64c(tail_region(e_n, n_group) / 4))?;
+        let probs = super::attention::fptr(em, smem, region)?;
+        let sel = super::attention::fptr(em, probs, en)?;
+        let gk_at = super::attention::fptr(em, sel, en)?;
+        let kept = em.shared_gep(i64t.into(), gk_at, ng)?;
+        let gkeys = gk_at;
+        // rows in passes of `warps`: the whole block loads them (step 1), then a warp a row
+        em.for_range(zero, rows, warps, |em, base| {
+            // 1. probabilities and selection scores of rows base .. base + warps into their
+            // warps' scratch: every load of a thread issued before the first use
+            let span = em.i64c(threads / 32 * e_n);
+            let mut loaded = Vec::new();
+            for j in 0..(e_n + 31) / 32 {
+                let i = em.add(tid, em.i64c(threads * j))?;
+                let (w, e) = (em.div(i, en)?, em.rem(i, en)?);
+                let row = em.add(base, w)?;
+                let valid = em.and(
+                    em.icmp(IntPredicate::SLT, i, span)?,
+                    em.icmp(IntPredicate::SLT, row, rows)?,
+                )?;
+                let (rc, ec) = (em.select_i(valid, row, zero)?, em.select_i(valid, e, zero)?);
+                let mut ridx = em.unravel(rc, &rext)?;
+                ridx.push(em.i64c(r.col));
+                let at = em.add(em.view_offset(&view, &ridx)?, ec)?;
+                let x = ld_cg_f32(em, em.outputs[0], at)?;
+                let b = if r.biased {
+                    Some(em.ldf(t, bias_op, &[ec])?)
+                } else {
+                    None
+                };
+                loaded.push((valid, w, e, x, b));
+            }
+            for (valid, w, e, x, b) in loaded {
+                let p = if r.sigmoid { em.sigmoid(x)? } else { x };
+                let s = match b {
+                    Some(b) => em.fadd(p, b)?,
+                    None => p,
+                };
+                em.if_then(valid, |em| {
+                    let at = em.add(em.mul(w, em.i64c(tail_region(e_n, n_group) / 4))?, e)?;
+                    let pw = super::attention::fptr(em, smem, at)?;
+                    em.set(pw, p)?;
+                    em.set(super::attention::fptr(em, pw, en)?, s)
+                })?;
+            }
+            em.barrier()?;
+            let row = em.add(base, warp)?;
+            let live = em.icmp(IntPredicate::SLT, row, rows)?;
+            em.if_then(live, |em| {
+                super::attention::warp_sync(em)?;
+                // 2. group scores: the two best σ̃ of each group (stable: strict improvements)
+                em.for_range(lane, ng, lanes, |em, g| {
+                    let neg_inf = f32t.const_float(f64::NEG_INFINITY);
+                    let (m1o, m1v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
+                    let (m2o, m2v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
+                    let lo = em.mul(g, em.i64c(per))?;
+                    let hi = em.add(lo, em.i64c(per))?;
+                    // the stable top-2 update by one value
+                    let top2 = |em: &mut Em<'c, '_>, v: FloatValue<'c>| -> R<()> {
+                        let o = ord(em, v)?;
+                        let a = em.b.build_load(i32t, m1o, "").ck()?.into_int_value();
+                        let b = em.b.build_load(i32t, m2o, "").ck()?.into_int_value();
+                        let (av, bv) = (em.getf(m1v)?, em.getf(m2v)?);
+                        let gt1 = em.icmp(IntPredicate::UGT, o, a)?;
+                        let gt2 = em.icmp(IntPredicate::UGT, o, b)?;
+                        em.set(m2o, em.select_i(gt1, a, em.select_i(gt2, o, b)?)?)?;
+                        em.set(m2v, em.select_f(gt1, av, em.select_f(gt2, v, bv)?)?)?;
+                        em.set(m1o, em.select_i(gt1, o, a)?)?;
+                        em.set(m1v, em.select_f(gt1, v, av)?)
+                    };
+                    let sel_at = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<FloatValue<'c>> {
+                        Ok(em
+                            .b
+                            .build_load(f32t, em.shared_gep(f32t.into(), sel, e)?, "")
+                            .ck()?
+                            .into_float_value())
+                    };
+                    if per <= 64 {
+                        // unrolled: the group's loads first, then the compare chain
+                        let vs = (0..per)
+                            .map(|i| sel_at(em, em.add(lo, em.i64c(i))?))
+                            .collect::<R<Vec<_>>>()?;
+                        for v in vs {
+                            top2(em, v)?;
+                        }
+                    } else {
+                        em.for_range(lo, hi, one, |em, e| {
+                            let v = sel_at(em, e)?;
+                            top2(em, v)
+                        })?;
+                    }
+                    let score = if per >= 2 {
+                        em.fadd(em.getf(m1v)?, em.getf(m2v)?)?
+                    } else {
+                        em.getf(m1v)?
+                    };
+                    let key = key(em, score, g)?;
+                    em.set(em.shared_gep(i64t.into(), gkeys, g)?, key)
+                })?;
+                super::attention::warp_sync(em)?;
+                // 3. kept groups: fewer than topk_group keys above their own
+                em.for_range(lane, ng, lanes, |em, g| {
+                    let mine = em.geti(em.shared_gep(i64t.into(), gkeys, g)?)?;
+                    let rank = em.ivar(zero)?;
+                    em.for_range(zero, ng, one, |em, g2| {
+                        let other = em.geti(em.shared_gep(i64t.into(), gkeys, g2)?)?;
+                        let above = em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mine)?)?;
+                        em.set(rank, em.add(em.geti(rank)?, above)?)
+                    })?;
+                    let keep = em.icmp(IntPredicate::SLT, em.geti(rank)?, em.i64c(r.topk_group as i64))?;
+                    let flag = em.b.build_int_z_extend(keep, i32t, "").ck()?;
+                    em.set(em.shared_gep(i32t.into(), kept, g)?, flag)
+                })?;
+                super::attention::warp_sync(em)?;
+                // 4. the masked keys of this lane's experts; k rounds of a warp maximum below the
+                // previous winner, lane r keeping the winner of round r
+                let mut keys = Vec::new();
+                for j in 0..(e_n + 31) / 32 {
+                    let e = em.add(lane, em.i64c(32 * j))?;
+                    let valid = em.icmp(IntPredicate::SLT, e, en)?;
+                    let ec = em.select_i(valid, e, zero)?;
+                    let g = em.div(ec, em.i64c(per))?;
+                    let on =
+                        em.b.build_load(i32t, em.shared_gep(i32t.into(), kept, g)?, "")
+                            .ck()?
+                            .into_int_value();
+                    let on = em.icmp(IntPredicate::NE, on, i32t.const_zero())?;
+                    let v =
+                        em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, ec)?, "")
+                            .ck()?
+                            .into_float_value();
+                    let v = em.select_f(on, v, f32t.const_float(f64::NEG_INFINITY))?;
+                    let kv = key(em, v, ec)?;
+                    keys.push(em.select_i(valid, kv, zero)?);
+                }
+                let mut below = em.i64c(-1);
+                let mut mine = zero;
+                for round in 0..k {
+                    let mut best = zero;
+                    for &kv in &keys {
+                        let ok = em.icmp(IntPredicate::ULT, kv, below)?;
+                        best = umax(em, best, em.select_i(ok, kv, zero)?)?;
+                    }
+                    let all = warp_umax(em, best)?;
+                    let here = em.icmp(IntPredicate::EQ, lane, em.i64c(round))?;
+                    mine = em.select_i(here, all, mine)?;
+                    below = all;
+                }
+                // 5. lane r < k: the expert of rank r and its weight (the sum of the chosen
+                // probabilities in rank order, in f64, as the reference)
+                let low = em.b.build_and(mine, i64t.const_int(0xffff_ffff, false), "").ck()?;
+                let e_mine = em.sub(em.i64c(LOW), low)?;
+                let e_mine = em.select_i(em.icmp(IntPredicate::SLT, lane, em.i64c(k))?, e_mine, zero)?;
+                let p_mine =
+                    em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e_mine)?, "")
+                        .ck()?
+                        .into_float_value();
+                let mut w = p_mine;
+                if r.normalize {
+                    let f64t = em.ctx.f64_type();
+                    let mut total = f64t.const_zero();
+                    for r2 in 0..k {
+                        let q = shfl_idx_f32(em, p_mine, r2)?;
+                        let q = em.b.build_float_ext(q, f64t, "").ck()?;
+                        total = em.b.build_float_add(total, q, "").ck()?;
+                    }
+                    let s = em.b.build_float_trunc(total, f32t, "").ck()?;
+                    let s = em.fadd(s, em.f32c(1e-20))?;
+                    w = em.fdiv(w, s)?;
+                }
+                let w = em.fmul(w, em.f32c(r.scale))?;
+                let store = em.icmp(IntPredicate::SLT, lane, em.i64c(k))?;
+                em.if_then(store, |em| {
+                    let at = em.add(em.mul(row, em.i64c(k))?, lane)?;
+                    em.store_lin(o_idx, at, Val::I(e_mine), DType::I64)?;
+                    em.store_lin(o_w, at, Val::F(w), DType::F32)
+                })?;
+                Ok(())
+            })?;
+            // the scratch is reused by the next pass
+            em.barrier()
+        })?;
+        let first = em.icmp(IntPredicate::EQ, tid, zero)?;
+        em.if_then(first, |em| em.reset_counter(counter))
+    })
+}
+
+/// `ld.global.cg`: an f32 another block stored in this launch (read from L2, never from this
+/// multiprocessor's L1), after the arrival count's acquire. An instruction with side effects,
+/// so LLVM keeps it after the barrier and fence; ptxas still overlaps the loads.
+fn ld_cg_f32<'c>(em: &Em<'c, '_>, base: inkwell::values::PointerValue<'c>, i: IntValue<'c>) -> R<FloatValue<'c>> {
+    let p = super::attention::fptr(em, base, i)?;
+    let i64t = em.ctx.i64_type();
+    let a = em.b.build_ptr_to_int(p, i64t, "").ck()?;
+    let f32t = em.ctx.f32_type();
+    let ty = f32t.fn_type(&[i64t.into()], false);
+    let asm = em.ctx.create_inline_asm(
+        ty,
+        "ld.global.cg.f32 $0, [$1];".to_string(),
+        "=f,l,~{memory}".to_string(),
+        true,
+        false,
+        None,
+        false,
+    );
+    let v = em.b.build_indirect_call(ty, asm, &[a.into()], "").ck()?;
+    Ok(v.try_as_basic_value().expect_basic("a value").into_float_value())
+}
+
+/// Lane `src`'s f32 `v`, in every lane.
+fn shfl_idx_f32<'c>(em: &Em<'c, '_>, v: FloatValue<'c>, src: i64) -> R<FloatValue<'c>> {
+    let i32t = em.ctx.i32_type();
+    let bits = em.b.build_bit_cast(v, i32t, "").ck()?.into_int_value();
+    let got = em
+        .call(
+            "llvm.nvvm.shfl.sync.idx.i32",
+            i32t.into(),
+            &[i32t.into(), i32t.into(), i32t.into(), i32t.into()],
+            &[
+                em.i32c(-1).into(),
+                bits.into(),
+                em.i32c(src as i32).into(),
+                em.i32c(31).into(),
+            ],
+        )?
+        .into_int_value();
+    Ok(em.b.build_bit_cast(got, em.ctx.f32_type(), "").ck()?.into_float_value())
+}

@@ -299,6 +299,17 @@ fn matrix_index<'c>(
 /// GEMM: the bf16 fast paths of [`fastgemm`] (GEMV at small M, tensor cores otherwise) when
 /// the kernel qualifies; else SIMT, one thread per output element, f32 accumulation (fma) over k.
 fn gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &ir::kernel::Gemm) -> R<LaunchGeometry> {
+    let mut geo = gemm_product(em, t, g)?;
+    if let Some(r) = &g.route {
+        let threads = i64::from(geo.block[0]);
+        route::route_tail(em, t, r, threads)?;
+        geo.shared_bytes = geo.shared_bytes.max(route::tail_smem(r, threads) as u32);
+    }
+    Ok(geo)
+}
+
+/// The product (and a folded norm's rows) of [`gemm`].
+fn gemm_product<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &ir::kernel::Gemm) -> R<LaunchGeometry> {
     if let Some(geo) = fastgemm::gemm_fast(em, t, g)? {
         return Ok(geo);
     }
@@ -312,7 +323,7 @@ fn gemm<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &ir::kernel::Gemm) -> R<
     // a folded norm (`RowNorm`): each thread finds its row's 1/rms first; the threads of
     // column 0 store the normalised rows when the kernel has a second output
     let xdt = em.operand_dtype(t, 0)?;
-    let emit = g.norm.is_some() && t.epilogue.is_none() && em.kernel.outputs.len() > 1;
+    let emit = g.norm.is_some() && t.epilogue.is_none() && g.product_outputs(em.kernel.outputs.len()) > 1;
     em.flat(total, |em, lin| {
         let idx = em.unravel(lin, &ext)?;
         let (i, j) = (idx[nb], idx[nb + 1]);

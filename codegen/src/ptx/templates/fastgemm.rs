@@ -305,7 +305,7 @@ pub(super) fn gemm_fast<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gemm) -
         smem: dynamic_smem(em),
         sh,
         norm: g.norm,
-        emit: g.norm.is_some() && t.epilogue.is_none() && em.kernel.outputs.len() > 1,
+        emit: g.norm.is_some() && t.epilogue.is_none() && g.product_outputs(em.kernel.outputs.len()) > 1,
         w_vec: match t.operands.get(2) {
             Some(Operand::Buffer(i)) => bf16_view(em, *i)
                 .filter(|v| v.rank() == 1 && v.strides[0] == Dim::constant(1) && aligned8(&v.offset))
@@ -778,11 +778,34 @@ fn row_inv<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, ss: FloatValue<'c>) -> R<FloatValue
 // ---- GEMV -----------------------------------------------------------------------------------
 
 fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
-    let (zero, one) = (em.i64c(0), em.i64c(1));
     // the grid is sized for the tensor-core tiles as well: blocks past the columns exit
     let past = em.mul(em.sreg("ctaid.x")?, em.i64c(GEMV_COLS))?;
     let past = em.icmp(IntPredicate::SGE, past, cx.nn)?;
-    em.return_if(past)?;
+    // with a folded route every block must reach the tail's arrival count: skip, not return
+    let skip = match routes(em) {
+        true => Some(em.skip_if(past)?),
+        false => {
+            em.return_if(past)?;
+            None
+        }
+    };
+    gemv_columns(em, t, cx)?;
+    if let Some(end) = skip {
+        em.b.build_unconditional_branch(end).ck()?;
+        em.b.position_at_end(end);
+    }
+    Ok(())
+}
+
+/// Whether the kernel is a GEMM with a folded route (`RouteTail`).
+fn routes(em: &Em) -> bool {
+    matches!(&em.kernel.kind, ir::kernel::KernelKind::Template(t)
+        if matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if g.route.is_some()))
+}
+
+/// The GEMV's columns of this block (one in range).
+fn gemv_columns<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
+    let (zero, one) = (em.i64c(0), em.i64c(1));
     let tid = em.sreg("tid.x")?;
     let warp = em.div(tid, em.i64c(32))?;
     let lane = em.rem(tid, em.i64c(32))?;
