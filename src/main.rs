@@ -743,8 +743,18 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
         println!("  {folded} GEMMs compute the RMSNorm of their rows (fold-norm-gemm)");
         if routed > 0 {
             println!(
-                "  {routed} of them route their rows in their last block (passes::routegemm: no route_topk kernel)"
+                "  {routed} of them route their rows in their last block (RINGJIT_FOLD_ROUTE=1: no route_topk kernel; \
+                 an H200 decode step measured slower so)"
             );
+        } else if let Ok(alt) = passes::partition::partition_with(&g, true) {
+            let n = alt.counts().total;
+            if n < counts.total {
+                println!(
+                    "  (RINGJIT_FOLD_ROUTE=1 folds each route_topk into its router's GEMM: {n} kernels, {:.1} per layer; \
+                     off by default, an H200 decode step measured slower so)",
+                    n as f64 / layers
+                );
+            }
         }
         match runtime::cuda::fold_policy() {
             runtime::cuda::FoldNorms::SmallBatches => println!(

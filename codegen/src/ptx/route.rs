@@ -366,181 +366,154 @@ pub(super) fn route_tail<'c>(
         let gk_at = super::attention::fptr(em, sel, en)?;
         let kept = em.shared_gep(i64t.into(), gk_at, ng)?;
         let gkeys = gk_at;
-        // rows in passes of `warps`: the whole block loads them (step 1), then a warp a row
-        em.for_range(zero, rows, warps, |em, base| {
-            // 1. probabilities and selection scores of rows base .. base + warps into their
-            // warps' scratch: every load of a thread issued before the first use
-            let span = em.i64c(threads / 32 * e_n);
+        // a warp a row. The code is kept small (loops, not unrolled): it runs once a launch,
+        // from a cold instruction cache, after the GEMM's large body (unrolled, it measured
+        // 13-18 µs a row on an H200; the loads alone are a few)
+        em.for_range(warp, rows, warps, |em, row| {
+            // 1. probabilities and selection scores: the lane's loads issued together
+            let mut ridx = em.unravel(row, &rext)?;
+            ridx.push(em.i64c(r.col));
+            let at0 = em.view_offset(&view, &ridx)?;
             let mut loaded = Vec::new();
             for j in 0..(e_n + 31) / 32 {
-                let i = em.add(tid, em.i64c(threads * j))?;
-                let (w, e) = (em.div(i, en)?, em.rem(i, en)?);
-                let row = em.add(base, w)?;
-                let valid = em.and(
-                    em.icmp(IntPredicate::SLT, i, span)?,
-                    em.icmp(IntPredicate::SLT, row, rows)?,
-                )?;
-                let (rc, ec) = (em.select_i(valid, row, zero)?, em.select_i(valid, e, zero)?);
-                let mut ridx = em.unravel(rc, &rext)?;
-                ridx.push(em.i64c(r.col));
-                let at = em.add(em.view_offset(&view, &ridx)?, ec)?;
-                let x = ld_cg_f32(em, em.outputs[0], at)?;
+                let e = em.add(lane, em.i64c(32 * j))?;
+                let valid = em.icmp(IntPredicate::SLT, e, en)?;
+                let ec = em.select_i(valid, e, zero)?;
+                let x = ld_cg_f32(em, em.outputs[0], em.add(at0, ec)?)?;
                 let b = if r.biased {
                     Some(em.ldf(t, bias_op, &[ec])?)
                 } else {
                     None
                 };
-                loaded.push((valid, w, e, x, b));
+                loaded.push((e, valid, x, b));
             }
-            for (valid, w, e, x, b) in loaded {
+            for (e, valid, x, b) in loaded {
                 let p = if r.sigmoid { em.sigmoid(x)? } else { x };
                 let s = match b {
                     Some(b) => em.fadd(p, b)?,
                     None => p,
                 };
                 em.if_then(valid, |em| {
-                    let at = em.add(em.mul(w, em.i64c(tail_region(e_n, n_group) / 4))?, e)?;
-                    let pw = super::attention::fptr(em, smem, at)?;
-                    em.set(pw, p)?;
-                    em.set(super::attention::fptr(em, pw, en)?, s)
+                    em.set(em.shared_gep(f32t.into(), probs, e)?, p)?;
+                    em.set(em.shared_gep(f32t.into(), sel, e)?, s)
                 })?;
             }
-            em.barrier()?;
-            let row = em.add(base, warp)?;
-            let live = em.icmp(IntPredicate::SLT, row, rows)?;
-            em.if_then(live, |em| {
-                super::attention::warp_sync(em)?;
-                // 2. group scores: the two best σ̃ of each group (stable: strict improvements)
-                em.for_range(lane, ng, lanes, |em, g| {
-                    let neg_inf = f32t.const_float(f64::NEG_INFINITY);
-                    let (m1o, m1v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
-                    let (m2o, m2v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
-                    let lo = em.mul(g, em.i64c(per))?;
-                    let hi = em.add(lo, em.i64c(per))?;
-                    // the stable top-2 update by one value
-                    let top2 = |em: &mut Em<'c, '_>, v: FloatValue<'c>| -> R<()> {
-                        let o = ord(em, v)?;
-                        let a = em.b.build_load(i32t, m1o, "").ck()?.into_int_value();
-                        let b = em.b.build_load(i32t, m2o, "").ck()?.into_int_value();
-                        let (av, bv) = (em.getf(m1v)?, em.getf(m2v)?);
-                        let gt1 = em.icmp(IntPredicate::UGT, o, a)?;
-                        let gt2 = em.icmp(IntPredicate::UGT, o, b)?;
-                        em.set(m2o, em.select_i(gt1, a, em.select_i(gt2, o, b)?)?)?;
-                        em.set(m2v, em.select_f(gt1, av, em.select_f(gt2, v, bv)?)?)?;
-                        em.set(m1o, em.select_i(gt1, o, a)?)?;
-                        em.set(m1v, em.select_f(gt1, v, av)?)
-                    };
-                    let sel_at = |em: &Em<'c, '_>, e: IntValue<'c>| -> R<FloatValue<'c>> {
-                        Ok(em
-                            .b
-                            .build_load(f32t, em.shared_gep(f32t.into(), sel, e)?, "")
-                            .ck()?
-                            .into_float_value())
-                    };
-                    if per <= 64 {
-                        // unrolled: the group's loads first, then the compare chain
-                        let vs = (0..per)
-                            .map(|i| sel_at(em, em.add(lo, em.i64c(i))?))
-                            .collect::<R<Vec<_>>>()?;
-                        for v in vs {
-                            top2(em, v)?;
-                        }
-                    } else {
-                        em.for_range(lo, hi, one, |em, e| {
-                            let v = sel_at(em, e)?;
-                            top2(em, v)
-                        })?;
-                    }
-                    let score = if per >= 2 {
-                        em.fadd(em.getf(m1v)?, em.getf(m2v)?)?
-                    } else {
-                        em.getf(m1v)?
-                    };
-                    let key = key(em, score, g)?;
-                    em.set(em.shared_gep(i64t.into(), gkeys, g)?, key)
-                })?;
-                super::attention::warp_sync(em)?;
-                // 3. kept groups: fewer than topk_group keys above their own
-                em.for_range(lane, ng, lanes, |em, g| {
-                    let mine = em.geti(em.shared_gep(i64t.into(), gkeys, g)?)?;
-                    let rank = em.ivar(zero)?;
-                    em.for_range(zero, ng, one, |em, g2| {
-                        let other = em.geti(em.shared_gep(i64t.into(), gkeys, g2)?)?;
-                        let above = em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mine)?)?;
-                        em.set(rank, em.add(em.geti(rank)?, above)?)
-                    })?;
-                    let keep = em.icmp(IntPredicate::SLT, em.geti(rank)?, em.i64c(r.topk_group as i64))?;
-                    let flag = em.b.build_int_z_extend(keep, i32t, "").ck()?;
-                    em.set(em.shared_gep(i32t.into(), kept, g)?, flag)
-                })?;
-                super::attention::warp_sync(em)?;
-                // 4. the masked keys of this lane's experts; k rounds of a warp maximum below the
-                // previous winner, lane r keeping the winner of round r
-                let mut keys = Vec::new();
-                for j in 0..(e_n + 31) / 32 {
-                    let e = em.add(lane, em.i64c(32 * j))?;
-                    let valid = em.icmp(IntPredicate::SLT, e, en)?;
-                    let ec = em.select_i(valid, e, zero)?;
-                    let g = em.div(ec, em.i64c(per))?;
-                    let on =
-                        em.b.build_load(i32t, em.shared_gep(i32t.into(), kept, g)?, "")
-                            .ck()?
-                            .into_int_value();
-                    let on = em.icmp(IntPredicate::NE, on, i32t.const_zero())?;
+            super::attention::warp_sync(em)?;
+            // 2. group scores: the two best σ̃ of each group (stable: strict improvements)
+            em.for_range(lane, ng, lanes, |em, g| {
+                let neg_inf = f32t.const_float(f64::NEG_INFINITY);
+                let (m1o, m1v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
+                let (m2o, m2v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
+                let lo = em.mul(g, em.i64c(per))?;
+                let hi = em.add(lo, em.i64c(per))?;
+                em.for_range(lo, hi, one, |em, e| {
                     let v =
-                        em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, ec)?, "")
+                        em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, e)?, "")
                             .ck()?
                             .into_float_value();
-                    let v = em.select_f(on, v, f32t.const_float(f64::NEG_INFINITY))?;
-                    let kv = key(em, v, ec)?;
-                    keys.push(em.select_i(valid, kv, zero)?);
-                }
-                let mut below = em.i64c(-1);
-                let mut mine = zero;
-                for round in 0..k {
-                    let mut best = zero;
-                    for &kv in &keys {
-                        let ok = em.icmp(IntPredicate::ULT, kv, below)?;
-                        best = umax(em, best, em.select_i(ok, kv, zero)?)?;
-                    }
-                    let all = warp_umax(em, best)?;
-                    let here = em.icmp(IntPredicate::EQ, lane, em.i64c(round))?;
-                    mine = em.select_i(here, all, mine)?;
-                    below = all;
-                }
-                // 5. lane r < k: the expert of rank r and its weight (the sum of the chosen
-                // probabilities in rank order, in f64, as the reference)
-                let low = em.b.build_and(mine, i64t.const_int(0xffff_ffff, false), "").ck()?;
-                let e_mine = em.sub(em.i64c(LOW), low)?;
-                let e_mine = em.select_i(em.icmp(IntPredicate::SLT, lane, em.i64c(k))?, e_mine, zero)?;
-                let p_mine =
-                    em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e_mine)?, "")
+                    let o = ord(em, v)?;
+                    let a = em.b.build_load(i32t, m1o, "").ck()?.into_int_value();
+                    let b = em.b.build_load(i32t, m2o, "").ck()?.into_int_value();
+                    let (av, bv) = (em.getf(m1v)?, em.getf(m2v)?);
+                    let gt1 = em.icmp(IntPredicate::UGT, o, a)?;
+                    let gt2 = em.icmp(IntPredicate::UGT, o, b)?;
+                    em.set(m2o, em.select_i(gt1, a, em.select_i(gt2, o, b)?)?)?;
+                    em.set(m2v, em.select_f(gt1, av, em.select_f(gt2, v, bv)?)?)?;
+                    em.set(m1o, em.select_i(gt1, o, a)?)?;
+                    em.set(m1v, em.select_f(gt1, v, av)?)
+                })?;
+                let score = if per >= 2 {
+                    em.fadd(em.getf(m1v)?, em.getf(m2v)?)?
+                } else {
+                    em.getf(m1v)?
+                };
+                let key = key(em, score, g)?;
+                em.set(em.shared_gep(i64t.into(), gkeys, g)?, key)
+            })?;
+            super::attention::warp_sync(em)?;
+            // 3. kept groups: fewer than topk_group keys above their own
+            em.for_range(lane, ng, lanes, |em, g| {
+                let mine = em.geti(em.shared_gep(i64t.into(), gkeys, g)?)?;
+                let rank = em.ivar(zero)?;
+                em.for_range(zero, ng, one, |em, g2| {
+                    let other = em.geti(em.shared_gep(i64t.into(), gkeys, g2)?)?;
+                    let above = em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mine)?)?;
+                    em.set(rank, em.add(em.geti(rank)?, above)?)
+                })?;
+                let keep = em.icmp(IntPredicate::SLT, em.geti(rank)?, em.i64c(r.topk_group as i64))?;
+                let flag = em.b.build_int_z_extend(keep, i32t, "").ck()?;
+                em.set(em.shared_gep(i32t.into(), kept, g)?, flag)
+            })?;
+            super::attention::warp_sync(em)?;
+            // 4. the masked keys of this lane's experts (in registers); k rounds (a loop) of a
+            // warp maximum below the previous winner, lane r keeping the winner of round r
+            let mut keys = Vec::new();
+            for j in 0..(e_n + 31) / 32 {
+                let e = em.add(lane, em.i64c(32 * j))?;
+                let valid = em.icmp(IntPredicate::SLT, e, en)?;
+                let ec = em.select_i(valid, e, zero)?;
+                let g = em.div(ec, em.i64c(per))?;
+                let on =
+                    em.b.build_load(i32t, em.shared_gep(i32t.into(), kept, g)?, "")
+                        .ck()?
+                        .into_int_value();
+                let on = em.icmp(IntPredicate::NE, on, i32t.const_zero())?;
+                let v =
+                    em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, ec)?, "")
                         .ck()?
                         .into_float_value();
-                let mut w = p_mine;
-                if r.normalize {
-                    let f64t = em.ctx.f64_type();
-                    let mut total = f64t.const_zero();
-                    for r2 in 0..k {
-                        let q = shfl_idx_f32(em, p_mine, r2)?;
-                        let q = em.b.build_float_ext(q, f64t, "").ck()?;
-                        total = em.b.build_float_add(total, q, "").ck()?;
-                    }
-                    let s = em.b.build_float_trunc(total, f32t, "").ck()?;
-                    let s = em.fadd(s, em.f32c(1e-20))?;
-                    w = em.fdiv(w, s)?;
+                let v = em.select_f(on, v, f32t.const_float(f64::NEG_INFINITY))?;
+                let kv = key(em, v, ec)?;
+                keys.push(em.select_i(valid, kv, zero)?);
+            }
+            let below = em.ivar(em.i64c(-1))?;
+            let mine = em.ivar(zero)?;
+            em.for_range(zero, em.i64c(k), one, |em, round| {
+                let bound = em.geti(below)?;
+                let mut best = zero;
+                for &kv in &keys {
+                    let ok = em.icmp(IntPredicate::ULT, kv, bound)?;
+                    best = umax(em, best, em.select_i(ok, kv, zero)?)?;
                 }
-                let w = em.fmul(w, em.f32c(r.scale))?;
-                let store = em.icmp(IntPredicate::SLT, lane, em.i64c(k))?;
-                em.if_then(store, |em| {
-                    let at = em.add(em.mul(row, em.i64c(k))?, lane)?;
-                    em.store_lin(o_idx, at, Val::I(e_mine), DType::I64)?;
-                    em.store_lin(o_w, at, Val::F(w), DType::F32)
-                })?;
-                Ok(())
+                let all = warp_umax(em, best)?;
+                let here = em.icmp(IntPredicate::EQ, lane, round)?;
+                em.set(mine, em.select_i(here, all, em.geti(mine)?)?)?;
+                em.set(below, all)
             })?;
-            // the scratch is reused by the next pass
-            em.barrier()
+            // 5. lane r < k: the expert of rank r and its weight (the sum of the chosen
+            // probabilities in rank order, in f64, as the reference)
+            let mine = em.geti(mine)?;
+            let low = em.b.build_and(mine, i64t.const_int(0xffff_ffff, false), "").ck()?;
+            let e_mine = em.sub(em.i64c(LOW), low)?;
+            let ranked = em.icmp(IntPredicate::SLT, lane, em.i64c(k))?;
+            let e_mine = em.select_i(ranked, e_mine, zero)?;
+            let p_mine =
+                em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e_mine)?, "")
+                    .ck()?
+                    .into_float_value();
+            let mut w = p_mine;
+            if r.normalize {
+                let f64t = em.ctx.f64_type();
+                let total = em.var(f64t.into(), f64t.const_zero().into())?;
+                em.for_range(zero, em.i64c(k), one, |em, r2| {
+                    let q = shfl_idx_f32(em, p_mine, r2)?;
+                    let q = em.b.build_float_ext(q, f64t, "").ck()?;
+                    let s = em.b.build_load(f64t, total, "").ck()?.into_float_value();
+                    em.set(total, em.b.build_float_add(s, q, "").ck()?)
+                })?;
+                let s = em.b.build_load(f64t, total, "").ck()?.into_float_value();
+                let s = em.b.build_float_trunc(s, f32t, "").ck()?;
+                let s = em.fadd(s, em.f32c(1e-20))?;
+                w = em.fdiv(w, s)?;
+            }
+            let w = em.fmul(w, em.f32c(r.scale))?;
+            em.if_then(ranked, |em| {
+                let at = em.add(em.mul(row, em.i64c(k))?, lane)?;
+                em.store_lin(o_idx, at, Val::I(e_mine), DType::I64)?;
+                em.store_lin(o_w, at, Val::F(w), DType::F32)
+            })?;
+            // the scratch is reused by the warp's next row
+            super::attention::warp_sync(em)
         })?;
         let first = em.icmp(IntPredicate::EQ, tid, zero)?;
         em.if_then(first, |em| em.reset_counter(counter))
@@ -570,20 +543,16 @@ fn ld_cg_f32<'c>(em: &Em<'c, '_>, base: inkwell::values::PointerValue<'c>, i: In
 }
 
 /// Lane `src`'s f32 `v`, in every lane.
-fn shfl_idx_f32<'c>(em: &Em<'c, '_>, v: FloatValue<'c>, src: i64) -> R<FloatValue<'c>> {
+fn shfl_idx_f32<'c>(em: &Em<'c, '_>, v: FloatValue<'c>, src: IntValue<'c>) -> R<FloatValue<'c>> {
     let i32t = em.ctx.i32_type();
     let bits = em.b.build_bit_cast(v, i32t, "").ck()?.into_int_value();
+    let src = em.b.build_int_truncate(src, i32t, "").ck()?;
     let got = em
         .call(
             "llvm.nvvm.shfl.sync.idx.i32",
             i32t.into(),
             &[i32t.into(), i32t.into(), i32t.into(), i32t.into()],
-            &[
-                em.i32c(-1).into(),
-                bits.into(),
-                em.i32c(src as i32).into(),
-                em.i32c(31).into(),
-            ],
+            &[em.i32c(-1).into(), bits.into(), src.into(), em.i32c(31).into()],
         )?
         .into_int_value();
     Ok(em.b.build_bit_cast(got, em.ctx.f32_type(), "").ck()?.into_float_value())
