@@ -746,8 +746,9 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
                 "  {routed} of them route their rows in their last block (RINGJIT_FOLD_ROUTE=1: no route_topk kernel; \
                  an H200 decode step measured slower so)"
             );
-        } else if let Ok(alt) = passes::partition::partition_with(&g, true) {
-            let n = alt.counts().total;
+        } else {
+            let mut alt = kplan.clone();
+            let n = counts.total - passes::routegemm::fold_routes(&mut alt);
             if n < counts.total {
                 println!(
                     "  (RINGJIT_FOLD_ROUTE=1 folds each route_topk into its router's GEMM: {n} kernels, {:.1} per layer; \

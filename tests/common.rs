@@ -117,7 +117,7 @@ pub struct Trace {
     pub graph: ir::Graph,
     pub plan: ir::kernel::KernelPlan,
     pub env: ir::DimEnv,
-    /// weights by name (as the plan's parameter buffers name them)
+    /// weights and literals by name (as the plan's parameter buffers name them)
     pub params: HashMap<String, Tensor>,
     pub before: Vec<HashMap<ir::kernel::BufferId, Tensor>>,
     pub after: Vec<HashMap<ir::kernel::BufferId, Tensor>>,
@@ -142,6 +142,7 @@ impl Trace {
         let mut mem = ir::kernel_eval::Memory::new();
         for r in &k.inputs {
             let b = self.plan.buffer(r.buffer).unwrap();
+            // parameters and literals by name, the rest as the trace saw them
             let v = match b.kind {
                 BufferKind::Param => self.params[&b.name].to_f64_vec(),
                 _ => self.before[i][&r.buffer].to_f64_vec(),
@@ -195,6 +196,8 @@ pub fn trace_with(
     for b in &plan.buffers {
         if let Op::Literal { value } = &graph.node(b.value.node).op {
             params64.insert(b.name.clone(), value.to_f64_vec());
+            // (by name beside the weights: `Trace::expected` reads a kernel's parameters here)
+            params.entry(b.name.clone()).or_insert_with(|| value.as_ref().clone());
         }
     }
     // random data inputs and states

@@ -641,7 +641,7 @@ impl Gemm {
     /// The kernel outputs of the product itself (result 0 and a folded norm's rows): all but
     /// the two a folded route adds.
     pub fn product_outputs(&self, outputs: usize) -> usize {
-        outputs - if self.route.is_some() { 2 } else { 0 }
+        outputs.saturating_sub(if self.route.is_some() { 2 } else { 0 })
     }
 }
 

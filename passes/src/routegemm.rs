@@ -101,9 +101,13 @@ fn find(plan: &KernelPlan) -> Option<(usize, usize, RouteTail)> {
             continue;
         };
         let Some(e) = experts.as_const() else { continue };
-        // what the GPU's tail routes (codegen::ptx, `route_tail`): a warp a row
+        // what the GPU's tail routes (codegen::ptx, `route_tail`, checks the same): a warp a
+        // row; otherwise the routing kernel stays
         let groups_ok = *n_group > 0 && *n_group <= 63 && e % *n_group as i64 == 0;
-        if e > RouteTail::MAX_EXPERTS || !groups_ok || *k > 32 {
+        let per = if groups_ok { e / *n_group as i64 } else { 0 };
+        let choice_ok = *k >= 1 && *k <= 32 && *topk_group <= *n_group && *k as i64 <= *topk_group as i64 * per;
+        let width_ok = src.view.shape.last().and_then(Dim::as_const) == Some(e);
+        if e > RouteTail::MAX_EXPERTS || !groups_ok || !choice_ok || !width_ok {
             continue;
         }
         // the route's results move up to the GEMM: nothing in between may touch them, and
@@ -208,6 +212,93 @@ mod tests {
             }
         }
         n
+    }
+
+    fn d(c: i64) -> ir::Dim {
+        ir::Dim::constant(c)
+    }
+
+    #[test]
+    fn a_column_slice_is_a_constant_range_of_the_whole_rows() {
+        let whole = ir::kernel::View::contiguous(&[ir::Dim::sym("b"), d(272)]);
+        let mut part = whole.clone();
+        part.shape[1] = d(16);
+        part.offset = d(256);
+        assert_eq!(super::column_slice(&whole, &part), Some(256));
+        // past the row, another row stride, a symbolic offset, a strided last dim
+        part.offset = d(257);
+        assert_eq!(super::column_slice(&whole, &part), None);
+        let mut p2 = part.clone();
+        p2.offset = d(0);
+        p2.strides[0] = d(16);
+        assert_eq!(super::column_slice(&whole, &p2), None);
+        let mut p3 = part.clone();
+        p3.offset = ir::Dim::sym("b");
+        assert_eq!(super::column_slice(&whole, &p3), None);
+        let mut w2 = whole.clone();
+        w2.strides = vec![d(1), ir::Dim::sym("b")];
+        let mut p4 = w2.clone();
+        p4.shape[1] = d(16);
+        assert_eq!(super::column_slice(&w2, &p4), None);
+    }
+
+    /// The small decode plan's routes, each made unfit in one way, stay kernels.
+    #[test]
+    fn routes_that_are_not_a_plain_read_of_the_gemm_columns_stay_apart() {
+        let g = model("small");
+        let plan = crate::partition::partition_with(&compile(&g, &opts(Mode::Decode)).unwrap().0, false).unwrap();
+        let (moe, 0) = routes(&plan) else {
+            panic!("no route folded yet")
+        };
+        let route_ids: Vec<usize> = (0..plan.kernels.len())
+            .filter(|&i| matches!(&plan.kernels[i].kind, KernelKind::Template(t) if matches!(t.op, TemplateOp::RouteTopK { .. })))
+            .collect();
+        let spoil = |how: &dyn Fn(&mut ir::kernel::Kernel)| {
+            let mut p = plan.clone();
+            for &i in &route_ids {
+                how(&mut p.kernels[i]);
+            }
+            super::fold_routes(&mut p)
+        };
+        // as they are: every one folds
+        assert_eq!(spoil(&|_| {}), moe);
+        // an epilogue on the route's results
+        assert_eq!(
+            spoil(&|k| {
+                if let KernelKind::Template(t) = &mut k.kind {
+                    t.epilogue = Some(ir::kernel::Fusion {
+                        domain: vec![],
+                        exprs: Default::default(),
+                        stores: vec![],
+                    });
+                }
+            }),
+            0
+        );
+        // the probabilities read through another row stride than the GEMM's result
+        assert_eq!(
+            spoil(&|k| {
+                let v = &mut k.inputs[0].view;
+                v.strides[0] = v.strides[0].mul(&d(2));
+            }),
+            0
+        );
+        // a prologue that does more than a sigmoid of the load
+        assert_eq!(
+            spoil(&|k| {
+                if let KernelKind::Template(t) = &mut k.kind {
+                    if let ir::kernel::Operand::Prologue(f) = &mut t.operands[0] {
+                        let last = ir::kernel::ExprId(f.exprs.nodes.len() as u32 - 1);
+                        f.exprs.nodes.push(ir::kernel::ExprNode {
+                            op: ir::kernel::ScalarOp::Unary(ir::op::UnaryOp::Sigmoid, last),
+                            dtype: ir::DType::F32,
+                        });
+                        f.stores = vec![ir::kernel::ExprId(f.exprs.nodes.len() as u32 - 1)];
+                    }
+                }
+            }),
+            0
+        );
     }
 
     #[test]

@@ -250,14 +250,18 @@ fn every_kernel_of_the_tiny_model_matches_the_evaluator_at_ragged_sizes() {
             },
         )
         .unwrap();
-        // decode plans with each route folded into its router's GEMM (passes::routegemm)
-        let plan = passes::partition::partition_with(&fused, mode == Mode::Decode).unwrap();
-        for k in &plan.kernels {
-            kinds.insert(k.kind_name());
-        }
-        for (i, (b, s, p)) in sizes.into_iter().enumerate() {
-            let env = passes::testing::env(b, s, p);
-            assert!(check_plan_kernels(&fused, &plan, &env, 11 + i as u64) > 0);
+        // decode plans as they are and with each route folded into its router's GEMM
+        // (passes::routegemm)
+        let folds: &[bool] = if mode == Mode::Decode { &[false, true] } else { &[false] };
+        for &fold in folds {
+            let plan = passes::partition::partition_with(&fused, fold).unwrap();
+            for k in &plan.kernels {
+                kinds.insert(k.kind_name());
+            }
+            for (i, &(b, s, p)) in sizes.iter().enumerate() {
+                let env = passes::testing::env(b, s, p);
+                assert!(check_plan_kernels(&fused, &plan, &env, 11 + i as u64) > 0);
+            }
         }
     }
     eprintln!("kernel kinds of the tiny model: {kinds:?}");
@@ -324,8 +328,11 @@ fn every_kernel_of_the_small_model_matches_the_evaluator_in_bf16() {
     let g = passes::testing::model("small");
     for (mode, (b, s, p)) in [(Mode::Prefill, (1, 5, 0)), (Mode::Decode, (2, 1, 3))] {
         let (fused, _) = passes::compile(&g, &passes::testing::opts(mode)).unwrap();
-        let plan = passes::partition::partition_with(&fused, mode == Mode::Decode).unwrap();
-        check_plan_kernels(&fused, &plan, &passes::testing::env(b, s, p), 21);
+        let folds: &[bool] = if mode == Mode::Decode { &[false, true] } else { &[false] };
+        for &fold in folds {
+            let plan = passes::partition::partition_with(&fused, fold).unwrap();
+            check_plan_kernels(&fused, &plan, &passes::testing::env(b, s, p), 21);
+        }
     }
 }
 

@@ -305,8 +305,9 @@ pub(super) fn tail_smem(r: &ir::kernel::RouteTail, threads: i64) -> i64 {
 /// result 0, which every block of the launch must reach. Each block counts its arrival; the
 /// last one (an atomic counter in the kernel's scratch, fences on both sides, put back to zero
 /// at the end) routes every row, a warp a row: steps 1–5 of [`route_topk`] with the warp's
-/// lanes in place of the block's threads and warp shuffles in place of its barriers. The
-/// probabilities are read back from result 0 with volatile loads (other blocks wrote them).
+/// lanes in place of the block's threads, `bar.warp.sync` in place of its barriers and a warp
+/// maximum (shuffles) in place of its block maximum. The probabilities are read back from
+/// result 0 with `ld.global.cg` (other blocks wrote them; L2, never this SM's L1).
 pub(super) fn route_tail<'c>(
     em: &mut Em<'c, '_>,
     t: &TemplateKernel,
@@ -332,6 +333,12 @@ pub(super) fn route_tail<'c>(
     let view = em.kernel.outputs[0].view.clone();
     if view.strides.last() != Some(&Dim::constant(1)) {
         return err("gemm route: the router's columns must be contiguous");
+    }
+    if em.plan.buffer(em.kernel.outputs[0].buffer).map(|b| b.dtype) != Some(DType::F32) {
+        return err("gemm route: the router's logits must be an f32 result");
+    }
+    if em.scratch_bytes != Dim::constant(0) || em.scratch_counters {
+        return err("gemm route: the product already uses the kernel's scratch");
     }
     let lead = &view.shape[..view.rank() - 1];
     let rext = em.dims(lead)?;

@@ -15,7 +15,8 @@
 //!
 //! One grid serves both (`gemm_fast`): x about 8 · ceil(N/128) blocks (at least the GEMV's
 //! ceil(N/16)), y ceil(R/1024); the tensor-core tiles are numbered in launch order over it and
-//! the blocks past them exit at once, as do the GEMV's past N. Results go through the template's
+//! the blocks past them exit at once, as do the GEMV's past N (with a folded route they skip to
+//! the route's arrival count instead: `route::route_tail`). Results go through the template's
 //! epilogue exactly as the SIMT path does. Anything else (f32 operands, a computed or batched
 //! `B`, K not a constant multiple of 8) keeps the SIMT path. `RINGJIT_GEMM=naive` forces the
 //! SIMT path everywhere.
@@ -778,7 +779,8 @@ fn row_inv<'c>(em: &Em<'c, '_>, cx: &Cx<'c>, ss: FloatValue<'c>) -> R<FloatValue
 // ---- GEMV -----------------------------------------------------------------------------------
 
 fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
-    // the grid is sized for the tensor-core tiles as well: blocks past the columns exit
+    // the grid is sized for the tensor-core tiles as well: blocks past the columns exit (or,
+    // with a folded route, skip to its arrival count)
     let past = em.mul(em.sreg("ctaid.x")?, em.i64c(GEMV_COLS))?;
     let past = em.icmp(IntPredicate::SGE, past, cx.nn)?;
     // with a folded route every block must reach the tail's arrival count: skip, not return
