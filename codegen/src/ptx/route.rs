@@ -22,7 +22,7 @@
 //!    reference does.
 
 use super::super::emit::{err, Ck, Em, Val, R};
-use inkwell::values::{FloatValue, IntValue};
+use inkwell::values::{FloatValue, IntValue, PointerValue};
 use inkwell::{FloatPredicate, IntPredicate};
 use ir::kernel::{LaunchGeometry, TemplateKernel};
 use ir::shape::numel;
@@ -94,85 +94,22 @@ pub(super) fn route_topk<'c>(
     em.barrier()?;
 
     // 2. group scores: the two best σ̃ of each group
-    em.for_range(tid, ng, step, |em, g| {
-        let neg_inf = f32t.const_float(f64::NEG_INFINITY);
-        let (m1o, m1v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
-        let (m2o, m2v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
-        let lo = em.mul(g, em.i64c(per))?;
-        let hi = em.add(lo, em.i64c(per))?;
-        em.for_range(lo, hi, one, |em, e| {
-            let v =
-                em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, e)?, "")
-                    .ck()?
-                    .into_float_value();
-            let o = ord(em, v)?;
-            let a = em.b.build_load(i32t, m1o, "").ck()?.into_int_value();
-            let b = em.b.build_load(i32t, m2o, "").ck()?.into_int_value();
-            let (av, bv) = (em.getf(m1v)?, em.getf(m2v)?);
-            let gt1 = em.icmp(IntPredicate::UGT, o, a)?;
-            let gt2 = em.icmp(IntPredicate::UGT, o, b)?;
-            // new second: the old first when v takes first place, v when it takes second
-            em.set(m2o, em.select_i(gt1, a, em.select_i(gt2, o, b)?)?)?;
-            em.set(m2v, em.select_f(gt1, av, em.select_f(gt2, v, bv)?)?)?;
-            em.set(m1o, em.select_i(gt1, o, a)?)?;
-            em.set(m1v, em.select_f(gt1, v, av)?)
-        })?;
-        let score = if per >= 2 {
-            em.fadd(em.getf(m1v)?, em.getf(m2v)?)?
-        } else {
-            em.getf(m1v)?
-        };
-        let key = key(em, score, g)?;
-        em.set(em.shared_gep(i64t.into(), gkeys, g)?, key)
-    })?;
+    em.for_range(tid, ng, step, |em, g| group_key(em, sel, gkeys, g, per))?;
     em.barrier()?;
 
     // 3. kept groups: fewer than topk_group keys above their own
-    em.for_range(tid, ng, step, |em, g| {
-        let mine = em.geti(em.shared_gep(i64t.into(), gkeys, g)?)?;
-        let rank = em.ivar(zero)?;
-        em.for_range(zero, ng, one, |em, g2| {
-            let other = em.geti(em.shared_gep(i64t.into(), gkeys, g2)?)?;
-            let above = em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mine)?)?;
-            em.set(rank, em.add(em.geti(rank)?, above)?)
-        })?;
-        let keep = em.icmp(IntPredicate::SLT, em.geti(rank)?, em.i64c(topk_group as i64))?;
-        let flag = em.b.build_int_z_extend(keep, i32t, "").ck()?;
-        em.set(em.shared_gep(i32t.into(), kept, g)?, flag)
-    })?;
+    em.for_range(tid, ng, step, |em, g| group_kept(em, gkeys, kept, g, ng, topk_group))?;
     em.barrier()?;
 
     // 4. the masked keys of this thread's experts (0, below every key, past E)
-    let mut keys = Vec::new();
-    for j in 0..per_thread {
-        let e = em.add(tid, em.i64c(j * threads))?;
-        let valid = em.icmp(IntPredicate::SLT, e, en)?;
-        let ec = em.select_i(valid, e, zero)?;
-        let g = em.div(ec, em.i64c(per))?;
-        let on =
-            em.b.build_load(i32t, em.shared_gep(i32t.into(), kept, g)?, "")
-                .ck()?
-                .into_int_value();
-        let on = em.icmp(IntPredicate::NE, on, i32t.const_zero())?;
-        let v =
-            em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, ec)?, "")
-                .ck()?
-                .into_float_value();
-        let v = em.select_f(on, v, f32t.const_float(f64::NEG_INFINITY))?;
-        let kv = key(em, v, ec)?;
-        keys.push(em.select_i(valid, kv, zero)?);
-    }
+    let keys = (0..per_thread)
+        .map(|j| masked_key(em, sel, kept, em.add(tid, em.i64c(j * threads))?, en, per))
+        .collect::<R<Vec<_>>>()?;
     let prev = em.ivar(em.i64c(-1))?;
     let lane = em.rem(tid, em.i64c(32))?;
     let warp = em.div(tid, em.i64c(32))?;
     em.for_range(zero, em.i64c(k as i64), one, |em, r| {
-        let below = em.geti(prev)?;
-        let mut best = zero;
-        for &kv in &keys {
-            let ok = em.icmp(IntPredicate::ULT, kv, below)?;
-            best = umax(em, best, em.select_i(ok, kv, zero)?)?;
-        }
-        let best = warp_umax(em, best)?;
+        let best = warp_umax(em, best_below(em, &keys, em.geti(prev)?)?)?;
         let parity = em.mul(em.rem(r, em.i64c(2))?, em.i64c(32))?;
         let is0 = em.icmp(IntPredicate::EQ, lane, zero)?;
         em.if_then(is0, |em| {
@@ -282,6 +219,113 @@ fn warp_umax<'c>(em: &Em<'c, '_>, v: IntValue<'c>) -> R<IntValue<'c>> {
         v = umax(em, v, o)?;
     }
     Ok(v)
+}
+
+// ---- the steps both forms share ---------------------------------------------------------------
+
+/// Step 2 for group `g`: the sum of its two best selection scores (`sel`, shared; strict
+/// improvements in index order, the stable top-2) as a ranking key, into `gkeys[g]`.
+fn group_key<'c>(
+    em: &mut Em<'c, '_>,
+    sel: PointerValue<'c>,
+    gkeys: PointerValue<'c>,
+    g: IntValue<'c>,
+    per: i64,
+) -> R<()> {
+    let (i32t, i64t, f32t) = (em.ctx.i32_type(), em.ctx.i64_type(), em.ctx.f32_type());
+    let neg_inf = f32t.const_float(f64::NEG_INFINITY);
+    let (m1o, m1v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
+    let (m2o, m2v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
+    let lo = em.mul(g, em.i64c(per))?;
+    let hi = em.add(lo, em.i64c(per))?;
+    em.for_range(lo, hi, em.i64c(1), |em, e| {
+        let v =
+            em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, e)?, "")
+                .ck()?
+                .into_float_value();
+        let o = ord(em, v)?;
+        let a = em.b.build_load(i32t, m1o, "").ck()?.into_int_value();
+        let b = em.b.build_load(i32t, m2o, "").ck()?.into_int_value();
+        let (av, bv) = (em.getf(m1v)?, em.getf(m2v)?);
+        let gt1 = em.icmp(IntPredicate::UGT, o, a)?;
+        let gt2 = em.icmp(IntPredicate::UGT, o, b)?;
+        // new second: the old first when v takes first place, v when it takes second
+        em.set(m2o, em.select_i(gt1, a, em.select_i(gt2, o, b)?)?)?;
+        em.set(m2v, em.select_f(gt1, av, em.select_f(gt2, v, bv)?)?)?;
+        em.set(m1o, em.select_i(gt1, o, a)?)?;
+        em.set(m1v, em.select_f(gt1, v, av)?)
+    })?;
+    let score = if per >= 2 {
+        em.fadd(em.getf(m1v)?, em.getf(m2v)?)?
+    } else {
+        em.getf(m1v)?
+    };
+    let key = key(em, score, g)?;
+    em.set(em.shared_gep(i64t.into(), gkeys, g)?, key)
+}
+
+/// The largest of `keys` below `bound` (0 when none is).
+fn best_below<'c>(em: &Em<'c, '_>, keys: &[IntValue<'c>], bound: IntValue<'c>) -> R<IntValue<'c>> {
+    let zero = em.i64c(0);
+    let mut best = zero;
+    for &kv in keys {
+        let ok = em.icmp(IntPredicate::ULT, kv, bound)?;
+        best = umax(em, best, em.select_i(ok, kv, zero)?)?;
+    }
+    Ok(best)
+}
+
+/// Step 3 for group `g`: kept (`kept[g]` = 1) when fewer than `topk_group` of the `ng` group
+/// keys rank above its own.
+fn group_kept<'c>(
+    em: &mut Em<'c, '_>,
+    gkeys: PointerValue<'c>,
+    kept: PointerValue<'c>,
+    g: IntValue<'c>,
+    ng: IntValue<'c>,
+    topk_group: usize,
+) -> R<()> {
+    let (i32t, i64t) = (em.ctx.i32_type(), em.ctx.i64_type());
+    let (zero, one) = (em.i64c(0), em.i64c(1));
+    let mine = em.geti(em.shared_gep(i64t.into(), gkeys, g)?)?;
+    let rank = em.ivar(zero)?;
+    em.for_range(zero, ng, one, |em, g2| {
+        let other = em.geti(em.shared_gep(i64t.into(), gkeys, g2)?)?;
+        let above = em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mine)?)?;
+        em.set(rank, em.add(em.geti(rank)?, above)?)
+    })?;
+    let keep = em.icmp(IntPredicate::SLT, em.geti(rank)?, em.i64c(topk_group as i64))?;
+    let flag = em.b.build_int_z_extend(keep, i32t, "").ck()?;
+    em.set(em.shared_gep(i32t.into(), kept, g)?, flag)
+}
+
+/// Step 4's key of expert `e`: its selection score's key when its group is kept, −∞'s
+/// otherwise, and 0 (below every key) for `e` past the `en` experts.
+fn masked_key<'c>(
+    em: &Em<'c, '_>,
+    sel: PointerValue<'c>,
+    kept: PointerValue<'c>,
+    e: IntValue<'c>,
+    en: IntValue<'c>,
+    per: i64,
+) -> R<IntValue<'c>> {
+    let (i32t, f32t) = (em.ctx.i32_type(), em.ctx.f32_type());
+    let zero = em.i64c(0);
+    let valid = em.icmp(IntPredicate::SLT, e, en)?;
+    let ec = em.select_i(valid, e, zero)?;
+    let g = em.div(ec, em.i64c(per))?;
+    let on =
+        em.b.build_load(i32t, em.shared_gep(i32t.into(), kept, g)?, "")
+            .ck()?
+            .into_int_value();
+    let on = em.icmp(IntPredicate::NE, on, i32t.const_zero())?;
+    let v =
+        em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, ec)?, "")
+            .ck()?
+            .into_float_value();
+    let v = em.select_f(on, v, f32t.const_float(f64::NEG_INFINITY))?;
+    let kv = key(em, v, ec)?;
+    em.select_i(valid, kv, zero)
 }
 
 // ---- the route folded into the router's GEMM ---------------------------------------------------
@@ -407,82 +451,22 @@ pub(super) fn route_tail<'c>(
             }
             super::attention::warp_sync(em)?;
             // 2. group scores: the two best σ̃ of each group (stable: strict improvements)
-            em.for_range(lane, ng, lanes, |em, g| {
-                let neg_inf = f32t.const_float(f64::NEG_INFINITY);
-                let (m1o, m1v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
-                let (m2o, m2v) = (em.var(i32t.into(), i32t.const_zero().into())?, em.fvar(neg_inf)?);
-                let lo = em.mul(g, em.i64c(per))?;
-                let hi = em.add(lo, em.i64c(per))?;
-                em.for_range(lo, hi, one, |em, e| {
-                    let v =
-                        em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, e)?, "")
-                            .ck()?
-                            .into_float_value();
-                    let o = ord(em, v)?;
-                    let a = em.b.build_load(i32t, m1o, "").ck()?.into_int_value();
-                    let b = em.b.build_load(i32t, m2o, "").ck()?.into_int_value();
-                    let (av, bv) = (em.getf(m1v)?, em.getf(m2v)?);
-                    let gt1 = em.icmp(IntPredicate::UGT, o, a)?;
-                    let gt2 = em.icmp(IntPredicate::UGT, o, b)?;
-                    em.set(m2o, em.select_i(gt1, a, em.select_i(gt2, o, b)?)?)?;
-                    em.set(m2v, em.select_f(gt1, av, em.select_f(gt2, v, bv)?)?)?;
-                    em.set(m1o, em.select_i(gt1, o, a)?)?;
-                    em.set(m1v, em.select_f(gt1, v, av)?)
-                })?;
-                let score = if per >= 2 {
-                    em.fadd(em.getf(m1v)?, em.getf(m2v)?)?
-                } else {
-                    em.getf(m1v)?
-                };
-                let key = key(em, score, g)?;
-                em.set(em.shared_gep(i64t.into(), gkeys, g)?, key)
-            })?;
+            em.for_range(lane, ng, lanes, |em, g| group_key(em, sel, gkeys, g, per))?;
             super::attention::warp_sync(em)?;
             // 3. kept groups: fewer than topk_group keys above their own
             em.for_range(lane, ng, lanes, |em, g| {
-                let mine = em.geti(em.shared_gep(i64t.into(), gkeys, g)?)?;
-                let rank = em.ivar(zero)?;
-                em.for_range(zero, ng, one, |em, g2| {
-                    let other = em.geti(em.shared_gep(i64t.into(), gkeys, g2)?)?;
-                    let above = em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mine)?)?;
-                    em.set(rank, em.add(em.geti(rank)?, above)?)
-                })?;
-                let keep = em.icmp(IntPredicate::SLT, em.geti(rank)?, em.i64c(r.topk_group as i64))?;
-                let flag = em.b.build_int_z_extend(keep, i32t, "").ck()?;
-                em.set(em.shared_gep(i32t.into(), kept, g)?, flag)
+                group_kept(em, gkeys, kept, g, ng, r.topk_group)
             })?;
             super::attention::warp_sync(em)?;
             // 4. the masked keys of this lane's experts (in registers); k rounds (a loop) of a
             // warp maximum below the previous winner, lane r keeping the winner of round r
-            let mut keys = Vec::new();
-            for j in 0..(e_n + 31) / 32 {
-                let e = em.add(lane, em.i64c(32 * j))?;
-                let valid = em.icmp(IntPredicate::SLT, e, en)?;
-                let ec = em.select_i(valid, e, zero)?;
-                let g = em.div(ec, em.i64c(per))?;
-                let on =
-                    em.b.build_load(i32t, em.shared_gep(i32t.into(), kept, g)?, "")
-                        .ck()?
-                        .into_int_value();
-                let on = em.icmp(IntPredicate::NE, on, i32t.const_zero())?;
-                let v =
-                    em.b.build_load(f32t, em.shared_gep(f32t.into(), sel, ec)?, "")
-                        .ck()?
-                        .into_float_value();
-                let v = em.select_f(on, v, f32t.const_float(f64::NEG_INFINITY))?;
-                let kv = key(em, v, ec)?;
-                keys.push(em.select_i(valid, kv, zero)?);
-            }
+            let keys = (0..(e_n + 31) / 32)
+                .map(|j| masked_key(em, sel, kept, em.add(lane, em.i64c(32 * j))?, en, per))
+                .collect::<R<Vec<_>>>()?;
             let below = em.ivar(em.i64c(-1))?;
             let mine = em.ivar(zero)?;
             em.for_range(zero, em.i64c(k), one, |em, round| {
-                let bound = em.geti(below)?;
-                let mut best = zero;
-                for &kv in &keys {
-                    let ok = em.icmp(IntPredicate::ULT, kv, bound)?;
-                    best = umax(em, best, em.select_i(ok, kv, zero)?)?;
-                }
-                let all = warp_umax(em, best)?;
+                let all = warp_umax(em, best_below(em, &keys, em.geti(below)?)?)?;
                 let here = em.icmp(IntPredicate::EQ, lane, round)?;
                 em.set(mine, em.select_i(here, all, em.geti(mine)?)?)?;
                 em.set(below, all)
@@ -530,7 +514,7 @@ pub(super) fn route_tail<'c>(
 /// `ld.global.cg`: an f32 another block stored in this launch (read from L2, never from this
 /// multiprocessor's L1), after the arrival count's acquire. An instruction with side effects,
 /// so LLVM keeps it after the barrier and fence; ptxas still overlaps the loads.
-fn ld_cg_f32<'c>(em: &Em<'c, '_>, base: inkwell::values::PointerValue<'c>, i: IntValue<'c>) -> R<FloatValue<'c>> {
+fn ld_cg_f32<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, i: IntValue<'c>) -> R<FloatValue<'c>> {
     let p = super::attention::fptr(em, base, i)?;
     let i64t = em.ctx.i64_type();
     let a = em.b.build_ptr_to_int(p, i64t, "").ck()?;
