@@ -940,6 +940,160 @@ fn gpu_route_topk_matches_the_interpreter_at_ties_and_nans() {
     }
 }
 
+/// The route folded into a router GEMM (`passes::routegemm`) on rows full of ties: the router
+/// matrix repeats 7 rows over its 256 experts (equal logits, bit for bit, on any GEMM path),
+/// the bias takes 4 values, and one token's activations hold a NaN (every logit NaN). The
+/// chosen experts must be the interpreter's route of the GPU's own logits exactly (stable
+/// descending order, NaN first, ties to the lower index), the weights within the f32 tier.
+#[test]
+fn gpu_route_tail_matches_the_interpreter_at_ties_and_nans() {
+    use ir::op::{InputKind, Op, UnaryOp};
+    use std::collections::HashMap;
+    // the graph and its fold are checked everywhere, the kernels where there is a GPU
+    let gpu = gpu().map(std::sync::Arc::new);
+    let (e, groups, keep, k, kk, col) = (256usize, 8usize, 4usize, 8usize, 256usize, 16usize);
+    for rows in [1usize, 5, 40] {
+        let mut graph = ir::graph::Graph::new();
+        let mut inputs = HashMap::new();
+        let mut rng = passes::testing::SplitMix(rows as u64);
+        let (bf, f32t) = (ir::DType::BF16, ir::DType::F32);
+        let mut x: Vec<f32> = (0..rows * kk)
+            .map(|_| rng.unit() + 0.1f32.copysign(rng.unit()))
+            .collect();
+        if rows > 1 {
+            x[kk + 3] = f32::NAN;
+        }
+        let distinct: Vec<Vec<f32>> = (0..7).map(|_| (0..kk).map(|_| 0.05 * rng.unit()).collect()).collect();
+        let mut wr = Vec::with_capacity((col + e) * kk);
+        for r in 0..col + e {
+            if r < col {
+                wr.extend((0..kk).map(|_| 0.05 * rng.unit()));
+            } else {
+                wr.extend_from_slice(&distinct[(r * 5) % 7]);
+            }
+        }
+        let w: Vec<f32> = (0..kk).map(|_| 1.0 + 0.1 * rng.unit()).collect();
+        let bias: Vec<f32> = (0..e).map(|i| ((i * 7) % 4) as f32 * 0.25 - 0.25).collect();
+        let d = |n: usize| ir::Dim::constant(n as i64);
+        for (name, dtype, shape, data) in [
+            ("x", bf, vec![rows, kk], x),
+            ("w", bf, vec![kk], w),
+            ("wr", bf, vec![col + e, kk], wr),
+            ("bias", f32t, vec![e], bias),
+        ] {
+            inputs.insert(name.to_string(), ir::Tensor::from_f32(dtype, shape.clone(), data));
+            graph.add_input(name, InputKind::Data, dtype, shape.iter().map(|&n| d(n)).collect());
+        }
+        let v = |graph: &ir::graph::Graph, name: &str| {
+            let n = graph
+                .inputs
+                .iter()
+                .copied()
+                .find(|&n| matches!(&graph.node(n).op, Op::Input { name: m, .. } if m == name))
+                .unwrap();
+            ir::graph::Value { node: n, port: 0 }
+        };
+        let (xv, wv, wrv, bv) = (v(&graph, "x"), v(&graph, "w"), v(&graph, "wr"), v(&graph, "bias"));
+        let mut add = |op: Op, args: &[ir::graph::Value]| graph.add(op, args, None).unwrap();
+        let br = add(Op::Permute { perm: vec![1, 0] }, &[wrv])[0];
+        let br = add(Op::Cast { to: f32t }, &[br])[0];
+        let logits = add(
+            Op::Fused(ir::fused::Fused::NormMatmul {
+                eps: 1e-6,
+                emit_norm: false,
+            }),
+            &[xv, br, wv],
+        )[0];
+        let slice = add(
+            Op::Slice {
+                axis: 1,
+                start: d(col),
+                end: d(col + e),
+            },
+            &[logits],
+        )[0];
+        let probs = add(Op::Unary(UnaryOp::Sigmoid), &[slice])[0];
+        let route = ir::fused::Fused::RouteTopK {
+            k,
+            n_group: groups,
+            topk_group: keep,
+            scale: 2.5,
+            normalize: true,
+            biased: true,
+        };
+        let outs = add(Op::Fused(route), &[probs, bv]);
+        graph.add_output("logits", logits, InputKind::Data);
+        graph.add_output("chosen", outs[0], InputKind::Data);
+        graph.add_output("weights", outs[1], InputKind::Data);
+        let kplan = passes::partition::partition_with(&graph, true).unwrap();
+        let routed = kplan
+            .kernels
+            .iter()
+            .filter(|k| {
+                matches!(&k.kind, ir::kernel::KernelKind::Template(t)
+            if matches!(&t.op, ir::kernel::TemplateOp::Gemm(gm) if gm.route.is_some()))
+            })
+            .count();
+        assert_eq!(routed, 1, "the route folds into the GEMM:\n{kplan}");
+        let Some(g) = gpu.as_ref() else { continue };
+        let empty = HashMap::new();
+        let weights =
+            runtime::cuda_plan::GpuWeights::upload(g.clone(), &[], &crate::common::Table(&empty), &|_, _| {}).unwrap();
+        let plan = runtime::cuda_plan::CudaPlan::new(&weights, &graph, kplan, &codegen::ptx::PtxOptions::default())
+            .unwrap_or_else(|err| panic!("{rows} rows: {err}"));
+        let got = plan
+            .run(
+                &ir::DimEnv::new(),
+                &inputs,
+                &mut runtime::cuda_plan::DeviceStates::default(),
+            )
+            .unwrap_or_else(|err| panic!("{rows} rows: {err}"));
+        // the interpreter's route of the GPU's logits (probabilities as the evaluator makes them)
+        let lg = got["logits"].to_f64_vec();
+        let p: Vec<f32> = (0..rows)
+            .flat_map(|r| lg[r * (col + e) + col..(r + 1) * (col + e)].to_vec())
+            .map(|x| (1.0 / (1.0 + (-x).exp())) as f32)
+            .collect();
+        let rg = passes::testing::route_graph(e, groups, keep, k);
+        let feed: HashMap<String, ir::Tensor> = [
+            ("probs".to_string(), ir::Tensor::from_f32(f32t, vec![1, rows, e], p)),
+            ("bias".to_string(), inputs["bias"].clone()),
+        ]
+        .into();
+        let want = ir::interp::Interpreter::new(&rg, &crate::common::Table(&empty))
+            .unwrap()
+            .run(&feed)
+            .unwrap();
+        let (hc, wc) = (got["chosen"].to_f64_vec(), want["chosen"].to_f64_vec());
+        assert_eq!(hc, wc, "{rows} rows on {}: chosen experts differ", g.name);
+        let (hw, ww) = (got["weights"].as_f32().unwrap(), want["weights"].as_f32().unwrap());
+        assert!(
+            hw.iter().zip(ww).all(|(a, b)| a.is_nan() == b.is_nan()),
+            "{rows} rows: NaN weights differ"
+        );
+        let (fh, fw): (Vec<f32>, Vec<f32>) = hw
+            .iter()
+            .zip(ww)
+            .filter(|(_, b)| !b.is_nan())
+            .map(|(a, b)| (*a, *b))
+            .unzip();
+        let err = ir::tol::rel_err(&fh, &fw);
+        assert!(
+            err <= Tol::F32.op(),
+            "{rows} rows on {}: weights rel err {err:.3e}",
+            g.name
+        );
+        let tied = (0..rows)
+            .filter(|&r| {
+                let c = &hc[r * k..(r + 1) * k];
+                let l = |i: usize| lg[r * (col + e) + col + c[i] as usize];
+                (1..k).any(|i| l(i) == l(i - 1))
+            })
+            .count();
+        eprintln!("gpu route tail, {rows} rows: chosen equal ({tied} rows choose between tied logits), weights rel err {err:.1e}");
+    }
+}
+
 /// The lightning templates on the GPU, with and without the folded group norm and gate (model
 /// plans hold the folded step and the chunked form apart), against the interpreter: the register-state recurrence
 /// (d 16, 64, 128; Ring-mini's 16 heads of 128 at decode and prefill shapes) and the simple

@@ -168,11 +168,12 @@ fn route_of(k: &Kernel) -> Option<(usize, bool, &TemplateOp)> {
     let ScalarOp::Load { input, index } = &load.op else {
         return None;
     };
+    // element for element (an axis of one element may read its index 0 as a constant)
+    let one = Dim::constant(1);
     let identity = index.len() == f.domain.len()
-        && index
-            .iter()
-            .enumerate()
-            .all(|(a, e)| *e == IndexExpr::var(IndexVar::Loop(a as u32)));
+        && index.iter().enumerate().all(|(a, e)| {
+            *e == IndexExpr::var(IndexVar::Loop(a as u32)) || (f.domain[a] == one && *e == IndexExpr::zero())
+        });
     let src = k.inputs.get(*input)?;
     (identity && src.view.shape == f.domain).then_some((*input, sigmoid, &t.op))
 }
