@@ -727,18 +727,12 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
     kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!("  by kind: {}", kinds.join(", "));
-    let gemms = |f: fn(&ir::kernel::Gemm) -> bool| {
-        kplan
-            .kernels
-            .iter()
-            .filter(|k| match &k.kind {
-                ir::kernel::KernelKind::Template(t) => matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if f(g)),
-                _ => false,
-            })
-            .count()
-    };
-    let folded = gemms(|g| g.norm.is_some());
-    let routed = gemms(|g| g.route.is_some());
+    let folded = kplan
+        .kernels
+        .iter()
+        .filter(|k| k.gemm().is_some_and(|g| g.norm.is_some()))
+        .count();
+    let routed = kplan.kernels.iter().filter(|k| k.routes()).count();
     if folded > 0 {
         println!("  {folded} GEMMs compute the RMSNorm of their rows (fold-norm-gemm)");
         if routed > 0 {

@@ -132,11 +132,10 @@ impl Trace {
         i: usize,
         got: &HashMap<ir::kernel::BufferId, Tensor>,
     ) -> HashMap<ir::kernel::BufferId, Tensor> {
-        use ir::kernel::{BufferKind, KernelKind, TemplateOp};
+        use ir::kernel::BufferKind;
         let k = &self.plan.kernels[i];
         let mut want = self.after[i].clone();
-        let KernelKind::Template(t) = &k.kind else { return want };
-        if !matches!(&t.op, TemplateOp::Gemm(g) if g.route.is_some()) {
+        if !k.routes() {
             return want;
         }
         let mut mem = ir::kernel_eval::Memory::new();

@@ -244,14 +244,7 @@ fn gpu_routes_folded_into_the_router_gemm_match_the_evaluator() {
         let o = opts(Mode::Decode, Precision::Bf16);
         let (c, _) = passes::compile(&crate::common::model(&crate::common::config(config, &ring)).graph, &o).unwrap();
         let plan = passes::partition::partition_with(&c, true).unwrap();
-        let routed = plan
-            .kernels
-            .iter()
-            .filter(|k| {
-                matches!(&k.kind, ir::kernel::KernelKind::Template(t)
-                if matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if g.route.is_some()))
-            })
-            .count();
+        let routed = plan.kernels.iter().filter(|k| k.routes()).count();
         assert_eq!(routed, 2, "{config}: 2 MoE layers, each GEMM of its router routes");
         for batch in [1, 5, 16, 40] {
             kernels_match_with(&g, config, &ring, o.clone(), (batch, 1, 9), (false, true));
@@ -1026,14 +1019,7 @@ fn gpu_route_tail_matches_the_interpreter_at_ties_and_nans() {
         graph.add_output("chosen", outs[0], InputKind::Data);
         graph.add_output("weights", outs[1], InputKind::Data);
         let kplan = passes::partition::partition_with(&graph, true).unwrap();
-        let routed = kplan
-            .kernels
-            .iter()
-            .filter(|k| {
-                matches!(&k.kind, ir::kernel::KernelKind::Template(t)
-            if matches!(&t.op, ir::kernel::TemplateOp::Gemm(gm) if gm.route.is_some()))
-            })
-            .count();
+        let routed = kplan.kernels.iter().filter(|k| k.routes()).count();
         assert_eq!(routed, 1, "the route folds into the GEMM:\n{kplan}");
         let Some(g) = gpu.as_ref() else { continue };
         let empty = HashMap::new();

@@ -668,6 +668,54 @@ impl RouteTail {
     /// Most experts a folded route may have (the GPU keeps `experts / 32` keys a lane).
     pub const MAX_EXPERTS: i64 = 1024;
 
+    /// The tail of a `RouteTopK` template whose probabilities are result 0's columns
+    /// `col ..` (through a sigmoid when `sigmoid`); None for another template or a symbolic
+    /// expert count.
+    pub fn of(op: &TemplateOp, col: i64, sigmoid: bool) -> Option<RouteTail> {
+        let TemplateOp::RouteTopK {
+            k,
+            n_group,
+            topk_group,
+            scale,
+            normalize,
+            biased,
+            experts,
+            ..
+        } = op
+        else {
+            return None;
+        };
+        Some(RouteTail {
+            k: *k,
+            n_group: *n_group,
+            topk_group: *topk_group,
+            scale: *scale,
+            normalize: *normalize,
+            biased: *biased,
+            experts: experts.as_const()?,
+            col,
+            sigmoid,
+        })
+    }
+
+    /// Whether a GEMM can route so: the limits of the GPU's tail (a warp a row: at most
+    /// [`Self::MAX_EXPERTS`] experts in at most 63 equal groups, 1 to 32 chosen from the kept
+    /// groups). `passes::routegemm` folds only what passes; the PTX backend refuses the rest.
+    pub fn check(&self) -> Result<(), String> {
+        let (e, g) = (self.experts, self.n_group as i64);
+        if e <= 0 || e > Self::MAX_EXPERTS || g == 0 || g > 63 || e % g != 0 {
+            return Err(format!("{e} experts in {g} groups cannot be routed in a GEMM's tail"));
+        }
+        let per = e / g;
+        if self.k == 0 || self.k > 32 || self.topk_group as i64 > g || self.k as i64 > self.topk_group as i64 * per {
+            return Err(format!(
+                "cannot choose {} experts from {} of {g} groups of {per} in a GEMM's tail",
+                self.k, self.topk_group
+            ));
+        }
+        Ok(())
+    }
+
     /// The standalone template with this routing, over `tokens` rows.
     pub fn template(&self, tokens: Dim) -> TemplateOp {
         TemplateOp::RouteTopK {
@@ -1186,6 +1234,22 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// The GEMM of a GEMM template kernel.
+    pub fn gemm(&self) -> Option<&Gemm> {
+        match &self.kind {
+            KernelKind::Template(TemplateKernel {
+                op: TemplateOp::Gemm(g),
+                ..
+            }) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel is a GEMM that routes its rows (`Gemm.route`).
+    pub fn routes(&self) -> bool {
+        self.gemm().is_some_and(|g| g.route.is_some())
+    }
+
     /// Short kind: `loop`, `scan`, or the template's name.
     pub fn kind_name(&self) -> &'static str {
         match &self.kind {

@@ -339,10 +339,7 @@ impl Eval<'_> {
                     .map(|o| self.operand(k, o, mem))
                     .collect::<Result<_, _>>()?;
                 // a folded route's bias is the last operand, not the product's
-                let route = match &t.op {
-                    TemplateOp::Gemm(gm) => gm.route.as_deref().copied(),
-                    _ => None,
-                };
+                let route = k.gemm().and_then(|g| g.route.as_deref());
                 let n_prod = t.operands.len() - usize::from(route.is_some_and(|r| r.biased));
                 let results: Vec<Dense> = match &t.op {
                     TemplateOp::Gemm(gm) if gm.norm.is_none() => vec![gemm(&ops[0], &ops[1], gm.out)?],
@@ -445,12 +442,11 @@ impl Eval<'_> {
         let TemplateOp::Gemm(crate::kernel::Gemm { route: Some(r), .. }) = &t.op else {
             return Ok(());
         };
-        let bias = match (r.biased, t.operands.last()) {
-            (true, Some(o)) => Some(self.operand(k, o, mem)?),
-            (true, None) => return Err("a biased route without its bias operand".into()),
-            (false, _) => None,
+        // the bias is the kernel's last operand
+        let bias = match r.biased {
+            true => Some(self.operand(k, t.operands.last().ok_or("a route without its bias")?, mem)?),
+            false => None,
         };
-        let bias = bias.as_ref();
         let out = &k.outputs[0];
         let (shape, data) = self.gather(&out.view, mem.get(&out.buffer).ok_or("gemm result not written")?)?;
         let n = *shape.last().ok_or("a gemm result of rank 0")?;
@@ -468,12 +464,8 @@ impl Eval<'_> {
         *pshape.last_mut().expect("rank checked") = e;
         let tokens = Dim::constant(pshape[..pshape.len() - 1].iter().product::<usize>() as i64);
         let mut ops = vec![(pshape, probs)];
-        let mut dtypes = vec![DType::F32];
-        if r.biased {
-            let b = bias.ok_or("a biased route without its bias operand")?;
-            ops.push(b.clone());
-            dtypes.push(DType::F32);
-        }
+        ops.extend(bias);
+        let dtypes = vec![DType::F32; ops.len()];
         let res = self.by_interp_typed(&r.template(tokens), &dtypes, &ops)?;
         let first = k.outputs.len() - 2;
         for (o, (_, v)) in res.iter().enumerate() {

@@ -2567,11 +2567,7 @@ pub(crate) mod tests {
             )
             .unwrap();
             let plan = partition_with(&fused, fold).unwrap();
-            let routed = plan
-                .kernels
-                .iter()
-                .filter(|k| matches!(&k.kind, KernelKind::Template(t) if matches!(&t.op, TemplateOp::Gemm(gm) if gm.route.is_some())))
-                .count();
+            let routed = plan.kernels.iter().filter(|k| k.routes()).count();
             assert_eq!(routed > 0, fold, "{mode:?} fold {fold}");
             assert!(plan.counts().templates > 0);
             // the attention output's permute is no copy kernel: the attention writes the

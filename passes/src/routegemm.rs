@@ -75,8 +75,7 @@ fn find(plan: &KernelPlan) -> Option<(usize, usize, RouteTail)> {
             continue;
         }
         let gk = &plan.kernels[gi];
-        let KernelKind::Template(gt) = &gk.kind else { continue };
-        let TemplateOp::Gemm(gm) = &gt.op else { continue };
+        let Some(gm) = gk.gemm() else { continue };
         // the GEMMs of small-batch decode plans only (see the module doc)
         if gm.norm.is_none() || gm.route.is_some() {
             continue;
@@ -87,27 +86,11 @@ fn find(plan: &KernelPlan) -> Option<(usize, usize, RouteTail)> {
         let Some(col) = column_slice(&gk.outputs[0].view, &src.view) else {
             continue;
         };
-        let TemplateOp::RouteTopK {
-            k,
-            n_group,
-            topk_group,
-            scale,
-            normalize,
-            biased,
-            experts,
-            ..
-        } = op
-        else {
+        // within what a GEMM's tail routes (otherwise the routing kernel stays)
+        let Some(tail) = RouteTail::of(op, col, sigmoid).filter(|t| t.check().is_ok()) else {
             continue;
         };
-        let Some(e) = experts.as_const() else { continue };
-        // what the GPU's tail routes (codegen::ptx, `route_tail`, checks the same): a warp a
-        // row; otherwise the routing kernel stays
-        let groups_ok = *n_group > 0 && *n_group <= 63 && e % *n_group as i64 == 0;
-        let per = if groups_ok { e / *n_group as i64 } else { 0 };
-        let choice_ok = *k >= 1 && *k <= 32 && *topk_group <= *n_group && *k as i64 <= *topk_group as i64 * per;
-        let width_ok = src.view.shape.last().and_then(Dim::as_const) == Some(e);
-        if e > RouteTail::MAX_EXPERTS || !groups_ok || !choice_ok || !width_ok {
+        if src.view.shape.last().and_then(Dim::as_const) != Some(tail.experts) {
             continue;
         }
         // the route's results move up to the GEMM: nothing in between may touch them, and
@@ -121,17 +104,6 @@ fn find(plan: &KernelPlan) -> Option<(usize, usize, RouteTail)> {
         if clash {
             continue;
         }
-        let tail = RouteTail {
-            k: *k,
-            n_group: *n_group,
-            topk_group: *topk_group,
-            scale: *scale,
-            normalize: *normalize,
-            biased: *biased,
-            experts: e,
-            col,
-            sigmoid,
-        };
         return Some((gi, ri, tail));
     }
     None
@@ -202,17 +174,8 @@ mod tests {
 
     /// (route_topk kernels, GEMMs that route) of a plan.
     fn routes(plan: &KernelPlan) -> (usize, usize) {
-        let mut n = (0, 0);
-        for k in &plan.kernels {
-            if let KernelKind::Template(t) = &k.kind {
-                match &t.op {
-                    TemplateOp::RouteTopK { .. } => n.0 += 1,
-                    TemplateOp::Gemm(g) if g.route.is_some() => n.1 += 1,
-                    _ => {}
-                }
-            }
-        }
-        n
+        let count = |f: fn(&ir::kernel::Kernel) -> bool| plan.kernels.iter().filter(|k| f(k)).count();
+        (count(|k| k.kind_name() == "route_topk"), count(|k| k.routes()))
     }
 
     fn d(c: i64) -> ir::Dim {
@@ -311,23 +274,20 @@ mod tests {
             let folded = plan(opts(Mode::Decode));
             assert_eq!(routes(&folded), (0, moe), "{config} decode");
             for k in &folded.kernels {
-                if let KernelKind::Template(t) = &k.kind {
-                    if let TemplateOp::Gemm(gm) = &t.op {
-                        if let Some(r) = &gm.route {
-                            // the router's columns beside the shared expert's gate and up;
-                            // the experts and weights as the last two outputs
-                            assert!(r.sigmoid && r.biased, "{config}: {k}");
-                            assert!(gm.n.as_const().is_some_and(|n| n > r.experts), "{config}: {k}");
-                            let dt = |o: usize| folded.buffer(k.outputs[o].buffer).unwrap().dtype;
-                            let n = k.outputs.len();
-                            assert_eq!(
-                                (dt(n - 2), dt(n - 1)),
-                                (ir::DType::I64, ir::DType::F32),
-                                "{config}: {k}"
-                            );
-                        }
-                    }
-                }
+                let Some((gm, r)) = k.gemm().and_then(|g| Some((g, g.route.as_ref()?))) else {
+                    continue;
+                };
+                // the router's columns beside the shared expert's gate and up; the experts
+                // and weights as the last two outputs
+                assert!(r.sigmoid && r.biased, "{config}: {k}");
+                assert!(gm.n.as_const().is_some_and(|n| n > r.experts), "{config}: {k}");
+                let dt = |o: usize| folded.buffer(k.outputs[o].buffer).unwrap().dtype;
+                let n = k.outputs.len();
+                assert_eq!(
+                    (dt(n - 2), dt(n - 1)),
+                    (ir::DType::I64, ir::DType::F32),
+                    "{config}: {k}"
+                );
             }
             let apart = plan(CompileOptions {
                 fold_norms: false,

@@ -694,46 +694,44 @@ impl TemplateExec {
 
     /// Writes result `r` through output `o`'s view.
     fn store_result(&self, o: usize, r: &Dense, l: &Launch) -> Result<(), String> {
-        {
-            let (view, dtype) = &self.outputs[o];
-            let cv = ConcreteView::new(view, l.env)?;
-            if let Some(n) = r.len(*dtype) {
-                if cv.numel() != n {
-                    return Err(format!("result {o} has {n} elements for a view of {}", cv.numel()));
-                }
+        let (view, dtype) = &self.outputs[o];
+        let cv = ConcreteView::new(view, l.env)?;
+        if let Some(n) = r.len(*dtype) {
+            if cv.numel() != n {
+                return Err(format!("result {o} has {n} elements for a view of {}", cv.numel()));
             }
-            let p = l.bufs[self.n_inputs + o].0;
-            let size = dtype.size_bytes();
-            // SAFETY: the runtime hands the buffer the view was made for.
-            unsafe {
-                // storage-format results into a dense view: one copy
-                let dense = dense_offset(&cv).map(|off| p.add(off * size));
-                match (r, dense) {
-                    (Dense::Raw(b), Some(d)) => {
-                        std::ptr::copy_nonoverlapping(b.as_ptr(), d, b.len());
-                        return Ok(());
-                    }
-                    (Dense::F32(v), Some(d)) if *dtype == DType::F32 => {
-                        std::ptr::copy_nonoverlapping(v.as_ptr(), d as *mut f32, v.len());
-                        return Ok(());
-                    }
-                    _ => {}
+        }
+        let p = l.bufs[self.n_inputs + o].0;
+        let size = dtype.size_bytes();
+        // SAFETY: the runtime hands the buffer the view was made for.
+        unsafe {
+            // storage-format results into a dense view: one copy
+            let dense = dense_offset(&cv).map(|off| p.add(off * size));
+            match (r, dense) {
+                (Dense::Raw(b), Some(d)) => {
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), d, b.len());
+                    return Ok(());
                 }
-                match r {
-                    Dense::F32(v) => write_view(p, *dtype, &cv, |i| f64::from(v[i])),
-                    Dense::I64(v) if dtype.is_float() => write_view(p, *dtype, &cv, |i| v[i] as f64),
-                    Dense::I64(v) => cv.for_each(|lin, a| match dtype {
-                        DType::I64 => *(p as *mut i64).add(a) = v[lin],
-                        DType::I32 => *(p as *mut i32).add(a) = v[lin] as i32,
-                        _ => store_elem(p, *dtype, a, v[lin] as f64),
-                    }),
-                    Dense::Raw(b) => {
-                        cv.for_each(|lin, a| {
-                            std::ptr::copy_nonoverlapping(b.as_ptr().add(lin * size), p.add(a * size), size)
-                        });
-                    }
-                    Dense::Stored => {}
+                (Dense::F32(v), Some(d)) if *dtype == DType::F32 => {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), d as *mut f32, v.len());
+                    return Ok(());
                 }
+                _ => {}
+            }
+            match r {
+                Dense::F32(v) => write_view(p, *dtype, &cv, |i| f64::from(v[i])),
+                Dense::I64(v) if dtype.is_float() => write_view(p, *dtype, &cv, |i| v[i] as f64),
+                Dense::I64(v) => cv.for_each(|lin, a| match dtype {
+                    DType::I64 => *(p as *mut i64).add(a) = v[lin],
+                    DType::I32 => *(p as *mut i32).add(a) = v[lin] as i32,
+                    _ => store_elem(p, *dtype, a, v[lin] as f64),
+                }),
+                Dense::Raw(b) => {
+                    cv.for_each(|lin, a| {
+                        std::ptr::copy_nonoverlapping(b.as_ptr().add(lin * size), p.add(a * size), size)
+                    });
+                }
+                Dense::Stored => {}
             }
         }
         Ok(())

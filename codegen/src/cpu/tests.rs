@@ -188,10 +188,7 @@ fn routed_outputs(
     eval: &Eval,
     host: &HashMap<BufferId, Vec<u64>>,
 ) -> HashMap<BufferId, Vec<f64>> {
-    let ir::kernel::KernelKind::Template(t) = &k.kind else {
-        return HashMap::new();
-    };
-    if !matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if g.route.is_some()) {
+    if !k.routes() {
         return HashMap::new();
     }
     let y = &k.outputs[0];

@@ -330,10 +330,6 @@ fn masked_key<'c>(
 
 // ---- the route folded into the router's GEMM ---------------------------------------------------
 
-/// Most experts the folded route handles (each lane keeps `experts / 32` keys in registers);
-/// `passes::routegemm` folds no more.
-pub(crate) const TAIL_MAX_EXPERTS: i64 = ir::kernel::RouteTail::MAX_EXPERTS;
-
 /// Bytes of one warp's shared scratch in the tail: probabilities and selection scores (f32 per
 /// expert), group keys (u64) and kept flags (u32 per group), rounded to 16.
 fn tail_region(experts: i64, n_group: i64) -> i64 {
@@ -358,19 +354,9 @@ pub(super) fn route_tail<'c>(
     r: &ir::kernel::RouteTail,
     threads: i64,
 ) -> R<()> {
+    r.check().or_else(|e| err(format!("gemm route: {e}")))?;
     let (e_n, n_group, k) = (r.experts, r.n_group as i64, r.k as i64);
-    if e_n <= 0 || e_n > TAIL_MAX_EXPERTS || n_group == 0 || n_group > 63 || e_n % n_group != 0 {
-        return err(format!(
-            "gemm route: {e_n} experts in {n_group} groups cannot be routed in the tail"
-        ));
-    }
     let per = e_n / n_group;
-    if k == 0 || r.topk_group as i64 > n_group || k > r.topk_group as i64 * per || k > 32 {
-        return err(format!(
-            "gemm route: cannot choose {k} experts from {} of {n_group} groups of {per}",
-            r.topk_group
-        ));
-    }
     let nout = em.kernel.outputs.len();
     let (o_idx, o_w) = (nout - 2, nout - 1);
     let bias_op = t.operands.len() - 1;
@@ -414,9 +400,8 @@ pub(super) fn route_tail<'c>(
         let region = em.mul(warp, em.i64c(tail_region(e_n, n_group) / 4))?;
         let probs = super::attention::fptr(em, smem, region)?;
         let sel = super::attention::fptr(em, probs, en)?;
-        let gk_at = super::attention::fptr(em, sel, en)?;
-        let kept = em.shared_gep(i64t.into(), gk_at, ng)?;
-        let gkeys = gk_at;
+        let gkeys = super::attention::fptr(em, sel, en)?;
+        let kept = em.shared_gep(i64t.into(), gkeys, ng)?;
         // a warp a row. The code is kept small (loops, not unrolled): it runs once a launch,
         // from a cold instruction cache, after the GEMM's large body (unrolled, it measured
         // 13-18 µs a row on an H200; the loads alone are a few)

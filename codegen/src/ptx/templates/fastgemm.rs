@@ -784,7 +784,7 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
     let past = em.mul(em.sreg("ctaid.x")?, em.i64c(GEMV_COLS))?;
     let past = em.icmp(IntPredicate::SGE, past, cx.nn)?;
     // with a folded route every block must reach the tail's arrival count: skip, not return
-    let skip = match routes(em) {
+    let skip = match em.kernel.routes() {
         true => Some(em.skip_if(past)?),
         false => {
             em.return_if(past)?;
@@ -797,12 +797,6 @@ fn gemv<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<()> {
         em.b.position_at_end(end);
     }
     Ok(())
-}
-
-/// Whether the kernel is a GEMM with a folded route (`RouteTail`).
-fn routes(em: &Em) -> bool {
-    matches!(&em.kernel.kind, ir::kernel::KernelKind::Template(t)
-        if matches!(&t.op, ir::kernel::TemplateOp::Gemm(g) if g.route.is_some()))
 }
 
 /// The GEMV's columns of this block (one in range).
