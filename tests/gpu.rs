@@ -918,19 +918,32 @@ fn gpu_route_topk_matches_the_interpreter_at_ties_and_nans() {
             &hc[bad[0] / k * k..][..k],
             &wc[bad[0] / k * k..][..k]
         );
-        let (hw, ww) = (got["weights"].as_f32().unwrap(), want["weights"].as_f32().unwrap());
-        let nan_differs = hw.iter().zip(ww).filter(|(a, b)| a.is_nan() != b.is_nan()).count();
-        assert_eq!(nan_differs, 0, "E={e}: NaN weights differ");
-        let (fh, fw): (Vec<f32>, Vec<f32>) = hw
-            .iter()
-            .zip(ww)
-            .filter(|(_, b)| !b.is_nan())
-            .map(|(a, b)| (*a, *b))
-            .unzip();
-        let err = ir::tol::rel_err(&fh, &fw);
-        assert!(err <= Tol::F32.op(), "E={e} on {}: weights rel err {err:.3e}", g.name);
+        let err = route_weights_err(&got, &want, &format!("E={e} on {}", g.name));
         eprintln!("gpu route_topk E={e} groups={groups} keep={keep} k={k}: chosen equal, weights rel err {err:.1e}");
     }
+}
+
+/// The routing weights `got` against `want`: NaN in the same places, the rest within the f32
+/// tier; returns the error.
+fn route_weights_err(
+    got: &std::collections::HashMap<String, ir::Tensor>,
+    want: &std::collections::HashMap<String, ir::Tensor>,
+    what: &str,
+) -> f64 {
+    let (hw, ww) = (got["weights"].as_f32().unwrap(), want["weights"].as_f32().unwrap());
+    assert!(
+        hw.iter().zip(ww).all(|(a, b)| a.is_nan() == b.is_nan()),
+        "{what}: NaN weights differ"
+    );
+    let (fh, fw): (Vec<f32>, Vec<f32>) = hw
+        .iter()
+        .zip(ww)
+        .filter(|(_, b)| !b.is_nan())
+        .map(|(a, b)| (*a, *b))
+        .unzip();
+    let err = ir::tol::rel_err(&fh, &fw);
+    assert!(err <= Tol::F32.op(), "{what}: weights rel err {err:.3e}");
+    err
 }
 
 /// The route folded into a router GEMM (`passes::routegemm`) on rows full of ties: the router
@@ -1052,23 +1065,7 @@ fn gpu_route_tail_matches_the_interpreter_at_ties_and_nans() {
             .unwrap();
         let (hc, wc) = (got["chosen"].to_f64_vec(), want["chosen"].to_f64_vec());
         assert_eq!(hc, wc, "{rows} rows on {}: chosen experts differ", g.name);
-        let (hw, ww) = (got["weights"].as_f32().unwrap(), want["weights"].as_f32().unwrap());
-        assert!(
-            hw.iter().zip(ww).all(|(a, b)| a.is_nan() == b.is_nan()),
-            "{rows} rows: NaN weights differ"
-        );
-        let (fh, fw): (Vec<f32>, Vec<f32>) = hw
-            .iter()
-            .zip(ww)
-            .filter(|(_, b)| !b.is_nan())
-            .map(|(a, b)| (*a, *b))
-            .unzip();
-        let err = ir::tol::rel_err(&fh, &fw);
-        assert!(
-            err <= Tol::F32.op(),
-            "{rows} rows on {}: weights rel err {err:.3e}",
-            g.name
-        );
+        let err = route_weights_err(&got, &want, &format!("{rows} rows on {}", g.name));
         let tied = (0..rows)
             .filter(|&r| {
                 let c = &hc[r * k..(r + 1) * k];
