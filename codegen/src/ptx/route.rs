@@ -7,19 +7,28 @@
 //! (`ord(v) << 32 | (2³¹ − 1 − index)`, with `ord` the usual sign-flip of the f32 bits after
 //! canonicalising NaN and −0), so "best" is an unsigned maximum and keys never tie.
 //!
+//! No step runs serial rounds: every selection is a rank count of keys in shared memory, each
+//! thread ranking its own experts.
+//!
 //! 1. Each thread loads its experts' probabilities (through the operand's prologue, e.g. the
-//!    router's sigmoid) and biased scores `σ̃ = p + bias` (f32) into shared memory.
-//! 2. Thread g scores group g: the sum of its two best σ̃ (strict improvements in index order:
-//!    the stable top-2), an f32 add, which equals the reference's f64 sum rounded to f32
-//!    (a double rounding of one addition through 53 bits is innocuous).
-//! 3. Thread g keeps group g when fewer than `topk_group` group keys beat its key.
-//! 4. `k` rounds of a block-wide u64 maximum over the masked keys (σ̃ of kept groups, −∞
-//!    otherwise), each round restricted to keys below the previous winner: warp butterflies on
-//!    the two halves, one shared slot per warp (double-buffered by round parity, so one barrier
-//!    a round), every thread reducing the slots.
+//!    router's sigmoid) and the keys of their biased scores `σ̃ = p + bias` (f32) into shared
+//!    memory.
+//! 2. An expert's rank among its group's keys; the experts of rank 0 and 1 write the group's two
+//!    best σ̃ (the stable top-2). Thread g then keys group g by their f32 sum, which equals the
+//!    reference's f64 sum rounded to f32 (a double rounding of one addition through 53 bits is
+//!    innocuous).
+//! 3. An expert's group is kept when fewer than `topk_group` group keys beat its own; its masked
+//!    key is its σ̃'s key when kept, −∞'s otherwise.
+//! 4. Top k of the masked keys: each chunk of 32 experts nominates its k best (a rank count in
+//!    the chunk), and a nominee's rank among all nominees is its rank overall (a key larger than
+//!    a nominee's is itself a nominee, or its chunk has k nominees above the first), so the
+//!    nominee of rank r < k writes slot r.
 //! 5. Thread r < k writes slot r: the expert, and its weight `p / (Σ p + 1e−20) · scale` with
 //!    the sum accumulated in f64 over the chosen experts in rank order and rounded to f32, as the
 //!    reference does.
+//!
+//! The route folded into a GEMM ([`route_tail`]) runs the same steps in one warp a row, with
+//! shuffle rounds for step 4.
 
 use super::super::emit::{err, Ck, Em, Val, R};
 use inkwell::values::{FloatValue, IntValue, PointerValue};
@@ -32,6 +41,12 @@ use ir::{DType, Dim};
 const MAX_THREADS: i64 = 256;
 /// The low half of a key is `LOW − index`.
 const LOW: i64 = 0x7fff_ffff;
+/// Experts per chunk in the top-k step (each chunk nominates its best k).
+const CHUNK: i64 = 32;
+/// Groups of at most this many experts are scanned by straight-line code.
+const UNROLL_MAX: i64 = 64;
+/// Static shared memory of the routing kernel, at most.
+const ROUTE_SMEM: i64 = 48 * 1024;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn route_topk<'c>(
@@ -57,89 +72,192 @@ pub(super) fn route_topk<'c>(
             "route_topk: cannot choose {k} experts from {topk_group} of {n_group} groups of {per}"
         ));
     }
+    let chunks = (e_n + CHUNK - 1) / CHUNK;
+    let smem = 12 * e_n + 16 * n_group as i64 + 8 * chunks * k as i64 + 8 * k as i64;
+    if smem > ROUTE_SMEM {
+        return err(format!(
+            "route_topk: {e_n} experts choosing {k} need {smem} bytes of shared memory (at most {ROUTE_SMEM})"
+        ));
+    }
     let threads = (e_n as u64).next_power_of_two().clamp(64, MAX_THREADS as u64) as i64;
     let per_thread = (e_n + threads - 1) / threads;
-    let warps = threads / 32;
     let s0 = em.operand_shape(t, 0)?;
     let rows = numel(&s0[..s0.len().saturating_sub(1)]);
 
-    let (i32t, i64t, f32t) = (em.ctx.i32_type(), em.ctx.i64_type(), em.ctx.f32_type());
+    let (i64t, f32t) = (em.ctx.i64_type(), em.ctx.f32_type());
     let probs = em.shared_array("route_probs", f32t.into(), e_n as u32);
-    let sel = em.shared_array("route_sel", f32t.into(), e_n as u32);
+    let keys = em.shared_array("route_keys", i64t.into(), e_n as u32);
+    let g1 = em.shared_array("route_g1", f32t.into(), n_group as u32);
+    let g2 = em.shared_array("route_g2", f32t.into(), n_group as u32);
     let gkeys = em.shared_array("route_gkeys", i64t.into(), n_group as u32);
-    let kept = em.shared_array("route_kept", i32t.into(), n_group as u32);
-    let slots = em.shared_array("route_slots", i64t.into(), 64);
+    let cand = em.shared_array("route_cand", i64t.into(), (chunks * k as i64) as u32);
     let chosen = em.shared_array("route_chosen", i64t.into(), k as u32);
 
     let row = em.sreg("ctaid.x")?;
     let tid = em.sreg("tid.x")?;
-    let (zero, one) = (em.i64c(0), em.i64c(1));
-    let step = em.i64c(threads);
+    let zero = em.i64c(0);
     let en = em.i64c(e_n);
     let base = em.mul(row, en)?;
-    let ng = em.i64c(n_group as i64);
+    let kk = em.i64c(k as i64);
+    let neg_inf = f32t.const_float(f64::NEG_INFINITY);
+    let lds_key =
+        |em: &Em<'c, '_>, i: IntValue<'c>| -> R<IntValue<'c>> { em.geti(em.shared_gep(i64t.into(), keys, i)?) };
+    // `Σ [key(i) > mine]` over the indices `lo..hi` (constants: the loop is unrolled)
+    let count_above =
+        |em: &Em<'c, '_>, arr: PointerValue<'c>, lo: i64, hi: i64, mine: IntValue<'c>| -> R<IntValue<'c>> {
+            let mut n = em.i64c(0);
+            for i in lo..hi {
+                let other = em.geti(em.shared_gep(i64t.into(), arr, em.i64c(i))?)?;
+                n = em.add(n, em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mine)?)?)?;
+            }
+            Ok(n)
+        };
 
-    // 1. probabilities and selection scores
-    em.for_range(tid, en, step, |em, e| {
-        let p = em.ld_lin(t, 0, em.add(base, e)?)?;
+    // this thread's experts: e = tid + j·threads (valid below E)
+    let mine: Vec<(IntValue<'c>, IntValue<'c>)> = (0..per_thread)
+        .map(|j| {
+            let e = em.add(tid, em.i64c(j * threads))?;
+            Ok((e, em.icmp(IntPredicate::SLT, e, en)?))
+        })
+        .collect::<R<_>>()?;
+
+    // 1. probabilities and the selection scores' keys; the candidates' slots cleared
+    em.for_range(tid, em.i64c(chunks * k as i64), em.i64c(threads), |em, i| {
+        em.set(em.shared_gep(i64t.into(), cand, i)?, zero)
+    })?;
+    let mut sel = Vec::new();
+    for &(e, valid) in &mine {
+        let ec = em.select_i(valid, e, zero)?;
+        let p = em.ld_lin(t, 0, em.add(base, ec)?)?;
         let s = if biased {
-            let b = em.ldf(t, 1, &[e])?;
+            let b = em.ldf(t, 1, &[ec])?;
             em.fadd(p, b)?
         } else {
             p
         };
-        em.set(em.shared_gep(f32t.into(), probs, e)?, p)?;
-        em.set(em.shared_gep(f32t.into(), sel, e)?, s)
-    })?;
-    em.barrier()?;
-
-    // 2. group scores: the two best σ̃ of each group
-    em.for_range(tid, ng, step, |em, g| group_key(em, sel, gkeys, g, per))?;
-    em.barrier()?;
-
-    // 3. kept groups: fewer than topk_group keys above their own
-    em.for_range(tid, ng, step, |em, g| group_kept(em, gkeys, kept, g, ng, topk_group))?;
-    em.barrier()?;
-
-    // 4. the masked keys of this thread's experts (0, below every key, past E)
-    let keys = (0..per_thread)
-        .map(|j| masked_key(em, sel, kept, em.add(tid, em.i64c(j * threads))?, en, per))
-        .collect::<R<Vec<_>>>()?;
-    let prev = em.ivar(em.i64c(-1))?;
-    let lane = em.rem(tid, em.i64c(32))?;
-    let warp = em.div(tid, em.i64c(32))?;
-    em.for_range(zero, em.i64c(k as i64), one, |em, r| {
-        let best = warp_umax(em, best_below(em, &keys, em.geti(prev)?)?)?;
-        let parity = em.mul(em.rem(r, em.i64c(2))?, em.i64c(32))?;
-        let is0 = em.icmp(IntPredicate::EQ, lane, zero)?;
-        em.if_then(is0, |em| {
-            em.set(em.shared_gep(i64t.into(), slots, em.add(parity, warp)?)?, best)
+        let ks = key(em, s, ec)?;
+        em.if_then(valid, |em| {
+            em.set(em.shared_gep(f32t.into(), probs, e)?, p)?;
+            em.set(em.shared_gep(i64t.into(), keys, e)?, ks)
         })?;
-        em.barrier()?;
-        let mut all = zero;
-        for w in 0..warps {
-            let s = em.geti(em.shared_gep(i64t.into(), slots, em.add(parity, em.i64c(w))?)?)?;
-            all = umax(em, all, s)?;
-        }
-        em.set(prev, all)?;
-        let first = em.icmp(IntPredicate::EQ, tid, zero)?;
-        em.if_then(first, |em| {
-            let low = em.b.build_and(all, i64t.const_int(0xffff_ffff, false), "").ck()?;
-            let e = em.sub(em.i64c(LOW), low)?;
-            em.set(em.shared_gep(i64t.into(), chosen, r)?, e)
-        })
+        sel.push((s, ks));
+    }
+    em.barrier()?;
+
+    // 2. each group's two best selection scores: the experts of rank 0 and 1 in their group
+    for (&(e, valid), &(s, ks)) in mine.iter().zip(&sel) {
+        em.if_then(valid, |em| {
+            let g = em.div(e, em.i64c(per))?;
+            let lo = em.mul(g, em.i64c(per))?;
+            let n = if per <= UNROLL_MAX {
+                let mut n = em.i64c(0);
+                for i in 0..per {
+                    let other = lds_key(em, em.add(lo, em.i64c(i))?)?;
+                    n = em.add(n, em.bool_to_i64(em.icmp(IntPredicate::UGT, other, ks)?)?)?;
+                }
+                n
+            } else {
+                let n = em.ivar(em.i64c(0))?;
+                em.for_range(lo, em.add(lo, em.i64c(per))?, em.i64c(1), |em, i| {
+                    let other = lds_key(em, i)?;
+                    em.set(
+                        n,
+                        em.add(em.geti(n)?, em.bool_to_i64(em.icmp(IntPredicate::UGT, other, ks)?)?)?,
+                    )
+                })?;
+                em.geti(n)?
+            };
+            em.if_then(em.icmp(IntPredicate::EQ, n, em.i64c(0))?, |em| {
+                em.set(em.shared_gep(f32t.into(), g1, g)?, s)
+            })?;
+            em.if_then(em.icmp(IntPredicate::EQ, n, em.i64c(1))?, |em| {
+                em.set(em.shared_gep(f32t.into(), g2, g)?, s)
+            })
+        })?;
+    }
+    em.barrier()?;
+
+    // 3. group keys; then each expert's masked key: its selection key when fewer than
+    // topk_group group keys beat its group's, −∞'s otherwise (into `keys`, read by nobody since
+    // the barrier)
+    em.for_range(tid, em.i64c(n_group as i64), em.i64c(threads), |em, g| {
+        let a = em.getf(em.shared_gep(f32t.into(), g1, g)?)?;
+        let score = if per >= 2 {
+            em.fadd(a, em.getf(em.shared_gep(f32t.into(), g2, g)?)?)?
+        } else {
+            a
+        };
+        em.set(em.shared_gep(i64t.into(), gkeys, g)?, key(em, score, g)?)
     })?;
+    em.barrier()?;
+    let mut masked = Vec::new();
+    for (&(e, valid), &(_, ks)) in mine.iter().zip(&sel) {
+        let ec = em.select_i(valid, e, zero)?;
+        let g = em.div(ec, em.i64c(per))?;
+        let gk = em.geti(em.shared_gep(i64t.into(), gkeys, g)?)?;
+        let above = count_above(em, gkeys, 0, n_group as i64, gk)?;
+        let kept = em.icmp(IntPredicate::SLT, above, em.i64c(topk_group as i64))?;
+        let mk = em.select_i(kept, ks, key(em, neg_inf, ec)?)?;
+        em.if_then(valid, |em| em.set(em.shared_gep(i64t.into(), keys, e)?, mk))?;
+        masked.push(mk);
+    }
+    em.barrier()?;
+
+    // 4. top k of the masked keys. A key's rank in its chunk of CHUNK experts; the chunk's
+    // first k ranks are its candidates (slots never written stay 0, below every key). A key is
+    // among the top k overall exactly when it is a candidate and fewer than k candidates beat
+    // it (a larger key that is no candidate sits in a chunk with k larger ones), so the ranks
+    // among candidates are the overall ranks.
+    let mut nominated = Vec::new();
+    for (&(e, valid), &mk) in mine.iter().zip(&masked) {
+        let c = em.div(e, em.i64c(CHUNK))?;
+        let lo = em.mul(c, em.i64c(CHUNK))?;
+        let mut n = em.i64c(0);
+        for i in 0..CHUNK {
+            let at = em.add(lo, em.i64c(i))?;
+            let inside = em.icmp(IntPredicate::SLT, at, en)?;
+            let other = lds_key(em, em.select_i(inside, at, zero)?)?;
+            let beats =
+                em.b.build_and(inside, em.icmp(IntPredicate::UGT, other, mk)?, "")
+                    .ck()?;
+            n = em.add(n, em.bool_to_i64(beats)?)?;
+        }
+        let is_cand = em.b.build_and(valid, em.icmp(IntPredicate::SLT, n, kk)?, "").ck()?;
+        em.if_then(is_cand, |em| {
+            let at = em.add(em.mul(c, kk)?, n)?;
+            em.set(em.shared_gep(i64t.into(), cand, at)?, mk)
+        })?;
+        nominated.push(is_cand);
+    }
+    em.barrier()?;
+    for ((&(e, _), &mk), &is_cand) in mine.iter().zip(&masked).zip(&nominated) {
+        em.if_then(is_cand, |em| {
+            let n = em.ivar(em.i64c(0))?;
+            em.for_range(zero, em.i64c(chunks), em.i64c(1), |em, c| {
+                let lo = em.mul(c, kk)?;
+                let mut m = em.geti(n)?;
+                for i in 0..k as i64 {
+                    let other = em.geti(em.shared_gep(i64t.into(), cand, em.add(lo, em.i64c(i))?)?)?;
+                    m = em.add(m, em.bool_to_i64(em.icmp(IntPredicate::UGT, other, mk)?)?)?;
+                }
+                em.set(n, m)
+            })?;
+            let n = em.geti(n)?;
+            em.if_then(em.icmp(IntPredicate::SLT, n, kk)?, |em| {
+                em.set(em.shared_gep(i64t.into(), chosen, n)?, e)
+            })
+        })?;
+    }
     em.barrier()?;
 
     // 5. weights of the chosen experts, in rank order
-    let kk = em.i64c(k as i64);
-    // the expert chosen at rank r and its probability
+    let one = em.i64c(1);
     let chosen_at = |em: &Em<'c, '_>, r: IntValue<'c>| -> R<(IntValue<'c>, FloatValue<'c>)> {
         let e = em.geti(em.shared_gep(i64t.into(), chosen, r)?)?;
         let p = em.b.build_load(f32t, em.shared_gep(f32t.into(), probs, e)?, "").ck()?;
         Ok((e, p.into_float_value()))
     };
-    em.for_range(tid, kk, step, |em, r| {
+    em.for_range(tid, kk, em.i64c(threads), |em, r| {
         let (e, p) = chosen_at(em, r)?;
         let mut w = p;
         if normalize {
