@@ -41,7 +41,9 @@ made on the GPU itself on cuda (same distributions, other values).
 Environment: RINGJIT_DEBUG=1 prints the chosen device, the model's size and unused config keys,
 and on cuda synchronises after every launch to name a failing kernel; RINGJIT_DEBUG=2 adds the
 time of every kernel; 4 the LLVM IR and 5 the PTX of each kernel (ringjit ptx). RINGJIT_CACHE=DIR
-moves the compiled-kernel cache (default ~/.cache/ringjit; `off` disables it).";
+moves the compiled-kernel cache (default ~/.cache/ringjit; `off` disables it). RINGJIT_PDL=0
+launches cuda kernels in plain stream order (default: programmatic dependent launch, each kernel
+waiting on the GPU for the one before it).";
 
 #[derive(Parser)]
 #[command(name = "ringjit", version, about = ABOUT, after_help = AFTER_HELP)]

@@ -249,7 +249,20 @@ struct Loaded {
     /// its scratch is arrival counters it needs at zero and leaves at zero
     /// (`PtxKernel::scratch_counters`): served from the counters buffer, never memset
     counters: bool,
+    /// its PTX waits for the kernel before it (`griddepcontrol.wait` at the entry): it may be
+    /// launched as a programmatic dependent ([`pdl_enabled`])
+    pdl: bool,
     _module: Arc<CudaModule>,
+}
+
+/// Whether kernels whose PTX waits for their predecessor are launched as programmatic
+/// dependents (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`): the driver may then
+/// start launching a kernel while the one before it runs, and the kernel's `griddepcontrol.wait`
+/// holds it until its predecessor has completed. On by default; `RINGJIT_PDL=0` launches every
+/// kernel in plain stream order (A/B timing).
+fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RINGJIT_PDL").map(|v| v != "0").unwrap_or(true))
 }
 
 /// Bytes of shared scratch and of counters that `kernels` need under `env`.
@@ -1349,15 +1362,21 @@ impl CudaPlan {
         args.extend(k.outputs.iter().map(|r| addr[r.buffer.0 as usize]));
         args.push(syms);
         args.push(scratch);
-        let mut b = self.gpu.stream.launch_builder(&l.func);
-        for a in &args {
-            b.arg(a);
-        }
         let t0 = (self.debug >= 2).then(std::time::Instant::now);
         // SAFETY: the kernel follows docs/kernel-abi.md: it reads and writes only the buffers
         // whose addresses it is given, within their sizes under `env`, which the arena plan and
-        // the allocations above provide.
-        unsafe { b.launch(cfg) }.map_err(|e| Error(format!("{}: launch failed: {e}", k.name)))?;
+        // the allocations above provide; a programmatic dependent waits for its predecessor
+        // before its first access to any of them (`griddepcontrol.wait` at its entry).
+        if l.pdl && pdl_enabled() {
+            unsafe { self.launch_dependent(l, &cfg, &mut args) }
+        } else {
+            let mut b = self.gpu.stream.launch_builder(&l.func);
+            for a in &args {
+                b.arg(a);
+            }
+            unsafe { b.launch(cfg) }.map(|_| ())
+        }
+        .map_err(|e| Error(format!("{}: launch failed: {e}", k.name)))?;
         if self.debug >= 1 {
             self.gpu
                 .stream
@@ -1378,6 +1397,44 @@ impl CudaPlan {
             }
         }
         Ok(())
+    }
+
+    /// `cuLaunchKernelEx` of `l` with programmatic stream serialization allowed (its 64-bit
+    /// arguments `args`, as the plain launch passes them).
+    ///
+    /// # Safety
+    /// As for any launch: `args` must be what the kernel's ABI expects.
+    unsafe fn launch_dependent(
+        &self,
+        l: &Loaded,
+        cfg: &LaunchConfig,
+        args: &mut [u64],
+    ) -> std::result::Result<(), cudarc::driver::DriverError> {
+        use cudarc::driver::sys;
+        self.gpu.ctx.bind_to_thread()?;
+        let mut params: Vec<*mut std::ffi::c_void> =
+            args.iter_mut().map(|a| a as *mut u64 as *mut std::ffi::c_void).collect();
+        // SAFETY: a plain-old-data C struct, all zeros is a valid value
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.gpu.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `config`, `attr` and `params` outlive the call; the function handle is kept
+        // alive by `l`'s module; the caller vouches for the arguments
+        unsafe {
+            sys::cuLaunchKernelEx(&config, l.func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+        }
     }
 }
 
@@ -1492,6 +1549,7 @@ fn load_kernels(gpu: &Arc<Gpu>, plan: &KernelPlan, opts: &PtxOptions, cache: &mu
             scratch: compiled.scratch_bytes,
             scratch_zero: compiled.scratch_zero,
             counters: compiled.scratch_counters,
+            pdl: compiled.body.contains("griddepcontrol.wait"),
             _module: module,
         });
     }
