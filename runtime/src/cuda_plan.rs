@@ -1412,8 +1412,10 @@ impl CudaPlan {
     ) -> std::result::Result<(), cudarc::driver::DriverError> {
         use cudarc::driver::sys;
         self.gpu.ctx.bind_to_thread()?;
-        let mut params: Vec<*mut std::ffi::c_void> =
-            args.iter_mut().map(|a| a as *mut u64 as *mut std::ffi::c_void).collect();
+        let mut params: Vec<*mut std::ffi::c_void> = args
+            .iter_mut()
+            .map(|a| a as *mut u64 as *mut std::ffi::c_void)
+            .collect();
         // SAFETY: a plain-old-data C struct, all zeros is a valid value
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;

@@ -481,7 +481,14 @@ fn every_kernel_waits_for_its_predecessor_before_touching_memory() {
             kinds.insert(plan.kernels.iter().find(|k| k.name == p.name).unwrap().kind_name());
         }
     }
-    for kind in ["loop", "gemm", "grouped_gemm", "route_topk", "attention", "scaled_gemm_fp8"] {
+    for kind in [
+        "loop",
+        "gemm",
+        "grouped_gemm",
+        "route_topk",
+        "attention",
+        "scaled_gemm_fp8",
+    ] {
         assert!(kinds.contains(kind), "{kind} not seen: {kinds:?}");
     }
 }
