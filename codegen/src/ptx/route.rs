@@ -73,7 +73,11 @@ pub(super) fn route_topk<'c>(
         ));
     }
     let chunks = (e_n + CHUNK - 1) / CHUNK;
-    let smem = 12 * e_n + 16 * n_group as i64 + 8 * chunks * k as i64 + 8 * k as i64;
+    // the arrays below, each aligned to 16 bytes
+    let r16 = |b: i64| (b + 15) / 16 * 16;
+    let g = n_group as i64;
+    let smem =
+        r16(4 * e_n) + r16(8 * e_n) + 2 * r16(4 * g) + r16(8 * g) + r16(8 * chunks * k as i64) + r16(8 * k as i64);
     if smem > ROUTE_SMEM {
         return err(format!(
             "route_topk: {e_n} experts choosing {k} need {smem} bytes of shared memory (at most {ROUTE_SMEM})"
