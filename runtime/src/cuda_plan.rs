@@ -260,7 +260,7 @@ struct Loaded {
 /// start launching a kernel while the one before it runs, and the kernel's `griddepcontrol.wait`
 /// holds it until its predecessor has completed. On by default; `RINGJIT_PDL=0` launches every
 /// kernel in plain stream order (A/B timing).
-fn pdl_enabled() -> bool {
+pub fn pdl_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("RINGJIT_PDL").map(|v| v != "0").unwrap_or(true))
 }

@@ -64,6 +64,8 @@ pub struct GpuBenchReport {
     pub card: String,
     pub weights_bytes: u64,
     pub compile_s: f64,
+    /// kernels launched as programmatic dependents (`crate::cuda_plan::pdl_enabled`)
+    pub pdl: bool,
     pub steps: Vec<StepResult>,
 }
 
@@ -299,6 +301,7 @@ pub fn run(
         card: gpu.name.clone(),
         weights_bytes: model.weights.bytes,
         compile_s,
+        pdl: crate::cuda_plan::pdl_enabled(),
         steps,
     })
 }
@@ -310,10 +313,15 @@ impl GpuBenchReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "card {}  weights {:.2} GB  compile+load {:.1} s",
+            "card {}  weights {:.2} GB  compile+load {:.1} s  launches {}",
             self.card,
             self.weights_bytes as f64 / 1e9,
-            self.compile_s
+            self.compile_s,
+            if self.pdl {
+                "programmatic (RINGJIT_PDL=0: plain)"
+            } else {
+                "plain (RINGJIT_PDL=0)"
+            }
         );
         let _ = writeln!(
             s,
@@ -363,6 +371,7 @@ impl GpuBenchReport {
             "card": self.card,
             "weights_bytes": self.weights_bytes,
             "compile_s": self.compile_s,
+            "programmatic_launches": self.pdl,
             "steps": self.steps.iter().map(|r| serde_json::json!({
                 "what": r.what, "batch": r.batch, "tokens": r.tokens, "ms": r.ms,
                 "tokens_per_s": r.tokens_per_s, "floor_ms": r.floor_ms, "kernels": r.per_kernel.len(),
