@@ -146,16 +146,35 @@ impl<'c, 'a> Em<'c, 'a> {
     /// kernel before it in the stream has completed and its writes are visible (a no-op when it
     /// was launched without the programmatic attribute). Emitted at the entry, before any access
     /// to a buffer: only the launch parameters and the symbols (written by the host before the
-    /// step) are read ahead of it. No kernel calls `griddepcontrol.launch_dependents`: the next
-    /// kernel is released when this one's blocks exit. Released at the entry instead, the next
-    /// kernel's blocks sat resident beside this one's and a Ring-mini decode step as a CUDA
-    /// graph measured 13 % slower on an H200 (docs/perf.md); as it is, the driver prepares the
-    /// next launch while this kernel runs.
+    /// step) are read ahead of it. The next kernel is released when this one's blocks exit,
+    /// or earlier where a template says so ([`Em::release_dependents`]: the GEMV, after its
+    /// weights). Released at every kernel's entry, the next kernel's blocks sat resident beside
+    /// this one's and a Ring-mini decode step as a CUDA graph measured 13 % slower on an H200
+    /// (docs/perf.md); as it is, the driver prepares the next launch while this kernel runs.
     pub fn grid_dependency(&self) -> R<()> {
         let ty = self.ctx.void_type().fn_type(&[], false);
         let asm = self.ctx.create_inline_asm(
             ty,
             "griddepcontrol.wait;".to_string(),
+            "~{memory}".to_string(),
+            true,
+            false,
+            None,
+            false,
+        );
+        self.b.build_indirect_call(ty, asm, &[], "").ck()?;
+        Ok(())
+    }
+
+    /// `griddepcontrol.launch_dependents`: this block no longer holds back the launch of the
+    /// next kernel, which is released once every block has said so or exited (the next kernel
+    /// still waits for this one to complete, [`Em::grid_dependency`]). Only the GEMV says it,
+    /// after streaming its weights.
+    pub fn release_dependents(&self) -> R<()> {
+        let ty = self.ctx.void_type().fn_type(&[], false);
+        let asm = self.ctx.create_inline_asm(
+            ty,
+            "griddepcontrol.launch_dependents;".to_string(),
             "~{memory}".to_string(),
             true,
             false,
