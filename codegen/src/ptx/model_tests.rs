@@ -566,4 +566,5 @@ fn every_kernel_waits_for_its_predecessor_before_touching_memory() {
     ] {
         assert!(kinds.contains(kind), "{kind} not seen: {kinds:?}");
     }
+    assert!(releasing > 0, "no GEMM releases the next kernel after its weights");
 }
