@@ -258,11 +258,15 @@ struct Loaded {
 /// Whether kernels whose PTX waits for their predecessor are launched as programmatic
 /// dependents (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`): the driver may then
 /// start launching a kernel while the one before it runs, and the kernel's `griddepcontrol.wait`
-/// holds it until its predecessor has completed. On by default; `RINGJIT_PDL=0` launches every
-/// kernel in plain stream order (A/B timing).
+/// holds it until its predecessor has completed and its writes are visible. On by default;
+/// `RINGJIT_PDL=0` (or `off`, `false`) launches every kernel in plain stream order (A/B timing).
 pub fn pdl_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RINGJIT_PDL").map(|v| v != "0").unwrap_or(true))
+    *ON.get_or_init(|| {
+        std::env::var("RINGJIT_PDL")
+            .map(|v| !matches!(v.as_str(), "0" | "off" | "false"))
+            .unwrap_or(true)
+    })
 }
 
 /// Bytes of shared scratch and of counters that `kernels` need under `env`.

@@ -79,6 +79,9 @@ pub(crate) struct Em<'c, 'a> {
     red_smem: Option<PointerValue<'c>>,
     /// [`super::PtxOptions::prefill`]
     pub prefill: bool,
+    /// programmatic dependent launch (sm_90 targets): [`Em::grid_dependency`] and
+    /// [`Em::release_dependents`] emit their instructions
+    pub pdl: bool,
 }
 
 impl<'c, 'a> Em<'c, 'a> {
@@ -139,6 +142,7 @@ impl<'c, 'a> Em<'c, 'a> {
             entry,
             red_smem: None,
             prefill: true,
+            pdl: false,
         })
     }
 
@@ -147,11 +151,14 @@ impl<'c, 'a> Em<'c, 'a> {
     /// was launched without the programmatic attribute). Emitted at the entry, before any access
     /// to a buffer: only the launch parameters and the symbols (written by the host before the
     /// step) are read ahead of it. The next kernel is released when this one's blocks exit,
-    /// or earlier where a template says so ([`Em::release_dependents`]: the GEMV, after its
-    /// weights). Released at every kernel's entry, the next kernel's blocks sat resident beside
+    /// or earlier where a template says so ([`Em::release_dependents`]: the GEMV, once a group
+    /// of rows has streamed its weights). Released at every kernel's entry, the next kernel's blocks sat resident beside
     /// this one's and a Ring-mini decode step as a CUDA graph measured 13 % slower on an H200
     /// (docs/perf.md); as it is, the driver prepares the next launch while this kernel runs.
     pub fn grid_dependency(&self) -> R<()> {
+        if !self.pdl {
+            return Ok(());
+        }
         let ty = self.ctx.void_type().fn_type(&[], false);
         let asm = self.ctx.create_inline_asm(
             ty,
@@ -169,8 +176,11 @@ impl<'c, 'a> Em<'c, 'a> {
     /// `griddepcontrol.launch_dependents`: this block no longer holds back the launch of the
     /// next kernel, which is released once every block has said so or exited (the next kernel
     /// still waits for this one to complete, [`Em::grid_dependency`]). Only the GEMV says it,
-    /// after streaming its weights.
+    /// once a group of up to 8 rows has streamed its weights. Nothing below sm_90.
     pub fn release_dependents(&self) -> R<()> {
+        if !self.pdl {
+            return Ok(());
+        }
         let ty = self.ctx.void_type().fn_type(&[], false);
         let asm = self.ctx.create_inline_asm(
             ty,

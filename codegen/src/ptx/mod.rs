@@ -206,9 +206,8 @@ fn compile_inner(plan: &KernelPlan, kernel: &Kernel, opts: &PtxOptions) -> Resul
     let ctx = Context::create();
     let mut em = emit::Em::new(&ctx, plan, kernel)?;
     em.prefill = opts.prefill;
-    if opts.target.sm >= 90 {
-        em.grid_dependency()?;
-    }
+    em.pdl = opts.target.sm >= 90;
+    em.grid_dependency()?;
     let launch = match &kernel.kind {
         KernelKind::Loop(l) => loops::emit(&mut em, l)?,
         KernelKind::Template(t) => templates::emit(&mut em, t)?,

@@ -378,7 +378,7 @@ fn bf16_gemms_use_tensor_cores_and_vector_loads() {
 
 /// The routing kernel is one block per token with the threads over the experts (no serial
 /// rounds: ranks counted within a group, then within a chunk of 32 experts, then among the
-/// chunks' k candidates, never over all E experts), for the models' expert counts and others
+/// chunks' k candidates: past 32 experts, never E compares an expert), for the models' expert counts and others
 /// (odd group sizes, more experts than threads), and assembles without spills.
 #[test]
 fn route_topk_is_block_parallel_for_any_expert_count() {
@@ -443,8 +443,8 @@ fn every_bf16_model_gemm_takes_the_fast_path() {
 /// buffers), no other load of any kind, store, atomic, copy, barrier, fence or prefetch
 /// (predicated or not). Only GEMMs release their dependents early
 /// (`griddepcontrol.launch_dependents`, after the wait: at every kernel's entry it measured
-/// slower). Over the decode and prefill plans of small (bf16 and fp8), so every kernel kind is
-/// seen.
+/// slower). Over the decode and prefill plans of small (bf16 and fp8): every kernel of them, at
+/// least loops, GEMMs, grouped GEMMs, routing, attention and the FP8 GEMM.
 #[test]
 fn every_kernel_waits_for_its_predecessor_before_touching_memory() {
     let o = PtxOptions::default();

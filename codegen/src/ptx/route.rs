@@ -27,8 +27,9 @@
 //!    the sum accumulated in f64 over the chosen experts in rank order and rounded to f32, as the
 //!    reference does.
 //!
-//! The route folded into a GEMM ([`route_tail`]) runs the same steps in one warp a row, with
-//! shuffle rounds for step 4.
+//! The route folded into a GEMM ([`route_tail`]) computes the same selection in one warp a row,
+//! by the method this kernel used before: a lane a group for steps 2–3, then k shuffle rounds of
+//! a warp maximum for step 4.
 
 use super::super::emit::{err, Ck, Em, Val, R};
 use inkwell::values::{FloatValue, IntValue, PointerValue};
@@ -301,7 +302,7 @@ fn ord<'c>(em: &Em<'c, '_>, v: FloatValue<'c>) -> R<IntValue<'c>> {
 }
 
 /// The u64 ranking key of value `v` at index `i` (< 2³¹): larger first, ties to the lower index.
-/// The low half stays below 2³¹, so no key is `u64::MAX` (the first round's bound).
+/// The low half stays below 2³¹, so no key is `u64::MAX` (the tail's first round's bound).
 fn key<'c>(em: &Em<'c, '_>, v: FloatValue<'c>, i: IntValue<'c>) -> R<IntValue<'c>> {
     let i64t = em.ctx.i64_type();
     let o = em.b.build_int_z_extend(ord(em, v)?, i64t, "").ck()?;
@@ -343,7 +344,7 @@ fn warp_umax<'c>(em: &Em<'c, '_>, v: IntValue<'c>) -> R<IntValue<'c>> {
     Ok(v)
 }
 
-// ---- the steps both forms share ---------------------------------------------------------------
+// ---- the tail's steps (a lane a group; rounds of a warp maximum) ------------------------------
 
 /// Step 2 for group `g`: the sum of its two best selection scores (`sel`, shared; strict
 /// improvements in index order, the stable top-2) as a ranking key, into `gkeys[g]`.
@@ -466,9 +467,10 @@ pub(super) fn tail_smem(r: &ir::kernel::RouteTail, threads: i64) -> i64 {
 /// The route of a GEMM's rows (`ir::kernel::RouteTail`), emitted after the GEMM's stores of
 /// result 0, which every block of the launch must reach. Each block counts its arrival; the
 /// last one (an atomic counter in the kernel's scratch, fences on both sides, put back to zero
-/// at the end) routes every row, a warp a row: steps 1–5 of [`route_topk`] with the warp's
-/// lanes in place of the block's threads, `bar.warp.sync` in place of its barriers and a warp
-/// maximum (shuffles) in place of its block maximum. The probabilities are read back from
+/// at the end) routes every row, a warp a row: the selection of [`route_topk`]'s steps 1–5,
+/// computed with the warp's lanes in place of the block's threads and `bar.warp.sync` in place
+/// of barriers: a lane a group for steps 2–3, then k rounds of a warp maximum (shuffles) below
+/// the previous winner for step 4. The probabilities are read back from
 /// result 0 with `ld.global.cg` (other blocks wrote them; L2, never this SM's L1).
 pub(super) fn route_tail<'c>(
     em: &mut Em<'c, '_>,

@@ -958,9 +958,10 @@ fn gemv_columns<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, cx: &Cx<'c>) -> R<(
                 Ok(())
             })
         })?;
-        // the block's weights are read: the next kernel may start launching (it still waits for
-        // this one to complete); released here rather than at the entry, a Ring-mini decode
-        // step measured 1 % faster on an H200 (docs/perf.md)
+        // this group of rows has read the block's weights (all of them up to 8 rows): the next
+        // kernel may start launching (it still waits for this one to complete). A Ring-mini
+        // decode step at batch 1 as a CUDA graph measured 1 % faster than without the release
+        // on an H200; released at every kernel's entry instead, 13 % slower (docs/perf.md)
         em.release_dependents()?;
         // reduce over the lanes; lane 0 finishes each live (row, column)
         for m in 0..GEMV_RT {
