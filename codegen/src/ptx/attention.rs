@@ -782,22 +782,11 @@ pub(super) fn ldv<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, i: IntValue<'c>) 
 
 /// `membar.gl`: this thread's global writes are visible device-wide before its later ones.
 pub(super) fn fence(em: &Em) -> R<()> {
-    fence_asm(em, "membar.gl;")
+    em.asm_ordered("membar.gl;")
 }
 
 /// `fence.acq_rel.gpu`: this thread's (and, cumulatively, what it has observed of its block's)
 /// memory operations before it are ordered before those after it, device-wide.
 pub(super) fn fence_acq_rel(em: &Em) -> R<()> {
-    fence_asm(em, "fence.acq_rel.gpu;")
-}
-
-/// A fence instruction as inline PTX with a memory clobber (no load or store moves across it).
-fn fence_asm(em: &Em, instr: &str) -> R<()> {
-    use super::super::emit::Ck;
-    let ty = em.ctx.void_type().fn_type(&[], false);
-    let asm = em
-        .ctx
-        .create_inline_asm(ty, instr.to_string(), "~{memory}".to_string(), true, false, None, false);
-    em.b.build_indirect_call(ty, asm, &[], "").ck()?;
-    Ok(())
+    em.asm_ordered("fence.acq_rel.gpu;")
 }

@@ -159,18 +159,7 @@ impl<'c, 'a> Em<'c, 'a> {
         if !self.pdl {
             return Ok(());
         }
-        let ty = self.ctx.void_type().fn_type(&[], false);
-        let asm = self.ctx.create_inline_asm(
-            ty,
-            "griddepcontrol.wait;".to_string(),
-            "~{memory}".to_string(),
-            true,
-            false,
-            None,
-            false,
-        );
-        self.b.build_indirect_call(ty, asm, &[], "").ck()?;
-        Ok(())
+        self.asm_ordered("griddepcontrol.wait;")
     }
 
     /// `griddepcontrol.launch_dependents`: this block no longer holds back the launch of the
@@ -181,18 +170,7 @@ impl<'c, 'a> Em<'c, 'a> {
         if !self.pdl {
             return Ok(());
         }
-        let ty = self.ctx.void_type().fn_type(&[], false);
-        let asm = self.ctx.create_inline_asm(
-            ty,
-            "griddepcontrol.launch_dependents;".to_string(),
-            "~{memory}".to_string(),
-            true,
-            false,
-            None,
-            false,
-        );
-        self.b.build_indirect_call(ty, asm, &[], "").ck()?;
-        Ok(())
+        self.asm_ordered("griddepcontrol.launch_dependents;")
     }
 
     pub fn ret(&self) -> R<()> {
@@ -370,6 +348,34 @@ impl<'c, 'a> Em<'c, 'a> {
             .ck()?
             .try_as_basic_value()
             .expect_basic("a value"))
+    }
+
+    /// Inline PTX with side effects (and whatever `constraints` clobber), returning `ret` or
+    /// nothing: LLVM neither drops it nor, with a `~{memory}` clobber, moves memory accesses
+    /// across it.
+    pub fn asm_se(
+        &self,
+        ret: Option<BasicTypeEnum<'c>>,
+        params: &[BasicMetadataTypeEnum<'c>],
+        text: &str,
+        constraints: &str,
+        args: &[BasicMetadataValueEnum<'c>],
+    ) -> R<Option<BasicValueEnum<'c>>> {
+        let ty = match ret {
+            Some(r) => r.fn_type(params, false),
+            None => self.ctx.void_type().fn_type(params, false),
+        };
+        let p = self
+            .ctx
+            .create_inline_asm(ty, text.to_string(), constraints.to_string(), true, false, None, false);
+        let c = self.b.build_indirect_call(ty, p, args, "").ck()?;
+        Ok(c.try_as_basic_value().basic())
+    }
+
+    /// One instruction with no operands that orders memory (a fence, `griddepcontrol`): inline
+    /// PTX with side effects and a memory clobber, so no load or store moves across it.
+    pub fn asm_ordered(&self, instr: &str) -> R<()> {
+        self.asm_se(None, &[], instr, "~{memory}", &[]).map(|_| ())
     }
 
     // ---- special registers, dims ----------------------------------------------------------------

@@ -627,19 +627,14 @@ fn ld_cg_f32<'c>(em: &Em<'c, '_>, base: PointerValue<'c>, i: IntValue<'c>) -> R<
     let p = super::attention::fptr(em, base, i)?;
     let i64t = em.ctx.i64_type();
     let a = em.b.build_ptr_to_int(p, i64t, "").ck()?;
-    let f32t = em.ctx.f32_type();
-    let ty = f32t.fn_type(&[i64t.into()], false);
-    let asm = em.ctx.create_inline_asm(
-        ty,
-        "ld.global.cg.f32 $0, [$1];".to_string(),
-        "=f,l,~{memory}".to_string(),
-        true,
-        false,
-        None,
-        false,
-    );
-    let v = em.b.build_indirect_call(ty, asm, &[a.into()], "").ck()?;
-    Ok(v.try_as_basic_value().expect_basic("a value").into_float_value())
+    let v = em.asm_se(
+        Some(em.ctx.f32_type().into()),
+        &[i64t.into()],
+        "ld.global.cg.f32 $0, [$1];",
+        "=f,l,~{memory}",
+        &[a.into()],
+    )?;
+    Ok(v.expect("an f32 result").into_float_value())
 }
 
 /// Lane `src`'s f32 `v`, in every lane.

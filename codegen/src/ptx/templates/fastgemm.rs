@@ -23,10 +23,7 @@
 
 use super::super::emit::{knob, Ck, Em, Val, R};
 use super::matrix_index;
-use inkwell::types::{BasicMetadataTypeEnum, BasicType, BasicTypeEnum};
-use inkwell::values::{
-    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue,
-};
+use inkwell::values::{BasicValue, BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue};
 use inkwell::IntPredicate;
 use ir::kernel::{
     ExprGraph, ExprId, Gemm, GridDim, IndexExpr, IndexVar, LaunchGeometry, Operand, RowNorm, ScalarOp, TemplateKernel,
@@ -406,26 +403,6 @@ impl<'c> Cx<'c> {
     }
 }
 
-/// Inline PTX with side effects (and a memory clobber), returning `ret` or nothing.
-fn asm_se<'c>(
-    em: &Em<'c, '_>,
-    ret: Option<BasicTypeEnum<'c>>,
-    params: &[BasicMetadataTypeEnum<'c>],
-    text: &str,
-    constraints: &str,
-    args: &[BasicMetadataValueEnum<'c>],
-) -> R<Option<BasicValueEnum<'c>>> {
-    let ty = match ret {
-        Some(r) => r.fn_type(params, false),
-        None => em.ctx.void_type().fn_type(params, false),
-    };
-    let p = em
-        .ctx
-        .create_inline_asm(ty, text.to_string(), constraints.to_string(), true, false, None, false);
-    let c = em.b.build_indirect_call(ty, p, args, "").ck()?;
-    Ok(c.try_as_basic_value().basic())
-}
-
 /// `cp.async` of 16 bytes from global `src` to the 32-bit shared address `dst`; zero-filled
 /// (nothing read) when `ok` is false.
 fn cp_async16<'c>(em: &Em<'c, '_>, dst: IntValue<'c>, src: PointerValue<'c>, ok: IntValue<'c>) -> R<()> {
@@ -433,8 +410,7 @@ fn cp_async16<'c>(em: &Em<'c, '_>, dst: IntValue<'c>, src: PointerValue<'c>, ok:
     let (c16, c0) = (i32t.const_int(16, false), i32t.const_int(0, false));
     let size = em.b.build_select(ok, c16, c0, "").ck()?.into_int_value();
     let src = em.b.build_ptr_to_int(src, i64t, "").ck()?;
-    asm_se(
-        em,
+    em.asm_se(
         None,
         &[i32t.into(), i64t.into(), i32t.into()],
         "cp.async.cg.shared.global [$0], [$1], 16, $2;",
@@ -445,7 +421,7 @@ fn cp_async16<'c>(em: &Em<'c, '_>, dst: IntValue<'c>, src: PointerValue<'c>, ok:
 }
 
 fn cp_async_commit(em: &Em) -> R<()> {
-    asm_se(em, None, &[], "cp.async.commit_group;", "~{memory}", &[])?;
+    em.asm_ordered("cp.async.commit_group;")?;
     Ok(())
 }
 
@@ -480,7 +456,7 @@ fn pipeline_step<'c, 'a>(
     landed: Option<&dyn Fn(&mut Em<'c, 'a>, IntValue<'c>) -> R<()>>,
 ) -> R<IntValue<'c>> {
     let wait = format!("cp.async.wait_group {};", stages - 2);
-    asm_se(em, None, &[], &wait, "~{memory}", &[])?;
+    em.asm_ordered(&wait)?;
     let stage = em.rem(kt, em.i64c(stages))?;
     if let Some(f) = landed {
         f(em, stage)?;
@@ -2057,16 +2033,16 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
     }
     // the K steps as a value LLVM cannot see through: a short constant loop would be unrolled
     // with the pipeline, and the registers of the unrolled steps spill
-    let kt_n = asm_se(
-        em,
-        Some(em.ctx.i64_type().into()),
-        &[],
-        &format!("mov.u64 $0, {};", (g.d + GB_K - 1) / GB_K),
-        "=l",
-        &[],
-    )?
-    .expect("a value")
-    .into_int_value();
+    let kt_n = em
+        .asm_se(
+            Some(em.ctx.i64_type().into()),
+            &[],
+            &format!("mov.u64 $0, {};", (g.d + GB_K - 1) / GB_K),
+            "=l",
+            &[],
+        )?
+        .expect("a value")
+        .into_int_value();
     let stages = gb_stages();
     pipeline_start(em, stages, kt_n, &load_tile)?;
     let gq = em.div(lane, em.i64c(4))?;
@@ -2112,7 +2088,7 @@ fn grouped_tile<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, nrows: 
             Ok(())
         })
     })?;
-    asm_se(em, None, &[], "cp.async.wait_group 0;", "~{memory}", &[])?;
+    em.asm_ordered("cp.async.wait_group 0;")?;
     // results: c0, c1 at (g, 2t..2t+1), c2, c3 at (g + 8, ..)
     let dt = g.dt;
     if let Some(dn) = g.down {
@@ -2197,12 +2173,6 @@ fn each_listed_row<'c>(
     Ok(())
 }
 
-/// `membar.gl`: this thread's global writes are visible device-wide before its later ones.
-fn membar_gl(em: &Em) -> R<()> {
-    asm_se(em, None, &[], "membar.gl;", "~{memory}", &[])?;
-    Ok(())
-}
-
 /// After a down tile: publish its rows, count each row's arrival on its token's counter for
 /// this column tile, and for every token whose last slot this block brought, combine the
 /// token's `k` rows from scratch in slot order (`y = fma(w_slot, row_slot, y)`, the GEMV's
@@ -2213,7 +2183,7 @@ fn down_combine<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, dn: Dow
     let i32t = em.ctx.i32_type();
     let tid = em.sreg("tid.x")?;
     let kk = g.ext1[2];
-    membar_gl(em)?;
+    super::attention::fence(em)?;
     em.barrier()?;
     let mine = em.icmp(IntPredicate::SLT, tid, em.i64c(GB_M))?;
     em.if_then(mine, |em| {
@@ -2234,7 +2204,7 @@ fn down_combine<'c>(em: &mut Em<'c, '_>, t: &TemplateKernel, g: &Gx<'c>, dn: Dow
         let f = em.b.build_int_truncate(em.geti(flag)?, i32t, "").ck()?;
         em.set(q, f)
     })?;
-    membar_gl(em)?;
+    super::attention::fence(em)?;
     em.barrier()?;
     // two rows at a time: threads 0..127 and 128..255, one column each
     let half = em.div(tid, em.i64c(2 * GB_N))?;
