@@ -645,6 +645,64 @@ impl Gemm {
     }
 }
 
+/// The parameters of group-limited top-k routing (`Fused::RouteTopK`'s), shared by the
+/// standalone template ([`TemplateOp::RouteTopK`]) and the route a GEMM folds ([`RouteTail`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Routing {
+    pub k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub scale: f64,
+    pub normalize: bool,
+    pub biased: bool,
+}
+
+impl Routing {
+    /// The routing of a `Fused::RouteTopK`, None for another op.
+    pub fn of_fused(f: &crate::fused::Fused) -> Option<Routing> {
+        match *f {
+            crate::fused::Fused::RouteTopK {
+                k,
+                n_group,
+                topk_group,
+                scale,
+                normalize,
+                biased,
+            } => Some(Routing {
+                k,
+                n_group,
+                topk_group,
+                scale,
+                normalize,
+                biased,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The composite op with this routing (its reference semantics).
+    pub fn fused(&self) -> crate::fused::Fused {
+        crate::fused::Fused::RouteTopK {
+            k: self.k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            scale: self.scale,
+            normalize: self.normalize,
+            biased: self.biased,
+        }
+    }
+}
+
+impl std::fmt::Display for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "k={} groups={} keep={} scale={} normalize={} biased={}",
+            self.k, self.n_group, self.topk_group, self.scale, self.normalize, self.biased
+        )
+    }
+}
+
 /// Group-limited routing (`Fused::RouteTopK`'s arithmetic) folded into the GEMM that computes
 /// the router's logits (`passes::routegemm`, the decode plans whose GEMMs fold their norms).
 /// Once every block of the kernel has stored result 0, the last block to finish routes every
@@ -653,12 +711,7 @@ impl Gemm {
 /// (i64) and weights (f32) go to the kernel's last two outputs, `[rows.., k]` each.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RouteTail {
-    pub k: usize,
-    pub n_group: usize,
-    pub topk_group: usize,
-    pub scale: f64,
-    pub normalize: bool,
-    pub biased: bool,
+    pub routing: Routing,
     pub experts: i64,
     pub col: i64,
     pub sigmoid: bool,
@@ -672,26 +725,11 @@ impl RouteTail {
     /// `col ..` (through a sigmoid when `sigmoid`); None for another template or a symbolic
     /// expert count.
     pub fn of(op: &TemplateOp, col: i64, sigmoid: bool) -> Option<RouteTail> {
-        let TemplateOp::RouteTopK {
-            k,
-            n_group,
-            topk_group,
-            scale,
-            normalize,
-            biased,
-            experts,
-            ..
-        } = op
-        else {
+        let TemplateOp::RouteTopK { routing, experts, .. } = op else {
             return None;
         };
         Some(RouteTail {
-            k: *k,
-            n_group: *n_group,
-            topk_group: *topk_group,
-            scale: *scale,
-            normalize: *normalize,
-            biased: *biased,
+            routing: *routing,
             experts: experts.as_const()?,
             col,
             sigmoid,
@@ -702,15 +740,15 @@ impl RouteTail {
     /// [`Self::MAX_EXPERTS`] experts in at most 63 equal groups, 1 to 32 chosen from the kept
     /// groups). `passes::routegemm` folds only what passes; the PTX backend refuses the rest.
     pub fn check(&self) -> Result<(), String> {
-        let (e, g) = (self.experts, self.n_group as i64);
+        let Routing { k, topk_group, .. } = self.routing;
+        let (e, g) = (self.experts, self.routing.n_group as i64);
         if e <= 0 || e > Self::MAX_EXPERTS || g == 0 || g > 63 || e % g != 0 {
             return Err(format!("{e} experts in {g} groups cannot be routed in a GEMM's tail"));
         }
         let per = e / g;
-        if self.k == 0 || self.k > 32 || self.topk_group as i64 > g || self.k as i64 > self.topk_group as i64 * per {
+        if k == 0 || k > 32 || topk_group as i64 > g || k as i64 > topk_group as i64 * per {
             return Err(format!(
-                "cannot choose {} experts from {} of {g} groups of {per} in a GEMM's tail",
-                self.k, self.topk_group
+                "cannot choose {k} experts from {topk_group} of {g} groups of {per} in a GEMM's tail"
             ));
         }
         Ok(())
@@ -719,12 +757,7 @@ impl RouteTail {
     /// The standalone template with this routing, over `tokens` rows.
     pub fn template(&self, tokens: Dim) -> TemplateOp {
         TemplateOp::RouteTopK {
-            k: self.k,
-            n_group: self.n_group,
-            topk_group: self.topk_group,
-            scale: self.scale,
-            normalize: self.normalize,
-            biased: self.biased,
+            routing: self.routing,
             tokens,
             experts: Dim::constant(self.experts),
         }
@@ -822,12 +855,7 @@ pub enum TemplateOp {
     },
     /// Group-limited routing top-k (`Fused::RouteTopK`) over `tokens` rows of `experts` scores.
     RouteTopK {
-        k: usize,
-        n_group: usize,
-        topk_group: usize,
-        scale: f64,
-        normalize: bool,
-        biased: bool,
+        routing: Routing,
         tokens: Dim,
         experts: Dim,
     },
@@ -989,13 +1017,8 @@ impl TemplateOp {
                 },
                 match &g.route {
                     Some(r) => format!(
-                        " route(k={} groups={} keep={} scale={} normalize={} biased={} experts={} col={}{})",
-                        r.k,
-                        r.n_group,
-                        r.topk_group,
-                        r.scale,
-                        r.normalize,
-                        r.biased,
+                        " route({} experts={} col={}{})",
+                        r.routing,
                         r.experts,
                         r.col,
                         if r.sigmoid { " sigmoid" } else { "" }
@@ -1046,18 +1069,10 @@ impl TemplateOp {
                 }
             ),
             TemplateOp::RouteTopK {
-                k,
-                n_group,
-                topk_group,
-                scale,
-                normalize,
-                biased,
+                routing,
                 tokens,
                 experts,
-            } => format!(
-                "k={k} groups={n_group} keep={topk_group} scale={scale} normalize={normalize} biased={biased} \
-                 tokens={tokens} experts={experts}"
-            ),
+            } => format!("{routing} tokens={tokens} experts={experts}"),
             TemplateOp::QuantizeFp8 { rows, cols } => format!("block={rows}x{cols}"),
             TemplateOp::DequantizeFp8 { rows, cols, to } => format!("block={rows}x{cols} to={to}"),
             TemplateOp::ScaledGemmFp8 { m, n, k, out } => format!("m={m} n={n} k={k} out={out}"),

@@ -340,7 +340,7 @@ impl Eval<'_> {
                     .collect::<Result<_, _>>()?;
                 // a folded route's bias is the last operand, not the product's
                 let route = k.gemm().and_then(|g| g.route.as_deref());
-                let n_prod = t.operands.len() - usize::from(route.is_some_and(|r| r.biased));
+                let n_prod = t.operands.len() - usize::from(route.is_some_and(|r| r.routing.biased));
                 let results: Vec<Dense> = match &t.op {
                     TemplateOp::Gemm(gm) if gm.norm.is_none() => vec![gemm(&ops[0], &ops[1], gm.out)?],
                     op => {
@@ -443,7 +443,7 @@ impl Eval<'_> {
             return Ok(());
         };
         // the bias is the kernel's last operand
-        let bias = match r.biased {
+        let bias = match r.routing.biased {
             true => Some(self.operand(k, t.operands.last().ok_or("a route without its bias")?, mem)?),
             false => None,
         };
@@ -579,22 +579,7 @@ pub fn template_graph_op(op: &TemplateOp) -> Result<Op, String> {
             groups: g.groups,
             eps: g.eps,
         }),
-        TemplateOp::RouteTopK {
-            k,
-            n_group,
-            topk_group,
-            scale,
-            normalize,
-            biased,
-            ..
-        } => f(Fused::RouteTopK {
-            k: *k,
-            n_group: *n_group,
-            topk_group: *topk_group,
-            scale: *scale,
-            normalize: *normalize,
-            biased: *biased,
-        }),
+        TemplateOp::RouteTopK { routing, .. } => f(routing.fused()),
         TemplateOp::QuantizeFp8 { rows, cols } => f(Fused::QuantizeFp8 {
             rows: *rows,
             cols: *cols,

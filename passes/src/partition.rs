@@ -298,22 +298,10 @@ fn template_op(g: &Graph, n: NodeIndex) -> Result<TemplateOp, String> {
                 eps: *eps,
                 width: last(arg(2)?)?,
             },
-            Fused::RouteTopK {
-                k,
-                n_group,
-                topk_group,
-                scale,
-                normalize,
-                biased,
-            } => {
+            Fused::RouteTopK { .. } => {
                 let p = arg(0)?;
                 TemplateOp::RouteTopK {
-                    k: *k,
-                    n_group: *n_group,
-                    topk_group: *topk_group,
-                    scale: *scale,
-                    normalize: *normalize,
-                    biased: *biased,
+                    routing: ir::kernel::Routing::of_fused(f).expect("a RouteTopK"),
                     tokens: lead(p),
                     experts: last(p)?,
                 }

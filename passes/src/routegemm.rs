@@ -19,7 +19,7 @@
 //! `--dump` do not show it and the kernels' dump (`kernels.txt`) does (`gemm ... route(..)`).
 
 use ir::kernel::{
-    BufferId, IndexExpr, IndexVar, Kernel, KernelKind, KernelPlan, Operand, RouteTail, ScalarOp, TemplateOp,
+    BufferId, IndexExpr, IndexVar, Kernel, KernelKind, KernelPlan, Operand, RouteTail, Routing, ScalarOp, TemplateOp,
 };
 use ir::op::UnaryOp;
 use ir::{DType, Dim};
@@ -43,7 +43,7 @@ pub fn fold_routes(plan: &mut KernelPlan) -> usize {
             unreachable!("find returns a gemm")
         };
         gm.route = Some(Box::new(tail));
-        if tail.biased {
+        if tail.routing.biased {
             let KernelKind::Template(rt) = &r.kind else {
                 unreachable!("find returns a template")
             };
@@ -114,7 +114,11 @@ fn find(plan: &KernelPlan) -> Option<(usize, usize, RouteTail)> {
 /// sigmoid, the op).
 fn route_of(k: &Kernel) -> Option<(usize, bool, &TemplateOp)> {
     let KernelKind::Template(t) = &k.kind else { return None };
-    let TemplateOp::RouteTopK { biased, .. } = &t.op else {
+    let TemplateOp::RouteTopK {
+        routing: Routing { biased, .. },
+        ..
+    } = &t.op
+    else {
         return None;
     };
     if t.epilogue.is_some() || k.outputs.len() != 2 || t.operands.len() != 1 + usize::from(*biased) {
@@ -279,7 +283,7 @@ mod tests {
                 };
                 // the router's columns beside the shared expert's gate and up; the experts
                 // and weights as the last two outputs
-                assert!(r.sigmoid && r.biased, "{config}: {k}");
+                assert!(r.sigmoid && r.routing.biased, "{config}: {k}");
                 assert!(gm.n.as_const().is_some_and(|n| n > r.experts), "{config}: {k}");
                 let dt = |o: usize| folded.buffer(k.outputs[o].buffer).unwrap().dtype;
                 let n = k.outputs.len();

@@ -356,11 +356,17 @@ pub fn route_topk(
     probs: &[f32],
     bias: Option<&[f32]>,
     e: usize,
-    (k, n_group, topk_group): (usize, usize, usize),
-    scale: f64,
-    normalize: bool,
+    routing: &ir::kernel::Routing,
     par: &dyn ParFor,
 ) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let ir::kernel::Routing {
+        k,
+        n_group,
+        topk_group,
+        scale,
+        normalize,
+        ..
+    } = *routing;
     if e == 0 || n_group == 0 || !e.is_multiple_of(n_group) || !probs.len().is_multiple_of(e) {
         return Err(format!(
             "route_topk: {} scores in rows of {e} experts, {n_group} groups",

@@ -653,20 +653,12 @@ impl TemplateExec {
                 }
             })
             .collect();
-        let bias = match r.biased {
+        let bias = match r.routing.biased {
             true => Some(self.operand(self.operands.len() - 1, l)?.1),
             false => None,
         };
-        let (chosen, weights) = super::rows::route_topk(
-            vk,
-            &p,
-            bias.as_deref().map(|b| b.as_slice()),
-            e,
-            (r.k, r.n_group, r.topk_group),
-            r.scale,
-            r.normalize,
-            l.par,
-        )?;
+        let (chosen, weights) =
+            super::rows::route_topk(vk, &p, bias.as_deref().map(|b| b.as_slice()), e, &r.routing, l.par)?;
         let first = self.outputs.len() - 2;
         self.store_result(first, &Dense::F32(chosen), l)?;
         self.store_result(first + 1, &Dense::F32(weights), l)
@@ -1348,27 +1340,15 @@ impl TemplateExec {
                     }
                 }
             }
-            TemplateOp::RouteTopK {
-                k,
-                n_group,
-                topk_group,
-                scale,
-                normalize,
-                biased,
-                ..
-            } => {
+            TemplateOp::RouteTopK { routing, .. } => {
                 let (sp, p, _) = self.operand(0, l)?;
-                let bias = if *biased { Some(self.operand(1, l)?.1) } else { None };
-                let (chosen, weights) = rows::route_topk(
-                    vk,
-                    &p,
-                    bias.as_deref().map(|b| b.as_slice()),
-                    last(&sp),
-                    (*k, *n_group, *topk_group),
-                    *scale,
-                    *normalize,
-                    l.par,
-                )?;
+                let bias = if routing.biased {
+                    Some(self.operand(1, l)?.1)
+                } else {
+                    None
+                };
+                let (chosen, weights) =
+                    rows::route_topk(vk, &p, bias.as_deref().map(|b| b.as_slice()), last(&sp), routing, l.par)?;
                 vec![Dense::F32(chosen), Dense::F32(weights)]
             }
             op => return Err(format!("{} is not generated", op.name())),

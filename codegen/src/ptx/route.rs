@@ -49,18 +49,20 @@ const UNROLL_MAX: i64 = 64;
 /// Static shared memory of the routing kernel, at most.
 const ROUTE_SMEM: i64 = 48 * 1024;
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn route_topk<'c>(
     em: &mut Em<'c, '_>,
     t: &TemplateKernel,
-    k: usize,
-    n_group: usize,
-    topk_group: usize,
-    scale: f64,
-    normalize: bool,
-    biased: bool,
+    routing: &ir::kernel::Routing,
     experts: &Dim,
 ) -> R<LaunchGeometry> {
+    let ir::kernel::Routing {
+        k,
+        n_group,
+        topk_group,
+        scale,
+        normalize,
+        biased,
+    } = *routing;
     let e_n = experts
         .as_const()
         .ok_or_else(|| super::super::CodegenError("route_topk: the expert count must be a constant".into()))?;
@@ -461,7 +463,7 @@ fn tail_region(experts: i64, n_group: i64) -> i64 {
 
 /// Dynamic shared memory the tail needs in a block of `threads`.
 pub(super) fn tail_smem(r: &ir::kernel::RouteTail, threads: i64) -> i64 {
-    threads / 32 * tail_region(r.experts, r.n_group as i64)
+    threads / 32 * tail_region(r.experts, r.routing.n_group as i64)
 }
 
 /// The route of a GEMM's rows (`ir::kernel::RouteTail`), emitted after the GEMM's stores of
@@ -479,7 +481,7 @@ pub(super) fn route_tail<'c>(
     threads: i64,
 ) -> R<()> {
     r.check().or_else(|e| err(format!("gemm route: {e}")))?;
-    let (e_n, n_group, k) = (r.experts, r.n_group as i64, r.k as i64);
+    let (e_n, n_group, k) = (r.experts, r.routing.n_group as i64, r.routing.k as i64);
     let per = e_n / n_group;
     let nout = em.kernel.outputs.len();
     let (o_idx, o_w) = (nout - 2, nout - 1);
@@ -540,7 +542,7 @@ pub(super) fn route_tail<'c>(
                 let valid = em.icmp(IntPredicate::SLT, e, en)?;
                 let ec = em.select_i(valid, e, zero)?;
                 let x = ld_cg_f32(em, em.outputs[0], em.add(at0, ec)?)?;
-                let b = if r.biased {
+                let b = if r.routing.biased {
                     Some(em.ldf(t, bias_op, &[ec])?)
                 } else {
                     None
@@ -564,7 +566,7 @@ pub(super) fn route_tail<'c>(
             super::attention::warp_sync(em)?;
             // 3. kept groups: fewer than topk_group keys above their own
             em.for_range(lane, ng, lanes, |em, g| {
-                group_kept(em, gkeys, kept, g, ng, r.topk_group)
+                group_kept(em, gkeys, kept, g, ng, r.routing.topk_group)
             })?;
             super::attention::warp_sync(em)?;
             // 4. the masked keys of this lane's experts (in registers); k rounds (a loop) of a
@@ -592,7 +594,7 @@ pub(super) fn route_tail<'c>(
                     .ck()?
                     .into_float_value();
             let mut w = p_mine;
-            if r.normalize {
+            if r.routing.normalize {
                 let f64t = em.ctx.f64_type();
                 let total = em.var(f64t.into(), f64t.const_zero().into())?;
                 em.for_range(zero, em.i64c(k), one, |em, r2| {
@@ -606,7 +608,7 @@ pub(super) fn route_tail<'c>(
                 let s = em.fadd(s, em.f32c(1e-20))?;
                 w = em.fdiv(w, s)?;
             }
-            let w = em.fmul(w, em.f32c(r.scale))?;
+            let w = em.fmul(w, em.f32c(r.routing.scale))?;
             em.if_then(ranked, |em| {
                 let at = em.add(em.mul(row, em.i64c(k))?, lane)?;
                 em.store_lin(o_idx, at, Val::I(e_mine), DType::I64)?;

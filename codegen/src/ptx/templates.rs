@@ -64,16 +64,7 @@ pub(crate) fn emit(em: &mut Em, t: &TemplateKernel) -> R<LaunchGeometry> {
                 ))
             }
         },
-        TemplateOp::RouteTopK {
-            k,
-            n_group,
-            topk_group,
-            scale,
-            normalize,
-            biased,
-            experts,
-            ..
-        } => route::route_topk(em, t, *k, *n_group, *topk_group, *scale, *normalize, *biased, experts)?,
+        TemplateOp::RouteTopK { routing, experts, .. } => route::route_topk(em, t, routing, experts)?,
         TemplateOp::TopK { .. } | TemplateOp::ArgMax { .. } | TemplateOp::ScatterAdd { .. } => {
             return err(format!("the {} template has no PTX generator yet", t.op.name()))
         }
